@@ -1,0 +1,39 @@
+# Daily commands. `make quickstart` and `make test` work on a fresh machine (they create .venv).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export MALLOC_MMAP_THRESHOLD_ ?= 1073741824
+export MALLOC_TRIM_THRESHOLD_ ?= 1073741824
+
+.PHONY: venv quickstart test test-fast bench gallery format clean
+
+venv: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+quickstart: venv
+	$(BIN)/python -m lensexp.gallery data=tiny out=outputs/gallery
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: venv
+	$(BIN)/python benchmarks/sim_speed.py
+
+gallery: venv
+	$(BIN)/python -m lensexp.gallery out=outputs/gallery
+
+format: venv
+	$(BIN)/ruff format lensexp tests benchmarks
+	$(BIN)/ruff check --fix lensexp tests benchmarks
+
+clean:
+	rm -rf outputs/gallery .pytest_cache

@@ -1,0 +1,185 @@
+"""Detector and observation effects, batched over images [B, C, N, N] in e-/s per pixel.
+
+Every function is pure apart from the random generator it takes; amplitudes are stated in the
+units the instrument uses (electrons e-, seconds s, arcsec).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def mag_to_flux(mag, zeropoint):
+    """AB magnitude -> flux [e-/s] for a zero point [mag giving 1 e-/s]."""
+    return 10.0 ** (-0.4 * (mag - zeropoint))
+
+
+def sky_per_pixel(sky_mag_arcsec2, zeropoint, pixscale):
+    """Sky level [e-/s/pixel] from a surface brightness [mag/arcsec^2]."""
+    return mag_to_flux(sky_mag_arcsec2, zeropoint) * pixscale**2
+
+
+def add_noise(image, exposure_time, sky, read_noise, gain, generator, poisson: str = "exact"):
+    """Sky-subtracted noisy image [e-/s] from a noiseless one [e-/s per pixel].
+
+    Counts ``(image + sky) t`` [e-] get Poisson noise (``poisson='exact'``: ``torch.poisson``;
+    ``'gaussian'``: normal with the Poisson variance, faster, good above ~20 e-), Gaussian read
+    noise [e- rms] and digitisation by the ``gain`` [e-/ADU]; then the sky is subtracted and the
+    result divided by ``t``. ``exposure_time``, ``sky``, ``read_noise``, ``gain`` broadcast as
+    [B, 1, 1, 1] or scalars. Expected variance per pixel [(e-/s)^2]:
+    ``(image + sky) / t + read_noise^2 / t^2 + gain^2 / (12 t^2)``.
+    """
+    mean = ((image + sky) * exposure_time).clamp(min=0)
+    if poisson == "exact":
+        counts = torch.poisson(mean, generator=generator)
+    elif poisson == "gaussian":
+        counts = mean + torch.sqrt(mean) * _randn_like(mean, generator)
+    else:
+        raise ValueError(f"poisson must be 'exact' or 'gaussian', got '{poisson}'")
+    counts = counts + read_noise * _randn_like(mean, generator)
+    counts = torch.round(counts / gain) * gain
+    return counts / exposure_time - sky
+
+
+def correlate_noise(noise, fwhm_pix, generator=None):
+    """Convolve a noise field [B, C, N, N] with a Gaussian of FWHM [px], keeping its variance.
+
+    Mimics drizzled / resampled images whose pixels share noise. The kernel is normalised so that
+    the sum of its squares is one, so white noise of variance v stays variance v.
+    """
+    sigma = fwhm_pix / 2.3548
+    r = max(1, int(math.ceil(3 * sigma)))
+    ax = torch.arange(-r, r + 1, dtype=noise.dtype, device=noise.device)
+    g = torch.exp(-0.5 * (ax / sigma) ** 2)
+    k2 = g[:, None] * g[None, :]
+    k2 = k2 / torch.sqrt((k2 * k2).sum())
+    B, C, N, _ = noise.shape
+    x = noise.reshape(B * C, 1, N, N)
+    x = torch.nn.functional.pad(x, (r, r, r, r), mode="circular")
+    y = torch.nn.functional.conv2d(x, k2[None, None])
+    return y.reshape(B, C, N, N)
+
+
+def _randn_like(t, generator):
+    return torch.randn(t.shape, generator=generator, dtype=t.dtype, device=t.device)
+
+
+def _rand(shape, generator, like):
+    return torch.rand(shape, generator=generator, dtype=like.dtype, device=like.device)
+
+
+def uniform(lo, hi, shape, generator, like):
+    """Uniform draws in [lo, hi) of ``shape`` on ``like``'s dtype/device."""
+    return lo + (hi - lo) * _rand(shape, generator, like)
+
+
+def cosmic_rays(shape, n_mean, length_pix, width_pix, amplitude, worm_fraction, generator,
+                like, n_points: int = 48):
+    """Cosmic-ray deposits [e-] for images of ``shape`` (B, C, N, N).
+
+    Per image and band the number of hits is Poisson(``n_mean``). Each hit is a track of length
+    ``length_pix`` (range, pixels), width ``width_pix`` (range, pixels) and peak deposit
+    ``amplitude`` (range, e- per pixel). A fraction ``worm_fraction`` are curved 'worms' whose
+    direction random-walks along the track. Tracks are drawn as ``n_points`` samples along their
+    length, each spread across the width, and splatted bilinearly - all batched.
+    """
+    B, C, N, _ = shape
+    dev, dt = like.device, like.dtype
+    counts = torch.poisson(torch.full((B * C,), float(n_mean), device=dev, dtype=dt), generator=generator).long()
+    T = int(counts.sum())
+    out = torch.zeros(B * C * N * N, device=dev, dtype=dt)
+    if T == 0:
+        return out.reshape(shape)
+    owner = torch.repeat_interleave(torch.arange(B * C, device=dev), counts)
+    x0 = uniform(0, N - 1, (T,), generator, like)
+    y0 = uniform(0, N - 1, (T,), generator, like)
+    theta = uniform(0, math.pi, (T,), generator, like)
+    length = uniform(*length_pix, (T,), generator, like)
+    width = uniform(*width_pix, (T,), generator, like)
+    amp = uniform(*amplitude, (T,), generator, like)
+    worm = _rand((T,), generator, like) < worm_fraction
+    step = length / (n_points - 1)  # px per sample along the track
+    turn = _randn_like(torch.empty(T, n_points, device=dev, dtype=dt), generator) * 0.35
+    turn = torch.where(worm[:, None], turn, torch.zeros_like(turn))
+    ang = theta[:, None] + torch.cumsum(turn, dim=1)
+    xs = x0[:, None] + torch.cumsum(step[:, None] * torch.cos(ang), dim=1) - length[:, None] / 2 * torch.cos(theta)[:, None]
+    ys = y0[:, None] + torch.cumsum(step[:, None] * torch.sin(ang), dim=1) - length[:, None] / 2 * torch.sin(theta)[:, None]
+    # spread across the width: W offsets perpendicular to the local direction
+    W = 5
+    off = torch.linspace(-0.5, 0.5, W, device=dev, dtype=dt)
+    px = xs[:, :, None] - torch.sin(ang)[:, :, None] * off * width[:, None, None]
+    py = ys[:, :, None] + torch.cos(ang)[:, :, None] * off * width[:, None, None]
+    # deposit per sample so that a pixel crossed along the track receives ~amp
+    samples_per_pix = 1.0 / step.clamp(min=1e-3) * W / width.clamp(min=1.0)
+    w_sample = (amp / samples_per_pix)[:, None, None].expand_as(px)
+    idx_img = owner[:, None, None].expand_as(px)
+    _splat(out, idx_img.reshape(-1), px.reshape(-1), py.reshape(-1), w_sample.reshape(-1), N)
+    return out.reshape(shape)
+
+
+def _splat(flat, img, x, y, w, N):
+    """Bilinear scatter-add of weights ``w`` at (x, y) [px] into flat images [M * N * N]."""
+    x0, y0 = torch.floor(x), torch.floor(y)
+    fx, fy = x - x0, y - y0
+    for dx, dy, ww in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)), (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
+        xi, yi = (x0 + dx).long(), (y0 + dy).long()
+        ok = (xi >= 0) & (xi < N) & (yi >= 0) & (yi < N)
+        flat.index_add_(0, (img * N * N + yi * N + xi)[ok], (w * ww)[ok])
+
+
+def hot_pixels(shape, fraction, amplitude, generator, like):
+    """Hot-pixel image [e-/s]: each pixel hot with probability ``fraction``, level U(amplitude)."""
+    hot = _rand(shape, generator, like) < fraction
+    level = uniform(*amplitude, shape, generator, like)
+    return torch.where(hot, level, torch.zeros_like(level)), hot
+
+
+def circular_masks(arc, n_range, radius_arcsec, pixscale, keep_fraction, generator):
+    """Random circular masks [B, N, N] bool that keep >= ``keep_fraction`` of the arc flux.
+
+    ``arc`` [B, N, N] is the noiseless lensed source (any band sum). Up to ``n_range[1]``
+    candidate discs of radius ``radius_arcsec`` (range) are placed uniformly in the field; in a
+    random order, a disc is kept while the summed arc flux under the kept discs stays below
+    ``1 - keep_fraction`` of the total (overlaps are counted twice, so the bound is safe).
+    At least ``n_range[0]`` discs are tried.
+    """
+    B, N, _ = arc.shape
+    dev, dt = arc.device, arc.dtype
+    kmax = int(n_range[1])
+    if kmax <= 0:
+        return torch.zeros(B, N, N, dtype=torch.bool, device=dev)
+    n = torch.randint(int(n_range[0]), kmax + 1, (B,), generator=generator, device=dev)
+    cx = uniform(0, N - 1, (B, kmax), generator, arc)
+    cy = uniform(0, N - 1, (B, kmax), generator, arc)
+    r = uniform(*radius_arcsec, (B, kmax), generator, arc) / pixscale
+    ax = torch.arange(N, device=dev, dtype=dt)
+    disc = ((ax[None, None, None, :] - cx[..., None, None]) ** 2
+            + (ax[None, None, :, None] - cy[..., None, None]) ** 2) <= (r * r)[..., None, None]
+    disc = disc & (torch.arange(kmax, device=dev)[None, :] < n[:, None])[..., None, None]
+    total = arc.clamp(min=0).sum((-1, -2)).clamp(min=1e-30)
+    frac = (disc * arc.clamp(min=0)[:, None]).sum((-1, -2)) / total[:, None]
+    ok = torch.cumsum(frac, dim=1) <= (1.0 - keep_fraction)
+    return (disc & ok[..., None, None]).any(1)
+
+
+def normalize(images, method: str = "none", quantile: float = 0.99, eps: float = 1e-12):
+    """Per-image network normalisation of [B, C, N, N] images (scale only, zero stays zero).
+
+    ``none``; ``peak`` (divide by max |x|); ``std`` (divide by the standard deviation);
+    ``quantile`` (divide by the ``quantile`` of |x| over all bands - robust to cosmic rays).
+    Flux units thus drop out, so a FITS in any unit can be analysed.
+    """
+    if method == "none":
+        return images
+    flat = images.reshape(images.shape[0], -1)
+    if method == "peak":
+        s = flat.abs().amax(1)
+    elif method == "std":
+        s = flat.std(1)
+    elif method == "quantile":
+        s = torch.quantile(flat.abs().float(), quantile, dim=1).to(images.dtype)
+    else:
+        raise ValueError(f"normalize must be one of none, peak, std, quantile; got '{method}'")
+    return images / (s.clamp(min=eps)[:, None, None, None])

@@ -1,0 +1,175 @@
+"""Point-spread functions: GalSim-drawn kernel banks, empirical FITS PSFs, batched FFT convolution.
+
+A :class:`PSFBank` holds ``K`` normalised kernels [K, k, k] at the image pixel scale and their
+FFTs at the padded size of one image grid, so that a batch convolves with one gather, one rfft2
+of the images and one irfft2 - no per-image Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lensexp.errors import ConfigError
+from lensexp.paths import resolve_path
+
+PROFILES = ("gaussian", "moffat", "airy")
+
+
+def _galsim_profile(kind: str, fwhm: float, moffat_beta: float):
+    import galsim
+
+    if kind == "gaussian":
+        return galsim.Gaussian(fwhm=fwhm)
+    if kind == "moffat":
+        return galsim.Moffat(beta=moffat_beta, fwhm=fwhm)
+    if kind == "airy":
+        # Airy FWHM ~ 1.028 lambda/D
+        return galsim.Airy(lam_over_diam=fwhm / 1.028)
+    raise ConfigError(f"unknown PSF kind '{kind}'; choose one of {PROFILES + ('empirical',)}")
+
+
+def draw_kernel(kind: str, fwhm_arcsec: float, pixscale: float, size: int,
+                moffat_beta: float = 3.5) -> np.ndarray:
+    """Draw one pixel-integrated PSF kernel [size, size] of unit sum with GalSim."""
+    if not fwhm_arcsec > 0:
+        raise ConfigError(f"PSF FWHM must be positive, got {fwhm_arcsec} arcsec")
+    im = _galsim_profile(kind, fwhm_arcsec, moffat_beta).drawImage(nx=size, ny=size, scale=pixscale)
+    k = im.array.astype(np.float64)
+    return (k / k.sum()).astype(np.float32)
+
+
+def load_empirical(path: str, psf_pixscale: float, pixscale: float, size: int) -> np.ndarray:
+    """Read a FITS cube [n, h, w] (or one 2-D PSF) and resample each to ``pixscale``.
+
+    The FITS PSFs are taken as effective (pixel-convolved) PSFs sampled at ``psf_pixscale``
+    arcsec/px; GalSim's ``InterpolatedImage`` resamples them with flux conserved.
+    """
+    import galsim
+    from astropy.io import fits
+
+    p = resolve_path(path)
+    if not p.is_file():
+        raise ConfigError(f"empirical PSF file not found: '{path}'")
+    with fits.open(p) as hdul:
+        data = hdul[0].data
+    if data is None or data.ndim not in (2, 3):
+        raise ConfigError(f"empirical PSF file '{path}' must hold a 2-D PSF or a 3-D cube")
+    cube = np.asarray(data, dtype=np.float64).reshape((-1,) + data.shape[-2:])
+    out = []
+    for k in cube:
+        if not np.all(np.isfinite(k)) or k.sum() <= 0:
+            raise ConfigError(f"empirical PSF in '{path}' has non-finite or non-positive flux")
+        ii = galsim.InterpolatedImage(galsim.Image(k / k.sum(), scale=psf_pixscale))
+        arr = ii.drawImage(nx=size, ny=size, scale=pixscale, method="no_pixel").array
+        out.append(arr / arr.sum())
+    return np.asarray(out, dtype=np.float32)
+
+
+def measure_fwhm(kernel: np.ndarray, pixscale: float) -> float:
+    """FWHM [arcsec] of a kernel from the area above half maximum (``2 sqrt(A / pi)``)."""
+    k = np.asarray(kernel)
+    area = float((k >= 0.5 * k.max()).sum()) * pixscale**2
+    return 2.0 * np.sqrt(area / np.pi)
+
+
+@dataclass
+class PSFBank:
+    """Kernels [K, k, k] (unit sum) with their FWHMs [K] in arcsec and FFTs for an ``npix`` grid."""
+
+    kernels: torch.Tensor
+    fwhm: torch.Tensor
+    npix: int
+    kind: list = field(default_factory=list)
+
+    def __post_init__(self):
+        k = self.kernels.shape[-1]
+        self.fft_size = _fast_size(self.npix + k - 1)
+        self.kernel_fft = _kernel_rfft(self.kernels, self.fft_size)
+
+    def __len__(self) -> int:
+        return self.kernels.shape[0]
+
+    @classmethod
+    def from_config(cls, cfg, pixscale: float, npix: int) -> "PSFBank":
+        """Build from a ``psf`` config: ``kind`` (gaussian|moffat|airy|empirical|mix), ``fwhm``
+        range [arcsec], ``n_kernels``, ``size`` [px], ``moffat_beta``, and ``empirical``
+        (``file``, ``pixscale``) used by ``kind: empirical`` or, with ``empirical_fraction``, by mix.
+        """
+        kind = str(cfg.kind)
+        size = int(cfg.size)
+        if size < 3 or size % 2 == 0:
+            raise ConfigError(f"psf.size must be an odd number of pixels >= 3, got {size}")
+        kernels, fwhms, kinds = [], [], []
+        if kind in PROFILES or kind == "mix":
+            lo, hi = (float(v) for v in cfg.fwhm)
+            if not (0 < lo <= hi):
+                raise ConfigError(f"psf.fwhm must be a range 0 < low <= high in arcsec, got [{lo}, {hi}]")
+            n = int(cfg.n_kernels)
+            profile = "gaussian" if kind == "mix" else kind
+            for f in np.linspace(lo, hi, n) if n > 1 else [lo]:
+                kernels.append(draw_kernel(profile, float(f), pixscale, size, float(cfg.get("moffat_beta", 3.5))))
+                fwhms.append(float(f))
+                kinds.append(profile)
+        if kind in ("empirical", "mix"):
+            emp = cfg.empirical
+            ek = load_empirical(str(emp.file), float(emp.pixscale), pixscale, size)
+            if kind == "mix":
+                # replicate so empirical kernels make up ~empirical_fraction of the bank
+                frac = float(cfg.get("empirical_fraction", 0.5))
+                if not 0 < frac < 1:
+                    raise ConfigError(f"psf.empirical_fraction must be in (0, 1), got {frac}")
+                want = int(round(len(kernels) * frac / (1 - frac)))
+                reps = max(1, int(np.ceil(want / len(ek))))
+                ek = np.concatenate([ek] * reps)[: max(want, 1)]
+            for k in ek:
+                kernels.append(k)
+                fwhms.append(measure_fwhm(k, pixscale))
+                kinds.append("empirical")
+        if not kernels:
+            raise ConfigError(f"unknown psf.kind '{kind}'; choose one of {PROFILES + ('empirical', 'mix')}")
+        return cls(torch.from_numpy(np.stack(kernels)), torch.tensor(fwhms, dtype=torch.float32), npix, kinds)
+
+    def to(self, device):
+        self.kernels = self.kernels.to(device)
+        self.fwhm = self.fwhm.to(device)
+        self.kernel_fft = self.kernel_fft.to(device)
+        return self
+
+    def convolve(self, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Convolve images [B, C, N, N] with kernels ``index`` [B] ('same' size, zero padded)."""
+        return fft_convolve(images, self.kernel_fft[index], self.kernels.shape[-1], self.fft_size)
+
+
+def _fast_size(n: int) -> int:
+    """Smallest size >= n whose prime factors are 2, 3 and 5 (fast FFT lengths)."""
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
+def _kernel_rfft(kernels: torch.Tensor, size: int) -> torch.Tensor:
+    """rfft2 of kernels [K, k, k] zero-padded to [size, size]."""
+    k = kernels.shape[-1]
+    pad = torch.zeros(kernels.shape[0], size, size, dtype=torch.float32, device=kernels.device)
+    pad[:, :k, :k] = kernels
+    return torch.fft.rfft2(pad)
+
+
+def fft_convolve(images: torch.Tensor, kernel_fft: torch.Tensor, ksize: int, size: int) -> torch.Tensor:
+    """'Same'-size linear convolution of [B, C, N, N] images with per-image kernel FFTs [B, f, f/2+1].
+
+    Matches ``scipy.signal.fftconvolve(image, kernel, mode='same')`` (lenstronomy's convention).
+    """
+    n = images.shape[-1]
+    spec = torch.fft.rfft2(images.to(torch.float32), s=(size, size))
+    out = torch.fft.irfft2(spec * kernel_fft[:, None], s=(size, size))
+    o = (ksize - 1) // 2
+    return out[..., o:o + n, o:o + n].to(images.dtype)

@@ -1,0 +1,369 @@
+"""Compose lensed images: ray tracing on a supersampled grid, sources, lens light, PSF, detector.
+
+:class:`Simulator` is built once from a data preset (``conf/data/*.yaml``; banks loaded once) and
+draws batches ``(images [n, bands, N, N], labels [n, 8])`` that depend only on (config, seed).
+Images are sky-subtracted and in e-/s per pixel; the pixel grid follows
+``../shared/conventions.md`` (``x = (col - (N-1)/2) * pixscale``, ``y`` likewise with row).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lensexp.errors import ConfigError
+from lensexp.sim import instrument as inst
+from lensexp.sim import lens as lensmod
+from lensexp.sim.priors import LABELS, check_range, draw
+from lensexp.sim.psf import PSFBank
+from lensexp.sim.source import GalaxyBank, gaussian_clumps_sb, sersic_amp_from_flux, sersic_sb
+
+SOURCE_KINDS = ("sersic", "cosmos", "mix")
+
+
+def pixel_grid(npix: int, pixscale: float, supersample: int = 1, dtype=torch.float64, device=None):
+    """Sub-pixel centre coordinates (x, y) [arcsec], each [N*s, N*s] (row, col).
+
+    Pixel (row, col) has centre ``((col - (N-1)/2) p, (row - (N-1)/2) p)``; its ``s x s``
+    sub-pixels are spaced ``p / s`` around it.
+    """
+    s = int(supersample)
+    idx = (torch.arange(npix * s, dtype=dtype, device=device) + 0.5) / s - 0.5  # in pixel units
+    c = (idx - (npix - 1) / 2.0) * pixscale
+    y, x = torch.meshgrid(c, c, indexing="ij")
+    return x, y
+
+
+def bin_supersampled(sb: torch.Tensor, npix: int, supersample: int, pixscale: float) -> torch.Tensor:
+    """Surface brightness on sub-pixels [B, (N s)^2] -> flux per pixel [B, N, N] (e-/s)."""
+    s = supersample
+    B = sb.shape[0]
+    area = (pixscale / s) ** 2
+    return sb.reshape(B, npix, s, npix, s).sum((2, 4)) * area
+
+
+@dataclass
+class SimBatch:
+    """One simulated batch: ``images`` [B, C, N, N] float32 e-/s, ``labels`` [B, 8] float32
+    (order ``LABELS``), ``meta`` per-image extras (tensors [B] or [B, C, N, N]), and optionally
+    ``clean`` (noiseless, artefact-free, PSF-convolved) and ``source`` (lensed source, no PSF)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    meta: dict = field(default_factory=dict)
+    clean: torch.Tensor | None = None
+    source: torch.Tensor | None = None
+
+
+class Simulator:
+    """Batched strong-lens image simulator for one data preset.
+
+    ``cfg``: the ``data`` config (a preset from ``conf/data``). ``device``: torch device.
+    ``compile``: fuse the per-ray kernels with ``torch.compile`` (CPU needs a C++ compiler).
+    """
+
+    def __init__(self, cfg: DictConfig | dict, device: str | torch.device = "cpu", compile: bool = False):
+        self.cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+        self.device = torch.device(device)
+        self._validate()
+        c = self.cfg
+        self.npix, self.pixscale, self.ss = int(c.npix), float(c.pixscale), int(c.supersample)
+        self.dtype = getattr(torch, str(c.get("dtype", "float32")))
+        x, y = pixel_grid(self.npix, self.pixscale, self.ss, self.dtype, self.device)
+        self.x, self.y = x.reshape(1, -1), y.reshape(1, -1)
+        self.psf = PSFBank.from_config(c.psf, self.pixscale, self.npix).to(self.device)
+        kind = str(c.source.kind)
+        self.galaxies = None
+        if kind in ("cosmos", "mix") and not (kind == "mix" and float(c.source.cosmos_fraction) == 0):
+            cc = c.source.cosmos
+            self.galaxies = GalaxyBank.from_catalog(str(cc.catalog), cc.get("max_galaxies"), int(cc.stamp))
+        self.n_bands = len(c.bands)
+        self._trace = torch.compile(_trace_sersic, dynamic=False) if compile else _trace_sersic
+
+    # ------------------------------------------------------------------ configuration checks
+    def _validate(self):
+        c = self.cfg
+        for key in ("npix", "pixscale", "supersample", "bands", "lens", "source", "psf", "instrument"):
+            if key not in c:
+                raise ConfigError(f"data config lacks '{key}'")
+        if int(c.npix) < 8:
+            raise ConfigError(f"data.npix must be >= 8 pixels, got {c.npix}")
+        if not float(c.pixscale) > 0:
+            raise ConfigError(f"data.pixscale must be > 0 arcsec/px, got {c.pixscale}")
+        if int(c.supersample) < 1:
+            raise ConfigError(f"data.supersample must be >= 1, got {c.supersample}")
+        if len(c.bands) < 1:
+            raise ConfigError("data.bands must list at least one band")
+        L = c.lens
+        check_range("data.lens.theta_E", L.theta_E, 0.0, strict_low=True)
+        check_range("data.lens.q", L.q, 0.0, 1.0, strict_low=True)
+        check_range("data.lens.phi", L.phi)
+        check_range("data.lens.center", L.center)
+        check_range("data.lens.gamma", L.gamma, -0.5, 0.5)
+        S = c.source
+        if str(S.kind) not in SOURCE_KINDS:
+            raise ConfigError(f"data.source.kind must be one of {SOURCE_KINDS}, got '{S.kind}'")
+        if not 0.0 <= float(S.cosmos_fraction) <= 1.0:
+            raise ConfigError(f"data.source.cosmos_fraction must be in [0, 1], got {S.cosmos_fraction}")
+        check_range("data.source.mag", S.mag)
+        check_range("data.source.offset", S.offset, 0.0)
+        check_range("data.source.sersic.R_sersic", S.sersic.R_sersic, 0.0, strict_low=True)
+        check_range("data.source.sersic.n", S.sersic.n, 0.2, 8.0)
+        check_range("data.source.sersic.q", S.sersic.q, 0.0, 1.0, strict_low=True)
+        check_range("data.source.clumps.n", S.clumps.n, 0, 64)
+        check_range("data.source.clumps.sigma", S.clumps.sigma, 0.0, strict_low=True)
+        check_range("data.source.clumps.flux_fraction", S.clumps.flux_fraction, 0.0, 1.0)
+        check_range("data.source.cosmos.scale", S.cosmos.scale, 0.0, strict_low=True)
+        for b in c.bands:
+            check_range(f"data.bands[{b.name}].source_scale", b.source_scale, 0.0)
+            check_range(f"data.bands[{b.name}].lens_scale", b.lens_scale, 0.0)
+        LL = c.lens_light
+        if LL.enabled:
+            check_range("data.lens_light.mag", LL.mag)
+            check_range("data.lens_light.R_sersic", LL.R_sersic, 0.0, strict_low=True)
+            check_range("data.lens_light.n", LL.n, 0.2, 8.0)
+        P = c.psf
+        if str(P.kind) != "empirical":
+            check_range("data.psf.fwhm", P.fwhm, 0.0, strict_low=True)
+        I = c.instrument
+        check_range("data.instrument.exposure_time", I.exposure_time, 0.0, strict_low=True)
+        check_range("data.instrument.sky_mag", I.sky_mag)
+        check_range("data.instrument.read_noise", I.read_noise, 0.0)
+        check_range("data.instrument.bias", I.bias)
+        if not float(I.gain) > 0:
+            raise ConfigError(f"data.instrument.gain must be > 0 e-/ADU, got {I.gain}")
+        if str(I.poisson) not in ("exact", "gaussian"):
+            raise ConfigError(f"data.instrument.poisson must be exact or gaussian, got '{I.poisson}'")
+        if str(I.normalize) not in ("none", "peak", "std", "quantile"):
+            raise ConfigError(f"data.instrument.normalize must be none, peak, std or quantile, got '{I.normalize}'")
+        cr, hp, mk = I.cosmic_rays, I.hot_pixels, I.masks
+        if cr.enabled:
+            check_range("data.instrument.cosmic_rays.length_pix", cr.length_pix, 0.0, strict_low=True)
+            check_range("data.instrument.cosmic_rays.width_pix", cr.width_pix, 0.0, strict_low=True)
+            check_range("data.instrument.cosmic_rays.amplitude", cr.amplitude, 0.0)
+            if float(cr.n_mean) < 0:
+                raise ConfigError(f"data.instrument.cosmic_rays.n_mean must be >= 0, got {cr.n_mean}")
+        if hp.enabled:
+            check_range("data.instrument.hot_pixels.amplitude", hp.amplitude, 0.0)
+            if not 0 <= float(hp.fraction) <= 1:
+                raise ConfigError(f"data.instrument.hot_pixels.fraction must be in [0, 1], got {hp.fraction}")
+        if mk.enabled:
+            check_range("data.instrument.masks.n", mk.n, 0, 64)
+            check_range("data.instrument.masks.radius", mk.radius, 0.0, strict_low=True)
+            if not 0 <= float(mk.keep_arc_flux) <= 1:
+                raise ConfigError(f"data.instrument.masks.keep_arc_flux must be in [0, 1], got {mk.keep_arc_flux}")
+        if I.correlated_noise.enabled:
+            check_range("data.instrument.correlated_noise.fwhm_pix", I.correlated_noise.fwhm_pix, 0.0, strict_low=True)
+
+    # ------------------------------------------------------------------ parameters
+    def draw_params(self, n: int, rng: torch.Generator) -> dict:
+        """Draw lens, source, band and PSF parameters for ``n`` systems (tensors [n] or [n, K])."""
+        c, dev, dt = self.cfg, self.device, self.dtype
+        d = lambda lohi, m=n: draw(rng, m, check_range("", lohi), dev, dt)  # noqa: E731
+        L, S = c.lens, c.source
+        p = {"theta_E": d(L.theta_E)}
+        q, phi = d(L.q), d(L.phi)
+        p["e1"], p["e2"] = lensmod.phi_q_to_ellipticity(phi, q)
+        p["center_x"], p["center_y"] = d(L.center), d(L.center)
+        p["gamma1"], p["gamma2"] = d(L.gamma), d(L.gamma)
+        # source position: uniform in area in an annulus of radii offset * theta_E
+        lo, hi = check_range("", S.offset)
+        r = p["theta_E"] * torch.sqrt(lo * lo + (hi * hi - lo * lo) * torch.rand(n, generator=rng, device=dev, dtype=dt))
+        t = 2 * math.pi * torch.rand(n, generator=rng, device=dev, dtype=dt)
+        p["src_x"] = p["center_x"] + r * torch.cos(t)
+        p["src_y"] = p["center_y"] + r * torch.sin(t)
+        p["src_mag"] = d(S.mag)
+        p["src_flux"] = inst.mag_to_flux(p["src_mag"], float(c.instrument.zeropoint))
+        kind = str(S.kind)
+        frac = {"sersic": 0.0, "cosmos": 1.0, "mix": float(S.cosmos_fraction)}[kind]
+        p["is_cosmos"] = torch.rand(n, generator=rng, device=dev) < frac
+        # Sersic + clumps
+        p["src_R"], p["src_n"] = d(S.sersic.R_sersic), d(S.sersic.n)
+        sq, sphi = d(S.sersic.q), d((0.0, math.pi))
+        p["src_e1"], p["src_e2"] = lensmod.phi_q_to_ellipticity(sphi, sq)
+        kmin, kmax = (int(v) for v in S.clumps.n)
+        p["clump_n"] = torch.randint(kmin, kmax + 1, (n,), generator=rng, device=dev)
+        K = max(kmax, 1)
+        w = torch.rand(n, K, generator=rng, device=dev, dtype=dt)
+        w = w * (torch.arange(K, device=dev)[None] < p["clump_n"][:, None])
+        cf = d(S.clumps.flux_fraction) * (p["clump_n"] > 0)
+        p["clump_flux"] = p["src_flux"][:, None] * cf[:, None] * w / w.sum(1, keepdim=True).clamp(min=1e-12)
+        p["sersic_flux"] = p["src_flux"] * (1 - cf)
+        spread = float(S.clumps.spread) * p["src_R"][:, None]
+        p["clump_x"] = p["src_x"][:, None] + spread * torch.randn(n, K, generator=rng, device=dev, dtype=dt)
+        p["clump_y"] = p["src_y"][:, None] + spread * torch.randn(n, K, generator=rng, device=dev, dtype=dt)
+        p["clump_sigma"] = d(S.clumps.sigma, n * K).reshape(n, K)
+        # COSMOS
+        G = len(self.galaxies) if self.galaxies is not None else 1
+        p["gal_index"] = torch.randint(0, G, (n,), generator=rng, device=dev)
+        ang = 2 * math.pi * torch.rand(n, generator=rng, device=dev, dtype=dt)
+        p["gal_cos"], p["gal_sin"] = torch.cos(ang), torch.sin(ang)
+        p["gal_flip"] = torch.rand(n, generator=rng, device=dev) < 0.5
+        p["gal_scale"] = d(S.cosmos.scale)
+        # lens light (aligned with the mass, axis ratio jittered)
+        LL = c.lens_light
+        if LL.enabled:
+            ql = (q + float(LL.q_jitter) * (2 * torch.rand(n, generator=rng, device=dev, dtype=dt) - 1)).clamp(0.2, 1.0)
+            p["ll_e1"], p["ll_e2"] = lensmod.phi_q_to_ellipticity(phi, ql)
+            p["ll_flux"] = inst.mag_to_flux(d(LL.mag), float(c.instrument.zeropoint))
+            p["ll_R"], p["ll_n"] = d(LL.R_sersic), d(LL.n)
+        # colours
+        p["band_src"] = torch.stack([d(b.source_scale) for b in c.bands], 1)
+        p["band_lens"] = torch.stack([d(b.lens_scale) for b in c.bands], 1)
+        p["psf_index"] = torch.randint(0, len(self.psf), (n,), generator=rng, device=dev)
+        return p
+
+    # ------------------------------------------------------------------ rendering
+    def render_source(self, p: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lensed source flux per pixel [B, N, N] (e-/s, no PSF) and mu_F [B]."""
+        B = p["theta_E"].shape[0]
+        sb = torch.zeros(B, self.x.shape[1], dtype=self.dtype, device=self.device)
+        cos = p["is_cosmos"] if self.galaxies is not None else torch.zeros_like(p["is_cosmos"])
+        par = torch.nonzero(~cos).squeeze(1)
+        if par.numel():
+            sub = {k: v[par] for k, v in p.items()}
+            sb[par] = self._trace(self.x, self.y, *_lens_args(sub),
+                                  sersic_amp_from_flux(sub["sersic_flux"], sub["src_R"], sub["src_n"])[:, None],
+                                  sub["src_R"][:, None], sub["src_n"][:, None], sub["src_e1"][:, None],
+                                  sub["src_e2"][:, None], sub["src_x"][:, None], sub["src_y"][:, None],
+                                  sub["clump_flux"], sub["clump_sigma"], sub["clump_x"], sub["clump_y"])
+        real = torch.nonzero(cos).squeeze(1)
+        if real.numel():
+            sub = {k: v[real] for k, v in p.items()}
+            bx, by = lensmod.ray_shoot(self.x, self.y, *[a for a in _lens_args(sub)])
+            sb[real] = self.galaxies.sample_sb(
+                bx, by, sub["gal_index"], sub["src_x"], sub["src_y"], sub["gal_cos"], sub["gal_sin"],
+                sub["gal_flip"], sub["gal_scale"], sub["src_flux"],
+                mode=str(self.cfg.source.cosmos.interpolation))
+        img = bin_supersampled(sb, self.npix, self.ss, self.pixscale)
+        mu = img.sum((1, 2)) / p["src_flux"]
+        return img, mu
+
+    def render_lens_light(self, p: dict) -> torch.Tensor:
+        """Lens-galaxy flux per pixel [B, N, N] (e-/s, no PSF); zeros when disabled."""
+        B = p["theta_E"].shape[0]
+        if not self.cfg.lens_light.enabled:
+            return torch.zeros(B, self.npix, self.npix, dtype=self.dtype, device=self.device)
+        amp = sersic_amp_from_flux(p["ll_flux"], p["ll_R"], p["ll_n"])
+        sb = sersic_sb(self.x, self.y, amp[:, None], p["ll_R"][:, None], p["ll_n"][:, None],
+                       p["ll_e1"][:, None], p["ll_e2"][:, None], p["center_x"][:, None], p["center_y"][:, None])
+        return bin_supersampled(sb, self.npix, self.ss, self.pixscale)
+
+    def _observe(self, src, lens_light, p, rng, with_artefacts: bool, with_noise: bool):
+        """Bands, PSF, noise and artefacts: returns (images, clean, meta)."""
+        c, I = self.cfg, self.cfg.instrument
+        B, dev, dt = src.shape[0], self.device, self.dtype
+        d = lambda lohi, m=B: draw(rng, m, check_range("", lohi), dev, dt)  # noqa: E731
+        sky_src = src[:, None] * p["band_src"][:, :, None, None]
+        ideal = sky_src + lens_light[:, None] * p["band_lens"][:, :, None, None]
+        clean = self.psf.convolve(ideal, p["psf_index"])
+        arc = self.psf.convolve(sky_src, p["psf_index"]).sum(1)
+        t = d(I.exposure_time)[:, None, None, None]
+        sky = inst.sky_per_pixel(d(I.sky_mag), float(I.zeropoint), self.pixscale)[:, None, None, None]
+        read = d(I.read_noise)[:, None, None, None]
+        gain = float(I.gain)
+        meta = {"psf_fwhm": self.psf.fwhm[p["psf_index"]], "psf_index": p["psf_index"],
+                "is_cosmos": p["is_cosmos"], "gal_index": p["gal_index"], "src_mag": p["src_mag"],
+                "src_x": p["src_x"], "src_y": p["src_y"], "exposure_time": t.flatten(),
+                "sky": sky.flatten(), "read_noise": read.flatten()}
+        img = clean
+        if with_noise and I.noise:
+            noisy = inst.add_noise(clean, t, sky, read, gain, rng, str(I.poisson))
+            if I.correlated_noise.enabled:
+                fw = float(d(I.correlated_noise.fwhm_pix, 1)[0])
+                noisy = clean + inst.correlate_noise(noisy - clean, fw)
+            img = noisy
+            meta["noise_var"] = ((clean + sky).clamp(min=0) / t + read**2 / t**2 + gain**2 / (12 * t**2)).float()
+        if with_artefacts:
+            img = img + d(I.bias, B * self.n_bands).reshape(B, self.n_bands, 1, 1)
+            cr, hp, mk = I.cosmic_rays, I.hot_pixels, I.masks
+            if cr.enabled:
+                dep = inst.cosmic_rays(img.shape, float(cr.n_mean), check_range("", cr.length_pix),
+                                       check_range("", cr.width_pix), check_range("", cr.amplitude),
+                                       float(cr.worm_fraction), rng, img)
+                img = img + dep / t
+                meta["cosmic_ray_pixels"] = (dep > 0).sum((1, 2, 3))
+            if hp.enabled:
+                hot, hmask = inst.hot_pixels(img.shape, float(hp.fraction), check_range("", hp.amplitude), rng, img)
+                img = img + hot
+                meta["hot_pixels"] = hmask.sum((1, 2, 3))
+            if mk.enabled:
+                m = inst.circular_masks(arc, check_range("", mk.n), check_range("", mk.radius), self.pixscale,
+                                        float(mk.keep_arc_flux), rng)
+                img = img.masked_fill(m[:, None], 0.0)
+                meta["mask"] = m
+        img = inst.normalize(img, str(I.normalize))
+        return img, clean, meta
+
+    def sample(self, n: int, seed: int, batch_size: int = 64, artefacts: bool = True, noise: bool = True,
+               keep_clean: bool = False) -> SimBatch:
+        """Simulate ``n`` systems, identical for identical (config, seed, batch_size).
+
+        Systems with ``mu_F < source.min_mu`` are redrawn. ``artefacts``/``noise`` switch the
+        detector effects off wholesale (e.g. for galleries and tests).
+        """
+        if n < 0:
+            raise ConfigError(f"number of images must be >= 0, got {n}")
+        rng = torch.Generator(device=self.device)
+        rng.manual_seed(int(seed))
+        out: list[SimBatch] = []
+        done = 0
+        while done < n:
+            b = min(batch_size, n - done)
+            out.append(self._one_batch(b, rng, artefacts, noise, keep_clean))
+            done += b
+        if not out:
+            return SimBatch(torch.zeros(0, self.n_bands, self.npix, self.npix), torch.zeros(0, len(LABELS)))
+        return _concat(out)
+
+    def _one_batch(self, b: int, rng, artefacts, noise, keep_clean) -> SimBatch:
+        min_mu = float(self.cfg.source.get("min_mu", 0.0))
+        keep_p, keep_src, keep_mu, have, tries = [], [], [], 0, 0
+        while have < b:
+            tries += 1
+            if tries > 100:
+                raise ConfigError(
+                    f"data.source.min_mu = {min_mu} rejects nearly every system under these priors; "
+                    "lower it or move data.source.offset closer to the lens")
+            m = b - have if min_mu <= 0 else max(8, int(1.5 * (b - have)))
+            p = self.draw_params(m, rng)
+            src, mu = self.render_source(p)
+            ok = torch.nonzero(mu >= min_mu).squeeze(1)[: b - have] if min_mu > 0 else torch.arange(m, device=self.device)
+            keep_p.append({k: v[ok] for k, v in p.items()})
+            keep_src.append(src[ok])
+            keep_mu.append(mu[ok])
+            have += ok.numel()
+        p = {k: torch.cat([q[k] for q in keep_p]) for k in keep_p[0]}
+        src, mu = torch.cat(keep_src), torch.cat(keep_mu)
+        images, clean, meta = self._observe(src, self.render_lens_light(p), p, rng, artefacts, noise)
+        labels = torch.stack([p[k] for k in LABELS[:-1]] + [mu], 1)
+        return SimBatch(images.float(), labels.float(), meta,
+                        clean.float() if keep_clean else None, src.float() if keep_clean else None)
+
+
+def _lens_args(p: dict):
+    return [p[k][:, None] for k in LABELS[:-1]]
+
+
+def _trace_sersic(x, y, theta_E, e1, e2, cx, cy, g1, g2, amp, R, n, se1, se2, sx, sy, cflux, csig, cxk, cyk):
+    """Ray-trace the sub-pixel grid through SIE + shear and evaluate Sérsic + clumps [B, P]."""
+    bx, by = lensmod.ray_shoot(x, y, theta_E, e1, e2, cx, cy, g1, g2)
+    sb = sersic_sb(bx, by, amp, R, n, se1, se2, sx, sy)
+    return sb + gaussian_clumps_sb(bx, by, cflux, csig, cxk, cyk)
+
+
+def _concat(batches: list[SimBatch]) -> SimBatch:
+    meta = {k: torch.cat([b.meta[k] for b in batches]) for k in batches[0].meta}
+    cat = lambda name: None if getattr(batches[0], name) is None else torch.cat([getattr(b, name) for b in batches])  # noqa: E731
+    return SimBatch(torch.cat([b.images for b in batches]), torch.cat([b.labels for b in batches]), meta,
+                    cat("clean"), cat("source"))
+
+
+def simulate_batch(cfg, n: int, seed: int, device="cpu", **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Convenience: ``(images [n, bands, H, W], labels [n, 8])`` for a data config and a seed."""
+    sim = Simulator(cfg.data if "data" in cfg else cfg, device=device)
+    b = sim.sample(n, seed, **kwargs)
+    return b.images, b.labels

@@ -1,0 +1,144 @@
+"""Source and lens-light surface brightness: elliptical Sérsic, Gaussian clumps, COSMOS bank.
+
+Surface brightness (SB) is in e-/s/arcsec^2, positions in arcsec. Ellipticity follows
+lenstronomy: ``R = sqrt(q x'^2 + y'^2 / q)`` in the frame of the major axis (``e1, e2`` as in
+:mod:`lensexp.sim.lens`). Sérsic uses lenstronomy's ``SERSIC_ELLIPSE`` with
+``b_n = 1.9992 n - 0.3271`` and ``amp`` the SB at ``R_sersic``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lensexp.errors import ConfigError
+from lensexp.paths import resolve_path
+from lensexp.sim.lens import ellipticity_to_q_cos_sin
+
+
+def sersic_bn(n):
+    """lenstronomy's Sérsic ``b_n`` approximation, ``1.9992 n - 0.3271``."""
+    return 1.9992 * n - 0.3271
+
+
+def sersic_total_flux(amp, R_sersic, n):
+    """Total flux [e-/s] of an elliptical Sérsic with SB ``amp`` at ``R_sersic`` [arcsec].
+
+    ``F = 2 pi n amp R^2 exp(b) b^(-2n) Gamma(2n)``; the q-elliptical radius preserves area.
+    """
+    b = sersic_bn(n)
+    return 2 * math.pi * n * amp * R_sersic**2 * torch.exp(b - 2 * n * torch.log(b) + torch.lgamma(2 * n))
+
+
+def sersic_amp_from_flux(flux, R_sersic, n):
+    """Inverse of :func:`sersic_total_flux`: SB at ``R_sersic`` for a total flux [e-/s]."""
+    return flux / sersic_total_flux(torch.ones_like(flux), R_sersic, n)
+
+
+def sersic_sb(x, y, amp, R_sersic, n, e1, e2, center_x, center_y, smoothing=1e-5):
+    """Elliptical Sérsic SB [e-/s/arcsec^2] at (x, y) [arcsec]; arguments broadcast."""
+    q, c, s, _ = ellipticity_to_q_cos_sin(e1, e2)
+    dx, dy = x - center_x, y - center_y
+    xr = c * dx + s * dy
+    yr = -s * dx + c * dy
+    R = torch.sqrt(q * xr * xr + yr * yr / q).clamp(min=smoothing)
+    b = sersic_bn(n)
+    return amp * torch.exp(-b * (torch.exp(torch.log(R / R_sersic) / n) - 1.0))
+
+
+def gaussian_clumps_sb(x, y, flux, sigma, center_x, center_y):
+    """Sum of circular Gaussian clumps: ``flux, sigma, center_*`` are [..., K]; x, y [..., P].
+
+    Returns SB [e-/s/arcsec^2] of shape [..., P].
+    """
+    dx = x.unsqueeze(-1) - center_x.unsqueeze(-2)
+    dy = y.unsqueeze(-1) - center_y.unsqueeze(-2)
+    inv2s2 = 0.5 / (sigma * sigma)
+    norm = flux * inv2s2 / math.pi
+    return (norm.unsqueeze(-2) * torch.exp(-(dx * dx + dy * dy) * inv2s2.unsqueeze(-2))).sum(-1)
+
+
+@dataclass
+class GalaxyBank:
+    """Real galaxy images, padded to a common square, each normalised to unit total flux.
+
+    ``images``: [G, S, S] float32 (row = y, col = x), ``pixscale``: arcsec per pixel,
+    ``ids``: catalogue identifiers.
+    """
+
+    images: torch.Tensor
+    pixscale: float
+    ids: list
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @classmethod
+    def from_catalog(cls, catalog: str, max_galaxies: int | None = None, stamp: int = 128,
+                     min_flux_snr: float = 0.0) -> "GalaxyBank":
+        """Load a GalSim ``RealGalaxyCatalog`` (catalogue FITS + image FITS beside it).
+
+        Each stamp has its border median subtracted, is centre-cropped/padded to ``stamp`` pixels
+        and normalised to unit sum. The catalogue's PSF images are not needed (sources stay
+        convolved with the HST PSF, which is small next to the simulated PSFs).
+        """
+        import galsim
+
+        path = resolve_path(catalog)
+        if not path.is_file():
+            raise ConfigError(
+                f"COSMOS catalogue not found: '{catalog}'. Point data.source.cosmos.catalog at a "
+                "GalSim RealGalaxyCatalog FITS (the full one comes from `galsim_download_cosmos`; "
+                "a 10-galaxy sample is in ../shared/data/cosmos_sample), or use data.source.kind=sersic."
+            )
+        try:
+            cat = galsim.RealGalaxyCatalog(path.name, dir=str(path.parent))
+        except Exception as exc:  # noqa: BLE001 - galsim raises many types
+            raise ConfigError(f"cannot read COSMOS catalogue '{path}': {exc}") from exc
+        n = cat.nobjects if max_galaxies is None else min(cat.nobjects, int(max_galaxies))
+        out, ids = np.zeros((n, stamp, stamp), np.float32), []
+        scale = None
+        for i in range(n):
+            im = cat.getGalImage(i)
+            scale = float(im.scale) if scale is None else scale
+            a = np.asarray(im.array, dtype=np.float64)
+            border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+            a = a - np.median(border)
+            h, w = a.shape
+            # centre crop / pad onto the common stamp
+            y0, x0 = max(0, (h - stamp) // 2), max(0, (w - stamp) // 2)
+            a = a[y0:y0 + stamp, x0:x0 + stamp]
+            h, w = a.shape
+            oy, ox = (stamp - h) // 2, (stamp - w) // 2
+            out[i, oy:oy + h, ox:ox + w] = a
+            total = out[i].sum()
+            if not np.isfinite(total) or total <= 0:
+                raise ConfigError(f"COSMOS galaxy {i} in '{path}' has no positive flux")
+            out[i] /= total
+            ids.append(int(cat.ident[i]) if hasattr(cat, "ident") else i)
+        return cls(torch.from_numpy(out), float(scale), ids)
+
+    def sample_sb(self, x, y, index, center_x, center_y, angle_cos, angle_sin, flip, scale, flux,
+                  mode: str = "bilinear"):
+        """SB [e-/s/arcsec^2] of bank galaxies at source-plane positions x, y [B, P] (arcsec).
+
+        Per image: galaxy ``index`` [B], centre [B] (arcsec), rotation (cos, sin) [B], mirror flip
+        [B] bool, size ``scale`` [B] (multiplies the bank pixel scale), total ``flux`` [B] e-/s.
+        Sampling is bilinear or bicubic (``torch.nn.functional.grid_sample``), zero outside.
+        """
+        imgs = self.images.to(device=x.device, dtype=x.dtype)[index].unsqueeze(1)  # [B,1,S,S]
+        S = imgs.shape[-1]
+        pix = self.pixscale * scale  # arcsec per source pixel [B]
+        dx = x - center_x[:, None]
+        dy = y - center_y[:, None]
+        u = angle_cos[:, None] * dx + angle_sin[:, None] * dy
+        v = -angle_sin[:, None] * dx + angle_cos[:, None] * dy
+        u = torch.where(flip[:, None], -u, u)
+        half = (S * pix / 2.0)[:, None]
+        grid = torch.stack([u / half, v / half], dim=-1).unsqueeze(1)  # [B,1,P,2]
+        val = F.grid_sample(imgs, grid, mode=mode, padding_mode="zeros", align_corners=False)
+        return val[:, 0, 0, :] * (flux / (pix * pix))[:, None]
