@@ -33,12 +33,11 @@ def add_noise(image, exposure_time, sky, read_noise, gain, generator, poisson: s
     """
     mean = ((image + sky) * exposure_time).clamp(min=0)
     if poisson == "exact":
-        counts = torch.poisson(mean, generator=generator)
-    elif poisson == "gaussian":
-        counts = mean + torch.sqrt(mean) * _randn_like(mean, generator)
+        counts = torch.poisson(mean, generator=generator) + read_noise * _randn_like(mean, generator)
+    elif poisson == "gaussian":  # Poisson and read noise in one normal draw
+        counts = mean + torch.sqrt(mean + read_noise * read_noise) * _randn_like(mean, generator)
     else:
         raise ValueError(f"poisson must be 'exact' or 'gaussian', got '{poisson}'")
-    counts = counts + read_noise * _randn_like(mean, generator)
     counts = torch.round(counts / gain) * gain
     return counts / exposure_time - sky
 

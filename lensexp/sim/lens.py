@@ -21,8 +21,9 @@ import torch
 
 Tensorish = torch.Tensor | float
 
-# Below this value of 1 - q^2 the SIE arctan/arctanh expressions are replaced by their series.
-_SERIES_A2 = 1e-4
+# sqrt(1 - q^2) is kept above this so that atan(a z) / a -> z smoothly at q = 1 (SIS); the
+# relative error this makes is a^2 z^2 / 3 ~ 1e-14, far below float64 needs.
+_A_MIN = 1e-7
 # lenstronomy clips the ellipticity modulus here (ellipticity2phi_q).
 _E_MAX = 0.9999
 
@@ -62,22 +63,28 @@ def phi_q_to_ellipticity(phi: Tensorish, q: Tensorish):
     return e * torch.cos(2.0 * phi), e * torch.sin(2.0 * phi)
 
 
-def _atan_over(a: torch.Tensor, a2: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """atan(a z) / a, continuous through a -> 0 (series below ``_SERIES_A2``)."""
-    small = a2 < _SERIES_A2
-    safe_a = torch.where(small, torch.ones_like(a), a)
-    z2 = z * z
-    series = z * (1.0 - a2 * z2 / 3.0 + a2 * a2 * z2 * z2 / 5.0)
-    return torch.where(small, series, torch.atan(safe_a * z) / safe_a)
+def sie_coefficients(theta_E, e1, e2):
+    """Per-lens SIE constants (cos phi, sin phi, q^2, b / a, a) with ``a = sqrt(1 - q^2)``.
+
+    ``b = theta_E sqrt(q)`` (lenstronomy's NIE normalisation). Computed once per lens so that the
+    per-ray work in :func:`sie_deflection_rotated` is a few multiplications and three
+    transcendental calls.
+    """
+    q, c, s, e = ellipticity_to_q_cos_sin(e1, e2)
+    a = (2.0 * torch.sqrt(e) / (1.0 + e)).clamp(min=_A_MIN)  # sqrt(1 - q^2) without cancellation
+    return c, s, q * q, theta_E * torch.sqrt(q) / a, a
 
 
-def _atanh_over(a: torch.Tensor, a2: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """atanh(a z) / a, continuous through a -> 0 (series below ``_SERIES_A2``)."""
-    small = a2 < _SERIES_A2
-    safe_a = torch.where(small, torch.ones_like(a), a)
-    z2 = z * z
-    series = z * (1.0 + a2 * z2 / 3.0 + a2 * a2 * z2 * z2 / 5.0)
-    return torch.where(small, series, torch.atanh(safe_a * z) / safe_a)
+def sie_deflection_rotated(dx, dy, c, s, q2, b_a, a):
+    """SIE deflection at offsets (dx, dy) [arcsec] from the centre, given :func:`sie_coefficients`."""
+    xr = c * dx + s * dy
+    yr = -s * dx + c * dy
+    psi2 = q2 * xr * xr + yr * yr
+    at_centre = psi2 == 0
+    inv_psi = a * torch.rsqrt(torch.where(at_centre, 1.0, psi2))
+    axr = torch.where(at_centre, 0.0, b_a * torch.atan(xr * inv_psi))
+    ayr = torch.where(at_centre, 0.0, b_a * torch.atanh(yr * inv_psi))
+    return c * axr - s * ayr, s * axr + c * ayr
 
 
 def sie_deflection(x, y, theta_E, e1, e2, center_x=0.0, center_y=0.0):
@@ -91,21 +98,7 @@ def sie_deflection(x, y, theta_E, e1, e2, center_x=0.0, center_y=0.0):
     x, y, theta_E, e1, e2, center_x, center_y = _as_tensors(
         x, y, theta_E, e1, e2, center_x, center_y
     )
-    q, c, s, e = ellipticity_to_q_cos_sin(e1, e2)
-    dx, dy = x - center_x, y - center_y
-    xr = c * dx + s * dy
-    yr = -s * dx + c * dy
-    psi = torch.sqrt(q * q * xr * xr + yr * yr)
-    at_centre = psi == 0
-    psi = torch.where(at_centre, torch.ones_like(psi), psi)
-    a2 = 4.0 * e / ((1.0 + e) * (1.0 + e))  # 1 - q^2 without cancellation
-    a = torch.sqrt(a2)
-    b = theta_E * torch.sqrt(q)
-    axr = b * _atan_over(a, a2, xr / psi)
-    ayr = b * _atanh_over(a, a2, yr / psi)
-    axr = torch.where(at_centre, torch.zeros_like(axr), axr)
-    ayr = torch.where(at_centre, torch.zeros_like(ayr), ayr)
-    return c * axr - s * ayr, s * axr + c * ayr
+    return sie_deflection_rotated(x - center_x, y - center_y, *sie_coefficients(theta_E, e1, e2))
 
 
 def sie_convergence(x, y, theta_E, e1, e2, center_x=0.0, center_y=0.0):

@@ -19,7 +19,8 @@ from lensexp.sim import instrument as inst
 from lensexp.sim import lens as lensmod
 from lensexp.sim.priors import LABELS, check_range, draw
 from lensexp.sim.psf import PSFBank
-from lensexp.sim.source import GalaxyBank, gaussian_clumps_sb, sersic_amp_from_flux, sersic_sb
+from lensexp.sim.source import (GalaxyBank, gaussian_clumps_sb, sersic_amp_from_flux, sersic_coefficients,
+                                sersic_sb, sersic_sb_rotated)
 
 SOURCE_KINDS = ("sersic", "cosmos", "mix")
 
@@ -186,7 +187,7 @@ class Simulator:
         p["src_e1"], p["src_e2"] = lensmod.phi_q_to_ellipticity(sphi, sq)
         kmin, kmax = (int(v) for v in S.clumps.n)
         p["clump_n"] = torch.randint(kmin, kmax + 1, (n,), generator=rng, device=dev)
-        K = max(kmax, 1)
+        K = kmax
         w = torch.rand(n, K, generator=rng, device=dev, dtype=dt)
         w = w * (torch.arange(K, device=dev)[None] < p["clump_n"][:, None])
         cf = d(S.clumps.flux_fraction) * (p["clump_n"] > 0)
@@ -220,25 +221,28 @@ class Simulator:
     def render_source(self, p: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Lensed source flux per pixel [B, N, N] (e-/s, no PSF) and mu_F [B]."""
         B = p["theta_E"].shape[0]
-        sb = torch.zeros(B, self.x.shape[1], dtype=self.dtype, device=self.device)
+        img = torch.zeros(B, self.npix, self.npix, dtype=self.dtype, device=self.device)
         cos = p["is_cosmos"] if self.galaxies is not None else torch.zeros_like(p["is_cosmos"])
         par = torch.nonzero(~cos).squeeze(1)
         if par.numel():
             sub = {k: v[par] for k, v in p.items()}
-            sb[par] = self._trace(self.x, self.y, *_lens_args(sub),
-                                  sersic_amp_from_flux(sub["sersic_flux"], sub["src_R"], sub["src_n"])[:, None],
-                                  sub["src_R"][:, None], sub["src_n"][:, None], sub["src_e1"][:, None],
-                                  sub["src_e2"][:, None], sub["src_x"][:, None], sub["src_y"][:, None],
-                                  sub["clump_flux"], sub["clump_sigma"], sub["clump_x"], sub["clump_y"])
+            col = lambda k: sub[k][:, None]  # noqa: E731
+            lens_coef = (col("center_x"), col("center_y"), col("gamma1"), col("gamma2"),
+                         *lensmod.sie_coefficients(col("theta_E"), col("e1"), col("e2")))
+            amp = sersic_amp_from_flux(col("sersic_flux"), col("src_R"), col("src_n"))
+            src_coef = (col("src_x"), col("src_y"),
+                        *sersic_coefficients(amp, col("src_R"), col("src_n"), col("src_e1"), col("src_e2")))
+            clumps = (sub["clump_flux"], sub["clump_sigma"], sub["clump_x"], sub["clump_y"])
+            img[par] = self._trace(self.x, self.y, lens_coef, src_coef, clumps, self.npix, self.ss, self.pixscale)
         real = torch.nonzero(cos).squeeze(1)
         if real.numel():
             sub = {k: v[real] for k, v in p.items()}
             bx, by = lensmod.ray_shoot(self.x, self.y, *[a for a in _lens_args(sub)])
-            sb[real] = self.galaxies.sample_sb(
+            sb = self.galaxies.sample_sb(
                 bx, by, sub["gal_index"], sub["src_x"], sub["src_y"], sub["gal_cos"], sub["gal_sin"],
                 sub["gal_flip"], sub["gal_scale"], sub["src_flux"],
                 mode=str(self.cfg.source.cosmos.interpolation))
-        img = bin_supersampled(sb, self.npix, self.ss, self.pixscale)
+            img[real] = bin_supersampled(sb, self.npix, self.ss, self.pixscale)
         mu = img.sum((1, 2)) / p["src_flux"]
         return img, mu
 
@@ -257,10 +261,8 @@ class Simulator:
         c, I = self.cfg, self.cfg.instrument
         B, dev, dt = src.shape[0], self.device, self.dtype
         d = lambda lohi, m=B: draw(rng, m, check_range("", lohi), dev, dt)  # noqa: E731
-        sky_src = src[:, None] * p["band_src"][:, :, None, None]
-        ideal = sky_src + lens_light[:, None] * p["band_lens"][:, :, None, None]
+        ideal = src[:, None] * p["band_src"][:, :, None, None] + lens_light[:, None] * p["band_lens"][:, :, None, None]
         clean = self.psf.convolve(ideal, p["psf_index"])
-        arc = self.psf.convolve(sky_src, p["psf_index"]).sum(1)
         t = d(I.exposure_time)[:, None, None, None]
         sky = inst.sky_per_pixel(d(I.sky_mag), float(I.zeropoint), self.pixscale)[:, None, None, None]
         read = d(I.read_noise)[:, None, None, None]
@@ -291,6 +293,8 @@ class Simulator:
                 img = img + hot
                 meta["hot_pixels"] = hmask.sum((1, 2, 3))
             if mk.enabled:
+                arc = self.psf.convolve(src[:, None], p["psf_index"])[:, 0] if self.cfg.lens_light.enabled else \
+                    clean.sum(1) / p["band_src"].sum(1)[:, None, None].clamp(min=1e-12)
                 m = inst.circular_masks(arc, check_range("", mk.n), check_range("", mk.radius), self.pixscale,
                                         float(mk.keep_arc_flux), rng)
                 img = img.masked_fill(m[:, None], 0.0)
@@ -348,11 +352,23 @@ def _lens_args(p: dict):
     return [p[k][:, None] for k in LABELS[:-1]]
 
 
-def _trace_sersic(x, y, theta_E, e1, e2, cx, cy, g1, g2, amp, R, n, se1, se2, sx, sy, cflux, csig, cxk, cyk):
-    """Ray-trace the sub-pixel grid through SIE + shear and evaluate Sérsic + clumps [B, P]."""
-    bx, by = lensmod.ray_shoot(x, y, theta_E, e1, e2, cx, cy, g1, g2)
-    sb = sersic_sb(bx, by, amp, R, n, se1, se2, sx, sy)
-    return sb + gaussian_clumps_sb(bx, by, cflux, csig, cxk, cyk)
+def _trace_sersic(x, y, lens_coef, src_coef, clumps, npix, supersample, pixscale):
+    """Ray-trace the sub-pixel grid x, y [1, P] through SIE + shear, evaluate Sérsic + clumps and
+    bin to flux per pixel [B, N, N] (e-/s).
+
+    ``lens_coef``: (cx, cy, g1, g2) + :func:`lens.sie_coefficients`, ``src_coef``: (sx, sy) +
+    :func:`source.sersic_coefficients`, each [B, 1]; ``clumps``: (flux, sigma, x, y) [B, K].
+    Pure elementwise work and one reduction: ``torch.compile`` fuses it into one loop.
+    """
+    cx, cy, g1, g2, *sie = lens_coef
+    ax, ay = lensmod.sie_deflection_rotated(x - cx, y - cy, *sie)
+    bx = x - ax - (g1 * x + g2 * y)
+    by = y - ay - (g2 * x - g1 * y)
+    sx, sy, *sc = src_coef
+    sb = sersic_sb_rotated(bx - sx, by - sy, *sc)
+    if clumps[0].shape[-1] > 0:
+        sb = sb + gaussian_clumps_sb(bx, by, *clumps)
+    return bin_supersampled(sb, npix, supersample, pixscale)
 
 
 def _concat(batches: list[SimBatch]) -> SimBatch:

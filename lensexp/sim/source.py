@@ -39,15 +39,27 @@ def sersic_amp_from_flux(flux, R_sersic, n):
     return flux / sersic_total_flux(torch.ones_like(flux), R_sersic, n)
 
 
-def sersic_sb(x, y, amp, R_sersic, n, e1, e2, center_x, center_y, smoothing=1e-5):
-    """Elliptical Sérsic SB [e-/s/arcsec^2] at (x, y) [arcsec]; arguments broadcast."""
+def sersic_coefficients(amp, R_sersic, n, e1, e2):
+    """Per-source constants for :func:`sersic_sb_rotated`: (cos, sin, q, 1/q, log amp + b, b,
+    0.5/n, -log(R_sersic)/n)."""
     q, c, s, _ = ellipticity_to_q_cos_sin(e1, e2)
-    dx, dy = x - center_x, y - center_y
+    b = sersic_bn(n)
+    return c, s, q, 1.0 / q, torch.log(amp) + b, b, 0.5 / n, -torch.log(R_sersic) / n
+
+
+def sersic_sb_rotated(dx, dy, c, s, q, inv_q, log_amp_b, b, half_inv_n, log_r_n, smoothing=1e-5):
+    """Sérsic SB at offsets (dx, dy) [arcsec]; ``amp exp(-b ((R/R_s)^(1/n) - 1))`` written as
+    ``exp(log amp + b - b exp(log(R^2)/(2n) - log(R_s)/n))``: one log and two exp per point."""
     xr = c * dx + s * dy
     yr = -s * dx + c * dy
-    R = torch.sqrt(q * xr * xr + yr * yr / q).clamp(min=smoothing)
-    b = sersic_bn(n)
-    return amp * torch.exp(-b * (torch.exp(torch.log(R / R_sersic) / n) - 1.0))
+    R2 = (q * xr * xr + inv_q * yr * yr).clamp(min=smoothing * smoothing)
+    return torch.exp(log_amp_b - b * torch.exp(torch.log(R2) * half_inv_n + log_r_n))
+
+
+def sersic_sb(x, y, amp, R_sersic, n, e1, e2, center_x, center_y, smoothing=1e-5):
+    """Elliptical Sérsic SB [e-/s/arcsec^2] at (x, y) [arcsec]; arguments broadcast."""
+    return sersic_sb_rotated(x - center_x, y - center_y, *sersic_coefficients(amp, R_sersic, n, e1, e2),
+                             smoothing=smoothing)
 
 
 def gaussian_clumps_sb(x, y, flux, sigma, center_x, center_y):
