@@ -29,9 +29,13 @@ _E_MAX = 0.9999
 
 
 def _as_tensors(*args: Tensorish) -> list[torch.Tensor]:
-    """Convert floats/tensors to tensors of one common floating dtype and device."""
+    """Convert floats/tensors to tensors of one common floating dtype and device.
+
+    Plain Python floats alone give float64 (their own precision); with tensors present the
+    tensors' promoted floating dtype wins, as in torch arithmetic.
+    """
     tens = [a for a in args if isinstance(a, torch.Tensor)]
-    dtype = torch.get_default_dtype()
+    dtype = torch.float64
     device = None
     if tens:
         dtype = functools.reduce(torch.promote_types, [t.dtype for t in tens])

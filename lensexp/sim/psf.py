@@ -7,6 +7,7 @@ of the images and one irfft2 - no per-image Python.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,6 +15,8 @@ import torch
 
 from lensexp.errors import ConfigError
 from lensexp.paths import resolve_path
+
+log = logging.getLogger(__name__)
 
 PROFILES = ("gaussian", "moffat", "airy")
 
@@ -37,12 +40,15 @@ def draw_kernel(kind: str, fwhm_arcsec: float, pixscale: float, size: int,
     if not fwhm_arcsec > 0:
         raise ConfigError(f"PSF FWHM must be positive, got {fwhm_arcsec} arcsec")
     im = _galsim_profile(kind, fwhm_arcsec, moffat_beta).drawImage(nx=size, ny=size, scale=pixscale)
-    k = im.array.astype(np.float64)
+    k = np.clip(im.array.astype(np.float64), 0.0, None)  # drop FFT ringing below zero
     return (k / k.sum()).astype(np.float32)
 
 
-def load_empirical(path: str, psf_pixscale: float, pixscale: float, size: int) -> np.ndarray:
+def load_empirical(path: str, psf_pixscale: float, pixscale: float, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Read a FITS cube [n, h, w] (or one 2-D PSF) and resample each to ``pixscale``.
+
+    Returns kernels [n, size, size] (unit sum) and their FWHMs [n] in arcsec, measured on the
+    finely sampled input.
 
     The FITS PSFs are taken as effective (pixel-convolved) PSFs sampled at ``psf_pixscale``
     arcsec/px; GalSim's ``InterpolatedImage`` resamples them with flux conserved.
@@ -58,14 +64,20 @@ def load_empirical(path: str, psf_pixscale: float, pixscale: float, size: int) -
     if data is None or data.ndim not in (2, 3):
         raise ConfigError(f"empirical PSF file '{path}' must hold a 2-D PSF or a 3-D cube")
     cube = np.asarray(data, dtype=np.float64).reshape((-1,) + data.shape[-2:])
-    out = []
-    for k in cube:
-        if not np.all(np.isfinite(k)) or k.sum() <= 0:
-            raise ConfigError(f"empirical PSF in '{path}' has non-finite or non-positive flux")
+    # STDPSF cubes flag unusable grid positions with large negative pixels: skip those PSFs
+    valid = [k for k in cube if np.all(np.isfinite(k)) and k.sum() > 0 and k.min() > -0.01 * k.max()]
+    if not valid:
+        raise ConfigError(f"empirical PSF file '{path}' holds no usable PSF (all non-finite, flagged or non-positive)")
+    if len(valid) < len(cube):
+        log.info("empirical PSFs: kept %d of %d in %s (others flagged)", len(valid), len(cube), path)
+    out, fwhm = [], []
+    for k in valid:
+        k = np.clip(k, 0.0, None)
+        fwhm.append(measure_fwhm(k, psf_pixscale))
         ii = galsim.InterpolatedImage(galsim.Image(k / k.sum(), scale=psf_pixscale))
-        arr = ii.drawImage(nx=size, ny=size, scale=pixscale, method="no_pixel").array
+        arr = np.clip(ii.drawImage(nx=size, ny=size, scale=pixscale, method="no_pixel").array, 0.0, None)
         out.append(arr / arr.sum())
-    return np.asarray(out, dtype=np.float32)
+    return np.asarray(out, dtype=np.float32), np.asarray(fwhm)
 
 
 def measure_fwhm(kernel: np.ndarray, pixscale: float) -> float:
@@ -86,8 +98,8 @@ class PSFBank:
 
     def __post_init__(self):
         k = self.kernels.shape[-1]
-        self.fft_size = _fast_size(self.npix + k - 1)
-        self.kernel_fft = _kernel_rfft(self.kernels, self.fft_size)
+        self.fft_size = fast_fft_size(self.npix + k - 1)
+        self.kernel_fft = kernel_rfft(self.kernels, self.fft_size)
 
     def __len__(self) -> int:
         return self.kernels.shape[0]
@@ -115,7 +127,7 @@ class PSFBank:
                 kinds.append(profile)
         if kind in ("empirical", "mix"):
             emp = cfg.empirical
-            ek = load_empirical(str(emp.file), float(emp.pixscale), pixscale, size)
+            ek, ef = load_empirical(str(emp.file), float(emp.pixscale), pixscale, size)
             if kind == "mix":
                 # replicate so empirical kernels make up ~empirical_fraction of the bank
                 frac = float(cfg.get("empirical_fraction", 0.5))
@@ -124,10 +136,10 @@ class PSFBank:
                 want = int(round(len(kernels) * frac / (1 - frac)))
                 reps = max(1, int(np.ceil(want / len(ek))))
                 ek = np.concatenate([ek] * reps)[: max(want, 1)]
-            for k in ek:
-                kernels.append(k)
-                fwhms.append(measure_fwhm(k, pixscale))
-                kinds.append("empirical")
+                ef = np.concatenate([ef] * reps)[: max(want, 1)]
+            kernels.extend(ek)
+            fwhms.extend(float(f) for f in ef)
+            kinds.extend(["empirical"] * len(ek))
         if not kernels:
             raise ConfigError(f"unknown psf.kind '{kind}'; choose one of {PROFILES + ('empirical', 'mix')}")
         return cls(torch.from_numpy(np.stack(kernels)), torch.tensor(fwhms, dtype=torch.float32), npix, kinds)
@@ -143,7 +155,7 @@ class PSFBank:
         return fft_convolve(images, self.kernel_fft[index], self.kernels.shape[-1], self.fft_size)
 
 
-def _fast_size(n: int) -> int:
+def fast_fft_size(n: int) -> int:
     """Smallest size >= n whose prime factors are 2, 3 and 5 (fast FFT lengths)."""
     while True:
         m = n
@@ -155,10 +167,10 @@ def _fast_size(n: int) -> int:
         n += 1
 
 
-def _kernel_rfft(kernels: torch.Tensor, size: int) -> torch.Tensor:
+def kernel_rfft(kernels: torch.Tensor, size: int) -> torch.Tensor:
     """rfft2 of kernels [K, k, k] zero-padded to [size, size]."""
     k = kernels.shape[-1]
-    pad = torch.zeros(kernels.shape[0], size, size, dtype=torch.float32, device=kernels.device)
+    pad = torch.zeros(kernels.shape[0], size, size, dtype=kernels.dtype, device=kernels.device)
     pad[:, :k, :k] = kernels
     return torch.fft.rfft2(pad)
 
@@ -169,7 +181,7 @@ def fft_convolve(images: torch.Tensor, kernel_fft: torch.Tensor, ksize: int, siz
     Matches ``scipy.signal.fftconvolve(image, kernel, mode='same')`` (lenstronomy's convention).
     """
     n = images.shape[-1]
-    spec = torch.fft.rfft2(images.to(torch.float32), s=(size, size))
+    spec = torch.fft.rfft2(images, s=(size, size))
     out = torch.fft.irfft2(spec * kernel_fft[:, None], s=(size, size))
     o = (ksize - 1) // 2
     return out[..., o:o + n, o:o + n].to(images.dtype)

@@ -74,6 +74,26 @@ def gaussian_clumps_sb(x, y, flux, sigma, center_x, center_y):
     return (norm.unsqueeze(-2) * torch.exp(-(dx * dx + dy * dy) * inv2s2.unsqueeze(-2))).sum(-1)
 
 
+def _galaxy_segment(a: np.ndarray, clip_sigma: float) -> np.ndarray:
+    """Boolean mask of the galaxy nearest the stamp centre (see :meth:`GalaxyBank.from_catalog`)."""
+    from scipy import ndimage
+
+    if clip_sigma <= 0:
+        return np.ones_like(a, dtype=bool)
+    sm = ndimage.gaussian_filter(a, 1.0)
+    # noise of the smoothed stamp, from its border (COSMOS noise is correlated by drizzling)
+    sb = np.concatenate([sm[0], sm[-1], sm[:, 0], sm[:, -1]])
+    noise = 1.4826 * np.median(np.abs(sb - np.median(sb)))
+    det = sm > np.median(sb) + clip_sigma * noise
+    lab, nlab = ndimage.label(det)
+    if nlab == 0:
+        return np.ones_like(a, dtype=bool)
+    cy, cx = (np.array(a.shape) - 1) / 2
+    yy, xx = np.nonzero(lab)
+    near = lab[yy, xx][np.argmin((yy - cy) ** 2 + (xx - cx) ** 2)]
+    return ndimage.binary_dilation(lab == near, iterations=2)
+
+
 @dataclass
 class GalaxyBank:
     """Real galaxy images, padded to a common square, each normalised to unit total flux.
@@ -91,12 +111,15 @@ class GalaxyBank:
 
     @classmethod
     def from_catalog(cls, catalog: str, max_galaxies: int | None = None, stamp: int = 128,
-                     min_flux_snr: float = 0.0) -> "GalaxyBank":
+                     clip_sigma: float = 3.0) -> "GalaxyBank":
         """Load a GalSim ``RealGalaxyCatalog`` (catalogue FITS + image FITS beside it).
 
-        Each stamp has its border median subtracted, is centre-cropped/padded to ``stamp`` pixels
-        and normalised to unit sum. The catalogue's PSF images are not needed (sources stay
-        convolved with the HST PSF, which is small next to the simulated PSFs).
+        Each stamp has its border median subtracted and is cut out from its own noise: pixels
+        outside the central galaxy's segment (the connected region where the image smoothed by a
+        1-px Gaussian exceeds ``clip_sigma`` times its noise, grown by 2 px) are set to zero, so
+        that lensing magnifies the galaxy and not the COSMOS sky noise. Stamps are centre-
+        cropped/padded to ``stamp`` pixels and normalised to unit sum. The catalogue's PSF images
+        are not needed (sources stay convolved with the HST PSF, small next to simulated PSFs).
         """
         import galsim
 
@@ -120,6 +143,7 @@ class GalaxyBank:
             a = np.asarray(im.array, dtype=np.float64)
             border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
             a = a - np.median(border)
+            a = a * _galaxy_segment(a, clip_sigma)
             h, w = a.shape
             # centre crop / pad onto the common stamp
             y0, x0 = max(0, (h - stamp) // 2), max(0, (w - stamp) // 2)

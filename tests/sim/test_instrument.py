@@ -1,0 +1,155 @@
+"""Each detector effect does what it says: noise variance, cosmic rays, hot pixels, masks, PSFs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage, signal
+
+from lensexp.config import load_data_preset
+from lensexp.sim import instrument as inst
+from lensexp.sim.psf import PSFBank, draw_kernel, fft_convolve, kernel_rfft, measure_fwhm
+from lensexp.sim.render import Simulator
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("poisson", ["exact", "gaussian"])
+def test_noise_variance_is_poisson_plus_read_noise(poisson):
+    level, sky, t, read, gain = 0.8, 0.36, 1000.0, 4.0, 2.5  # e-/s, e-/s, s, e-, e-/ADU
+    img = torch.full((4, 1, 128, 128), level, dtype=torch.float64)
+    noisy = inst.add_noise(img, t, sky, read, gain, gen(1), poisson)
+    want = (level + sky) / t + read**2 / t**2 + gain**2 / (12 * t**2)
+    var = float(noisy.var())
+    n = img.numel()
+    assert var == pytest.approx(want, rel=5 * math.sqrt(2 / n))
+    assert float(noisy.mean()) == pytest.approx(level, abs=5 * math.sqrt(want / n))
+    # the sky is subtracted: a zero image has zero mean
+    zero = inst.add_noise(torch.zeros_like(img), t, sky, read, gain, gen(2), poisson)
+    assert abs(float(zero.mean())) < 5 * math.sqrt(want / n)
+
+
+def test_correlated_noise_keeps_variance_and_correlates_neighbours():
+    white = torch.randn(8, 1, 96, 96, generator=gen(3), dtype=torch.float64)
+    cor = inst.correlate_noise(white, 1.5)
+    assert float(cor.var()) == pytest.approx(1.0, rel=0.05)
+    rho = float((cor[..., 1:] * cor[..., :-1]).mean() / cor.var())
+    rho_white = float((white[..., 1:] * white[..., :-1]).mean())
+    assert rho > 0.3 and abs(rho_white) < 0.02
+
+
+def test_cosmic_rays_are_extended_tracks():
+    like = torch.zeros(1)
+    dep = inst.cosmic_rays((64, 1, 64, 64), 2.0, (8.0, 30.0), (1.0, 2.0), (500.0, 2000.0), 0.3, gen(4), like)
+    assert dep.min() >= 0
+    sizes, elong = [], []
+    for im in dep[:, 0].numpy():
+        lab, n = ndimage.label(im > 50.0, structure=np.ones((3, 3)))
+        for k in range(1, n + 1):
+            yy, xx = np.nonzero(lab == k)
+            sizes.append(len(yy))
+            if len(yy) >= 6:
+                ev = np.linalg.eigvalsh(np.cov(np.stack([xx, yy])))
+                elong.append(math.sqrt(ev[1] / max(ev[0], 1e-3)))
+    sizes = np.array(sizes)
+    assert len(sizes) > 60  # ~2 per image
+    assert np.median(sizes) >= 8, "cosmic rays should cover several pixels, not single points"
+    assert (sizes == 1).mean() < 0.1
+    assert np.median(elong) > 2.5, "tracks should be elongated"
+    # deposits near the configured amplitude per pixel crossed
+    assert 200 < np.median(dep[dep > 50].numpy()) < 3000
+
+
+def test_hot_pixel_count_matches_fraction():
+    like = torch.zeros(1)
+    frac = 0.002
+    img, hot = inst.hot_pixels((16, 2, 128, 128), frac, (1.0, 5.0), gen(5), like)
+    n = hot.numel()
+    assert abs(int(hot.sum()) - frac * n) < 5 * math.sqrt(frac * n)
+    vals = img[hot]
+    assert vals.min() >= 1.0 and vals.max() <= 5.0 and (img[~hot] == 0).all()
+
+
+def test_masks_keep_configured_arc_flux():
+    sim = Simulator(load_data_preset("tiny", ["data.source.kind=sersic"]))
+    p = sim.draw_params(32, gen(6))
+    arc, _ = sim.render_source(p)
+    for keep in (0.9, 0.6):
+        m = inst.circular_masks(arc, (2, 5), (0.15, 0.25), 0.1, keep, gen(7))
+        kept = (arc * ~m).sum((1, 2)) / arc.sum((1, 2))
+        assert (kept >= keep - 1e-6).all()
+        assert m.any(), "some masks must be placed"
+    # radii: a lone disc of radius 0.2" at 0.1"/px covers ~pi * 2^2 pixels
+    one = inst.circular_masks(torch.zeros(1, 64, 64) + 1e-9, (1, 1), (0.2, 0.2), 0.1, 0.0, gen(8))
+    assert 9 <= int(one.sum()) <= 16
+
+
+def test_masks_cosmic_rays_hot_pixels_in_simulated_batch():
+    sim = Simulator(load_data_preset("tiny"))
+    b = sim.sample(32, seed=3, keep_clean=True)
+    m = b.meta["mask"]
+    assert (b.images[:, 0][m] == 0).all()
+    assert int(b.meta["cosmic_ray_pixels"].sum()) > 0
+    assert int(b.meta["hot_pixels"].sum()) > 0
+    assert b.meta["noise_var"].shape == b.images.shape
+
+
+def test_artefact_switches():
+    cfg = load_data_preset("tiny", ["data.instrument.cosmic_rays.enabled=false", "data.instrument.hot_pixels.enabled=false",
+                                    "data.instrument.masks.enabled=false", "data.instrument.bias=[0,0]"])
+    b = Simulator(cfg).sample(8, seed=1, keep_clean=True)
+    assert "mask" not in b.meta and "cosmic_ray_pixels" not in b.meta
+    resid = (b.images - b.clean) / b.meta["noise_var"].sqrt()
+    assert float(resid.std()) == pytest.approx(1.0, abs=0.05)
+    clean = Simulator(cfg).sample(8, seed=1, noise=False, artefacts=False, keep_clean=True)
+    assert torch.equal(clean.images, clean.clean)
+
+
+def test_bias_offsets_zero_level():
+    cfg = load_data_preset("tiny", ["data.instrument.bias=[0.5,0.5]", "data.instrument.cosmic_rays.enabled=false",
+                                    "data.instrument.hot_pixels.enabled=false", "data.instrument.masks.enabled=false"])
+    b = Simulator(cfg).sample(4, seed=1, keep_clean=True)
+    assert float((b.images - b.clean).mean()) == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("method", ["peak", "std", "quantile"])
+def test_normalisation_removes_flux_units(method):
+    x = torch.rand(3, 2, 16, 16, generator=gen(9)) - 0.2
+    a = inst.normalize(x, method)
+    b = inst.normalize(x * 1234.5, method)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert inst.normalize(x, "none") is x
+
+
+def test_fft_convolution_is_scipy_same():
+    img = torch.rand(2, 3, 40, 40, generator=gen(10), dtype=torch.float64)
+    k = torch.from_numpy(np.stack([draw_kernel("moffat", 0.3, 0.1, 11), draw_kernel("airy", 0.25, 0.1, 11)])).double()
+    size = 64
+    out = fft_convolve(img, kernel_rfft(k, size), 11, size)
+    for b in range(2):
+        for c in range(3):
+            ref = signal.fftconvolve(img[b, c].numpy(), k[b].numpy(), mode="same")
+            np.testing.assert_allclose(out[b, c].numpy(), ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "moffat", "airy"])
+def test_galsim_kernels_have_requested_fwhm(kind):
+    k = draw_kernel(kind, 0.6, 0.05, 41)
+    assert k.sum() == pytest.approx(1.0, abs=1e-6)
+    assert measure_fwhm(k, 0.05) == pytest.approx(0.6, rel=0.12)
+
+
+def test_psf_bank_with_empirical_psfs(emp_psf):
+    cfg = load_data_preset("hst").psf
+    bank = PSFBank.from_config(cfg, 0.04, 64)
+    kinds = np.array(bank.kind)
+    assert (kinds == "empirical").sum() > 0 and (kinds == "gaussian").sum() == 32
+    np.testing.assert_allclose(bank.kernels.sum((1, 2)).numpy(), 1.0, atol=1e-5)
+    emp = bank.fwhm[torch.from_numpy(kinds == "empirical")]
+    # WFC3/UVIS F814W core FWHM is ~0.07-0.1"
+    assert 0.05 < float(emp.median()) < 0.12
