@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from lensexp.errors import ConfigError
@@ -12,7 +13,12 @@ CONF_DIR = PROJECT_ROOT / "conf"
 
 
 def compose_config(name: str, overrides: list[str] | None = None) -> DictConfig:
-    """Compose the primary config ``conf/<name>.yaml`` with Hydra overrides."""
+    """Compose the primary config ``conf/<name>.yaml`` with Hydra overrides.
+
+    Inside a running ``hydra.main`` (whose search path is ``conf/``) the active instance is used.
+    """
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name=name, overrides=list(overrides or []))
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name=name, overrides=list(overrides or []))
 

@@ -98,12 +98,13 @@ def _galaxy_segment(a: np.ndarray, clip_sigma: float) -> np.ndarray:
 class GalaxyBank:
     """Real galaxy images, padded to a common square, each normalised to unit total flux.
 
-    ``images``: [G, S, S] float32 (row = y, col = x), ``pixscale``: arcsec per pixel,
+    ``images``: [G, S, S] float32 (row = y, col = x), ``pixscale``: [G] arcsec per pixel of each
+    stamp (galaxies larger than the stamp are binned down by an integer factor to fit whole),
     ``ids``: catalogue identifiers.
     """
 
     images: torch.Tensor
-    pixscale: float
+    pixscale: torch.Tensor
     ids: list
 
     def __len__(self) -> int:
@@ -117,8 +118,9 @@ class GalaxyBank:
         Each stamp has its border median subtracted and is cut out from its own noise: pixels
         outside the central galaxy's segment (the connected region where the image smoothed by a
         1-px Gaussian exceeds ``clip_sigma`` times its noise, grown by 2 px) are set to zero, so
-        that lensing magnifies the galaxy and not the COSMOS sky noise. Stamps are centre-
-        cropped/padded to ``stamp`` pixels and normalised to unit sum. The catalogue's PSF images
+        that lensing magnifies the galaxy and not the COSMOS sky noise. The segment is centred on
+        a ``stamp``-pixel square, binned down by an integer factor when larger (its pixel scale
+        grows accordingly), and normalised to unit sum. The catalogue's PSF images
         are not needed (sources stay convolved with the HST PSF, small next to simulated PSFs).
         """
         import galsim
@@ -135,15 +137,22 @@ class GalaxyBank:
         except Exception as exc:  # noqa: BLE001 - galsim raises many types
             raise ConfigError(f"cannot read COSMOS catalogue '{path}': {exc}") from exc
         n = cat.nobjects if max_galaxies is None else min(cat.nobjects, int(max_galaxies))
-        out, ids = np.zeros((n, stamp, stamp), np.float32), []
-        scale = None
+        out, ids, scales = np.zeros((n, stamp, stamp), np.float32), [], []
         for i in range(n):
             im = cat.getGalImage(i)
-            scale = float(im.scale) if scale is None else scale
             a = np.asarray(im.array, dtype=np.float64)
             border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
             a = a - np.median(border)
-            a = a * _galaxy_segment(a, clip_sigma)
+            seg = _galaxy_segment(a, clip_sigma)
+            a = a * seg
+            # crop to the galaxy's segment, bin down if it does not fit the stamp
+            yy, xx = np.nonzero(seg) if seg.any() else np.nonzero(np.ones_like(seg))
+            a = a[yy.min():yy.max() + 1, xx.min():xx.max() + 1]
+            f = int(np.ceil(max(a.shape) / stamp))
+            if f > 1:
+                a = np.pad(a, ((0, -a.shape[0] % f), (0, -a.shape[1] % f)))
+                a = a.reshape(a.shape[0] // f, f, a.shape[1] // f, f).sum((1, 3))
+            scales.append(float(im.scale) * f)
             h, w = a.shape
             # centre crop / pad onto the common stamp
             y0, x0 = max(0, (h - stamp) // 2), max(0, (w - stamp) // 2)
@@ -156,7 +165,7 @@ class GalaxyBank:
                 raise ConfigError(f"COSMOS galaxy {i} in '{path}' has no positive flux")
             out[i] /= total
             ids.append(int(cat.ident[i]) if hasattr(cat, "ident") else i)
-        return cls(torch.from_numpy(out), float(scale), ids)
+        return cls(torch.from_numpy(out), torch.tensor(scales, dtype=torch.float64), ids)
 
     def sample_sb(self, x, y, index, center_x, center_y, angle_cos, angle_sin, flip, scale, flux,
                   mode: str = "bilinear"):
@@ -168,7 +177,7 @@ class GalaxyBank:
         """
         imgs = self.images.to(device=x.device, dtype=x.dtype)[index].unsqueeze(1)  # [B,1,S,S]
         S = imgs.shape[-1]
-        pix = self.pixscale * scale  # arcsec per source pixel [B]
+        pix = self.pixscale.to(device=x.device, dtype=x.dtype)[index] * scale  # arcsec per source pixel [B]
         dx = x - center_x[:, None]
         dy = y - center_y[:, None]
         u = angle_cos[:, None] * dx + angle_sin[:, None] * dy

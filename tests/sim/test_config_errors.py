@@ -1,0 +1,77 @@
+"""Bad configuration fails at once with one clear message naming the option."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+
+from lensexp.config import load_data_preset
+from lensexp.errors import ConfigError
+from lensexp.sim.render import Simulator
+
+
+def build(*overrides, preset="tiny"):
+    return Simulator(load_data_preset(preset, list(overrides)))
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("data.psf.fwhm=[-0.1,0.2]", ["data.psf.fwhm", "outside its domain"]),
+        ("data.psf.fwhm=[0.3,0.1]", ["data.psf.fwhm", "empty range"]),
+        ("data.lens.theta_E=[2.0,1.0]", ["data.lens.theta_E", "empty range"]),
+        ("data.lens.q=[0.0,1.0]", ["data.lens.q", "outside its domain"]),
+        ("data.lens.q=[0.5,1.5]", ["data.lens.q", "outside its domain"]),
+        ("data.source.kind=spiral", ["data.source.kind", "spiral"]),
+        ("data.source.cosmos.catalog=/nonexistent/cat.fits", ["COSMOS catalogue not found", "/nonexistent/cat.fits", "galsim_download_cosmos"]),
+        ("data.psf.kind=zernike", ["psf.kind", "zernike"]),
+        ("data.psf.size=14", ["psf.size", "odd"]),
+        ("data.psf.empirical.file=/nope.fits", ["empirical PSF file not found"]),
+        ("data.instrument.exposure_time=[0,100]", ["exposure_time", "outside its domain"]),
+        ("data.instrument.gain=-1", ["gain"]),
+        ("data.instrument.hot_pixels.fraction=2", ["hot_pixels.fraction"]),
+        ("data.instrument.masks.keep_arc_flux=1.5", ["keep_arc_flux"]),
+        ("data.pixscale=0", ["data.pixscale"]),
+        ("data.npix=4", ["data.npix"]),
+        ("data.instrument.normalize=zscore", ["normalize", "zscore"]),
+        ("data.lens.theta_E=oops", ["data.lens.theta_E", "range"]),
+    ],
+)
+def test_bad_option_names_itself(override, words):
+    overrides = [override]
+    if "empirical" in override:
+        overrides.append("data.psf.kind=empirical")
+    with pytest.raises(ConfigError) as exc:
+        build(*overrides)
+    msg = str(exc.value)
+    for w in words:
+        assert w in msg, msg
+    assert "\n" not in msg
+
+
+def test_unknown_preset_and_unknown_key():
+    with pytest.raises(ConfigError, match="unknown data preset 'jwst'"):
+        load_data_preset("jwst")
+    with pytest.raises(ConfigCompositionException, match="psf_fwhm"):
+        load_data_preset("tiny", ["data.psf_fwhm=0.1"])
+
+
+def test_impossible_min_mu():
+    sim = build("data.source.min_mu=1e6", "data.source.kind=sersic")
+    with pytest.raises(ConfigError, match="min_mu"):
+        sim.sample(4, seed=0)
+
+
+def test_negative_count():
+    with pytest.raises(ConfigError, match=">= 0"):
+        build("data.source.kind=sersic").sample(-1, seed=0)
+
+
+def test_every_preset_builds_and_simulates(cosmos_catalog, emp_psf):
+    for name in ("tiny", "hst", "euclid", "lsst"):
+        cfg = load_data_preset(name)
+        sim = Simulator(cfg)
+        b = sim.sample(2, seed=0)
+        assert b.images.shape == (2, len(cfg.bands), cfg.npix, cfg.npix)
+        assert torch.isfinite(b.images).all() and torch.isfinite(b.labels).all()
