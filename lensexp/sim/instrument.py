@@ -21,25 +21,46 @@ def sky_per_pixel(sky_mag_arcsec2, zeropoint, pixscale):
     return mag_to_flux(sky_mag_arcsec2, zeropoint) * pixscale**2
 
 
-def add_noise(image, exposure_time, sky, read_noise, gain, generator, poisson: str = "exact"):
+def add_noise(image, exposure_time, sky, read_noise, gain, generator, poisson: str = "exact", digitise=None):
     """Sky-subtracted noisy image [e-/s] from a noiseless one [e-/s per pixel].
 
     Counts ``(image + sky) t`` [e-] get Poisson noise (``poisson='exact'``: ``torch.poisson``;
-    ``'gaussian'``: normal with the Poisson variance, faster, good above ~20 e-), Gaussian read
-    noise [e- rms] and digitisation by the ``gain`` [e-/ADU]; then the sky is subtracted and the
-    result divided by ``t``. ``exposure_time``, ``sky``, ``read_noise``, ``gain`` broadcast as
-    [B, 1, 1, 1] or scalars. Expected variance per pixel [(e-/s)^2]:
-    ``(image + sky) / t + read_noise^2 / t^2 + gain^2 / (12 t^2)``.
+    ``'gaussian'``: one normal draw with the Poisson + read-noise variance, faster, right above
+    ~20 e- per pixel), Gaussian read noise [e- rms] and digitisation by the ``gain`` [e-/ADU];
+    then the sky is subtracted and the result divided by ``t``. ``exposure_time``, ``sky``,
+    ``read_noise``, ``gain`` broadcast as [B, 1, 1, 1] or scalars. ``digitise`` replaces
+    :func:`digitise_counts` (e.g. by its compiled form). Expected variance per pixel
+    [(e-/s)^2]: :func:`noise_variance`.
     """
-    mean = ((image + sky) * exposure_time).clamp(min=0)
+    digitise = digitise or digitise_counts
+    z = _randn_like(image, generator)
     if poisson == "exact":
-        counts = torch.poisson(mean, generator=generator) + read_noise * _randn_like(mean, generator)
-    elif poisson == "gaussian":  # Poisson and read noise in one normal draw
-        counts = mean + torch.sqrt(mean + read_noise * read_noise) * _randn_like(mean, generator)
+        counts = torch.poisson(((image + sky) * exposure_time).clamp(min=0), generator=generator)
+        return digitise(counts, z, exposure_time, sky, read_noise, gain, 0.0)
+    if poisson == "gaussian":
+        return digitise(image, z, exposure_time, sky, read_noise, gain, 1.0)
+    raise ValueError(f"poisson must be 'exact' or 'gaussian', got '{poisson}'")
+
+
+def digitise_counts(x, z, exposure_time, sky, read_noise, gain, gaussian_poisson: float):
+    """Noise arithmetic shared by both Poisson modes (pure, so ``torch.compile`` fuses it).
+
+    ``gaussian_poisson = 1``: ``x`` is the noiseless rate [e-/s] and ``z`` a unit normal carrying
+    Poisson and read noise together; ``0``: ``x`` holds Poisson counts [e-] and ``z`` adds read
+    noise only. Returns the digitised, sky-subtracted rate [e-/s].
+    """
+    if gaussian_poisson:
+        mean = ((x + sky) * exposure_time).clamp(min=0)
+        counts = mean + torch.sqrt(mean + read_noise * read_noise) * z
     else:
-        raise ValueError(f"poisson must be 'exact' or 'gaussian', got '{poisson}'")
-    counts = torch.round(counts / gain) * gain
-    return counts / exposure_time - sky
+        counts = x + read_noise * z
+    return torch.round(counts / gain) * gain / exposure_time - sky
+
+
+def noise_variance(image, exposure_time, sky, read_noise, gain):
+    """Expected pixel variance [(e-/s)^2]: ``(image + sky)/t + read^2/t^2 + gain^2/(12 t^2)``."""
+    t2 = exposure_time * exposure_time
+    return (image + sky).clamp(min=0) / exposure_time + (read_noise * read_noise + gain * gain / 12.0) / t2
 
 
 def correlate_noise(noise, fwhm_pix, generator=None):
@@ -62,7 +83,8 @@ def correlate_noise(noise, fwhm_pix, generator=None):
 
 
 def _randn_like(t, generator):
-    return torch.randn(t.shape, generator=generator, dtype=t.dtype, device=t.device)
+    # normal_ on a fresh buffer is ~1.5x faster than torch.randn on CPU
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).normal_(generator=generator)
 
 
 def _rand(shape, generator, like):

@@ -151,8 +151,27 @@ class PSFBank:
         return self
 
     def convolve(self, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Convolve images [B, C, N, N] with kernels ``index`` [B] ('same' size, zero padded)."""
-        return fft_convolve(images, self.kernel_fft[index], self.kernels.shape[-1], self.fft_size)
+        """Convolve images [B, C, N, N] with kernels ``index`` [B] ('same' size, zero padded).
+
+        Kernels up to ``DIRECT_MAX`` pixels use one grouped direct convolution (faster there),
+        larger ones the batched FFT; both equal ``scipy.signal.fftconvolve(..., mode='same')``.
+        """
+        k = self.kernels.shape[-1]
+        if k <= DIRECT_MAX:
+            return direct_convolve(images, self.kernels[index])
+        return fft_convolve(images, self.kernel_fft[index], k, self.fft_size)
+
+
+DIRECT_MAX = 11  # kernel sizes [px] up to which direct convolution beats the FFT on CPU
+
+
+def direct_convolve(images: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """'Same'-size convolution of [B, C, N, N] images with per-image odd kernels [B, k, k]."""
+    B, C, N, M = images.shape
+    k = kernels.shape[-1]
+    w = kernels.to(images.dtype).flip(-1, -2)[:, None].repeat_interleave(C, 0)  # conv2d correlates
+    out = torch.nn.functional.conv2d(images.reshape(1, B * C, N, M), w, padding=k // 2, groups=B * C)
+    return out.reshape(B, C, N, M)
 
 
 def fast_fft_size(n: int) -> int:
@@ -181,7 +200,7 @@ def fft_convolve(images: torch.Tensor, kernel_fft: torch.Tensor, ksize: int, siz
     Matches ``scipy.signal.fftconvolve(image, kernel, mode='same')`` (lenstronomy's convention).
     """
     n = images.shape[-1]
-    spec = torch.fft.rfft2(images, s=(size, size))
+    spec = torch.fft.rfft2(torch.nn.functional.pad(images, (0, size - n, 0, size - n)))
     out = torch.fft.irfft2(spec * kernel_fft[:, None], s=(size, size))
     o = (ksize - 1) // 2
     return out[..., o:o + n, o:o + n].to(images.dtype)

@@ -38,12 +38,25 @@ def pixel_grid(npix: int, pixscale: float, supersample: int = 1, dtype=torch.flo
     return x, y
 
 
+def subpixel_planes(npix: int, pixscale: float, supersample: int = 1, dtype=torch.float64, device=None):
+    """The :func:`pixel_grid` sub-pixels ordered as planes: (x, y) each [s*s * N*N], plane-major.
+
+    Plane ``k = i s + j`` holds, for every pixel in row-major order, the sub-pixel at offset
+    (row i, col j) inside it. Summing over planes bins to pixels with unit-stride memory access,
+    which lets the fused ray-tracing kernel vectorise.
+    """
+    s = int(supersample)
+    x, y = pixel_grid(npix, pixscale, s, dtype, device)
+    def planes(a):
+        return a.reshape(npix, s, npix, s).permute(1, 3, 0, 2).reshape(-1)
+    return planes(x), planes(y)
+
+
 def bin_supersampled(sb: torch.Tensor, npix: int, supersample: int, pixscale: float) -> torch.Tensor:
-    """Surface brightness on sub-pixels [B, (N s)^2] -> flux per pixel [B, N, N] (e-/s)."""
+    """Surface brightness on :func:`subpixel_planes` [B, s*s*N*N] -> flux per pixel [B, N, N] (e-/s)."""
     s = supersample
-    B = sb.shape[0]
     area = (pixscale / s) ** 2
-    return sb.reshape(B, npix, s, npix, s).sum((2, 4)) * area
+    return sb.reshape(sb.shape[0], s * s, npix, npix).sum(1) * area
 
 
 @dataclass
@@ -73,7 +86,7 @@ class Simulator:
         c = self.cfg
         self.npix, self.pixscale, self.ss = int(c.npix), float(c.pixscale), int(c.supersample)
         self.dtype = getattr(torch, str(c.get("dtype", "float32")))
-        x, y = pixel_grid(self.npix, self.pixscale, self.ss, self.dtype, self.device)
+        x, y = subpixel_planes(self.npix, self.pixscale, self.ss, self.dtype, self.device)
         self.x, self.y = x.reshape(1, -1), y.reshape(1, -1)
         self.psf = PSFBank.from_config(c.psf, self.pixscale, self.npix).to(self.device)
         kind = str(c.source.kind)
@@ -82,7 +95,9 @@ class Simulator:
             cc = c.source.cosmos
             self.galaxies = GalaxyBank.from_catalog(str(cc.catalog), cc.get("max_galaxies"), int(cc.stamp))
         self.n_bands = len(c.bands)
+        self._compiled = bool(compile)
         self._trace = torch.compile(_trace_sersic, dynamic=False) if compile else _trace_sersic
+        self._digitise = torch.compile(inst.digitise_counts, dynamic=False) if compile else inst.digitise_counts
 
     # ------------------------------------------------------------------ configuration checks
     def _validate(self):
@@ -221,11 +236,13 @@ class Simulator:
     def render_source(self, p: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Lensed source flux per pixel [B, N, N] (e-/s, no PSF) and mu_F [B]."""
         B = p["theta_E"].shape[0]
-        img = torch.zeros(B, self.npix, self.npix, dtype=self.dtype, device=self.device)
         cos = p["is_cosmos"] if self.galaxies is not None else torch.zeros_like(p["is_cosmos"])
+        real = torch.nonzero(cos).squeeze(1)
         par = torch.nonzero(~cos).squeeze(1)
+        img = None
         if par.numel():
-            sub = {k: v[par] for k, v in p.items()}
+            # the compiled kernel keeps one batch shape: it renders every row rather than recompile
+            sub = p if (self._compiled or par.numel() == B) else {k: v[par] for k, v in p.items()}
             col = lambda k: sub[k][:, None]  # noqa: E731
             lens_coef = (col("center_x"), col("center_y"), col("gamma1"), col("gamma2"),
                          *lensmod.sie_coefficients(col("theta_E"), col("e1"), col("e2")))
@@ -233,9 +250,14 @@ class Simulator:
             src_coef = (col("src_x"), col("src_y"),
                         *sersic_coefficients(amp, col("src_R"), col("src_n"), col("src_e1"), col("src_e2")))
             clumps = (sub["clump_flux"], sub["clump_sigma"], sub["clump_x"], sub["clump_y"])
-            img[par] = self._trace(self.x, self.y, lens_coef, src_coef, clumps, self.npix, self.ss, self.pixscale)
-        real = torch.nonzero(cos).squeeze(1)
+            analytic = self._trace(self.x, self.y, lens_coef, src_coef, clumps, self.npix, self.ss, self.pixscale)
+            if analytic.shape[0] == B:
+                img = analytic
+            else:
+                img = torch.zeros(B, self.npix, self.npix, dtype=self.dtype, device=self.device)
+                img[par] = analytic
         if real.numel():
+            img = torch.zeros(B, self.npix, self.npix, dtype=self.dtype, device=self.device) if img is None else img.clone()
             sub = {k: v[real] for k, v in p.items()}
             bx, by = lensmod.ray_shoot(self.x, self.y, *[a for a in _lens_args(sub)])
             sb = self.galaxies.sample_sb(
@@ -256,7 +278,7 @@ class Simulator:
                        p["ll_e1"][:, None], p["ll_e2"][:, None], p["center_x"][:, None], p["center_y"][:, None])
         return bin_supersampled(sb, self.npix, self.ss, self.pixscale)
 
-    def _observe(self, src, lens_light, p, rng, with_artefacts: bool, with_noise: bool):
+    def _observe(self, src, lens_light, p, rng, with_artefacts: bool, with_noise: bool, keep_noise_map: bool = False):
         """Bands, PSF, noise and artefacts: returns (images, clean, meta)."""
         c, I = self.cfg, self.cfg.instrument
         B, dev, dt = src.shape[0], self.device, self.dtype
@@ -273,12 +295,13 @@ class Simulator:
                 "sky": sky.flatten(), "read_noise": read.flatten()}
         img = clean
         if with_noise and I.noise:
-            noisy = inst.add_noise(clean, t, sky, read, gain, rng, str(I.poisson))
+            noisy = inst.add_noise(clean, t, sky, read, gain, rng, str(I.poisson), self._digitise)
             if I.correlated_noise.enabled:
                 fw = float(d(I.correlated_noise.fwhm_pix, 1)[0])
                 noisy = clean + inst.correlate_noise(noisy - clean, fw)
             img = noisy
-            meta["noise_var"] = ((clean + sky).clamp(min=0) / t + read**2 / t**2 + gain**2 / (12 * t**2)).float()
+            if keep_noise_map:
+                meta["noise_var"] = inst.noise_variance(clean, t, sky, read, gain).float()
         if with_artefacts:
             img = img + d(I.bias, B * self.n_bands).reshape(B, self.n_bands, 1, 1)
             cr, hp, mk = I.cosmic_rays, I.hot_pixels, I.masks
@@ -303,11 +326,13 @@ class Simulator:
         return img, clean, meta
 
     def sample(self, n: int, seed: int, batch_size: int = 64, artefacts: bool = True, noise: bool = True,
-               keep_clean: bool = False) -> SimBatch:
+               keep_clean: bool = False, keep_noise_map: bool = False) -> SimBatch:
         """Simulate ``n`` systems, identical for identical (config, seed, batch_size).
 
         Systems with ``mu_F < source.min_mu`` are redrawn. ``artefacts``/``noise`` switch the
-        detector effects off wholesale (e.g. for galleries and tests).
+        detector effects off wholesale (e.g. for galleries and tests). ``keep_clean`` returns
+        the noiseless images too, ``keep_noise_map`` the expected pixel variance
+        ``meta['noise_var']`` [(e-/s)^2].
         """
         if n < 0:
             raise ConfigError(f"number of images must be >= 0, got {n}")
@@ -317,13 +342,13 @@ class Simulator:
         done = 0
         while done < n:
             b = min(batch_size, n - done)
-            out.append(self._one_batch(b, rng, artefacts, noise, keep_clean))
+            out.append(self._one_batch(b, rng, artefacts, noise, keep_clean, keep_noise_map))
             done += b
         if not out:
             return SimBatch(torch.zeros(0, self.n_bands, self.npix, self.npix), torch.zeros(0, len(LABELS)))
         return _concat(out)
 
-    def _one_batch(self, b: int, rng, artefacts, noise, keep_clean) -> SimBatch:
+    def _one_batch(self, b: int, rng, artefacts, noise, keep_clean, keep_noise_map) -> SimBatch:
         min_mu = float(self.cfg.source.get("min_mu", 0.0))
         keep_p, keep_src, keep_mu, have, tries = [], [], [], 0, 0
         while have < b:
@@ -332,7 +357,7 @@ class Simulator:
                 raise ConfigError(
                     f"data.source.min_mu = {min_mu} rejects nearly every system under these priors; "
                     "lower it or move data.source.offset closer to the lens")
-            m = b - have if min_mu <= 0 else max(8, int(1.5 * (b - have)))
+            m = b - have if min_mu <= 0 else b  # fixed candidate count: one shape for compiled kernels
             p = self.draw_params(m, rng)
             src, mu = self.render_source(p)
             ok = torch.nonzero(mu >= min_mu).squeeze(1)[: b - have] if min_mu > 0 else torch.arange(m, device=self.device)
@@ -342,7 +367,7 @@ class Simulator:
             have += ok.numel()
         p = {k: torch.cat([q[k] for q in keep_p]) for k in keep_p[0]}
         src, mu = torch.cat(keep_src), torch.cat(keep_mu)
-        images, clean, meta = self._observe(src, self.render_lens_light(p), p, rng, artefacts, noise)
+        images, clean, meta = self._observe(src, self.render_lens_light(p), p, rng, artefacts, noise, keep_noise_map)
         labels = torch.stack([p[k] for k in LABELS[:-1]] + [mu], 1)
         return SimBatch(images.float(), labels.float(), meta,
                         clean.float() if keep_clean else None, src.float() if keep_clean else None)
@@ -404,7 +429,7 @@ def render_sersic(lens: dict, source: dict, npix: int, pixscale: float, supersam
     src_coef = (sp["center_x"], sp["center_y"],
                 *sersic_coefficients(sp["amp"], sp["R_sersic"], sp["n_sersic"], sp["e1"], sp["e2"]))
     B = max(v.shape[0] for v in [*lp.values(), *sp.values()])
-    x, y = pixel_grid(npix, pixscale, supersample, dtype)
+    x, y = subpixel_planes(npix, pixscale, supersample, dtype)
     empty = torch.zeros(B, 0, dtype=dtype)
     lens_coef = tuple(t.expand(B, 1) for t in lens_coef)
     src_coef = tuple(t.expand(B, 1) for t in src_coef)

@@ -11,7 +11,7 @@ from scipy import ndimage, signal
 
 from lensexp.config import load_data_preset
 from lensexp.sim import instrument as inst
-from lensexp.sim.psf import PSFBank, draw_kernel, fft_convolve, kernel_rfft, measure_fwhm
+from lensexp.sim.psf import PSFBank, direct_convolve, draw_kernel, fft_convolve, kernel_rfft, measure_fwhm
 from lensexp.sim.render import Simulator
 
 
@@ -91,7 +91,7 @@ def test_masks_keep_configured_arc_flux():
 
 def test_masks_cosmic_rays_hot_pixels_in_simulated_batch():
     sim = Simulator(load_data_preset("tiny"))
-    b = sim.sample(32, seed=3, keep_clean=True)
+    b = sim.sample(32, seed=3, keep_clean=True, keep_noise_map=True)
     m = b.meta["mask"]
     assert (b.images[:, 0][m] == 0).all()
     assert int(b.meta["cosmic_ray_pixels"].sum()) > 0
@@ -102,7 +102,7 @@ def test_masks_cosmic_rays_hot_pixels_in_simulated_batch():
 def test_artefact_switches():
     cfg = load_data_preset("tiny", ["data.instrument.cosmic_rays.enabled=false", "data.instrument.hot_pixels.enabled=false",
                                     "data.instrument.masks.enabled=false", "data.instrument.bias=[0,0]"])
-    b = Simulator(cfg).sample(8, seed=1, keep_clean=True)
+    b = Simulator(cfg).sample(8, seed=1, keep_clean=True, keep_noise_map=True)
     assert "mask" not in b.meta and "cosmic_ray_pixels" not in b.meta
     resid = (b.images - b.clean) / b.meta["noise_var"].sqrt()
     assert float(resid.std()) == pytest.approx(1.0, abs=0.05)
@@ -131,10 +131,12 @@ def test_fft_convolution_is_scipy_same():
     k = torch.from_numpy(np.stack([draw_kernel("moffat", 0.3, 0.1, 11), draw_kernel("airy", 0.25, 0.1, 11)])).double()
     size = 64
     out = fft_convolve(img, kernel_rfft(k, size), 11, size)
+    direct = direct_convolve(img, k)
     for b in range(2):
         for c in range(3):
             ref = signal.fftconvolve(img[b, c].numpy(), k[b].numpy(), mode="same")
             np.testing.assert_allclose(out[b, c].numpy(), ref, atol=1e-12)
+            np.testing.assert_allclose(direct[b, c].numpy(), ref, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "moffat", "airy"])
