@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 quickstart: venv
-	$(BIN)/python -m lensexp.gallery data=tiny out=outputs/gallery
+	$(BIN)/python -m lensexp.gallery presets=[tiny] n=6 out=outputs/quickstart
 
 test: venv
 	$(BIN)/python -m pytest -q

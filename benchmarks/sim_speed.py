@@ -116,12 +116,27 @@ def lenstronomy_runner(cfg):
     return run
 
 
+def machine_info() -> dict:
+    """CPU model, core count, library versions and the date, stored beside each figure."""
+    import lenstronomy
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
+            "lenstronomy": lenstronomy.__version__, "date": time.strftime("%Y-%m-%d")}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 192], choices=sorted(GRIDS))
-    ap.add_argument("--n", type=int, default=1024, help="lensexp images per grid")
+    ap.add_argument("--n", type=int, default=2048, help="lensexp images per grid (1/8 of it at 192 px)")
     ap.add_argument("--n-ref", type=int, default=200, help="lenstronomy images per grid")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=256, help="lensexp batch size (>= 64)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for both (1 = per core)")
     ap.add_argument("--no-compile", action="store_true", help="lensexp in eager mode")
@@ -141,7 +156,7 @@ def main(argv=None):
             ours = max(ours, run_ours(n))
             ref = max(ref, run_ref(n_ref))
         rows.append({"npix": npix, "lensexp_img_s": ours, "lenstronomy_img_s": ref, "ratio": ours / ref,
-                     "device": args.device, "threads": args.threads, "batch": args.batch})
+                     "device": args.device, "threads": args.threads, "batch": args.batch, **machine_info()})
         print(f"{npix:4d} px  lensexp {ours:9.1f} img/s   lenstronomy {ref:7.1f} img/s   ratio {ours / ref:6.1f}x"
               f"   ({args.device}, {args.threads} thread(s), batch {args.batch}, {platform.processor() or platform.machine()})",
               flush=True)

@@ -268,22 +268,48 @@ class Simulator:
         mu = img.sum((1, 2)) / p["src_flux"]
         return img, mu
 
-    def render_lens_light(self, p: dict) -> torch.Tensor:
-        """Lens-galaxy flux per pixel [B, N, N] (e-/s, no PSF); zeros when disabled."""
-        B = p["theta_E"].shape[0]
+    def render_lens_light(self, p: dict) -> torch.Tensor | None:
+        """Lens-galaxy flux per pixel [B, N, N] (e-/s, no PSF); None when disabled."""
         if not self.cfg.lens_light.enabled:
-            return torch.zeros(B, self.npix, self.npix, dtype=self.dtype, device=self.device)
+            return None
         amp = sersic_amp_from_flux(p["ll_flux"], p["ll_R"], p["ll_n"])
         sb = sersic_sb(self.x, self.y, amp[:, None], p["ll_R"][:, None], p["ll_n"][:, None],
                        p["ll_e1"][:, None], p["ll_e2"][:, None], p["center_x"][:, None], p["center_y"][:, None])
         return bin_supersampled(sb, self.npix, self.ss, self.pixscale)
+
+    def _draw_lensed(self, b: int, rng):
+        """Parameters, lensed source [b, N, N] and mu_F [b], redrawing systems below min_mu.
+
+        Candidates come in batches of ``b`` (one tensor shape for compiled kernels).
+        """
+        min_mu = float(self.cfg.source.get("min_mu", 0.0))
+        if min_mu <= 0:
+            p = self.draw_params(b, rng)
+            return (p, *self.render_source(p))
+        keep_p, keep_src, keep_mu, have = [], [], [], 0
+        for _ in range(100):
+            p = self.draw_params(b, rng)
+            src, mu = self.render_source(p)
+            ok = torch.nonzero(mu >= min_mu).squeeze(1)[: b - have]
+            keep_p.append({k: v[ok] for k, v in p.items()})
+            keep_src.append(src[ok])
+            keep_mu.append(mu[ok])
+            have += ok.numel()
+            if have == b:
+                p = {k: torch.cat([q[k] for q in keep_p]) for k in keep_p[0]}
+                return p, torch.cat(keep_src), torch.cat(keep_mu)
+        raise ConfigError(
+            f"data.source.min_mu = {min_mu} rejects nearly every system under these priors; "
+            "lower it or move data.source.offset closer to the lens")
 
     def _observe(self, src, lens_light, p, rng, with_artefacts: bool, with_noise: bool, keep_noise_map: bool = False):
         """Bands, PSF, noise and artefacts: returns (images, clean, meta)."""
         c, I = self.cfg, self.cfg.instrument
         B, dev, dt = src.shape[0], self.device, self.dtype
         d = lambda lohi, m=B: draw(rng, m, check_range("", lohi), dev, dt)  # noqa: E731
-        ideal = src[:, None] * p["band_src"][:, :, None, None] + lens_light[:, None] * p["band_lens"][:, :, None, None]
+        ideal = src[:, None] * p["band_src"][:, :, None, None]
+        if lens_light is not None:
+            ideal = ideal + lens_light[:, None] * p["band_lens"][:, :, None, None]
         clean = self.psf.convolve(ideal, p["psf_index"])
         t = d(I.exposure_time)[:, None, None, None]
         sky = inst.sky_per_pixel(d(I.sky_mag), float(I.zeropoint), self.pixscale)[:, None, None, None]
@@ -349,24 +375,7 @@ class Simulator:
         return _concat(out)
 
     def _one_batch(self, b: int, rng, artefacts, noise, keep_clean, keep_noise_map) -> SimBatch:
-        min_mu = float(self.cfg.source.get("min_mu", 0.0))
-        keep_p, keep_src, keep_mu, have, tries = [], [], [], 0, 0
-        while have < b:
-            tries += 1
-            if tries > 100:
-                raise ConfigError(
-                    f"data.source.min_mu = {min_mu} rejects nearly every system under these priors; "
-                    "lower it or move data.source.offset closer to the lens")
-            m = b - have if min_mu <= 0 else b  # fixed candidate count: one shape for compiled kernels
-            p = self.draw_params(m, rng)
-            src, mu = self.render_source(p)
-            ok = torch.nonzero(mu >= min_mu).squeeze(1)[: b - have] if min_mu > 0 else torch.arange(m, device=self.device)
-            keep_p.append({k: v[ok] for k, v in p.items()})
-            keep_src.append(src[ok])
-            keep_mu.append(mu[ok])
-            have += ok.numel()
-        p = {k: torch.cat([q[k] for q in keep_p]) for k in keep_p[0]}
-        src, mu = torch.cat(keep_src), torch.cat(keep_mu)
+        p, src, mu = self._draw_lensed(b, rng)
         images, clean, meta = self._observe(src, self.render_lens_light(p), p, rng, artefacts, noise, keep_noise_map)
         labels = torch.stack([p[k] for k in LABELS[:-1]] + [mu], 1)
         return SimBatch(images.float(), labels.float(), meta,
@@ -378,25 +387,35 @@ def _lens_args(p: dict):
 
 
 def _trace_sersic(x, y, lens_coef, src_coef, clumps, npix, supersample, pixscale):
-    """Ray-trace the sub-pixel grid x, y [1, P] through SIE + shear, evaluate Sérsic + clumps and
-    bin to flux per pixel [B, N, N] (e-/s).
+    """Ray-trace the sub-pixel grid through SIE + shear, evaluate Sérsic + clumps and bin to flux
+    per pixel [B, N, N] (e-/s).
 
-    ``lens_coef``: (cx, cy, g1, g2) + :func:`lens.sie_coefficients`, ``src_coef``: (sx, sy) +
-    :func:`source.sersic_coefficients`, each [B, 1]; ``clumps``: (flux, sigma, x, y) [B, K].
-    Pure elementwise work and one reduction: ``torch.compile`` fuses it into one loop.
+    ``x, y``: :func:`subpixel_planes` [s*s*N*N]; ``lens_coef``: (cx, cy, g1, g2) +
+    :func:`lens.sie_coefficients`, ``src_coef``: (sx, sy) + :func:`source.sersic_coefficients`,
+    each [B, 1]; ``clumps``: (flux, sigma, x, y) [B, K]. The sub-pixel planes are summed in an
+    unrolled loop, so ``torch.compile`` emits one pointwise kernel over pixels with no
+    intermediate buffers.
     """
     cx, cy, g1, g2, *sie = lens_coef
-    ax, ay = lensmod.sie_deflection_rotated(x - cx, y - cy, *sie)
-    bx = x - ax - (g1 * x + g2 * y)
-    by = y - ay - (g2 * x - g1 * y)
     sx, sy, *sc = src_coef
-    sb = sersic_sb_rotated(bx - sx, by - sy, *sc)
-    if clumps[0].shape[-1] > 0:
-        sb = sb + gaussian_clumps_sb(bx, by, *clumps)
-    return bin_supersampled(sb, npix, supersample, pixscale)
+    planes = supersample * supersample
+    xs, ys = x.reshape(planes, 1, -1), y.reshape(planes, 1, -1)
+    total = None
+    for k in range(planes):
+        xk, yk = xs[k], ys[k]
+        ax, ay = lensmod.sie_deflection_rotated(xk - cx, yk - cy, *sie)
+        bx = xk - ax - (g1 * xk + g2 * yk)
+        by = yk - ay - (g2 * xk - g1 * yk)
+        sb = sersic_sb_rotated(bx - sx, by - sy, *sc)
+        if clumps[0].shape[-1] > 0:
+            sb = sb + gaussian_clumps_sb(bx, by, *clumps)
+        total = sb if total is None else total + sb
+    return (total * (pixscale / supersample) ** 2).reshape(-1, npix, npix)
 
 
 def _concat(batches: list[SimBatch]) -> SimBatch:
+    if len(batches) == 1:
+        return batches[0]
     meta = {k: torch.cat([b.meta[k] for b in batches]) for k in batches[0].meta}
     cat = lambda name: None if getattr(batches[0], name) is None else torch.cat([getattr(b, name) for b in batches])  # noqa: E731
     return SimBatch(torch.cat([b.images for b in batches]), torch.cat([b.labels for b in batches]), meta,
