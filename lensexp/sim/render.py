@@ -94,6 +94,8 @@ class Simulator:
         if kind in ("cosmos", "mix") and not (kind == "mix" and float(c.source.cosmos_fraction) == 0):
             cc = c.source.cosmos
             self.galaxies = GalaxyBank.from_catalog(str(cc.catalog), cc.get("max_galaxies"), int(cc.stamp))
+            self.galaxies.images = self.galaxies.images.to(self.device, self.dtype)
+            self.galaxies.pixscale = self.galaxies.pixscale.to(self.device, self.dtype)
         self.n_bands = len(c.bands)
         self._compiled = bool(compile)
         self._trace = torch.compile(_trace_sersic, dynamic=False) if compile else _trace_sersic
@@ -420,6 +422,14 @@ def _concat(batches: list[SimBatch]) -> SimBatch:
     cat = lambda name: None if getattr(batches[0], name) is None else torch.cat([getattr(b, name) for b in batches])  # noqa: E731
     return SimBatch(torch.cat([b.images for b in batches]), torch.cat([b.labels for b in batches]), meta,
                     cat("clean"), cat("source"))
+
+
+def magnification_map(lens: dict, npix: int, pixscale: float, dtype=torch.float64) -> torch.Tensor:
+    """Signed point magnification 1/det(A) at the pixel centres [B, N, N] for SIE + shear
+    parameters ``lens`` (floats or tensors [B]); critical curves are where it changes sign."""
+    x, y = pixel_grid(npix, pixscale, 1, dtype)
+    args = [torch.as_tensor(lens[k], dtype=dtype).reshape(-1, 1, 1) for k in LABELS[:-1]]
+    return lensmod.magnification(x[None], y[None], *args)
 
 
 def simulate_batch(cfg, n: int, seed: int, device="cpu", **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
