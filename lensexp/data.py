@@ -1,0 +1,116 @@
+"""Data streams: WebDataset shards written by :mod:`lensexp.simulate`, or on-the-fly simulation.
+
+Both yield the same sample dicts ``{"__key__", "image" [bands, H, W] float32 tensor,
+"labels" [8] float32 tensor (order ``LABELS``), "params", "meta"}``; shard URLs may be local
+paths or any WebDataset URL (``pipe:aws s3 cp s3://bucket/{name} -``, ``https://...``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import IterableDataset, get_worker_info
+
+from lensexp.errors import ConfigError
+from lensexp.sim.priors import LABELS
+from lensexp.simulate import MANIFEST, ShardSpec, shard_samples, shard_seed
+
+
+def shard_urls(root: str | Path, split: str, url_template: str | None = None) -> list[str]:
+    """Shard URLs of ``split`` from the set's manifest under ``root``.
+
+    ``url_template`` maps each shard's name (relative to the set, e.g. ``train/shard-000000.tar``)
+    to a URL: ``"pipe:aws s3 cp s3://bucket/hst/{name} -"``; default: local paths.
+    """
+    root = Path(root)
+    man_path = root / MANIFEST
+    if not man_path.exists():
+        raise ConfigError(f"no shard set at '{root}': {MANIFEST} not found (run lensexp.simulate first)")
+    man = json.loads(man_path.read_text())
+    names = [s["name"] for s in man["shards"] if s["name"].startswith(f"{split}/")]
+    if not names:
+        raise ConfigError(f"shard set '{root}' has no '{split}' split (splits: {sorted(man.get('splits', {}))})")
+    return [url_template.format(name=n) if url_template else str(root / n) for n in names]
+
+
+def decode_sample(raw: dict) -> dict:
+    """WebDataset raw entry (bytes per extension) -> sample dict with tensors."""
+    import io
+
+    params = json.loads(raw["params.json"])
+    out = {
+        "__key__": raw["__key__"],
+        "image": torch.from_numpy(np.load(io.BytesIO(raw["image.npy"]), allow_pickle=False)),
+        "labels": torch.tensor([params[k] for k in LABELS], dtype=torch.float32),
+        "params": params,
+        "meta": json.loads(raw["meta.json"]) if "meta.json" in raw else {},
+    }
+    if "noise_var.npy" in raw:
+        out["noise_var"] = torch.from_numpy(np.load(io.BytesIO(raw["noise_var.npy"]), allow_pickle=False))
+    return out
+
+
+def shard_dataset(urls: list[str], shuffle: int = 0, resampled: bool = False, epoch_size: int | None = None,
+                  seed: int = 0):
+    """A ``webdataset.WebDataset`` over ``urls`` decoding to sample dicts.
+
+    Training streams: ``resampled=True`` with ``epoch_size`` (samples per epoch per worker) and a
+    ``shuffle`` buffer; evaluation: plain, in order. Shards are split between DDP nodes and
+    dataloader workers (``split_by_node``/``split_by_worker``).
+    """
+    import webdataset as wds
+
+    if resampled:
+        ds = wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node, seed=seed)
+    else:
+        ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node,
+                            workersplitter=wds.split_by_worker, empty_check=False)
+    if shuffle:
+        ds = ds.shuffle(shuffle, seed=seed)
+    ds = ds.map(decode_sample)
+    if epoch_size:
+        ds = ds.with_epoch(int(epoch_size))
+    return ds
+
+
+class OnTheFlyDataset(IterableDataset):
+    """Endless (or ``epoch_size``-long) stream simulated in memory, no disk.
+
+    Runs the same code path as the shard writer: the worker with id ``w`` of ``W`` produces
+    shards ``w, w + W, ...`` of ``split`` with :func:`lensexp.simulate.shard_samples`, so with
+    the same (config, seed, shard_size, batch_size) its samples are exactly those of the written
+    shards. ``start_shard`` offsets the sequence (e.g. by epoch for fresh data every epoch).
+    """
+
+    def __init__(self, data_cfg: DictConfig | dict, seed: int, split: str = "train", shard_size: int = 256,
+                 batch_size: int = 64, epoch_size: int | None = None, start_shard: int = 0,
+                 device: str = "cpu", compile: bool = False):
+        super().__init__()
+        self.data_cfg = OmegaConf.to_container(data_cfg, resolve=True) if isinstance(data_cfg, DictConfig) else data_cfg
+        self.seed, self.split, self.shard_size, self.batch_size = int(seed), split, int(shard_size), int(batch_size)
+        self.epoch_size, self.start_shard, self.device, self.compile = epoch_size, int(start_shard), device, compile
+        self._sim = None
+
+    def __iter__(self):
+        from lensexp.sim.render import Simulator
+
+        if self._sim is None:
+            self._sim = Simulator(OmegaConf.create(self.data_cfg), device=self.device, compile=self.compile)
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        ks = itertools.count(self.start_shard + wid, nw)
+        limit = None if self.epoch_size is None else -(-int(self.epoch_size) // nw)
+        produced = 0
+        for k in ks:
+            spec = ShardSpec(self.split, k, k, self.shard_size, shard_seed(self.seed, self.split, k))
+            for s in shard_samples(self._sim, spec, self.batch_size):
+                if limit is not None and produced >= limit:
+                    return
+                produced += 1
+                yield {**s, "image": torch.from_numpy(s["image"]),
+                       "labels": torch.tensor([s["params"][n] for n in LABELS], dtype=torch.float32)}

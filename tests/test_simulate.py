@@ -1,0 +1,203 @@
+"""Sharded simulator: determinism across workers, resume after a kill, refusal, read-back, verify."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lensexp.config import compose_config
+from lensexp.data import OnTheFlyDataset, shard_dataset, shard_urls
+from lensexp.errors import ConfigError
+from lensexp.paths import PROJECT_ROOT
+from lensexp.sim.render import Simulator
+from lensexp.simulate import plan_shards, run, split_counts, verify_set
+
+# Sérsic sources keep these tests independent of ../shared/data
+BASE = ["data=tiny", "data.source.kind=sersic", "progress=false", "batch_size=32"]
+
+
+def cfg_for(out, *over):
+    return compose_config("simulate", [*BASE, f"out={out}", *over])
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("*/shard-*.tar"))}
+
+
+def test_split_and_shard_plan():
+    assert split_counts(1000, {"train": 0.8, "val": 0.1, "test": 0.1}) == {"train": 800, "val": 100, "test": 100}
+    assert split_counts(7, {"train": 0.5, "val": 0.25, "test": 0.25}) == {"train": 5, "val": 1, "test": 1}
+    assert split_counts(10, {"train": 6, "val": 2, "test": 2}) == {"train": 6, "val": 2, "test": 2}
+    specs = plan_shards(250, {"train": 0.8, "val": 0.2, "test": 0}, 64, seed=3)
+    assert [(s.split, s.count) for s in specs] == [("train", 64), ("train", 64), ("train", 64), ("train", 8),
+                                                   ("val", 50)]
+    assert len({s.seed for s in specs}) == len(specs)
+    assert [s.seed for s in plan_shards(250, {"train": 0.8, "val": 0.2, "test": 0}, 64, seed=3)] == [s.seed for s in specs]
+    with pytest.raises(ConfigError, match="summing to 1"):
+        split_counts(10, {"train": 0.5, "val": 0.1, "test": 0.1})
+    with pytest.raises(ConfigError, match="unknown split"):
+        split_counts(10, {"train": 0.5, "dev": 0.5})
+    with pytest.raises(ConfigError, match="positive"):
+        split_counts(0, {"train": 1.0})
+
+
+def test_workers_do_not_change_bytes_and_manifest_contract(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    man = run(cfg_for(a, "n=160", "shard_size=40", "workers=1", "seed=4"))
+    run(cfg_for(b, "n=160", "shard_size=40", "workers=2", "seed=4"))
+    ba, bb = shard_bytes(a), shard_bytes(b)
+    assert ba.keys() == bb.keys() and len(ba) == 6  # train 128 = 40+40+40+8, val 16, test 16
+    assert all(ba[k] == bb[k] for k in ba)
+    # contract: OUT/manifest.json with count and shards [{name, count, sha256}]
+    m = json.loads((a / "manifest.json").read_text())
+    assert m["count"] == 160 == sum(s["count"] for s in m["shards"])
+    assert {"name", "count", "sha256"} <= set(m["shards"][0])
+    assert set(m["labels"]) == set(m["label_names"]) and m["labels"]["theta_E"]["min"] >= 0.3
+    assert m == man
+    for split in ("train", "val", "test"):
+        sm = json.loads((a / split / "manifest.json").read_text())
+        assert sm["count"] == m["splits"][split]["count"]
+    assert verify_set(a) == []
+
+
+def test_read_back_gives_exact_arrays_and_labels(tmp_path):
+    cfg = cfg_for(tmp_path, "n=50", "shard_size=20", "seed=2", "splits={train:0.8,val:0.2,test:0}")
+    run(cfg)
+    samples = list(shard_dataset(shard_urls(tmp_path, "train")))
+    assert len(samples) == 40
+    sim = Simulator(cfg.data)
+    specs = [s for s in plan_shards(50, cfg.splits, 20, 2) if s.split == "train"]
+    direct = [sim.sample(s.count, seed=s.seed, batch_size=32) for s in specs]
+    images = torch.cat([d.images for d in direct])
+    labels = torch.cat([d.labels for d in direct])
+    got_images = torch.stack([s["image"] for s in samples])
+    got_labels = torch.stack([s["labels"] for s in samples])
+    assert got_images.dtype == torch.float32 and got_images.shape == (40, 1, 64, 64)
+    assert torch.equal(got_images, images)
+    assert torch.equal(got_labels, labels)
+    assert samples[0]["params"]["mu_F"] == pytest.approx(float(labels[0, 7]))
+    assert "psf_fwhm" in samples[0]["meta"]
+    # the on-the-fly stream runs the same code: identical samples
+    otf = OnTheFlyDataset(cfg.data, seed=2, split="train", shard_size=20, batch_size=32, epoch_size=40)
+    stream = list(otf)
+    assert len(stream) == 40 and all(torch.equal(x["image"], y["image"]) for x, y in zip(stream, samples))
+
+
+def test_refuses_other_config_unless_overwrite(tmp_path):
+    run(cfg_for(tmp_path, "n=40", "shard_size=20", "seed=1"))
+    with pytest.raises(ConfigError, match="different configuration"):
+        run(cfg_for(tmp_path, "n=40", "shard_size=20", "seed=2"))
+    with pytest.raises(ConfigError, match="different configuration"):
+        run(cfg_for(tmp_path, "n=40", "shard_size=20", "seed=1", "data.psf.fwhm=[0.12,0.2]"))
+    man = run(cfg_for(tmp_path, "n=40", "shard_size=20", "seed=2", "overwrite=true"))
+    assert man["seed"] == 2 and verify_set(tmp_path) == []
+    # the same command again finds everything done
+    again = run(cfg_for(tmp_path, "n=40", "shard_size=20", "seed=2"))
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in man["shards"]]
+
+
+def test_verify_detects_damage(tmp_path):
+    run(cfg_for(tmp_path, "n=40", "shard_size=20", "seed=1"))
+    f = sorted(tmp_path.glob("train/shard-*.tar"))[0]
+    data = bytearray(f.read_bytes())
+    data[2000] ^= 0xFF
+    f.write_bytes(bytes(data))
+    (tmp_path / "train" / "shard-000099.tar").write_bytes(b"")
+    problems = verify_set(tmp_path)
+    assert any("sha256 mismatch" in p for p in problems)
+    assert any("not in manifest" in p for p in problems)
+    with pytest.raises(ConfigError, match="verification"):
+        run(cfg_for(tmp_path, "verify=true"))
+
+
+def test_shard_ranges_fill_a_set_then_manifest(tmp_path):
+    assert run(cfg_for(tmp_path, "n=60", "shard_size=20", "shard_range=0:2")) is None
+    assert not (tmp_path / "manifest.json").exists()
+    man = run(cfg_for(tmp_path, "n=60", "shard_size=20", "shard_range=2:"))
+    assert man is not None and man["count"] == 60 and verify_set(tmp_path) == []
+    with pytest.raises(ConfigError, match="shard_range"):
+        run(cfg_for(tmp_path / "x", "n=60", "shard_size=20", "shard_range=9:12"))
+
+
+def test_unwritable_output(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="not writable"):
+        run(cfg_for(blocker / "sub", "n=10"))
+
+
+def test_fits_format(tmp_path):
+    from astropy.io import fits
+
+    run(cfg_for(tmp_path, "n=5", "format=fits", "seed=1"))
+    files = sorted(tmp_path.glob("*.fits"))
+    assert len(files) == 5
+    truth = (tmp_path / "truth.csv").read_text().splitlines()
+    assert truth[0] == "name,theta_E,e1,e2,center_x,center_y,gamma1,gamma2,mu_F" and len(truth) == 6
+    with fits.open(files[0]) as h:
+        assert h[0].header["PIXSCALE"] == pytest.approx(0.1)
+        assert h[0].data.shape == (64, 64)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_is_complete_and_identical(tmp_path):
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    args = [*BASE, "n=600", "shard_size=25", "seed=7"]
+    run(compose_config("simulate", [*args, f"out={ref}", "workers=2"]))
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    cmd = [sys.executable, "-m", "lensexp.simulate", *args, f"out={out}", "workers=1"]
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while len(list(out.glob("train/shard-*.tar"))) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    visible = list(out.glob("*/shard-*.tar"))
+    assert 3 <= len(visible) < 24, "kill should land mid-way"
+    assert not (out / "manifest.json").exists()
+    refb = shard_bytes(ref)
+    for p in visible:  # every visible shard is complete and final
+        assert p.read_bytes() == refb[str(p.relative_to(out))]
+        with tarfile.open(p) as tf:
+            assert sum(m.name.endswith(".image.npy") for m in tf.getmembers()) == 25
+    done = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "already done" in done.stdout
+    assert shard_bytes(out) == refb
+    assert not list(out.glob("*/.shard-*"))
+    assert verify_set(out) == []
+    m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (ref, out))
+    assert m1["shards"] == m2["shards"]
+
+
+def test_cli_reports_one_clear_error(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    r = subprocess.run([sys.executable, "-m", "lensexp.simulate", *BASE, f"out={tmp_path}", "data.lens.theta_E=[2,1]"],
+                       cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: data.lens.theta_E is an empty range")
+    r = subprocess.run([sys.executable, "-m", "lensexp.simulate", "data=nope", f"out={tmp_path}"],
+                       cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "nope" in r.stderr
+
+
+def test_configs_compose(tmp_path):
+    for preset in ("tiny", "hst", "euclid", "lsst"):
+        cfg = compose_config("simulate", [f"data={preset}", f"out={tmp_path}"])
+        assert cfg.data.name == preset and cfg.out == str(tmp_path)
+    import yaml
+
+    launcher = yaml.safe_load((PROJECT_ROOT / "conf/hydra/launcher/submitit_slurm.yaml").read_text())
+    assert launcher["defaults"] == ["submitit_slurm"] and launcher["array_parallelism"] > 0
+    assert np.isfinite(compose_config("simulate", []).n)
