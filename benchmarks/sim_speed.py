@@ -22,14 +22,19 @@ import sys
 import time
 
 _ALLOC = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
-if __name__ == "__main__" and any(os.environ.get(k) != v for k, v in _ALLOC.items()):
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_ALLOC})
+
+
+def ensure_allocator_env() -> None:
+    """Re-execute the running script with glibc's allocator settings (read only at start-up)."""
+    if any(os.environ.get(k) != v for k, v in _ALLOC.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_ALLOC})
+
+
 for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 from lensexp.config import load_data_preset  # noqa: E402
 from lensexp.sim.render import Simulator  # noqa: E402
@@ -91,9 +96,13 @@ def lenstronomy_runner(cfg):
     kw_data = simulation_util.data_configure_simple(npix, pix, exposure_time=1000.0, background_rms=0.02)
     data = ImageData(**kw_data)
     psf = PSF(psf_type="GAUSSIAN", fwhm=float(np.mean(list(cfg.psf.fwhm))), pixel_size=pix, truncation=5)
-    model = ImageModel(data, psf, lens_model_class=LensModel(["SIE", "SHEAR"]),
-                       source_model_class=LightModel(["SERSIC_ELLIPSE"]),
-                       kwargs_numerics={"supersampling_factor": 2, "supersampling_convolution": False})
+    model = ImageModel(
+        data,
+        psf,
+        lens_model_class=LensModel(["SIE", "SHEAR"]),
+        source_model_class=LightModel(["SERSIC_ELLIPSE"]),
+        kwargs_numerics={"supersampling_factor": 2, "supersampling_convolution": False},
+    )
     rng = np.random.default_rng(0)
 
     def run(n: int) -> float:
@@ -103,12 +112,27 @@ def lenstronomy_runner(cfg):
         return n / (time.perf_counter() - t0)
 
     def one():
-        kl = [dict(theta_E=rng.uniform(0.5, 1.5), e1=rng.uniform(-0.2, 0.2), e2=rng.uniform(-0.2, 0.2),
-                   center_x=rng.uniform(-0.1, 0.1), center_y=rng.uniform(-0.1, 0.1)),
-              dict(gamma1=rng.uniform(-0.05, 0.05), gamma2=rng.uniform(-0.05, 0.05))]
-        ks = [dict(amp=20.0, R_sersic=rng.uniform(0.1, 0.5), n_sersic=rng.uniform(1, 4),
-                   e1=rng.uniform(-0.2, 0.2), e2=rng.uniform(-0.2, 0.2),
-                   center_x=rng.uniform(-0.3, 0.3), center_y=rng.uniform(-0.3, 0.3))]
+        kl = [
+            dict(
+                theta_E=rng.uniform(0.5, 1.5),
+                e1=rng.uniform(-0.2, 0.2),
+                e2=rng.uniform(-0.2, 0.2),
+                center_x=rng.uniform(-0.1, 0.1),
+                center_y=rng.uniform(-0.1, 0.1),
+            ),
+            dict(gamma1=rng.uniform(-0.05, 0.05), gamma2=rng.uniform(-0.05, 0.05)),
+        ]
+        ks = [
+            dict(
+                amp=20.0,
+                R_sersic=rng.uniform(0.1, 0.5),
+                n_sersic=rng.uniform(1, 4),
+                e1=rng.uniform(-0.2, 0.2),
+                e2=rng.uniform(-0.2, 0.2),
+                center_x=rng.uniform(-0.3, 0.3),
+                center_y=rng.uniform(-0.3, 0.3),
+            )
+        ]
         img = model.image(kwargs_lens=kl, kwargs_source=ks)
         return img + image_util.add_poisson(img, exp_time=1000.0) + image_util.add_background(img, 0.02)
 
@@ -127,11 +151,18 @@ def machine_info() -> dict:
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
-            "lenstronomy": lenstronomy.__version__, "date": time.strftime("%Y-%m-%d")}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "lenstronomy": lenstronomy.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def main(argv=None):
+    ensure_allocator_env()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 192], choices=sorted(GRIDS))
     ap.add_argument("--n", type=int, default=2048, help="lensexp images per grid (1/8 of it at 192 px)")
@@ -155,11 +186,23 @@ def main(argv=None):
         for _ in range(args.rounds):
             ours = max(ours, run_ours(n))
             ref = max(ref, run_ref(n_ref))
-        rows.append({"npix": npix, "lensexp_img_s": ours, "lenstronomy_img_s": ref, "ratio": ours / ref,
-                     "device": args.device, "threads": args.threads, "batch": args.batch, **machine_info()})
-        print(f"{npix:4d} px  lensexp {ours:9.1f} img/s   lenstronomy {ref:7.1f} img/s   ratio {ours / ref:6.1f}x"
-              f"   ({args.device}, {args.threads} thread(s), batch {args.batch}, {platform.processor() or platform.machine()})",
-              flush=True)
+        rows.append(
+            {
+                "npix": npix,
+                "lensexp_img_s": ours,
+                "lenstronomy_img_s": ref,
+                "ratio": ours / ref,
+                "device": args.device,
+                "threads": args.threads,
+                "batch": args.batch,
+                **machine_info(),
+            }
+        )
+        print(
+            f"{npix:4d} px  lensexp {ours:9.1f} img/s   lenstronomy {ref:7.1f} img/s   ratio {ours / ref:6.1f}x"
+            f"   ({args.device}, {args.threads} thread(s), batch {args.batch}, {rows[-1]['cpu']})",
+            flush=True,
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)

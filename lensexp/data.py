@@ -55,8 +55,9 @@ def decode_sample(raw: dict) -> dict:
     return out
 
 
-def shard_dataset(urls: list[str], shuffle: int = 0, resampled: bool = False, epoch_size: int | None = None,
-                  seed: int = 0):
+def shard_dataset(
+    urls: list[str], shuffle: int = 0, resampled: bool = False, epoch_size: int | None = None, seed: int = 0
+):
     """A ``webdataset.WebDataset`` over ``urls`` decoding to sample dicts.
 
     Training streams: ``resampled=True`` with ``epoch_size`` (samples per epoch per worker) and a
@@ -68,8 +69,13 @@ def shard_dataset(urls: list[str], shuffle: int = 0, resampled: bool = False, ep
     if resampled:
         ds = wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node, seed=seed)
     else:
-        ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node,
-                            workersplitter=wds.split_by_worker, empty_check=False)
+        ds = wds.WebDataset(
+            urls,
+            shardshuffle=False,
+            nodesplitter=wds.split_by_node,
+            workersplitter=wds.split_by_worker,
+            empty_check=False,
+        )
     if shuffle:
         ds = ds.shuffle(shuffle, seed=seed)
     ds = ds.map(decode_sample)
@@ -87,9 +93,18 @@ class OnTheFlyDataset(IterableDataset):
     shards. ``start_shard`` offsets the sequence (e.g. by epoch for fresh data every epoch).
     """
 
-    def __init__(self, data_cfg: DictConfig | dict, seed: int, split: str = "train", shard_size: int = 256,
-                 batch_size: int = 64, epoch_size: int | None = None, start_shard: int = 0,
-                 device: str = "cpu", compile: bool = False):
+    def __init__(
+        self,
+        data_cfg: DictConfig | dict,
+        seed: int,
+        split: str = "train",
+        shard_size: int = 256,
+        batch_size: int = 64,
+        epoch_size: int | None = None,
+        start_shard: int = 0,
+        device: str = "cpu",
+        compile: bool = False,
+    ):
         super().__init__()
         self.data_cfg = OmegaConf.to_container(data_cfg, resolve=True) if isinstance(data_cfg, DictConfig) else data_cfg
         self.seed, self.split, self.shard_size, self.batch_size = int(seed), split, int(shard_size), int(batch_size)
@@ -112,5 +127,8 @@ class OnTheFlyDataset(IterableDataset):
                 if limit is not None and produced >= limit:
                     return
                 produced += 1
-                yield {**s, "image": torch.from_numpy(s["image"]),
-                       "labels": torch.tensor([s["params"][n] for n in LABELS], dtype=torch.float32)}
+                yield {
+                    **s,
+                    "image": torch.from_numpy(s["image"]),
+                    "labels": torch.tensor([s["params"][n] for n in LABELS], dtype=torch.float32),
+                }

@@ -1,7 +1,7 @@
 """Gallery: PNG grids of simulated lenses for each data preset, noiseless and realistic.
 
-    python -m lensexp.gallery                        # all presets -> outputs/gallery/*.png
-    python -m lensexp.gallery presets=[hst] n=8 seed=3
+python -m lensexp.gallery                        # all presets -> outputs/gallery/*.png
+python -m lensexp.gallery presets=[hst] n=8 seed=3
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from omegaconf import DictConfig
 
 from lensexp.cli import clean_errors, log
 from lensexp.config import load_data_preset
-from lensexp.paths import PROJECT_ROOT
 from lensexp.sim.render import Simulator
 
 
@@ -49,9 +48,10 @@ def gallery_figure(preset: str, n: int, seed: int, device: str = "cpu"):
                 if i == 0:
                     ax.set_title(f"{band} {what}", fontsize=8)
         src = "COSMOS" if bool(real.meta["is_cosmos"][i]) else "Sérsic"
-        axes[i, 0].set_ylabel(f"θE={lab[0]:.2f}\" μF={lab[7]:.1f}\n{src}", fontsize=7)
-    fig.suptitle(f"lensexp preset '{preset}': {cfg.npix}x{cfg.npix} px at {cfg.pixscale}\"/px (asinh stretch)",
-                 fontsize=9)
+        axes[i, 0].set_ylabel(f'θE={lab[0]:.2f}" μF={lab[7]:.1f}\n{src}', fontsize=7)
+    fig.suptitle(
+        f"lensexp preset '{preset}': {cfg.npix}x{cfg.npix} px at {cfg.pixscale}\"/px (asinh stretch)", fontsize=9
+    )
     fig.tight_layout()
     return fig
 

@@ -44,8 +44,18 @@ MANIFEST = "manifest.json"
 # glibc: keep large buffers mapped instead of returning them to the OS (2x CPU simulation speed)
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 # per-image extras stored beside the labels (meta.json)
-META_KEYS = ("psf_fwhm", "psf_index", "is_cosmos", "gal_index", "src_mag", "src_x", "src_y",
-             "exposure_time", "sky", "read_noise")
+META_KEYS = (
+    "psf_fwhm",
+    "psf_index",
+    "is_cosmos",
+    "gal_index",
+    "src_mag",
+    "src_x",
+    "src_y",
+    "exposure_time",
+    "sky",
+    "read_noise",
+)
 
 
 @dataclass(frozen=True)
@@ -133,9 +143,12 @@ def _scalar(v):
 def encode_sample(s: dict) -> dict:
     """Sample dict -> WebDataset entry: ``image.npy`` (float32 [bands, H, W]), ``params.json``,
     ``meta.json`` and, when present, ``noise_var.npy``."""
-    out = {"__key__": s["__key__"], "image.npy": _npy(s["image"]),
-           "params.json": json.dumps(s["params"], sort_keys=True).encode(),
-           "meta.json": json.dumps(s["meta"], sort_keys=True).encode()}
+    out = {
+        "__key__": s["__key__"],
+        "image.npy": _npy(s["image"]),
+        "params.json": json.dumps(s["params"], sort_keys=True).encode(),
+        "meta.json": json.dumps(s["meta"], sort_keys=True).encode(),
+    }
     if "noise_var" in s:
         out["noise_var.npy"] = _npy(s["noise_var"])
     return out
@@ -164,8 +177,14 @@ def write_shard(sim, spec: ShardSpec, out: Path, batch_size: int, keep_noise_map
                     stats.add(s["params"])
             fh.flush()
             os.fsync(fh.fileno())
-        record = {"name": spec.name, "count": spec.count, "sha256": sha256_file(tmp),
-                  "bytes": tmp.stat().st_size, "seed": spec.seed, "labels": stats.to_dict()}
+        record = {
+            "name": spec.name,
+            "count": spec.count,
+            "sha256": sha256_file(tmp),
+            "bytes": tmp.stat().st_size,
+            "seed": spec.seed,
+            "labels": stats.to_dict(),
+        }
         os.replace(tmp, final)
         _write_json_atomic(final.with_name(final.name + ".json"), record)
     except OSError as exc:
@@ -258,7 +277,8 @@ def prepare_out(out: Path, fp: dict, overwrite: bool) -> None:
         if not same and not overwrite:
             raise ConfigError(
                 f"'{out}' holds shards from a different configuration (see {old.name}); "
-                "use another out= or overwrite=true to replace them")
+                "use another out= or overwrite=true to replace them"
+            )
         if not same:
             for split in SPLITS:
                 shutil.rmtree(out / split, ignore_errors=True)
@@ -290,9 +310,14 @@ def write_manifests(out: Path, specs: list[ShardSpec], records: dict[str, dict],
 
     from lensexp import __version__
 
-    versions = {"lensexp": __version__, "torch": torch.__version__, "numpy": np.__version__,
-                "galsim": galsim.__version__, "webdataset": getattr(webdataset, "__version__", "?"),
-                "python": sys.version.split()[0]}
+    versions = {
+        "lensexp": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "galsim": galsim.__version__,
+        "webdataset": getattr(webdataset, "__version__", "?"),
+        "python": sys.version.split()[0],
+    }
     clean = [{k: records[s.name][k] for k in ("name", "count", "sha256", "bytes")} for s in specs]
     splits = {}
     for split in SPLITS:
@@ -300,16 +325,36 @@ def write_manifests(out: Path, specs: list[ShardSpec], records: dict[str, dict],
         if not sub:
             continue
         recs = [records[s.name] for s in sub]
-        man = {"split": split, "count": sum(s.count for s in sub),
-               "shards": [{"name": Path(r["name"]).name, "count": r["count"], "sha256": r["sha256"],
-                           "bytes": r["bytes"], "seed": r["seed"]} for r in recs],
-               "labels": merge_label_stats(recs), "seed": fp["seed"], "versions": versions}
+        man = {
+            "split": split,
+            "count": sum(s.count for s in sub),
+            "shards": [
+                {
+                    "name": Path(r["name"]).name,
+                    "count": r["count"],
+                    "sha256": r["sha256"],
+                    "bytes": r["bytes"],
+                    "seed": r["seed"],
+                }
+                for r in recs
+            ],
+            "labels": merge_label_stats(recs),
+            "seed": fp["seed"],
+            "versions": versions,
+        }
         _write_json_atomic(out / split / MANIFEST, man)
         splits[split] = {"count": man["count"], "shards": len(sub), "manifest": f"{split}/{MANIFEST}"}
-    manifest = {"count": sum(s.count for s in specs), "shards": clean, "splits": splits,
-                "labels": merge_label_stats(list(records.values())), "label_names": list(LABELS),
-                "config": fp, "seed": fp["seed"], "versions": versions,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    manifest = {
+        "count": sum(s.count for s in specs),
+        "shards": clean,
+        "splits": splits,
+        "labels": merge_label_stats(list(records.values())),
+        "label_names": list(LABELS),
+        "config": fp,
+        "seed": fp["seed"],
+        "versions": versions,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     _write_json_atomic(out / MANIFEST, manifest)
     return manifest
 
@@ -403,9 +448,11 @@ def run(cfg: DictConfig) -> dict | None:
     records = {s.name: r for s in specs if (r := finished_record(out, s)) is not None}
     todo = [s for s in chosen if s.name not in records]
     n_todo = sum(s.count for s in todo)
-    print(f"lensexp.simulate: {len(specs)} shards ({sum(s.count for s in specs)} images) in {out}; "
-          f"{len(chosen) - len(todo)} of the {len(chosen)} selected already done, {len(todo)} to write",
-          flush=True)
+    print(
+        f"lensexp.simulate: {len(specs)} shards ({sum(s.count for s in specs)} images) in {out}; "
+        f"{len(chosen) - len(todo)} of the {len(chosen)} selected already done, {len(todo)} to write",
+        flush=True,
+    )
     if todo:
         records.update(_write_all(todo, cfg, out, workers, n_todo))
     if all(s.name in records for s in specs):
@@ -413,8 +460,10 @@ def run(cfg: DictConfig) -> dict | None:
         print(f"wrote {out / MANIFEST}: {man['count']} samples in {len(specs)} shards")
         return man
     missing = sum(s.name not in records for s in specs)
-    print(f"{missing} shard(s) of this set are still missing (other shard ranges); "
-          "rerun without shard_range to finish and write the manifest")
+    print(
+        f"{missing} shard(s) of this set are still missing (other shard ranges); "
+        "rerun without shard_range to finish and write the manifest"
+    )
     return None
 
 
@@ -445,15 +494,18 @@ def _write_all(todo: list[ShardSpec], cfg: DictConfig, out: Path, workers: int, 
 
             os.environ.update({k: os.environ.get(k, v) for k, v in ALLOCATOR_ENV.items()})
             ctx = mp.get_context("spawn")
-            with ctx.Pool(workers, initializer=_init_worker,
-                          initargs=(data_cfg, str(cfg.device), bool(cfg.compile))) as pool:
+            with ctx.Pool(
+                workers, initializer=_init_worker, initargs=(data_cfg, str(cfg.device), bool(cfg.compile))
+            ) as pool:
                 for rec in pool.imap_unordered(_work, args):
                     tick(rec)
     finally:
         bar.close()
     dt = time.perf_counter() - t0
-    print(f"wrote {done} images in {dt:.1f} s: {done / max(dt, 1e-9):.0f} img/s, "
-          f"{nbytes / max(dt, 1e-9) / 1e6:.1f} MB/s", flush=True)
+    print(
+        f"wrote {done} images in {dt:.1f} s: {done / max(dt, 1e-9):.0f} img/s, {nbytes / max(dt, 1e-9) / 1e6:.1f} MB/s",
+        flush=True,
+    )
     return records
 
 

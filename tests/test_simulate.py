@@ -39,10 +39,17 @@ def test_split_and_shard_plan():
     assert split_counts(7, {"train": 0.5, "val": 0.25, "test": 0.25}) == {"train": 5, "val": 1, "test": 1}
     assert split_counts(10, {"train": 6, "val": 2, "test": 2}) == {"train": 6, "val": 2, "test": 2}
     specs = plan_shards(250, {"train": 0.8, "val": 0.2, "test": 0}, 64, seed=3)
-    assert [(s.split, s.count) for s in specs] == [("train", 64), ("train", 64), ("train", 64), ("train", 8),
-                                                   ("val", 50)]
+    assert [(s.split, s.count) for s in specs] == [
+        ("train", 64),
+        ("train", 64),
+        ("train", 64),
+        ("train", 8),
+        ("val", 50),
+    ]
     assert len({s.seed for s in specs}) == len(specs)
-    assert [s.seed for s in plan_shards(250, {"train": 0.8, "val": 0.2, "test": 0}, 64, seed=3)] == [s.seed for s in specs]
+    assert [s.seed for s in plan_shards(250, {"train": 0.8, "val": 0.2, "test": 0}, 64, seed=3)] == [
+        s.seed for s in specs
+    ]
     with pytest.raises(ConfigError, match="summing to 1"):
         split_counts(10, {"train": 0.5, "val": 0.1, "test": 0.1})
     with pytest.raises(ConfigError, match="unknown split"):
@@ -156,8 +163,9 @@ def test_resume_after_kill_is_complete_and_identical(tmp_path):
     run(compose_config("simulate", [*args, f"out={ref}", "workers=2"]))
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     cmd = [sys.executable, "-m", "lensexp.simulate", *args, f"out={out}", "workers=1"]
-    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 120
     while len(list(out.glob("train/shard-*.tar"))) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -183,12 +191,24 @@ def test_resume_after_kill_is_complete_and_identical(tmp_path):
 
 def test_cli_reports_one_clear_error(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    r = subprocess.run([sys.executable, "-m", "lensexp.simulate", *BASE, f"out={tmp_path}", "data.lens.theta_E=[2,1]"],
-                       cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "lensexp.simulate", *BASE, f"out={tmp_path}", "data.lens.theta_E=[2,1]"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("error: data.lens.theta_E is an empty range")
-    r = subprocess.run([sys.executable, "-m", "lensexp.simulate", "data=nope", f"out={tmp_path}"],
-                       cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "lensexp.simulate", "data=nope", f"out={tmp_path}"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0 and "nope" in r.stderr
 
 

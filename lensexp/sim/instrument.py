@@ -96,8 +96,7 @@ def uniform(lo, hi, shape, generator, like):
     return lo + (hi - lo) * _rand(shape, generator, like)
 
 
-def cosmic_rays(shape, n_mean, length_pix, width_pix, amplitude, worm_fraction, generator,
-                like, n_points: int = 48):
+def cosmic_rays(shape, n_mean, length_pix, width_pix, amplitude, worm_fraction, generator, like, n_points: int = 48):
     """Cosmic-ray deposits [e-] for images of ``shape`` (B, C, N, N).
 
     Per image and band the number of hits is Poisson(``n_mean``). Each hit is a track of length
@@ -125,8 +124,16 @@ def cosmic_rays(shape, n_mean, length_pix, width_pix, amplitude, worm_fraction, 
     turn = _randn_like(torch.empty(T, n_points, device=dev, dtype=dt), generator) * 0.35
     turn = torch.where(worm[:, None], turn, torch.zeros_like(turn))
     ang = theta[:, None] + torch.cumsum(turn, dim=1)
-    xs = x0[:, None] + torch.cumsum(step[:, None] * torch.cos(ang), dim=1) - length[:, None] / 2 * torch.cos(theta)[:, None]
-    ys = y0[:, None] + torch.cumsum(step[:, None] * torch.sin(ang), dim=1) - length[:, None] / 2 * torch.sin(theta)[:, None]
+    xs = (
+        x0[:, None]
+        + torch.cumsum(step[:, None] * torch.cos(ang), dim=1)
+        - length[:, None] / 2 * torch.cos(theta)[:, None]
+    )
+    ys = (
+        y0[:, None]
+        + torch.cumsum(step[:, None] * torch.sin(ang), dim=1)
+        - length[:, None] / 2 * torch.sin(theta)[:, None]
+    )
     # spread across the width: W offsets perpendicular to the local direction
     W = 5
     off = torch.linspace(-0.5, 0.5, W, device=dev, dtype=dt)
@@ -176,8 +183,9 @@ def circular_masks(arc, n_range, radius_arcsec, pixscale, keep_fraction, generat
     cy = uniform(0, N - 1, (B, kmax), generator, arc)
     r = uniform(*radius_arcsec, (B, kmax), generator, arc) / pixscale
     ax = torch.arange(N, device=dev, dtype=dt)
-    disc = ((ax[None, None, None, :] - cx[..., None, None]) ** 2
-            + (ax[None, None, :, None] - cy[..., None, None]) ** 2) <= (r * r)[..., None, None]
+    disc = (
+        (ax[None, None, None, :] - cx[..., None, None]) ** 2 + (ax[None, None, :, None] - cy[..., None, None]) ** 2
+    ) <= (r * r)[..., None, None]
     disc = disc & (torch.arange(kmax, device=dev)[None, :] < n[:, None])[..., None, None]
     total = arc.clamp(min=0).sum((-1, -2)).clamp(min=1e-30)
     frac = (disc * arc.clamp(min=0)[:, None]).sum((-1, -2)) / total[:, None]

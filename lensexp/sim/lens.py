@@ -99,17 +99,13 @@ def sie_deflection(x, y, theta_E, e1, e2, center_x=0.0, center_y=0.0):
     ``alpha_y' = b / sqrt(1-q^2) atanh(sqrt(1-q^2) y' / psi)``,
     ``psi = sqrt(q^2 x'^2 + y'^2)``, ``b = theta_E sqrt(q)``. Zero at the centre itself.
     """
-    x, y, theta_E, e1, e2, center_x, center_y = _as_tensors(
-        x, y, theta_E, e1, e2, center_x, center_y
-    )
+    x, y, theta_E, e1, e2, center_x, center_y = _as_tensors(x, y, theta_E, e1, e2, center_x, center_y)
     return sie_deflection_rotated(x - center_x, y - center_y, *sie_coefficients(theta_E, e1, e2))
 
 
 def sie_convergence(x, y, theta_E, e1, e2, center_x=0.0, center_y=0.0):
     """SIE convergence ``kappa = theta_E / (2 sqrt(q x'^2 + y'^2 / q))`` (infinite at the centre)."""
-    x, y, theta_E, e1, e2, center_x, center_y = _as_tensors(
-        x, y, theta_E, e1, e2, center_x, center_y
-    )
+    x, y, theta_E, e1, e2, center_x, center_y = _as_tensors(x, y, theta_E, e1, e2, center_x, center_y)
     q, c, s, _ = ellipticity_to_q_cos_sin(e1, e2)
     dx, dy = x - center_x, y - center_y
     xr = c * dx + s * dy

@@ -15,8 +15,9 @@ from lensexp.errors import ConfigError
 LABELS = ("theta_E", "e1", "e2", "center_x", "center_y", "gamma1", "gamma2", "mu_F")
 
 
-def check_range(name: str, value, lo_bound: float = -math.inf, hi_bound: float = math.inf,
-                strict_low: bool = False) -> tuple[float, float]:
+def check_range(
+    name: str, value, lo_bound: float = -math.inf, hi_bound: float = math.inf, strict_low: bool = False
+) -> tuple[float, float]:
     """Validate ``value`` as a [low, high] range inside [lo_bound, hi_bound]; return floats."""
     try:
         lo, hi = (float(v) for v in value)

@@ -34,8 +34,7 @@ def _galsim_profile(kind: str, fwhm: float, moffat_beta: float):
     raise ConfigError(f"unknown PSF kind '{kind}'; choose one of {PROFILES + ('empirical',)}")
 
 
-def draw_kernel(kind: str, fwhm_arcsec: float, pixscale: float, size: int,
-                moffat_beta: float = 3.5) -> np.ndarray:
+def draw_kernel(kind: str, fwhm_arcsec: float, pixscale: float, size: int, moffat_beta: float = 3.5) -> np.ndarray:
     """Draw one pixel-integrated PSF kernel [size, size] of unit sum with GalSim."""
     if not fwhm_arcsec > 0:
         raise ConfigError(f"PSF FWHM must be positive, got {fwhm_arcsec} arcsec")
@@ -105,7 +104,7 @@ class PSFBank:
         return self.kernels.shape[0]
 
     @classmethod
-    def from_config(cls, cfg, pixscale: float, npix: int) -> "PSFBank":
+    def from_config(cls, cfg, pixscale: float, npix: int) -> PSFBank:
         """Build from a ``psf`` config: ``kind`` (gaussian|moffat|airy|empirical|mix), ``fwhm``
         range [arcsec], ``n_kernels``, ``size`` [px], ``moffat_beta``, and ``empirical``
         (``file``, ``pixscale``) used by ``kind: empirical`` or, with ``empirical_fraction``, by mix.
@@ -203,4 +202,4 @@ def fft_convolve(images: torch.Tensor, kernel_fft: torch.Tensor, ksize: int, siz
     spec = torch.fft.rfft2(torch.nn.functional.pad(images, (0, size - n, 0, size - n)))
     out = torch.fft.irfft2(spec * kernel_fft[:, None], s=(size, size))
     o = (ksize - 1) // 2
-    return out[..., o:o + n, o:o + n].to(images.dtype)
+    return out[..., o : o + n, o : o + n].to(images.dtype)

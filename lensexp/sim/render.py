@@ -19,8 +19,13 @@ from lensexp.sim import instrument as inst
 from lensexp.sim import lens as lensmod
 from lensexp.sim.priors import LABELS, check_range, draw
 from lensexp.sim.psf import PSFBank, fast_fft_size, kernel_rfft, fft_convolve
-from lensexp.sim.source import (GalaxyBank, gaussian_clumps_sb, sersic_amp_from_flux, sersic_coefficients,
-                                sersic_sb, sersic_sb_rotated)
+from lensexp.sim.source import (
+    GalaxyBank,
+    gaussian_clumps_sb,
+    sersic_amp_from_flux,
+    sersic_coefficients,
+    sersic_sb_rotated,
+)
 
 SOURCE_KINDS = ("sersic", "cosmos", "mix")
 
@@ -47,8 +52,10 @@ def subpixel_planes(npix: int, pixscale: float, supersample: int = 1, dtype=torc
     """
     s = int(supersample)
     x, y = pixel_grid(npix, pixscale, s, dtype, device)
+
     def planes(a):
         return a.reshape(npix, s, npix, s).permute(1, 3, 0, 2).reshape(-1)
+
     return planes(x), planes(y)
 
 
@@ -99,6 +106,9 @@ class Simulator:
         self.n_bands = len(c.bands)
         self._compiled = bool(compile)
         self._trace = torch.compile(_trace_sersic, dynamic=False) if compile else _trace_sersic
+        self._sersic_image = torch.compile(_sersic_image, dynamic=False) if compile else _sersic_image
+        # COSMOS subsets vary in size: a batch-dynamic kernel avoids recompiling
+        self._shoot = torch.compile(_shoot, dynamic=True) if compile else _shoot
         self._digitise = torch.compile(inst.digitise_counts, dynamic=False) if compile else inst.digitise_counts
 
     # ------------------------------------------------------------------ configuration checks
@@ -189,7 +199,9 @@ class Simulator:
         p["gamma1"], p["gamma2"] = d(L.gamma), d(L.gamma)
         # source position: uniform in area in an annulus of radii offset * theta_E
         lo, hi = check_range("", S.offset)
-        r = p["theta_E"] * torch.sqrt(lo * lo + (hi * hi - lo * lo) * torch.rand(n, generator=rng, device=dev, dtype=dt))
+        r = p["theta_E"] * torch.sqrt(
+            lo * lo + (hi * hi - lo * lo) * torch.rand(n, generator=rng, device=dev, dtype=dt)
+        )
         t = 2 * math.pi * torch.rand(n, generator=rng, device=dev, dtype=dt)
         p["src_x"] = p["center_x"] + r * torch.cos(t)
         p["src_y"] = p["center_y"] + r * torch.sin(t)
@@ -246,11 +258,13 @@ class Simulator:
             # the compiled kernel keeps one batch shape: it renders every row rather than recompile
             sub = p if (self._compiled or par.numel() == B) else {k: v[par] for k, v in p.items()}
             col = lambda k: sub[k][:, None]  # noqa: E731
-            lens_coef = (col("center_x"), col("center_y"), col("gamma1"), col("gamma2"),
-                         *lensmod.sie_coefficients(col("theta_E"), col("e1"), col("e2")))
+            lens_coef = _lens_coefficients(sub)
             amp = sersic_amp_from_flux(col("sersic_flux"), col("src_R"), col("src_n"))
-            src_coef = (col("src_x"), col("src_y"),
-                        *sersic_coefficients(amp, col("src_R"), col("src_n"), col("src_e1"), col("src_e2")))
+            src_coef = (
+                col("src_x"),
+                col("src_y"),
+                *sersic_coefficients(amp, col("src_R"), col("src_n"), col("src_e1"), col("src_e2")),
+            )
             clumps = (sub["clump_flux"], sub["clump_sigma"], sub["clump_x"], sub["clump_y"])
             analytic = self._trace(self.x, self.y, lens_coef, src_coef, clumps, self.npix, self.ss, self.pixscale)
             if analytic.shape[0] == B:
@@ -259,13 +273,26 @@ class Simulator:
                 img = torch.zeros(B, self.npix, self.npix, dtype=self.dtype, device=self.device)
                 img[par] = analytic
         if real.numel():
-            img = torch.zeros(B, self.npix, self.npix, dtype=self.dtype, device=self.device) if img is None else img.clone()
+            img = (
+                torch.zeros(B, self.npix, self.npix, dtype=self.dtype, device=self.device)
+                if img is None
+                else img.clone()
+            )
             sub = {k: v[real] for k, v in p.items()}
-            bx, by = lensmod.ray_shoot(self.x, self.y, *[a for a in _lens_args(sub)])
+            bx, by = self._shoot(self.x, self.y, _lens_coefficients(sub))
             sb = self.galaxies.sample_sb(
-                bx, by, sub["gal_index"], sub["src_x"], sub["src_y"], sub["gal_cos"], sub["gal_sin"],
-                sub["gal_flip"], sub["gal_scale"], sub["src_flux"],
-                mode=str(self.cfg.source.cosmos.interpolation))
+                bx,
+                by,
+                sub["gal_index"],
+                sub["src_x"],
+                sub["src_y"],
+                sub["gal_cos"],
+                sub["gal_sin"],
+                sub["gal_flip"],
+                sub["gal_scale"],
+                sub["src_flux"],
+                mode=str(self.cfg.source.cosmos.interpolation),
+            )
             img[real] = bin_supersampled(sb, self.npix, self.ss, self.pixscale)
         mu = img.sum((1, 2)) / p["src_flux"]
         return img, mu
@@ -274,39 +301,47 @@ class Simulator:
         """Lens-galaxy flux per pixel [B, N, N] (e-/s, no PSF); None when disabled."""
         if not self.cfg.lens_light.enabled:
             return None
-        amp = sersic_amp_from_flux(p["ll_flux"], p["ll_R"], p["ll_n"])
-        sb = sersic_sb(self.x, self.y, amp[:, None], p["ll_R"][:, None], p["ll_n"][:, None],
-                       p["ll_e1"][:, None], p["ll_e2"][:, None], p["center_x"][:, None], p["center_y"][:, None])
-        return bin_supersampled(sb, self.npix, self.ss, self.pixscale)
+        col = lambda k: p[k][:, None]  # noqa: E731
+        amp = sersic_amp_from_flux(col("ll_flux"), col("ll_R"), col("ll_n"))
+        coef = (
+            col("center_x"),
+            col("center_y"),
+            *sersic_coefficients(amp, col("ll_R"), col("ll_n"), col("ll_e1"), col("ll_e2")),
+        )
+        return self._sersic_image(self.x, self.y, coef, self.npix, self.ss, self.pixscale)
 
-    def _draw_lensed(self, b: int, rng):
+    def _draw_lensed(self, b: int, rng, pool: dict):
         """Parameters, lensed source [b, N, N] and mu_F [b], redrawing systems below min_mu.
 
-        Candidates come in batches of ``b`` (one tensor shape for compiled kernels).
+        Candidates come in batches of ``b`` (one tensor shape for compiled kernels); accepted
+        systems beyond ``b`` wait in ``pool`` for the next batch of the same :meth:`sample` call.
         """
         min_mu = float(self.cfg.source.get("min_mu", 0.0))
         if min_mu <= 0:
             p = self.draw_params(b, rng)
             return (p, *self.render_source(p))
-        keep_p, keep_src, keep_mu, have = [], [], [], 0
         for _ in range(100):
+            if pool and pool["mu"].shape[0] >= b:
+                take = {k: v[:b] for k, v in pool.items()}
+                rest = {k: v[b:] for k, v in pool.items()}
+                pool.clear()
+                if rest["mu"].shape[0]:
+                    pool.update(rest)
+                return {k: v for k, v in take.items() if k not in ("src", "mu")}, take["src"], take["mu"]
             p = self.draw_params(b, rng)
             src, mu = self.render_source(p)
-            ok = torch.nonzero(mu >= min_mu).squeeze(1)[: b - have]
-            keep_p.append({k: v[ok] for k, v in p.items()})
-            keep_src.append(src[ok])
-            keep_mu.append(mu[ok])
-            have += ok.numel()
-            if have == b:
-                p = {k: torch.cat([q[k] for q in keep_p]) for k in keep_p[0]}
-                return p, torch.cat(keep_src), torch.cat(keep_mu)
+            ok = torch.nonzero(mu >= min_mu).squeeze(1)
+            new = {**{k: v[ok] for k, v in p.items()}, "src": src[ok], "mu": mu[ok]}
+            for k, v in new.items():
+                pool[k] = torch.cat([pool[k], v]) if k in pool else v
         raise ConfigError(
             f"data.source.min_mu = {min_mu} rejects nearly every system under these priors; "
-            "lower it or move data.source.offset closer to the lens")
+            "lower it or move data.source.offset closer to the lens"
+        )
 
     def _observe(self, src, lens_light, p, rng, with_artefacts: bool, with_noise: bool, keep_noise_map: bool = False):
         """Bands, PSF, noise and artefacts: returns (images, clean, meta)."""
-        c, I = self.cfg, self.cfg.instrument
+        I = self.cfg.instrument
         B, dev, dt = src.shape[0], self.device, self.dtype
         d = lambda lohi, m=B: draw(rng, m, check_range("", lohi), dev, dt)  # noqa: E731
         ideal = src[:, None] * p["band_src"][:, :, None, None]
@@ -317,10 +352,18 @@ class Simulator:
         sky = inst.sky_per_pixel(d(I.sky_mag), float(I.zeropoint), self.pixscale)[:, None, None, None]
         read = d(I.read_noise)[:, None, None, None]
         gain = float(I.gain)
-        meta = {"psf_fwhm": self.psf.fwhm[p["psf_index"]], "psf_index": p["psf_index"],
-                "is_cosmos": p["is_cosmos"], "gal_index": p["gal_index"], "src_mag": p["src_mag"],
-                "src_x": p["src_x"], "src_y": p["src_y"], "exposure_time": t.flatten(),
-                "sky": sky.flatten(), "read_noise": read.flatten()}
+        meta = {
+            "psf_fwhm": self.psf.fwhm[p["psf_index"]],
+            "psf_index": p["psf_index"],
+            "is_cosmos": p["is_cosmos"],
+            "gal_index": p["gal_index"],
+            "src_mag": p["src_mag"],
+            "src_x": p["src_x"],
+            "src_y": p["src_y"],
+            "exposure_time": t.flatten(),
+            "sky": sky.flatten(),
+            "read_noise": read.flatten(),
+        }
         img = clean
         if with_noise and I.noise:
             noisy = inst.add_noise(clean, t, sky, read, gain, rng, str(I.poisson), self._digitise)
@@ -334,9 +377,16 @@ class Simulator:
             img = img + d(I.bias, B * self.n_bands).reshape(B, self.n_bands, 1, 1)
             cr, hp, mk = I.cosmic_rays, I.hot_pixels, I.masks
             if cr.enabled:
-                dep = inst.cosmic_rays(img.shape, float(cr.n_mean), check_range("", cr.length_pix),
-                                       check_range("", cr.width_pix), check_range("", cr.amplitude),
-                                       float(cr.worm_fraction), rng, img)
+                dep = inst.cosmic_rays(
+                    img.shape,
+                    float(cr.n_mean),
+                    check_range("", cr.length_pix),
+                    check_range("", cr.width_pix),
+                    check_range("", cr.amplitude),
+                    float(cr.worm_fraction),
+                    rng,
+                    img,
+                )
                 img = img + dep / t
                 meta["cosmic_ray_pixels"] = (dep > 0).sum((1, 2, 3))
             if hp.enabled:
@@ -344,17 +394,29 @@ class Simulator:
                 img = img + hot
                 meta["hot_pixels"] = hmask.sum((1, 2, 3))
             if mk.enabled:
-                arc = self.psf.convolve(src[:, None], p["psf_index"])[:, 0] if self.cfg.lens_light.enabled else \
-                    clean.sum(1) / p["band_src"].sum(1)[:, None, None].clamp(min=1e-12)
-                m = inst.circular_masks(arc, check_range("", mk.n), check_range("", mk.radius), self.pixscale,
-                                        float(mk.keep_arc_flux), rng)
+                arc = (
+                    self.psf.convolve(src[:, None], p["psf_index"])[:, 0]
+                    if self.cfg.lens_light.enabled
+                    else clean.sum(1) / p["band_src"].sum(1)[:, None, None].clamp(min=1e-12)
+                )
+                m = inst.circular_masks(
+                    arc, check_range("", mk.n), check_range("", mk.radius), self.pixscale, float(mk.keep_arc_flux), rng
+                )
                 img = img.masked_fill(m[:, None], 0.0)
                 meta["mask"] = m
         img = inst.normalize(img, str(I.normalize))
         return img, clean, meta
 
-    def sample(self, n: int, seed: int, batch_size: int = 64, artefacts: bool = True, noise: bool = True,
-               keep_clean: bool = False, keep_noise_map: bool = False) -> SimBatch:
+    def sample(
+        self,
+        n: int,
+        seed: int,
+        batch_size: int = 64,
+        artefacts: bool = True,
+        noise: bool = True,
+        keep_clean: bool = False,
+        keep_noise_map: bool = False,
+    ) -> SimBatch:
         """Simulate ``n`` systems, identical for identical (config, seed, batch_size).
 
         Systems with ``mu_F < source.min_mu`` are redrawn. ``artefacts``/``noise`` switch the
@@ -367,25 +429,54 @@ class Simulator:
         rng = torch.Generator(device=self.device)
         rng.manual_seed(int(seed))
         out: list[SimBatch] = []
-        done = 0
+        done, pool = 0, {}
         while done < n:
             b = min(batch_size, n - done)
-            out.append(self._one_batch(b, rng, artefacts, noise, keep_clean, keep_noise_map))
+            out.append(self._one_batch(b, rng, pool, artefacts, noise, keep_clean, keep_noise_map))
             done += b
         if not out:
             return SimBatch(torch.zeros(0, self.n_bands, self.npix, self.npix), torch.zeros(0, len(LABELS)))
         return _concat(out)
 
-    def _one_batch(self, b: int, rng, artefacts, noise, keep_clean, keep_noise_map) -> SimBatch:
-        p, src, mu = self._draw_lensed(b, rng)
+    def _one_batch(self, b: int, rng, pool, artefacts, noise, keep_clean, keep_noise_map) -> SimBatch:
+        p, src, mu = self._draw_lensed(b, rng, pool)
         images, clean, meta = self._observe(src, self.render_lens_light(p), p, rng, artefacts, noise, keep_noise_map)
         labels = torch.stack([p[k] for k in LABELS[:-1]] + [mu], 1)
-        return SimBatch(images.float(), labels.float(), meta,
-                        clean.float() if keep_clean else None, src.float() if keep_clean else None)
+        return SimBatch(
+            images.float(),
+            labels.float(),
+            meta,
+            clean.float() if keep_clean else None,
+            src.float() if keep_clean else None,
+        )
 
 
-def _lens_args(p: dict):
-    return [p[k][:, None] for k in LABELS[:-1]]
+def _lens_coefficients(p: dict) -> tuple:
+    """(cx, cy, g1, g2) + :func:`lens.sie_coefficients`, each [B, 1], from a parameter dict."""
+    col = lambda k: p[k][:, None]  # noqa: E731
+    return (
+        col("center_x"),
+        col("center_y"),
+        col("gamma1"),
+        col("gamma2"),
+        *lensmod.sie_coefficients(col("theta_E"), col("e1"), col("e2")),
+    )
+
+
+def _shoot(x, y, lens_coef):
+    """Source-plane positions (bx, by) [B, P] of the sub-pixel planes x, y [P] (SIE + shear)."""
+    cx, cy, g1, g2, *sie = lens_coef
+    ax, ay = lensmod.sie_deflection_rotated(x - cx, y - cy, *sie)
+    return x - ax - (g1 * x + g2 * y), y - ay - (g2 * x - g1 * y)
+
+
+def _sersic_image(x, y, coef, npix, supersample, pixscale):
+    """Unlensed Sérsic (e.g. lens light) binned from sub-pixel planes to flux per pixel [B, N, N]."""
+    cx, cy, *sc = coef
+    planes = supersample * supersample
+    xs, ys = x.reshape(planes, 1, -1), y.reshape(planes, 1, -1)
+    total = sum(sersic_sb_rotated(xs[k] - cx, ys[k] - cy, *sc) for k in range(planes))
+    return (total * (pixscale / supersample) ** 2).reshape(-1, npix, npix)
 
 
 def _trace_sersic(x, y, lens_coef, src_coef, clumps, npix, supersample, pixscale):
@@ -398,16 +489,12 @@ def _trace_sersic(x, y, lens_coef, src_coef, clumps, npix, supersample, pixscale
     unrolled loop, so ``torch.compile`` emits one pointwise kernel over pixels with no
     intermediate buffers.
     """
-    cx, cy, g1, g2, *sie = lens_coef
     sx, sy, *sc = src_coef
     planes = supersample * supersample
     xs, ys = x.reshape(planes, 1, -1), y.reshape(planes, 1, -1)
     total = None
     for k in range(planes):
-        xk, yk = xs[k], ys[k]
-        ax, ay = lensmod.sie_deflection_rotated(xk - cx, yk - cy, *sie)
-        bx = xk - ax - (g1 * xk + g2 * yk)
-        by = yk - ay - (g2 * xk - g1 * yk)
+        bx, by = _shoot(xs[k], ys[k], lens_coef)
         sb = sersic_sb_rotated(bx - sx, by - sy, *sc)
         if clumps[0].shape[-1] > 0:
             sb = sb + gaussian_clumps_sb(bx, by, *clumps)
@@ -420,8 +507,13 @@ def _concat(batches: list[SimBatch]) -> SimBatch:
         return batches[0]
     meta = {k: torch.cat([b.meta[k] for b in batches]) for k in batches[0].meta}
     cat = lambda name: None if getattr(batches[0], name) is None else torch.cat([getattr(b, name) for b in batches])  # noqa: E731
-    return SimBatch(torch.cat([b.images for b in batches]), torch.cat([b.labels for b in batches]), meta,
-                    cat("clean"), cat("source"))
+    return SimBatch(
+        torch.cat([b.images for b in batches]),
+        torch.cat([b.labels for b in batches]),
+        meta,
+        cat("clean"),
+        cat("source"),
+    )
 
 
 def magnification_map(lens: dict, npix: int, pixscale: float, dtype=torch.float64) -> torch.Tensor:
@@ -439,8 +531,15 @@ def simulate_batch(cfg, n: int, seed: int, device="cpu", **kwargs) -> tuple[torc
     return b.images, b.labels
 
 
-def render_sersic(lens: dict, source: dict, npix: int, pixscale: float, supersample: int = 2,
-                  psf_kernel: torch.Tensor | None = None, dtype=torch.float64) -> torch.Tensor:
+def render_sersic(
+    lens: dict,
+    source: dict,
+    npix: int,
+    pixscale: float,
+    supersample: int = 2,
+    psf_kernel: torch.Tensor | None = None,
+    dtype=torch.float64,
+) -> torch.Tensor:
     """Noiseless image [B, N, N] (e-/s per pixel) of an elliptical Sérsic lensed by SIE + shear.
 
     ``lens``: ``theta_E, e1, e2, center_x, center_y, gamma1, gamma2`` (floats or tensors [B]);
@@ -448,22 +547,32 @@ def render_sersic(lens: dict, source: dict, npix: int, pixscale: float, supersam
     center_x, center_y``. ``psf_kernel`` [k, k] or [B, k, k] (unit sum) convolves in 'same' mode
     as lenstronomy does. The building block of the simulator and of maximum-likelihood fits.
     """
+
     def col(v):
         return torch.as_tensor(v, dtype=dtype).reshape(-1, 1)
 
     lp = {k: col(lens[k]) for k in LABELS[:-1]}
-    lens_coef = (lp["center_x"], lp["center_y"], lp["gamma1"], lp["gamma2"],
-                 *lensmod.sie_coefficients(lp["theta_E"], lp["e1"], lp["e2"]))
+    lens_coef = (
+        lp["center_x"],
+        lp["center_y"],
+        lp["gamma1"],
+        lp["gamma2"],
+        *lensmod.sie_coefficients(lp["theta_E"], lp["e1"], lp["e2"]),
+    )
     sp = {k: col(v) for k, v in source.items()}
-    src_coef = (sp["center_x"], sp["center_y"],
-                *sersic_coefficients(sp["amp"], sp["R_sersic"], sp["n_sersic"], sp["e1"], sp["e2"]))
+    src_coef = (
+        sp["center_x"],
+        sp["center_y"],
+        *sersic_coefficients(sp["amp"], sp["R_sersic"], sp["n_sersic"], sp["e1"], sp["e2"]),
+    )
     B = max(v.shape[0] for v in [*lp.values(), *sp.values()])
     x, y = subpixel_planes(npix, pixscale, supersample, dtype)
     empty = torch.zeros(B, 0, dtype=dtype)
     lens_coef = tuple(t.expand(B, 1) for t in lens_coef)
     src_coef = tuple(t.expand(B, 1) for t in src_coef)
-    img = _trace_sersic(x.reshape(1, -1), y.reshape(1, -1), lens_coef, src_coef, (empty,) * 4,
-                        npix, supersample, pixscale)
+    img = _trace_sersic(
+        x.reshape(1, -1), y.reshape(1, -1), lens_coef, src_coef, (empty,) * 4, npix, supersample, pixscale
+    )
     if psf_kernel is None:
         return img
     k = torch.as_tensor(psf_kernel, dtype=dtype)

@@ -58,8 +58,9 @@ def sersic_sb_rotated(dx, dy, c, s, q, inv_q, log_amp_b, b, half_inv_n, log_r_n,
 
 def sersic_sb(x, y, amp, R_sersic, n, e1, e2, center_x, center_y, smoothing=1e-5):
     """Elliptical Sérsic SB [e-/s/arcsec^2] at (x, y) [arcsec]; arguments broadcast."""
-    return sersic_sb_rotated(x - center_x, y - center_y, *sersic_coefficients(amp, R_sersic, n, e1, e2),
-                             smoothing=smoothing)
+    return sersic_sb_rotated(
+        x - center_x, y - center_y, *sersic_coefficients(amp, R_sersic, n, e1, e2), smoothing=smoothing
+    )
 
 
 def gaussian_clumps_sb(x, y, flux, sigma, center_x, center_y):
@@ -111,8 +112,9 @@ class GalaxyBank:
         return self.images.shape[0]
 
     @classmethod
-    def from_catalog(cls, catalog: str, max_galaxies: int | None = None, stamp: int = 128,
-                     clip_sigma: float = 3.0) -> "GalaxyBank":
+    def from_catalog(
+        cls, catalog: str, max_galaxies: int | None = None, stamp: int = 128, clip_sigma: float = 3.0
+    ) -> GalaxyBank:
         """Load a GalSim ``RealGalaxyCatalog`` (catalogue FITS + image FITS beside it).
 
         Each stamp has its border median subtracted and is cut out from its own noise: pixels
@@ -147,7 +149,7 @@ class GalaxyBank:
             a = a * seg
             # crop to the galaxy's segment, bin down if it does not fit the stamp
             yy, xx = np.nonzero(seg) if seg.any() else np.nonzero(np.ones_like(seg))
-            a = a[yy.min():yy.max() + 1, xx.min():xx.max() + 1]
+            a = a[yy.min() : yy.max() + 1, xx.min() : xx.max() + 1]
             f = int(np.ceil(max(a.shape) / stamp))
             if f > 1:
                 a = np.pad(a, ((0, -a.shape[0] % f), (0, -a.shape[1] % f)))
@@ -156,10 +158,10 @@ class GalaxyBank:
             h, w = a.shape
             # centre crop / pad onto the common stamp
             y0, x0 = max(0, (h - stamp) // 2), max(0, (w - stamp) // 2)
-            a = a[y0:y0 + stamp, x0:x0 + stamp]
+            a = a[y0 : y0 + stamp, x0 : x0 + stamp]
             h, w = a.shape
             oy, ox = (stamp - h) // 2, (stamp - w) // 2
-            out[i, oy:oy + h, ox:ox + w] = a
+            out[i, oy : oy + h, ox : ox + w] = a
             total = out[i].sum()
             if not np.isfinite(total) or total <= 0:
                 raise ConfigError(f"COSMOS galaxy {i} in '{path}' has no positive flux")
@@ -167,8 +169,9 @@ class GalaxyBank:
             ids.append(int(cat.ident[i]) if hasattr(cat, "ident") else i)
         return cls(torch.from_numpy(out), torch.tensor(scales, dtype=torch.float64), ids)
 
-    def sample_sb(self, x, y, index, center_x, center_y, angle_cos, angle_sin, flip, scale, flux,
-                  mode: str = "bilinear"):
+    def sample_sb(
+        self, x, y, index, center_x, center_y, angle_cos, angle_sin, flip, scale, flux, mode: str = "bilinear"
+    ):
         """SB [e-/s/arcsec^2] of bank galaxies at source-plane positions x, y [B, P] (arcsec).
 
         Per image: galaxy ``index`` [B], centre [B] (arcsec), rotation (cos, sin) [B], mirror flip

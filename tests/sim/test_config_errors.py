@@ -24,7 +24,10 @@ def build(*overrides, preset="tiny"):
         ("data.lens.q=[0.0,1.0]", ["data.lens.q", "outside its domain"]),
         ("data.lens.q=[0.5,1.5]", ["data.lens.q", "outside its domain"]),
         ("data.source.kind=spiral", ["data.source.kind", "spiral"]),
-        ("data.source.cosmos.catalog=/nonexistent/cat.fits", ["COSMOS catalogue not found", "/nonexistent/cat.fits", "galsim_download_cosmos"]),
+        (
+            "data.source.cosmos.catalog=/nonexistent/cat.fits",
+            ["COSMOS catalogue not found", "/nonexistent/cat.fits", "galsim_download_cosmos"],
+        ),
         ("data.psf.kind=zernike", ["psf.kind", "zernike"]),
         ("data.psf.size=14", ["psf.size", "odd"]),
         ("data.psf.empirical.file=/nope.fits", ["empirical PSF file not found"]),

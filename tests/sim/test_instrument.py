@@ -100,8 +100,15 @@ def test_masks_cosmic_rays_hot_pixels_in_simulated_batch():
 
 
 def test_artefact_switches():
-    cfg = load_data_preset("tiny", ["data.instrument.cosmic_rays.enabled=false", "data.instrument.hot_pixels.enabled=false",
-                                    "data.instrument.masks.enabled=false", "data.instrument.bias=[0,0]"])
+    cfg = load_data_preset(
+        "tiny",
+        [
+            "data.instrument.cosmic_rays.enabled=false",
+            "data.instrument.hot_pixels.enabled=false",
+            "data.instrument.masks.enabled=false",
+            "data.instrument.bias=[0,0]",
+        ],
+    )
     b = Simulator(cfg).sample(8, seed=1, keep_clean=True, keep_noise_map=True)
     assert "mask" not in b.meta and "cosmic_ray_pixels" not in b.meta
     resid = (b.images - b.clean) / b.meta["noise_var"].sqrt()
@@ -111,8 +118,15 @@ def test_artefact_switches():
 
 
 def test_bias_offsets_zero_level():
-    cfg = load_data_preset("tiny", ["data.instrument.bias=[0.5,0.5]", "data.instrument.cosmic_rays.enabled=false",
-                                    "data.instrument.hot_pixels.enabled=false", "data.instrument.masks.enabled=false"])
+    cfg = load_data_preset(
+        "tiny",
+        [
+            "data.instrument.bias=[0.5,0.5]",
+            "data.instrument.cosmic_rays.enabled=false",
+            "data.instrument.hot_pixels.enabled=false",
+            "data.instrument.masks.enabled=false",
+        ],
+    )
     b = Simulator(cfg).sample(4, seed=1, keep_clean=True)
     assert float((b.images - b.clean).mean()) == pytest.approx(0.5, abs=0.01)
 

@@ -12,8 +12,9 @@ lenstronomy = pytest.importorskip("lenstronomy")
 from lenstronomy.LensModel.lens_model import LensModel  # noqa: E402
 
 F64 = torch.float64
-REF = dict(theta_E=1.0, e1=0.08823529411764709, e2=0.152828012432548, center_x=0.1, center_y=-0.05,
-           gamma1=0.03, gamma2=-0.02)
+REF = dict(
+    theta_E=1.0, e1=0.08823529411764709, e2=0.152828012432548, center_x=0.1, center_y=-0.05, gamma1=0.03, gamma2=-0.02
+)
 
 
 def t(v):
@@ -31,10 +32,18 @@ def ours(x, y, p):
     [
         (REF, 0.5, 0.5, (0.4899656961, 0.8008125837, 0.8117745)),
         (REF, 1.2, -0.3, (0.9805971229, -0.3485065027, 0.4353901)),
-        (dict(theta_E=1.5, e1=0.0, e2=-1 / 3, center_x=0.0, center_y=0.0, gamma1=0.0, gamma2=0.0),
-         1.2, -0.3, (1.4196074921, -0.0300499119, 0.6401851)),
-        (dict(theta_E=1.0, e1=0.0, e2=0.0, center_x=0.0, center_y=0.0, gamma1=0.0, gamma2=0.0),
-         0.6, 0.8, (0.6, 0.8, 0.5)),
+        (
+            dict(theta_E=1.5, e1=0.0, e2=-1 / 3, center_x=0.0, center_y=0.0, gamma1=0.0, gamma2=0.0),
+            1.2,
+            -0.3,
+            (1.4196074921, -0.0300499119, 0.6401851),
+        ),
+        (
+            dict(theta_E=1.0, e1=0.0, e2=0.0, center_x=0.0, center_y=0.0, gamma1=0.0, gamma2=0.0),
+            0.6,
+            0.8,
+            (0.6, 0.8, 0.5),
+        ),
     ],
 )
 def test_reference_values(p, x, y, want):
@@ -56,9 +65,15 @@ def _random_sets(n=1500, seed=0):
     q[:50] = 1.0  # exact SIS limit included
     phi = rng.uniform(0, np.pi, n)
     e = (1 - q) / (1 + q)
-    P = dict(theta_E=rng.uniform(0.05, 3.0, n), e1=e * np.cos(2 * phi), e2=e * np.sin(2 * phi),
-             center_x=rng.uniform(-0.3, 0.3, n), center_y=rng.uniform(-0.3, 0.3, n),
-             gamma1=rng.uniform(-0.1, 0.1, n), gamma2=rng.uniform(-0.1, 0.1, n))
+    P = dict(
+        theta_E=rng.uniform(0.05, 3.0, n),
+        e1=e * np.cos(2 * phi),
+        e2=e * np.sin(2 * phi),
+        center_x=rng.uniform(-0.3, 0.3, n),
+        center_y=rng.uniform(-0.3, 0.3, n),
+        gamma1=rng.uniform(-0.1, 0.1, n),
+        gamma2=rng.uniform(-0.1, 0.1, n),
+    )
     x, y = rng.uniform(-4, 4, n), rng.uniform(-4, 4, n)
     return P, x, y
 
@@ -140,6 +155,9 @@ def test_plain_floats_accepted():
 
 
 def _kw(P, i):
-    return [dict(theta_E=P["theta_E"][i], e1=P["e1"][i], e2=P["e2"][i], center_x=P["center_x"][i],
-                 center_y=P["center_y"][i]),
-            dict(gamma1=P["gamma1"][i], gamma2=P["gamma2"][i], ra_0=0.0, dec_0=0.0)]
+    return [
+        dict(
+            theta_E=P["theta_E"][i], e1=P["e1"][i], e2=P["e2"][i], center_x=P["center_x"][i], center_y=P["center_y"][i]
+        ),
+        dict(gamma1=P["gamma1"][i], gamma2=P["gamma2"][i], ra_0=0.0, dec_0=0.0),
+    ]

@@ -26,11 +26,17 @@ SRC = dict(amp=30.0, R_sersic=0.25, n_sersic=1.8, e1=0.1, e2=0.15, center_x=0.08
 def lenstronomy_image(npix, pix, ss, kernel=None, lens=LENS, src=SRC):
     kw = simulation_util.data_configure_simple(npix, pix, exposure_time=1.0, background_rms=1.0, inverse=False)
     psf = PSF(psf_type="PIXEL", kernel_point_source=kernel) if kernel is not None else PSF(psf_type="NONE")
-    model = ImageModel(ImageData(**kw), psf, lens_model_class=LensModel(["SIE", "SHEAR"]),
-                       source_model_class=LightModel(["SERSIC_ELLIPSE"]),
-                       kwargs_numerics={"supersampling_factor": ss, "supersampling_convolution": False})
-    kl = [{k: lens[k] for k in ("theta_E", "e1", "e2", "center_x", "center_y")},
-          dict(gamma1=lens["gamma1"], gamma2=lens["gamma2"], ra_0=0.0, dec_0=0.0)]
+    model = ImageModel(
+        ImageData(**kw),
+        psf,
+        lens_model_class=LensModel(["SIE", "SHEAR"]),
+        source_model_class=LightModel(["SERSIC_ELLIPSE"]),
+        kwargs_numerics={"supersampling_factor": ss, "supersampling_convolution": False},
+    )
+    kl = [
+        {k: lens[k] for k in ("theta_E", "e1", "e2", "center_x", "center_y")},
+        dict(gamma1=lens["gamma1"], gamma2=lens["gamma2"], ra_0=0.0, dec_0=0.0),
+    ]
     return model.image(kwargs_lens=kl, kwargs_source=[src])
 
 
@@ -63,7 +69,11 @@ def test_supersampled_without_psf_matches_lenstronomy_closely():
 
 def test_sersic_total_flux_formula():
     # flux of the unlensed profile integrated on a fine grid equals the closed form
-    amp, R, n = torch.tensor(2.0, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64), torch.tensor(1.5, dtype=torch.float64)
+    amp, R, n = (
+        torch.tensor(2.0, dtype=torch.float64),
+        torch.tensor(0.3, dtype=torch.float64),
+        torch.tensor(1.5, dtype=torch.float64),
+    )
     lens0 = dict(theta_E=1e-9, e1=0.0, e2=0.0, center_x=0.0, center_y=0.0, gamma1=0.0, gamma2=0.0)
     src = dict(amp=amp, R_sersic=R, n_sersic=n, e1=0.2, e2=0.0, center_x=0.0, center_y=0.0)
     img = render_sersic(lens0, src, 400, 0.02, supersample=3)
@@ -83,10 +93,19 @@ def test_mu_F_matches_independent_high_resolution_lenstronomy():
     _, mu = sim.render_source(p)
     for i in range(12):
         lens = {k: float(p[k][i]) for k in LENS}
-        amp = float(p["sersic_flux"][i] / sersic_total_flux(torch.tensor(1.0, dtype=torch.float64),
-                                                           p["src_R"][i].double(), p["src_n"][i].double()))
-        src = dict(amp=amp, R_sersic=float(p["src_R"][i]), n_sersic=float(p["src_n"][i]), e1=float(p["src_e1"][i]),
-                   e2=float(p["src_e2"][i]), center_x=float(p["src_x"][i]), center_y=float(p["src_y"][i]))
+        amp = float(
+            p["sersic_flux"][i]
+            / sersic_total_flux(torch.tensor(1.0, dtype=torch.float64), p["src_R"][i].double(), p["src_n"][i].double())
+        )
+        src = dict(
+            amp=amp,
+            R_sersic=float(p["src_R"][i]),
+            n_sersic=float(p["src_n"][i]),
+            e1=float(p["src_e1"][i]),
+            e2=float(p["src_e2"][i]),
+            center_x=float(p["src_x"][i]),
+            center_y=float(p["src_y"][i]),
+        )
         hi = lenstronomy_image(64, 0.1, 10, None, lens, src).sum() / float(p["src_flux"][i])
         assert float(mu[i]) == pytest.approx(hi, rel=0.02), i
 
@@ -156,8 +175,10 @@ def test_magnification_map_matches_lenstronomy():
     mu = magnification_map(LENS, 16, 0.25)[0].numpy()
     x, y = pixel_grid(16, 0.25, 1)
     lm = LensModel(["SIE", "SHEAR"])
-    kl = [{k: LENS[k] for k in ("theta_E", "e1", "e2", "center_x", "center_y")},
-          dict(gamma1=LENS["gamma1"], gamma2=LENS["gamma2"], ra_0=0.0, dec_0=0.0)]
+    kl = [
+        {k: LENS[k] for k in ("theta_E", "e1", "e2", "center_x", "center_y")},
+        dict(gamma1=LENS["gamma1"], gamma2=LENS["gamma2"], ra_0=0.0, dec_0=0.0),
+    ]
     ref = lm.magnification(x.numpy().ravel(), y.numpy().ravel(), kl).reshape(16, 16)
     ok = np.abs(ref) < 50
     np.testing.assert_allclose(mu[ok], ref[ok], rtol=1e-3)
