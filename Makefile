@@ -17,6 +17,8 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 quickstart: venv
+	$(BIN)/python -m lensexp.simulate data=tiny n=2000 workers=2 seed=1 out=shards/tiny
+	$(BIN)/python -m lensexp.simulate out=shards/tiny verify=true
 	$(BIN)/python -m lensexp.gallery presets=[tiny] n=6 out=outputs/quickstart
 
 test: venv
@@ -27,6 +29,7 @@ test-fast: venv
 
 bench: venv
 	$(BIN)/python benchmarks/sim_speed.py
+	$(BIN)/python benchmarks/shard_throughput.py --compile
 
 gallery: venv
 	$(BIN)/python -m lensexp.gallery out=outputs/gallery

@@ -499,6 +499,8 @@ def _write_all(todo: list[ShardSpec], cfg: DictConfig, out: Path, workers: int, 
             ) as pool:
                 for rec in pool.imap_unordered(_work, args):
                     tick(rec)
+                pool.close()
+                pool.join()
     finally:
         bar.close()
     dt = time.perf_counter() - t0

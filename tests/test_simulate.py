@@ -221,3 +221,18 @@ def test_configs_compose(tmp_path):
     launcher = yaml.safe_load((PROJECT_ROOT / "conf/hydra/launcher/submitit_slurm.yaml").read_text())
     assert launcher["defaults"] == ["submitit_slurm"] and launcher["array_parallelism"] > 0
     assert np.isfinite(compose_config("simulate", []).n)
+
+
+def test_disk_full_is_reported_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    import errno
+
+    import lensexp.simulate as simulate
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(simulate.os, "fsync", full)
+    with pytest.raises(ConfigError, match="disk full"):
+        run(cfg_for(tmp_path, "n=20", "shard_size=10"))
+    assert not list(tmp_path.glob("*/shard-*")) and not list(tmp_path.glob("*/.shard-*"))
+    assert not (tmp_path / "manifest.json").exists()

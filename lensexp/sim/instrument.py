@@ -160,8 +160,9 @@ def _splat(flat, img, x, y, w, N):
 def hot_pixels(shape, fraction, amplitude, generator, like):
     """Hot-pixel image [e-/s]: each pixel hot with probability ``fraction``, level U(amplitude)."""
     hot = _rand(shape, generator, like) < fraction
-    level = uniform(*amplitude, shape, generator, like)
-    return torch.where(hot, level, torch.zeros_like(level)), hot
+    img = torch.zeros(shape, dtype=like.dtype, device=like.device)
+    img[hot] = uniform(*amplitude, (int(hot.sum()),), generator, like)
+    return img, hot
 
 
 def circular_masks(arc, n_range, radius_arcsec, pixscale, keep_fraction, generator):
