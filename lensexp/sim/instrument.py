@@ -158,11 +158,35 @@ def _splat(flat, img, x, y, w, N):
 
 
 def hot_pixels(shape, fraction, amplitude, generator, like):
-    """Hot-pixel image [e-/s]: each pixel hot with probability ``fraction``, level U(amplitude)."""
-    hot = _rand(shape, generator, like) < fraction
-    img = torch.zeros(shape, dtype=like.dtype, device=like.device)
-    img[hot] = uniform(*amplitude, (int(hot.sum()),), generator, like)
-    return img, hot
+    """Hot-pixel image [e-/s] and mask: each pixel hot with probability ``fraction`` (a binomial
+    number of hot pixels at uniformly random places), level U(amplitude)."""
+    total = math.prod(shape)
+    n = torch.tensor(float(total), dtype=torch.float64)
+    k = int(torch.binomial(n, torch.tensor(float(fraction), dtype=torch.float64), generator=_cpu(generator)))
+    flat = torch.randperm(total, generator=generator, device=like.device)[:k] if k > total // 8 else \
+        _distinct_randint(total, k, generator, like.device)
+    img = torch.zeros(total, dtype=like.dtype, device=like.device)
+    img[flat] = uniform(*amplitude, (k,), generator, like)
+    hot = torch.zeros(total, dtype=torch.bool, device=like.device)
+    hot[flat] = True
+    return img.reshape(shape), hot.reshape(shape)
+
+
+def _cpu(generator):
+    """``torch.binomial`` samples on the CPU: a CPU generator seeded from ``generator``."""
+    if generator.device.type == "cpu":
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    return torch.Generator().manual_seed(seed)
+
+
+def _distinct_randint(total: int, k: int, generator, device):
+    """``k`` distinct integers in [0, total) (redraws the rare collisions)."""
+    idx = torch.unique(torch.randint(0, total, (k,), generator=generator, device=device))
+    while idx.numel() < k:
+        more = torch.randint(0, total, (k - idx.numel(),), generator=generator, device=device)
+        idx = torch.unique(torch.cat([idx, more]))
+    return idx
 
 
 def circular_masks(arc, n_range, radius_arcsec, pixscale, keep_fraction, generator):
@@ -184,12 +208,13 @@ def circular_masks(arc, n_range, radius_arcsec, pixscale, keep_fraction, generat
     cy = uniform(0, N - 1, (B, kmax), generator, arc)
     r = uniform(*radius_arcsec, (B, kmax), generator, arc) / pixscale
     ax = torch.arange(N, device=dev, dtype=dt)
-    disc = (
-        (ax[None, None, None, :] - cx[..., None, None]) ** 2 + (ax[None, None, :, None] - cy[..., None, None]) ** 2
-    ) <= (r * r)[..., None, None]
-    disc = disc & (torch.arange(kmax, device=dev)[None, :] < n[:, None])[..., None, None]
-    total = arc.clamp(min=0).sum((-1, -2)).clamp(min=1e-30)
-    frac = (disc * arc.clamp(min=0)[:, None]).sum((-1, -2)) / total[:, None]
+    active = torch.arange(kmax, device=dev)[None, :] < n[:, None]
+    r2 = torch.where(active, r * r, -1.0)  # inactive discs cover nothing
+    disc = ((ax[None, None, None, :] - cx[..., None, None]) ** 2
+            + (ax[None, None, :, None] - cy[..., None, None]) ** 2 - r2[..., None, None]) <= 0
+    pos = arc.clamp(min=0)
+    total = pos.sum((-1, -2)).clamp(min=1e-30)
+    frac = torch.einsum("bkij,bij->bk", disc.to(dt), pos) / total[:, None]
     ok = torch.cumsum(frac, dim=1) <= (1.0 - keep_fraction)
     return (disc & ok[..., None, None]).any(1)
 

@@ -64,15 +64,19 @@ def sersic_sb(x, y, amp, R_sersic, n, e1, e2, center_x, center_y, smoothing=1e-5
 
 
 def gaussian_clumps_sb(x, y, flux, sigma, center_x, center_y):
-    """Sum of circular Gaussian clumps: ``flux, sigma, center_*`` are [..., K]; x, y [..., P].
+    """Sum of circular Gaussian clumps: ``flux, sigma, center_*`` are [B, K]; x, y [B, P] or [P].
 
-    Returns SB [e-/s/arcsec^2] of shape [..., P].
+    Returns SB [e-/s/arcsec^2] [B, P]. The loop over the K clumps is unrolled, so under
+    ``torch.compile`` it stays one pointwise kernel.
     """
-    dx = x.unsqueeze(-1) - center_x.unsqueeze(-2)
-    dy = y.unsqueeze(-1) - center_y.unsqueeze(-2)
     inv2s2 = 0.5 / (sigma * sigma)
     norm = flux * inv2s2 / math.pi
-    return (norm.unsqueeze(-2) * torch.exp(-(dx * dx + dy * dy) * inv2s2.unsqueeze(-2))).sum(-1)
+    total = 0.0
+    for k in range(flux.shape[-1]):
+        dx = x - center_x[:, k : k + 1]
+        dy = y - center_y[:, k : k + 1]
+        total = total + norm[:, k : k + 1] * torch.exp(-(dx * dx + dy * dy) * inv2s2[:, k : k + 1])
+    return total
 
 
 def _galaxy_segment(a: np.ndarray, clip_sigma: float) -> np.ndarray:
