@@ -35,7 +35,7 @@ def gallery_figure(preset: str, n: int, seed: int, device: str = "cpu"):
     real = sim.sample(n, seed=seed, keep_clean=True)
     bands = [b.name for b in cfg.bands]
     ncol = 2 * len(bands)
-    fig, axes = plt.subplots(n, ncol, figsize=(1.9 * ncol, 1.9 * n), squeeze=False)
+    fig, axes = plt.subplots(n, ncol, figsize=(max(1.9 * ncol, 5.0), 1.9 * n), squeeze=False)
     for i in range(n):
         lab = real.labels[i].numpy()
         for j, band in enumerate(bands):

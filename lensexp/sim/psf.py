@@ -97,7 +97,7 @@ class PSFBank:
 
     def __post_init__(self):
         k = self.kernels.shape[-1]
-        self.fft_size = fast_fft_size(self.npix + k - 1)
+        self.fft_size = fast_fft_size(self.npix + (k - 1) // 2)  # enough for the "same" crop
         self.kernel_fft = kernel_rfft(self.kernels, self.fft_size)
 
     def __len__(self) -> int:
@@ -197,7 +197,11 @@ def fft_convolve(images: torch.Tensor, kernel_fft: torch.Tensor, ksize: int, siz
     """'Same'-size linear convolution of [B, C, N, N] images with per-image kernel FFTs [B, f, f/2+1].
 
     Matches ``scipy.signal.fftconvolve(image, kernel, mode='same')`` (lenstronomy's convention).
+    A cyclic FFT of ``size >= N + (k - 1) / 2`` suffices: wrap-around only reaches the first
+    ``(k - 1) / 2`` rows and columns of the full result, which the 'same' crop drops.
     """
+    if size < images.shape[-1] + (ksize - 1) // 2:
+        raise ValueError(f"FFT size {size} too small for {images.shape[-1]} px images and {ksize} px kernels")
     n = images.shape[-1]
     spec = torch.fft.rfft2(torch.nn.functional.pad(images, (0, size - n, 0, size - n)))
     out = torch.fft.irfft2(spec * kernel_fft[:, None], s=(size, size))

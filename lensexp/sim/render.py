@@ -580,5 +580,5 @@ def render_sersic(
         return img
     k = torch.as_tensor(psf_kernel, dtype=dtype)
     k = k.expand(B, *k.shape[-2:]) if k.dim() == 2 else k
-    size = fast_fft_size(npix + k.shape[-1] - 1)
+    size = fast_fft_size(npix + (k.shape[-1] - 1) // 2)
     return fft_convolve(img[:, None], kernel_rfft(k, size), k.shape[-1], size)[:, 0].to(dtype)
