@@ -207,16 +207,26 @@ def circular_masks(arc, n_range, radius_arcsec, pixscale, keep_fraction, generat
     cx = uniform(0, N - 1, (B, kmax), generator, arc)
     cy = uniform(0, N - 1, (B, kmax), generator, arc)
     r = uniform(*radius_arcsec, (B, kmax), generator, arc) / pixscale
-    ax = torch.arange(N, device=dev, dtype=dt)
     active = torch.arange(kmax, device=dev)[None, :] < n[:, None]
     r2 = torch.where(active, r * r, -1.0)  # inactive discs cover nothing
-    disc = ((ax[None, None, None, :] - cx[..., None, None]) ** 2
-            + (ax[None, None, :, None] - cy[..., None, None]) ** 2 - r2[..., None, None]) <= 0
-    pos = arc.clamp(min=0)
-    total = pos.sum((-1, -2)).clamp(min=1e-30)
-    frac = torch.einsum("bkij,bij->bk", disc.to(dt), pos) / total[:, None]
+    # each disc lives in an S x S window around its centre: work on windows, not whole images
+    w = int(math.ceil(float(r.max()))) if r.numel() else 0
+    off = torch.arange(-w, w + 1, device=dev)
+    ix = torch.round(cx).long()[..., None] + off  # [B, K, S]
+    iy = torch.round(cy).long()[..., None] + off
+    d2 = (ix.to(dt) - cx[..., None])[..., None, :] ** 2 + (iy.to(dt) - cy[..., None])[..., :, None] ** 2
+    inside = (d2 <= r2[..., None, None]) & ((ix >= 0) & (ix < N))[..., None, :] & ((iy >= 0) & (iy < N))[..., :, None]
+    flat = (iy.clamp(0, N - 1)[..., :, None] * N + ix.clamp(0, N - 1)[..., None, :]).reshape(B, -1)
+    pos = arc.clamp(min=0).reshape(B, N * N)
+    total = pos.sum(1).clamp(min=1e-30)
+    covered = torch.where(inside.reshape(B, -1), pos.gather(1, flat), 0.0).reshape(inside.shape)
+    frac = covered.sum((-1, -2)) / total[:, None]
     ok = torch.cumsum(frac, dim=1) <= (1.0 - keep_fraction)
-    return (disc & ok[..., None, None]).any(1)
+    keep = (inside & ok[..., None, None]).reshape(B, -1)
+    mask = torch.zeros(B, N * N, dtype=torch.bool, device=dev)
+    rows = torch.arange(B, device=dev)[:, None].expand_as(flat)
+    mask[rows[keep], flat[keep]] = True
+    return mask.reshape(B, N, N)
 
 
 def normalize(images, method: str = "none", quantile: float = 0.99, eps: float = 1e-12):
