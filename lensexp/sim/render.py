@@ -344,10 +344,12 @@ class Simulator:
         I = self.cfg.instrument
         B, dev, dt = src.shape[0], self.device, self.dtype
         d = lambda lohi, m=B: draw(rng, m, check_range("", lohi), dev, dt)  # noqa: E731
-        ideal = src[:, None] * p["band_src"][:, :, None, None]
+        # convolution is linear: convolve source and lens light once each, then mix the bands
+        arc = self.psf.convolve(src[:, None], p["psf_index"])
+        clean = arc * p["band_src"][:, :, None, None]
         if lens_light is not None:
-            ideal = ideal + lens_light[:, None] * p["band_lens"][:, :, None, None]
-        clean = self.psf.convolve(ideal, p["psf_index"])
+            clean = clean + self.psf.convolve(lens_light[:, None], p["psf_index"]) * p["band_lens"][:, :, None, None]
+        arc = arc[:, 0]
         t = d(I.exposure_time)[:, None, None, None]
         sky = inst.sky_per_pixel(d(I.sky_mag), float(I.zeropoint), self.pixscale)[:, None, None, None]
         read = d(I.read_noise)[:, None, None, None]
@@ -388,17 +390,12 @@ class Simulator:
                     img,
                 )
                 img = img + dep / t
-                meta["cosmic_ray_pixels"] = (dep > 0).sum((1, 2, 3))
+                meta["cosmic_ray_pixels"] = torch.count_nonzero(dep.reshape(B, -1), dim=1)
             if hp.enabled:
                 hot, hmask = inst.hot_pixels(img.shape, float(hp.fraction), check_range("", hp.amplitude), rng, img)
                 img = img + hot
-                meta["hot_pixels"] = hmask.sum((1, 2, 3))
+                meta["hot_pixels"] = torch.count_nonzero(hmask.reshape(B, -1), dim=1)
             if mk.enabled:
-                arc = (
-                    self.psf.convolve(src[:, None], p["psf_index"])[:, 0]
-                    if self.cfg.lens_light.enabled
-                    else clean.sum(1) / p["band_src"].sum(1)[:, None, None].clamp(min=1e-12)
-                )
                 m = inst.circular_masks(
                     arc, check_range("", mk.n), check_range("", mk.radius), self.pixscale, float(mk.keep_arc_flux), rng
                 )
