@@ -120,24 +120,25 @@ def shard_samples(sim, spec: ShardSpec, batch_size: int, keep_noise_map: bool = 
     """
     b = sim.sample(spec.count, seed=spec.seed, batch_size=batch_size, keep_noise_map=keep_noise_map)
     images = b.images.cpu().numpy()
-    labels = b.labels.cpu().numpy().astype(np.float64)
-    meta = {k: b.meta[k].detach().cpu().numpy() for k in META_KEYS if k in b.meta}
+    labels = b.labels.cpu().double().tolist()  # float32 values as Python floats
+    meta = {k: _as_list(b.meta[k]) for k in META_KEYS if k in b.meta}
     noise = b.meta["noise_var"].cpu().numpy() if keep_noise_map and "noise_var" in b.meta else None
     for i in range(spec.count):
         s = {
             "__key__": f"{spec.split}-{spec.k:06d}-{i:06d}",
             "image": images[i],
-            "params": {name: float(labels[i, j]) for j, name in enumerate(LABELS)},
-            "meta": {k: _scalar(v[i]) for k, v in meta.items()},
+            "params": dict(zip(LABELS, labels[i])),
+            "meta": {k: v[i] for k, v in meta.items()},
         }
         if noise is not None:
             s["noise_var"] = noise[i]
         yield s
 
 
-def _scalar(v):
-    v = np.asarray(v).item()
-    return v if isinstance(v, (bool, int)) else float(v)
+def _as_list(t) -> list:
+    """Per-image meta tensor -> Python bools, ints or floats (float32 values kept exactly)."""
+    t = t.detach().cpu()
+    return (t.double() if t.is_floating_point() else t).tolist()
 
 
 def encode_sample(s: dict) -> dict:
