@@ -163,8 +163,11 @@ def hot_pixels(shape, fraction, amplitude, generator, like):
     total = math.prod(shape)
     n = torch.tensor(float(total), dtype=torch.float64)
     k = int(torch.binomial(n, torch.tensor(float(fraction), dtype=torch.float64), generator=_cpu(generator)))
-    flat = torch.randperm(total, generator=generator, device=like.device)[:k] if k > total // 8 else \
-        _distinct_randint(total, k, generator, like.device)
+    flat = (
+        torch.randperm(total, generator=generator, device=like.device)[:k]
+        if k > total // 8
+        else _distinct_randint(total, k, generator, like.device)
+    )
     img = torch.zeros(total, dtype=like.dtype, device=like.device)
     img[flat] = uniform(*amplitude, (k,), generator, like)
     hot = torch.zeros(total, dtype=torch.bool, device=like.device)

@@ -1,0 +1,117 @@
+"""Network: any timm backbone plus a regression head, with MC dropout before every weight layer.
+
+Perreault Levasseur et al. (2017) place dropout before every weight layer and keep it on at test
+time; :func:`add_dropout_before_weights` does this for every ``Conv2d`` and ``Linear`` of a model
+(``dropout_where='all'``), of the head only (``'head'``) or not at all (``'none'``), through
+forward pre-hooks so that timm's module structure and state dicts are untouched.
+:func:`set_mc_dropout` switches the dropout on in evaluation mode for Monte Carlo sampling.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lensexp.errors import ConfigError
+
+log = logging.getLogger(__name__)
+DROPOUT_WHERE = ("all", "head", "none")
+
+
+class MCDropout(nn.Module):
+    """Element-wise dropout active in training, or always when ``mc`` is set (MC sampling)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ConfigError(f"dropout rate must be in [0, 1), got {p}")
+        self.p, self.mc = float(p), False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.p, training=self.training or self.mc) if self.p > 0 else x
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def _dropout_pre_hook(module: nn.Module, args):
+    return (module.mc_dropout(args[0]), *args[1:])
+
+
+def add_dropout_before_weights(module: nn.Module, p: float) -> int:
+    """Give every ``Conv2d``/``Linear`` in ``module`` an :class:`MCDropout` on its input.
+
+    The dropout is a child called ``mc_dropout`` of the weight layer (visible in ``print``), run
+    by a forward pre-hook. Returns the number of layers so equipped.
+    """
+    n = 0
+    for m in list(module.modules()):
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and not hasattr(m, "mc_dropout"):
+            m.mc_dropout = MCDropout(p)
+            m.register_forward_pre_hook(_dropout_pre_hook)
+            n += 1
+    return n
+
+
+def set_mc_dropout(model: nn.Module, on: bool = True) -> int:
+    """Keep every :class:`MCDropout` active (``on``) even in eval mode; returns how many."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, MCDropout):
+            m.mc = bool(on)
+            n += 1
+    return n
+
+
+class LensRegressor(nn.Module):
+    """timm backbone (``num_classes=0``, ``in_chans`` = bands, never pretrained: no downloads) and
+    a two-layer head giving ``n_outputs`` numbers (the loss decides their meaning).
+
+    Inputs smaller than ``min_input_size`` pixels (e.g. 75 for Inception-v4) are resized up
+    bilinearly; a note is logged once.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        in_chans: int,
+        n_outputs: int,
+        dropout: float = 0.1,
+        dropout_where: str = "all",
+        head_hidden: int = 256,
+        min_input_size: int | None = None,
+        backbone_kwargs: dict | None = None,
+    ):
+        super().__init__()
+        import timm
+
+        if dropout_where not in DROPOUT_WHERE:
+            raise ConfigError(f"model.dropout_where must be one of {DROPOUT_WHERE}, got '{dropout_where}'")
+        try:
+            self.backbone = timm.create_model(
+                backbone, pretrained=False, num_classes=0, in_chans=int(in_chans), **dict(backbone_kwargs or {})
+            )
+        except RuntimeError as exc:
+            if "Unknown model" in str(exc):
+                raise ConfigError(f"unknown timm backbone '{backbone}' (see timm.list_models())") from exc
+            raise
+        feat = self.backbone.num_features
+        self.head = nn.Sequential(nn.Linear(feat, head_hidden), nn.GELU(), nn.Linear(head_hidden, n_outputs))
+        self.min_input_size = int(min_input_size) if min_input_size else None
+        self._noted = False
+        self.n_dropout = 0
+        if dropout_where == "all":
+            self.n_dropout = add_dropout_before_weights(self, dropout)
+        elif dropout_where == "head":
+            self.n_dropout = add_dropout_before_weights(self.head, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.min_input_size and min(x.shape[-2:]) < self.min_input_size:
+            if not self._noted:
+                log.info("input %s px resized to %d px for this backbone", tuple(x.shape[-2:]), self.min_input_size)
+                self._noted = True
+            x = F.interpolate(x, size=(self.min_input_size, self.min_input_size), mode="bilinear", align_corners=False)
+        return self.head(self.backbone(x))
