@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import IterableDataset, get_worker_info
@@ -111,6 +112,11 @@ class OnTheFlyDataset(IterableDataset):
         self.epoch_size, self.start_shard, self.device, self.compile = epoch_size, int(start_shard), device, compile
         self._sim = None
 
+    def __len__(self) -> int:
+        if self.epoch_size is None:
+            raise TypeError("an endless OnTheFlyDataset has no length; give epoch_size")
+        return int(self.epoch_size)
+
     def __iter__(self):
         from lensexp.sim.render import Simulator
 
@@ -132,3 +138,88 @@ class OnTheFlyDataset(IterableDataset):
                     "image": torch.from_numpy(s["image"]),
                     "labels": torch.tensor([s["params"][n] for n in LABELS], dtype=torch.float32),
                 }
+
+
+def _collate(samples: list[dict]) -> dict:
+    """Batch sample dicts: stacked ``image`` and ``labels``, keys as a list."""
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "labels": torch.stack([s["labels"] for s in samples]),
+        "__key__": [s["__key__"] for s in samples],
+    }
+
+
+class LensDataModule(pl.LightningDataModule):
+    """Lightning DataModule over shards (``source='shards'``, reading ``root``) or the on-the-fly
+    simulator (``source='on_the_fly'``), for one data preset ``data_cfg``.
+
+    Training streams resample shards with a shuffle buffer and a fixed ``train_epoch_size``
+    (images per epoch, split between loader workers); validation and test read their splits in
+    order, once (``val_size`` images each when simulated on the fly).
+    """
+
+    def __init__(
+        self,
+        data_cfg,
+        source: str = "shards",
+        root: str | None = None,
+        url_template: str | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        train_epoch_size: int = 4096,
+        val_size: int = 512,
+        shuffle: int = 1000,
+        seed: int = 0,
+        shard_size: int = 256,
+        sim_batch_size: int = 64,
+        pin_memory: bool = False,
+    ):
+        super().__init__()
+        if source not in ("shards", "on_the_fly"):
+            raise ConfigError(f"datamodule.source must be 'shards' or 'on_the_fly', got '{source}'")
+        if source == "shards" and not root:
+            raise ConfigError("datamodule.root must name a shard set when datamodule.source=shards")
+        self.data_cfg, self.source, self.root, self.url_template = data_cfg, source, root, url_template
+        self.batch_size, self.num_workers, self.pin_memory = int(batch_size), int(num_workers), bool(pin_memory)
+        self.train_epoch_size, self.val_size = int(train_epoch_size), int(val_size)
+        self.shuffle, self.seed = int(shuffle), int(seed)
+        self.shard_size, self.sim_batch_size = int(shard_size), int(sim_batch_size)
+
+    def _loader(self, ds):
+        from torch.utils.data import DataLoader
+
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=_collate,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _stream(self, split: str, train: bool):
+        if self.source == "on_the_fly":
+            return OnTheFlyDataset(
+                self.data_cfg,
+                self.seed,
+                split=split,
+                shard_size=self.shard_size,
+                batch_size=self.sim_batch_size,
+                epoch_size=self.train_epoch_size if train else self.val_size,
+            )
+        urls = shard_urls(self.root, split, self.url_template)
+        if train:
+            workers = max(self.num_workers, 1)
+            per_worker = -(-self.train_epoch_size // workers)
+            ds = shard_dataset(urls, shuffle=self.shuffle, resampled=True, epoch_size=per_worker, seed=self.seed)
+            return ds.with_length(per_worker * workers)  # lets Lightning count steps per epoch
+        return shard_dataset(urls)
+
+    def train_dataloader(self):
+        return self._loader(self._stream("train", True))
+
+    def val_dataloader(self):
+        return self._loader(self._stream("val", False))
+
+    def test_dataloader(self):
+        return self._loader(self._stream("test", False))

@@ -1,0 +1,147 @@
+"""Lightning module: network, loss, label normalisation and MC-dropout validation metrics.
+
+Labels are standardised inside the network (``mu_F`` through its logarithm) with a mean and
+standard deviation fitted on the first training batches and stored as buffers, so that a
+checkpoint predicts in physical units. Inputs are normalised per image (flux units drop out).
+Validation runs ``n_mc_val`` MC-dropout passes, each widened by its aleatoric sigma, and logs per
+label RMSE, median absolute error and coverage of the 68.3/95.5/99.7 % central intervals.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+
+from lensexp import metrics
+from lensexp.losses import get_loss
+from lensexp.models import LensRegressor, set_mc_dropout
+from lensexp.sim.instrument import normalize
+from lensexp.sim.priors import LABELS
+
+LOG_LABELS = ("mu_F",)
+SHORT = {0.683: "cov68", 0.955: "cov95", 0.997: "cov997"}
+
+
+class LensModule(pl.LightningModule):
+    """``model``: kwargs of :class:`~lensexp.models.LensRegressor` (backbone, dropout, ...);
+    ``loss``: ``mse``, ``gaussian_nll`` or ``full_cov_nll``; ``in_chans``: bands."""
+
+    def __init__(
+        self,
+        model: dict,
+        loss: str = "gaussian_nll",
+        in_chans: int = 1,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        n_mc_val: int = 8,
+        input_norm: str = "quantile",
+        label_fit_batches: int = 8,
+        labels: tuple = LABELS,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.labels = list(labels)
+        self.loss_fn = get_loss(loss)
+        self.net = LensRegressor(in_chans=in_chans, n_outputs=self.loss_fn.n_outputs(len(self.labels)), **model)
+        d = len(self.labels)
+        self.register_buffer("label_mean", torch.zeros(d))
+        self.register_buffer("label_std", torch.ones(d))
+        self.register_buffer("label_fitted", torch.tensor(False))
+        self.register_buffer("is_log", torch.tensor([n in LOG_LABELS for n in self.labels]))
+        self._fit_buf: list[torch.Tensor] = []
+        self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    # ---------------------------------------------------------------- label transform
+    def to_net(self, y: torch.Tensor) -> torch.Tensor:
+        """Physical labels [B, D] -> standardised network space."""
+        y = torch.where(self.is_log, torch.log(y.clamp(min=1e-6)), y)
+        return (y - self.label_mean) / self.label_std
+
+    def from_net(self, z: torch.Tensor) -> torch.Tensor:
+        """Network space -> physical labels (inverse of :meth:`to_net`, elementwise monotone)."""
+        y = z * self.label_std + self.label_mean
+        return torch.where(self.is_log, torch.exp(y), y)
+
+    def _update_label_scale(self, y: torch.Tensor) -> None:
+        """Fit mean/std on the first ``label_fit_batches`` training batches (refined each step)."""
+        if bool(self.label_fitted):
+            return
+        self._fit_buf.append(y.detach())
+        ys = torch.cat(self._fit_buf)
+        ys = torch.where(self.is_log, torch.log(ys.clamp(min=1e-6)), ys)
+        self.label_mean.copy_(ys.mean(0))
+        if ys.shape[0] > 1:
+            self.label_std.copy_(ys.std(0).clamp(min=1e-6))
+        if len(self._fit_buf) >= self.hparams.label_fit_batches:
+            self.label_fitted.fill_(True)
+            self._fit_buf = []
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw network outputs for images [B, C, H, W] in any flux unit."""
+        return self.net(normalize(images, self.hparams.input_norm))
+
+    @torch.no_grad()
+    def predict_mc(self, images: torch.Tensor, n_mc: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """MC-dropout passes: network-space means and sigmas [n_mc, B, D]."""
+        was = self.training
+        self.eval()
+        set_mc_dropout(self, n_mc > 1)
+        try:
+            outs = [self.loss_fn.mean_std(self(images)) for _ in range(max(n_mc, 1))]
+        finally:
+            set_mc_dropout(self, False)
+            self.train(was)
+        return torch.stack([m for m, _ in outs]), torch.stack([s for _, s in outs])
+
+    # ---------------------------------------------------------------- steps
+    def training_step(self, batch, batch_idx):
+        self._update_label_scale(batch["labels"])
+        loss = self.loss_fn(self(batch["image"]), self.to_net(batch["labels"]))
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        y = batch["labels"]
+        self.log("val/loss", self.loss_fn(self(batch["image"]), self.to_net(y)), prog_bar=True, batch_size=y.shape[0])
+        means, stds = self.predict_mc(batch["image"], self.hparams.n_mc_val)
+        self._val.append((means.cpu(), stds.cpu(), y.cpu()))
+
+    def on_validation_epoch_end(self):
+        if not self._val:
+            return
+        means = torch.cat([m for m, _, _ in self._val], 1)
+        stds = torch.cat([s for _, s, _ in self._val], 1)
+        truth = torch.cat([y for _, _, y in self._val])
+        self._val = []
+        for k, v in self.evaluate(means, stds, truth).items():
+            self.log(k, v)
+
+    def evaluate(self, means: torch.Tensor, stds: torch.Tensor, truth: torch.Tensor, prefix: str = "val") -> dict:
+        """RMSE / median error in physical units and coverage per label, from MC passes."""
+        cpu = {k: v.to("cpu") for k, v in (("m", self.label_mean), ("s", self.label_std), ("l", self.is_log))}
+        z_truth = (torch.where(cpu["l"], torch.log(truth.clamp(min=1e-6)), truth) - cpu["m"]) / cpu["s"]
+        samples = metrics.mixture_samples(
+            means, stds, per_pass=max(1, 256 // means.shape[0]), generator=torch.Generator().manual_seed(0)
+        )
+        cov = metrics.coverage(z_truth, metrics.central_intervals(samples))
+        pred = means.mean(0) * cpu["s"] + cpu["m"]
+        pred = torch.where(cpu["l"], torch.exp(pred), pred)
+        rmse, med = metrics.rmse(pred, truth), metrics.median_abs_error(pred, truth)
+        out = {}
+        for j, name in enumerate(self.labels):
+            out[f"{prefix}/rmse/{name}"] = float(rmse[j])
+            out[f"{prefix}/median_abs/{name}"] = float(med[j])
+            for c, v in cov.items():
+                out[f"{prefix}/{SHORT[c]}/{name}"] = float(v[j])
+        err = metrics.coverage_error(cov)
+        out[f"{prefix}/coverage_error"] = float(err.mean())
+        return out
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        steps = self.trainer.estimated_stepping_batches if self.trainer is not None else 1000
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=self.hparams.lr, total_steps=max(int(steps), 1), pct_start=0.1
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

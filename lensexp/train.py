@@ -1,0 +1,113 @@
+"""Training: ``python -m lensexp.train`` - a Hydra-composed Lightning run of a timm backbone.
+
+    python -m lensexp.train experiment=quickstart hydra.run.dir=outputs/runs/quickstart
+    python -m lensexp.train model=inception_v4 data=hst trainer=gpu
+    python -m lensexp.train -m model=resnet18,efficientnet_b0 model.dropout=0.05,0.1
+
+A run directory RUN holds ``checkpoints/last.ckpt`` (and the best by validation loss),
+``.hydra/config.yaml``, ``csv/`` metrics and an offline W&B run under ``wandb/``. Rerunning with
+the same ``hydra.run.dir`` resumes from ``last.ckpt`` exactly (or give ``ckpt_path=...``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from lensexp.cli import clean_errors, log
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    """CSV logger and/or W&B logger (offline by default; checkpoints uploaded only online)."""
+    from pytorch_lightning.loggers import CSVLogger, WandbLogger
+
+    loggers = []
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
+    wb = cfg.logger.wandb
+    if wb.enabled and wb.mode != "disabled":
+        os.environ.setdefault("WANDB_SILENT", "true")
+        loggers.append(
+            WandbLogger(
+                save_dir=str(run_dir),
+                project=wb.project,
+                entity=wb.entity,
+                group=wb.group,
+                tags=list(wb.tags),
+                mode=wb.mode,
+                log_model=wb.mode == "online",
+                config=OmegaConf.to_container(cfg, resolve=True),
+            )
+        )
+    return loggers
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Fit (and optionally test) the configured model; returns the final logged metrics."""
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from lensexp.data import LensDataModule
+    from lensexp.module import LensModule
+
+    run_dir = Path(run_dir)
+    pl.seed_everything(int(cfg.seed), workers=True)
+    dm = LensDataModule(cfg.data, **cfg.datamodule, seed=int(cfg.seed))
+    model = LensModule(
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        loss=str(cfg.loss.name),
+        in_chans=len(cfg.data.bands),
+        lr=float(cfg.optim.lr),
+        weight_decay=float(cfg.optim.weight_decay),
+        n_mc_val=int(cfg.n_mc_val),
+        input_norm=str(cfg.input_norm),
+    )
+    trainer_kw = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_kw.pop("compile", False):
+        model.net = torch.compile(model.net)
+    cb = cfg.callbacks.checkpoint
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=str(run_dir / "checkpoints"),
+            monitor=cb.monitor,
+            save_top_k=cb.save_top_k,
+            save_last=cb.save_last,
+            filename="best-{epoch:03d}",
+        )
+    ]
+    loggers = build_loggers(cfg, run_dir)
+    if cfg.callbacks.lr_monitor and loggers:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    trainer = pl.Trainer(**trainer_kw, logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir))
+    ckpt = cfg.ckpt_path
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if ckpt is None and last.exists():
+        ckpt = str(last)
+        log.info("resuming from %s", ckpt)
+    try:
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+        if cfg.test_after:
+            trainer.test(model, datamodule=dm, ckpt_path="best" if cb.save_top_k else None)
+    finally:
+        if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+            import wandb
+
+            wandb.finish()
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+@clean_errors
+def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    out = run(cfg, HydraConfig.get().runtime.output_dir)
+    return out.get("val/loss")
+
+
+if __name__ == "__main__":
+    main()
