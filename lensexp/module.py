@@ -9,6 +9,8 @@ label RMSE, median absolute error and coverage of the 68.3/95.5/99.7 % central i
 
 from __future__ import annotations
 
+import math
+
 import pytorch_lightning as pl
 import torch
 
@@ -139,9 +141,20 @@ class LensModule(pl.LightningModule):
         return out
 
     def configure_optimizers(self):
+        """AdamW; linear warm-up over 5 % of the steps, then cosine decay to 1 % of ``lr``.
+
+        The schedule is a function of the step alone (LambdaLR), so resuming with more epochs
+        stretches it instead of failing.
+        """
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        steps = self.trainer.estimated_stepping_batches if self.trainer is not None else 1000
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=self.hparams.lr, total_steps=max(int(steps), 1), pct_start=0.1
-        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1000
+        warm = max(1, total // 20)
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            t = min(1.0, (step - warm) / max(1, total - warm))
+            return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -70,14 +70,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     if trainer_kw.pop("compile", False):
         model.net = torch.compile(model.net)
     cb = cfg.callbacks.checkpoint
+    ckpt_dir = str(run_dir / "checkpoints")
     callbacks = [
-        ModelCheckpoint(
-            dirpath=str(run_dir / "checkpoints"),
-            monitor=cb.monitor,
-            save_top_k=cb.save_top_k,
-            save_last=cb.save_last,
-            filename="best-{epoch:03d}",
-        )
+        # last.ckpt after every epoch (exact resume), best by the monitored metric beside it
+        ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False),
+        ModelCheckpoint(dirpath=ckpt_dir, monitor=cb.monitor, save_top_k=cb.save_top_k, filename="best-{epoch:03d}"),
     ]
     loggers = build_loggers(cfg, run_dir)
     if cfg.callbacks.lr_monitor and loggers:

@@ -1,0 +1,127 @@
+"""Training configs compose and run; resume continues from the saved step; run-directory contract."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lensexp.config import CONF_DIR, compose_config
+from lensexp.paths import PROJECT_ROOT
+from lensexp.train import run
+
+# small, fast, file-free settings: on-the-fly Sérsic sources, W&B disabled
+FAST = [
+    "data=tiny",
+    "data.source.kind=sersic",
+    "datamodule.source=on_the_fly",
+    "datamodule.batch_size=8",
+    "datamodule.train_epoch_size=16",
+    "datamodule.val_size=16",
+    "datamodule.shard_size=16",
+    "datamodule.sim_batch_size=16",
+    "n_mc_val=2",
+    "logger=csv",
+    "trainer=cpu",
+    "+trainer.enable_progress_bar=false",
+]
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+def fast_dev(tmp_path, *over):
+    cfg = compose_config("train", [*FAST, "+trainer.fast_dev_run=true", *over])
+    return cfg, run(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_runs_fast_dev_run(tmp_path, experiment):
+    cfg, out = fast_dev(
+        tmp_path,
+        f"experiment={experiment}",
+        "data=tiny",
+        "trainer=cpu",
+        "trainer.precision=32-true",
+        "trainer.compile=false",
+        "datamodule.num_workers=0",
+        "datamodule.pin_memory=false",
+    )
+    assert "train/loss" in out and torch.isfinite(torch.tensor(out["train/loss"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_runs_fast_dev_run(tmp_path, model):
+    cfg, out = fast_dev(tmp_path, f"model={model}")
+    assert cfg.model.backbone and "val/rmse/theta_E" in out
+
+
+@pytest.mark.parametrize("loss", ["mse", "gaussian_nll", "full_cov_nll"])
+def test_every_loss_trains(tmp_path, loss):
+    _, out = fast_dev(tmp_path, f"loss={loss}")
+    assert torch.isfinite(torch.tensor(out["train/loss"]))
+    assert 0.0 <= out["val/cov68/theta_E"] <= 1.0
+
+
+def _last_step(run_dir: Path) -> tuple[int, int]:
+    ck = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return ck["global_step"], ck["epoch"]
+
+
+def test_resume_continues_from_saved_step(tmp_path):
+    base = [*FAST, "callbacks.lr_monitor=false"]
+    run(compose_config("train", [*base, "trainer.max_epochs=2"]), tmp_path)
+    step2, epoch2 = _last_step(tmp_path)
+    assert step2 == 4  # 16 images / batch 8 = 2 steps per epoch
+    mean_before = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]["label_mean"]
+    run(compose_config("train", [*base, "trainer.max_epochs=3"]), tmp_path)  # same run dir: resumes
+    step3, _ = _last_step(tmp_path)
+    assert step3 == 6
+    mean_after = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]["label_mean"]
+    torch.testing.assert_close(mean_before, mean_after)  # label scale fixed after the first batches
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    assert max(int(r["epoch"]) for r in rows) == 2
+
+
+def test_cli_run_directory_contract(tmp_path):
+    """`python -m lensexp.train experiment=quickstart hydra.run.dir=RUN` leaves what conventions.md lists."""
+    run_dir = tmp_path / "RUN"
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "WANDB_MODE": "offline"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "lensexp.train",
+        "experiment=quickstart",
+        f"hydra.run.dir={run_dir}",
+        *[o for o in FAST if not o.startswith("logger=")],
+        "trainer.max_epochs=1",
+    ]
+    r = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    cols = set(rows[0])
+    for p in ("theta_E", "e1", "e2", "center_x", "center_y", "gamma1", "gamma2", "mu_F"):
+        for m in ("rmse", "cov68", "cov95", "cov997"):
+            assert f"val/{m}/{p}" in cols
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_bad_training_config_is_one_clear_error(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    r = subprocess.run(
+        [sys.executable, "-m", "lensexp.train", *FAST, "datamodule.source=ftp", f"hydra.run.dir={tmp_path}"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2 and "datamodule.source must be" in r.stderr.strip().splitlines()[-1]
