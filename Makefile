@@ -17,9 +17,10 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 quickstart: venv
-	$(BIN)/python -m lensexp.simulate data=tiny n=2000 workers=2 seed=1 out=shards/tiny
+	$(BIN)/python -m lensexp.simulate data=tiny n=8000 workers=2 seed=1 out=shards/tiny
 	$(BIN)/python -m lensexp.simulate out=shards/tiny verify=true
 	$(BIN)/python -m lensexp.gallery presets=[tiny] n=6 out=outputs/quickstart
+	$(BIN)/python -m lensexp.train experiment=quickstart hydra.run.dir=outputs/runs/quickstart
 
 test: venv
 	$(BIN)/python -m pytest -q

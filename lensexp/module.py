@@ -51,7 +51,7 @@ class LensModule(pl.LightningModule):
         self.register_buffer("label_fitted", torch.tensor(False))
         self.register_buffer("is_log", torch.tensor([n in LOG_LABELS for n in self.labels]))
         self._fit_buf: list[torch.Tensor] = []
-        self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._collected: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     # ---------------------------------------------------------------- label transform
     def to_net(self, y: torch.Tensor) -> torch.Tensor:
@@ -104,20 +104,51 @@ class LensModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch, prefix: str):
         y = batch["labels"]
-        self.log("val/loss", self.loss_fn(self(batch["image"]), self.to_net(y)), prog_bar=True, batch_size=y.shape[0])
+        loss = self.loss_fn(self(batch["image"]), self.to_net(y))
+        self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=y.shape[0])
         means, stds = self.predict_mc(batch["image"], self.hparams.n_mc_val)
-        self._val.append((means.cpu(), stds.cpu(), y.cpu()))
+        self._collected.append((means.cpu(), stds.cpu(), y.cpu()))
+
+    def on_test_epoch_end(self):
+        self._log_collected("test")
 
     def on_validation_epoch_end(self):
-        if not self._val:
+        self._log_collected("val")
+
+    def _log_collected(self, prefix: str):
+        if not self._collected:
             return
-        means = torch.cat([m for m, _, _ in self._val], 1)
-        stds = torch.cat([s for _, s, _ in self._val], 1)
-        truth = torch.cat([y for _, _, y in self._val])
-        self._val = []
-        for k, v in self.evaluate(means, stds, truth).items():
+        means = torch.cat([m for m, _, _ in self._collected], 1)
+        stds = torch.cat([s for _, s, _ in self._collected], 1)
+        truth = torch.cat([y for _, _, y in self._collected])
+        self._collected = []
+        self.last_metrics = self.evaluate(means, stds, truth, prefix)
+        for k, v in self.last_metrics.items():
             self.log(k, v)
+
+    def on_fit_end(self):
+        """A W&B summary table (per label: RMSE, median error, coverage) when W&B logs this run."""
+        from pytorch_lightning.loggers import WandbLogger
+
+        m = getattr(self, "last_metrics", None)
+        loggers = [
+            lg for lg in (self.trainer.loggers if self._trainer is not None else []) if isinstance(lg, WandbLogger)
+        ]
+        if not m or not loggers:
+            return
+        cols = ["label", "rmse", "median_abs", *SHORT.values()]
+        rows = [
+            [n, m[f"val/rmse/{n}"], m[f"val/median_abs/{n}"], *(m[f"val/{c}/{n}"] for c in SHORT.values())]
+            for n in self.labels
+        ]
+        loggers[0].log_table(key="val/summary", columns=cols, data=rows)
 
     def evaluate(self, means: torch.Tensor, stds: torch.Tensor, truth: torch.Tensor, prefix: str = "val") -> dict:
         """RMSE / median error in physical units and coverage per label, from MC passes."""

@@ -87,14 +87,17 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         log.info("resuming from %s", ckpt)
     try:
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.test_after:
-            trainer.test(model, datamodule=dm, ckpt_path="best" if cb.save_top_k else None)
+            best = callbacks[1].best_model_path  # empty in fast_dev_run: test the weights in memory
+            trainer.test(model, datamodule=dm, ckpt_path=best or None)
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     finally:
         if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
             import wandb
 
             wandb.finish()
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return metrics
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
