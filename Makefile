@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 quickstart: venv
-	$(BIN)/python -m lensexp.simulate data=tiny n=8000 workers=2 seed=1 out=shards/tiny
+	$(BIN)/python -m lensexp.simulate data=tiny n=8000 workers=2 seed=1 out=shards/tiny overwrite=true
 	$(BIN)/python -m lensexp.simulate out=shards/tiny verify=true
 	$(BIN)/python -m lensexp.gallery presets=[tiny] n=6 out=outputs/quickstart
 	$(BIN)/python -m lensexp.train experiment=quickstart hydra.run.dir=outputs/runs/quickstart

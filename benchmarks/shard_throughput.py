@@ -19,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from sim_speed import ensure_allocator_env, lenstronomy_runner, machine_info, matched_config
+from common import ensure_allocator_env, machine_info
+from sim_speed import lenstronomy_runner, matched_config
 
 from lensexp.config import compose_config
 from lensexp.simulate import run

@@ -17,21 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import time
 
-_ALLOC = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
-
-
-def ensure_allocator_env() -> None:
-    """Re-execute the running script with glibc's allocator settings (read only at start-up)."""
-    if any(os.environ.get(k) != v for k, v in _ALLOC.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_ALLOC})
-
-
+# one BLAS thread for lenstronomy's numpy ("per core"), set before numpy/torch load
 for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
+
+from common import ensure_allocator_env, machine_info  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -138,27 +130,6 @@ def lenstronomy_runner(cfg):
 
     one()  # warm-up
     return run
-
-
-def machine_info() -> dict:
-    """CPU model, core count, library versions and the date, stored beside each figure."""
-    import lenstronomy
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "lenstronomy": lenstronomy.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-    }
 
 
 def main(argv=None):

@@ -106,7 +106,7 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     out = run(cfg, HydraConfig.get().runtime.output_dir)
-    return out.get("val/loss")
+    return out.get(str(cfg.optimized_metric))
 
 
 if __name__ == "__main__":

@@ -125,3 +125,16 @@ def test_bad_training_config_is_one_clear_error(tmp_path):
         timeout=300,
     )
     assert r.returncode == 2 and "datamodule.source must be" in r.stderr.strip().splitlines()[-1]
+
+
+def test_optuna_search_space_names_real_options():
+    import yaml
+
+    spec = yaml.safe_load((CONF_DIR / "hparams_search" / "optuna.yaml").read_text())
+    cfg = compose_config("train", [])
+    from omegaconf import OmegaConf
+
+    for key in spec["hydra"]["sweeper"]["params"]:
+        assert OmegaConf.select(cfg, key) is not None, key
+    assert OmegaConf.select(cfg, "optimized_metric") == "val/loss"
+    assert spec["optimized_metric"] == "val/coverage_error"

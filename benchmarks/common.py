@@ -1,0 +1,43 @@
+"""Helpers shared by the benchmark scripts: machine description and allocator settings."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+
+import torch
+
+_ALLOC = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+
+
+def ensure_allocator_env() -> None:
+    """Re-execute the running script with glibc's allocator settings (read only at start-up)."""
+    if any(os.environ.get(k) != v for k, v in _ALLOC.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_ALLOC})
+
+
+def machine_info() -> dict:
+    """CPU model, core count, library versions and the date, stored beside each figure."""
+    try:
+        import lenstronomy
+
+        lt = lenstronomy.__version__
+    except ImportError:
+        lt = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "lenstronomy": lt,
+        "date": time.strftime("%Y-%m-%d"),
+    }

@@ -1,0 +1,98 @@
+"""Training throughput (images/s) of the lensexp network for several timm backbones.
+
+One optimisation step = forward with dropout before every weight layer, Gaussian NLL, backward,
+AdamW step, on in-memory batches at the ``tiny`` (64 px, 1 band) and ``hst`` (192 px, 2 bands)
+sizes; data loading is excluded (see ``shard_throughput.py`` for the data side). CPU by default
+(all cores), ``--device cuda`` on a GPU (``--amp`` for bf16 autocast).
+
+    python benchmarks/train_throughput.py
+    python benchmarks/train_throughput.py --models tiny resnet50 inception_v4 --sizes hst --device cuda --amp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from common import machine_info
+
+from lensexp.config import compose_config
+from lensexp.losses import get_loss
+from lensexp.models import LensRegressor
+
+SIZES = {"tiny": (64, 1), "hst": (192, 2)}
+
+
+def step_rate(model_name: str, size: str, batch: int, steps: int, device: str, amp: bool) -> float:
+    npix, bands = SIZES[size]
+    cfg = compose_config("train", [f"model={model_name}", f"data={size}"])
+    loss = get_loss("gaussian_nll")
+    net = LensRegressor(in_chans=bands, n_outputs=loss.n_outputs(8), **cfg.model).to(device).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    x = torch.randn(batch, bands, npix, npix, device=device)
+    y = torch.randn(batch, 8, device=device)
+
+    def one():
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+            out = net(x)
+        lo = loss(out.float(), y)
+        opt.zero_grad(set_to_none=True)
+        lo.backward()
+        opt.step()
+
+    one()  # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        one()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--models",
+        nargs="+",
+        default=["tiny", "resnet18", "efficientnet_b0", "convnext_tiny", "vit_small", "inception_v4"],
+    )
+    ap.add_argument("--sizes", nargs="+", default=["tiny", "hst"], choices=sorted(SIZES))
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--amp", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    rows = []
+    for size in args.sizes:
+        for m in args.models:
+            rate = step_rate(m, size, args.batch, args.steps, args.device, args.amp)
+            rows.append(
+                {
+                    "model": m,
+                    "size": size,
+                    "img_s": rate,
+                    "batch": args.batch,
+                    "device": args.device,
+                    "amp": args.amp,
+                    "threads": torch.get_num_threads(),
+                    **machine_info(),
+                }
+            )
+            print(
+                f"{size:5s} {m:16s} {rate:9.1f} img/s  (train step, batch {args.batch}, {args.device}, "
+                f"{torch.get_num_threads()} threads)",
+                flush=True,
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
