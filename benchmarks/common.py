@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -41,3 +43,15 @@ def machine_info() -> dict:
         "lenstronomy": lt,
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def report(rows: list, row: dict, line: str) -> None:
+    """Append ``row`` (with :func:`machine_info`) to ``rows`` and print ``line`` at once."""
+    rows.append({**row, **machine_info()})
+    print(line, flush=True)
+
+
+def save(rows: list, path: str | None) -> None:
+    """Write the rows as JSON to ``path`` (when given), e.g. ``benchmarks/results/*.json``."""
+    if path:
+        Path(path).write_text(json.dumps(rows, indent=2))

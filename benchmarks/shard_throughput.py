@@ -13,13 +13,12 @@ pixels, masks), and in the same run measures lenstronomy rendering the matched s
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from common import ensure_allocator_env, machine_info
+from common import ensure_allocator_env, report, save
 from sim_speed import lenstronomy_runner, matched_config
 
 from lensexp.config import compose_config
@@ -72,7 +71,8 @@ def main(argv=None):
         ref = max(ref_run(max(20, n // 10)) for _ in range(2))
         for w in args.workers:
             img_s, mb_s = shard_run(preset, n, w, args.compile, shard_size)
-            rows.append(
+            report(
+                rows,
                 {
                     "preset": preset,
                     "workers": w,
@@ -82,16 +82,11 @@ def main(argv=None):
                     "ratio": img_s / ref,
                     "compile": args.compile,
                     "n": n,
-                    **machine_info(),
-                }
-            )
-            print(
+                },
                 f"{preset:5s} workers={w}  {img_s:8.1f} img/s  {mb_s:7.1f} MB/s   lenstronomy (1 core, render only) "
                 f"{ref:6.1f} img/s   ratio {img_s / ref:5.1f}x",
-                flush=True,
             )
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    save(rows, args.json)
     return rows
 
 

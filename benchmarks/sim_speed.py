@@ -15,7 +15,6 @@ figure is the best of ``--rounds`` interleaved rounds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -23,7 +22,7 @@ import time
 for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
 
-from common import ensure_allocator_env, machine_info  # noqa: E402
+from common import ensure_allocator_env, report, save  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -157,7 +156,8 @@ def main(argv=None):
         for _ in range(args.rounds):
             ours = max(ours, run_ours(n))
             ref = max(ref, run_ref(n_ref))
-        rows.append(
+        report(
+            rows,
             {
                 "npix": npix,
                 "lensexp_img_s": ours,
@@ -166,17 +166,11 @@ def main(argv=None):
                 "device": args.device,
                 "threads": args.threads,
                 "batch": args.batch,
-                **machine_info(),
-            }
-        )
-        print(
+            },
             f"{npix:4d} px  lensexp {ours:9.1f} img/s   lenstronomy {ref:7.1f} img/s   ratio {ours / ref:6.1f}x"
-            f"   ({args.device}, {args.threads} thread(s), batch {args.batch}, {rows[-1]['cpu']})",
-            flush=True,
+            f"   ({args.device}, {args.threads} thread(s), batch {args.batch})",
         )
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=2)
+    save(rows, args.json)
     return rows
 
 

@@ -12,12 +12,10 @@ sizes; data loading is excluded (see ``shard_throughput.py`` for the data side).
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
-from common import machine_info
+from common import report, save
 
 from lensexp.config import compose_config
 from lensexp.losses import get_loss
@@ -72,7 +70,8 @@ def main(argv=None):
     for size in args.sizes:
         for m in args.models:
             rate = step_rate(m, size, args.batch, args.steps, args.device, args.amp)
-            rows.append(
+            report(
+                rows,
                 {
                     "model": m,
                     "size": size,
@@ -81,16 +80,11 @@ def main(argv=None):
                     "device": args.device,
                     "amp": args.amp,
                     "threads": torch.get_num_threads(),
-                    **machine_info(),
-                }
-            )
-            print(
+                },
                 f"{size:5s} {m:16s} {rate:9.1f} img/s  (train step, batch {args.batch}, {args.device}, "
                 f"{torch.get_num_threads()} threads)",
-                flush=True,
             )
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    save(rows, args.json)
     return rows
 
 
