@@ -155,7 +155,7 @@ class LensModule(pl.LightningModule):
         cpu = {k: v.to("cpu") for k, v in (("m", self.label_mean), ("s", self.label_std), ("l", self.is_log))}
         z_truth = (torch.where(cpu["l"], torch.log(truth.clamp(min=1e-6)), truth) - cpu["m"]) / cpu["s"]
         samples = metrics.mixture_samples(
-            means, stds, per_pass=max(1, 256 // means.shape[0]), generator=torch.Generator().manual_seed(0)
+            means, stds, per_pass=max(1, 2048 // means.shape[0]), generator=torch.Generator().manual_seed(0)
         )
         cov = metrics.coverage(z_truth, metrics.central_intervals(samples))
         pred = means.mean(0) * cpu["s"] + cpu["m"]

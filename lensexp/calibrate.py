@@ -1,0 +1,226 @@
+"""Calibration: ``python -m lensexp.calibrate ckpt=CKPT out=DIR``.
+
+MC-dropout posteriors on a split (the run's test split by default): ``n_mc`` stochastic passes,
+each widened by its aleatoric sigma (Perreault Levasseur et al. 2017). Per label: posterior mean,
+std and central intervals; coverage at 68.3/95.5/99.7 % and the full coverage curve with binomial
+errors; RMSE, bias and the sigma/error ratio. A per-label scale of the predictive spread is fitted
+on the validation split (Gaussian-NLL sigma plus MC spread over-covers), saved beside the
+checkpoint as ``calibration.json`` and applied by ``predict``; the report shows coverage before
+and after. Writes ``DIR/coverage.json`` (``{param: {"0.683": f, ...}}``, after recalibration),
+``DIR/metrics.json``, ``DIR/report.html`` and its PNGs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lensexp import metrics
+from lensexp.errors import ConfigError
+
+CURVE = np.round(np.linspace(0.01, 0.99, 99), 2)
+SCALES = np.exp(np.linspace(np.log(0.1), np.log(10.0), 161))
+CAL_FILE = "calibration.json"
+
+
+def load_module(ckpt: str | Path, device: str = "cpu"):
+    """A trained :class:`~lensexp.module.LensModule` from a checkpoint, loaded weights-only."""
+    from lensexp.module import LensModule
+
+    path = Path(ckpt)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint not found: '{ckpt}'")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - untrusted file: any failure is a bad checkpoint
+        raise ConfigError(f"'{ckpt}' is not a lensexp checkpoint loadable weights-only: {exc}") from exc
+    if "hyper_parameters" not in ck or "state_dict" not in ck:
+        raise ConfigError(f"'{ckpt}' lacks hyper_parameters/state_dict: not a lensexp training checkpoint")
+    module = LensModule(**ck["hyper_parameters"])
+    module.load_state_dict(ck["state_dict"])
+    return module.to(device).eval()
+
+
+def run_config(ckpt: str | Path) -> DictConfig | None:
+    """The training config of the run that wrote ``ckpt`` (``RUN/.hydra/config.yaml``), if any."""
+    cfg = Path(ckpt).resolve().parent.parent / ".hydra" / "config.yaml"
+    return OmegaConf.load(cfg) if cfg.is_file() else None
+
+
+@torch.no_grad()
+def collect(module, loader, n_mc: int, max_lenses: int | None = None, progress: bool = True):
+    """Network-space MC means/stds [n_mc, N, D] and physical truths [N, D] over a loader."""
+    from tqdm import tqdm
+
+    ms, ss, ys, n = [], [], [], 0
+    dev = module.label_mean.device
+    for batch in tqdm(loader, desc="MC dropout", unit="batch", disable=not progress):
+        m, s = module.predict_mc(batch["image"].to(dev), n_mc)
+        ms.append(m.cpu())
+        ss.append(s.cpu())
+        ys.append(batch["labels"])
+        n += batch["labels"].shape[0]
+        if max_lenses and n >= max_lenses:
+            break
+    if not ys:
+        raise ConfigError("the chosen split holds no lenses")
+    means, stds, truth = torch.cat(ms, 1), torch.cat(ss, 1), torch.cat(ys)
+    if max_lenses:
+        means, stds, truth = means[:, :max_lenses], stds[:, :max_lenses], truth[:max_lenses]
+    return means, stds, truth
+
+
+def posterior_samples(means, stds, n_samples: int = 2048, seed: int = 0):
+    """Mixture samples [S, N, D] (network space) and their centre (mean of the MC means) [N, D]."""
+    g = torch.Generator().manual_seed(seed)
+    samples = metrics.mixture_samples(means, stds, per_pass=max(1, n_samples // means.shape[0]), generator=g)
+    return samples, means.mean(0)
+
+
+def scaled(samples, centre, scale):
+    """Samples with their spread about ``centre`` multiplied by ``scale`` [D]."""
+    return centre + (samples - centre) * torch.as_tensor(scale, dtype=samples.dtype)
+
+
+def coverage_curve(samples, z_truth, levels=CURVE) -> np.ndarray:
+    """Empirical coverage [len(levels), D] of central intervals at each nominal level."""
+    lv = [float(x) for x in levels]
+    cov = metrics.coverage(z_truth, metrics.central_intervals(samples, lv))
+    return np.stack([cov[c].numpy() for c in lv])
+
+
+def fit_scales(samples, centre, z_truth, levels=CURVE) -> np.ndarray:
+    """Per-label spread scale minimising the mean |coverage - nominal| over the curve."""
+    best = np.full(z_truth.shape[1], np.inf)
+    out = np.ones(z_truth.shape[1])
+    # distance of each truth from the centre, in units of the posterior's quantile spreads:
+    # coverage at scale s equals coverage at 1 of truths shrunk by 1/s, so one quantile pass serves all
+    lv = [float(x) for x in levels]
+    iv = metrics.central_intervals(samples, lv)
+    for s in SCALES:
+        zt = centre + (z_truth - centre) / s
+        cov = metrics.coverage(zt, iv)
+        err = np.mean([np.abs(cov[c].numpy() - c) for c in lv], 0)
+        better = err < best
+        best[better], out[better] = err[better], s
+    return out
+
+
+def summarise(module, means, stds, truth, scale=None, n_samples: int = 2048) -> dict:
+    """Physical-unit posterior summaries and calibration numbers for one split."""
+    z_truth = module.to_net(truth)
+    samples, centre = posterior_samples(means, stds, n_samples)
+    if scale is not None:
+        samples = scaled(samples, centre, scale)
+    phys = module.from_net(samples)
+    mean, std = phys.mean(0), phys.std(0)
+    iv = metrics.central_intervals(phys, metrics.LEVELS)
+    cov = metrics.coverage(truth, iv)
+    curve = coverage_curve(samples, z_truth)
+    err = mean - truth
+    return {
+        "mean": mean,
+        "std": std,
+        "intervals": iv,
+        "coverage": cov,
+        "curve": curve,
+        "rmse": metrics.rmse(mean, truth),
+        "bias": err.mean(0),
+        "sigma_over_error": std.mean(0) / metrics.rmse(mean, truth).clamp(min=1e-12),
+        "median_abs": metrics.median_abs_error(mean, truth),
+        "truth": truth,
+        "n": truth.shape[0],
+    }
+
+
+def _loader_for(cfg: DictConfig, train_cfg: DictConfig | None, split: str):
+    from lensexp.data import LensDataModule
+
+    if train_cfg is None and cfg.data_root is None and not cfg.on_the_fly:
+        raise ConfigError("no run config beside the checkpoint: give data_root=SHARDS or on_the_fly=true")
+    data_cfg = train_cfg.data if train_cfg is not None else cfg.data
+    if cfg.on_the_fly:
+        dm = LensDataModule(
+            data_cfg,
+            source="on_the_fly",
+            batch_size=int(cfg.batch_size),
+            val_size=int(cfg.max_lenses or 1024),
+            seed=int(cfg.seed),
+        )
+    else:
+        root = cfg.data_root or train_cfg.datamodule.root
+        dm = LensDataModule(data_cfg, source="shards", root=str(root), batch_size=int(cfg.batch_size))
+    return dm._loader(dm._stream(split, train=False))
+
+
+def run(cfg: DictConfig) -> dict:
+    """Calibrate the checkpoint ``cfg.ckpt`` and write the report to ``cfg.out``."""
+    from lensexp.report import write_report
+
+    device = (
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
+    module = load_module(cfg.ckpt, device)
+    train_cfg = run_config(cfg.ckpt)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = module.labels
+    scale = None
+    if cfg.recalibrate:
+        vm, vs, vy = collect(
+            module, _loader_for(cfg, train_cfg, cfg.recalibrate_split), int(cfg.n_mc), cfg.max_lenses, cfg.progress
+        )
+        vsamples, vcentre = posterior_samples(vm, vs)
+        scale = fit_scales(vsamples, vcentre, module.to_net(vy))
+        cal = {
+            "method": "spread_scale",
+            "split": str(cfg.recalibrate_split),
+            "n": int(vy.shape[0]),
+            "scale": {n: float(s) for n, s in zip(labels, scale)},
+        }
+        (Path(cfg.ckpt).parent / CAL_FILE).write_text(json.dumps(cal, indent=2))
+        (out / CAL_FILE).write_text(json.dumps(cal, indent=2))
+    means, stds, truth = collect(
+        module, _loader_for(cfg, train_cfg, cfg.split), int(cfg.n_mc), cfg.max_lenses, cfg.progress
+    )
+    before = summarise(module, means, stds, truth)
+    after = summarise(module, means, stds, truth, scale) if scale is not None else before
+    final = after
+    coverage = {n: {f"{c:.3f}": float(final["coverage"][c][j]) for c in metrics.LEVELS} for j, n in enumerate(labels)}
+    (out / "coverage.json").write_text(json.dumps(coverage, indent=2))
+    m = {
+        "n_lenses": int(truth.shape[0]),
+        "n_mc": int(cfg.n_mc),
+        "split": str(cfg.split),
+        "recalibrated": scale is not None,
+        "scale": {n: float(s) for n, s in zip(labels, scale)} if scale is not None else None,
+        "binomial_sigma": {f"{c:.3f}": metrics.binomial_sigma(c, int(truth.shape[0])) for c in metrics.LEVELS},
+        "per_label": {},
+    }
+    for j, n in enumerate(labels):
+        m["per_label"][n] = {
+            "rmse": float(final["rmse"][j]),
+            "bias": float(final["bias"][j]),
+            "median_abs": float(final["median_abs"][j]),
+            "sigma_over_error": float(final["sigma_over_error"][j]),
+            "coverage_before": {f"{c:.3f}": float(before["coverage"][c][j]) for c in metrics.LEVELS},
+            "coverage_after": {f"{c:.3f}": float(after["coverage"][c][j]) for c in metrics.LEVELS},
+        }
+    (out / "metrics.json").write_text(json.dumps(m, indent=2))
+    write_report(out, labels, before, after if scale is not None else None, m, str(cfg.ckpt))
+    print(f"wrote {out / 'report.html'}, coverage.json, metrics.json ({truth.shape[0]} lenses, {cfg.n_mc} MC passes)")
+    return m
+
+
+if __name__ == "__main__":
+    import hydra
+
+    from lensexp.cli import clean_errors
+
+    hydra.main(config_path="../conf", config_name="calibrate", version_base="1.3")(clean_errors(run))()
