@@ -21,6 +21,7 @@ quickstart: venv
 	$(BIN)/python -m lensexp.simulate out=shards/tiny verify=true
 	$(BIN)/python -m lensexp.gallery presets=[tiny] n=6 out=outputs/quickstart
 	$(BIN)/python -m lensexp.train experiment=quickstart hydra.run.dir=outputs/runs/quickstart
+	$(BIN)/python -m lensexp.calibrate ckpt=outputs/runs/quickstart/checkpoints/last.ckpt out=outputs/runs/quickstart/calibration
 
 test: venv
 	$(BIN)/python -m pytest -q

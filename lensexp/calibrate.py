@@ -157,9 +157,94 @@ def _loader_for(cfg: DictConfig, train_cfg: DictConfig | None, split: str):
     return dm._loader(dm._stream(split, train=False))
 
 
+def dropout_table(root: str | Path) -> list[dict]:
+    """Runs under ``root`` (each with ``.hydra/config.yaml`` and ``csv/metrics.csv``, e.g. a Hydra
+    multirun over ``model.dropout``) with their dropout rate and last validation calibration,
+    best (smallest mean |coverage - nominal|) first."""
+    import csv
+
+    rows = []
+    for cfg_path in sorted(Path(root).glob("**/.hydra/config.yaml")):
+        run_dir = cfg_path.parent.parent
+        metrics_csv = run_dir / "csv" / "metrics.csv"
+        if not metrics_csv.is_file():
+            continue
+        val = [r for r in csv.DictReader(open(metrics_csv)) if r.get("val/coverage_error")]
+        if not val:
+            continue
+        last = val[-1]
+        rows.append(
+            {
+                "run": str(run_dir),
+                "dropout": float(OmegaConf.load(cfg_path).model.dropout),
+                "coverage_error": float(last["val/coverage_error"]),
+                "cov68_theta_E": float(last.get("val/cov68/theta_E") or "nan"),
+                "rmse_theta_E": float(last.get("val/rmse/theta_E") or "nan"),
+            }
+        )
+    if not rows:
+        raise ConfigError(f"no training runs with validation metrics under '{root}'")
+    return sorted(rows, key=lambda r: r["coverage_error"])
+
+
+def choose_dropout(root: str | Path, out: Path | None = None) -> dict:
+    """Pick the dropout rate whose run is best calibrated (Perreault Levasseur et al. 2017)."""
+    rows = dropout_table(root)
+    print(f"{'dropout':>8} {'|cov-nominal|':>14} {'cov68 θE':>9} {'RMSE θE':>8}  run")
+    for r in rows:
+        cols = f"{r['dropout']:8.3f} {r['coverage_error']:14.4f} {r['cov68_theta_E']:9.3f} {r['rmse_theta_E']:8.4f}"
+        print(f"{cols}  {r['run']}")
+    choice = {"dropout": rows[0]["dropout"], "run": rows[0]["run"], "table": rows}
+    print(f"chosen dropout rate: {choice['dropout']} ({choice['run']})")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "dropout_choice.json").write_text(json.dumps(choice, indent=2))
+    return choice
+
+
+def log_wandb(cfg: DictConfig, out: Path, m: dict) -> None:
+    """Metrics table and report images to W&B (offline unless ``wandb.mode=online``)."""
+    import wandb
+
+    run = wandb.init(
+        project=cfg.wandb.project,
+        dir=str(out),
+        mode=cfg.wandb.mode,
+        job_type="calibration",
+        config={"ckpt": str(cfg.ckpt), "split": str(cfg.split), "n_mc": int(cfg.n_mc)},
+    )
+    try:
+        cols = ["label", "rmse", "bias", "sigma_over_error", "cov68", "cov95", "cov997", "cov68_before"]
+        data = [
+            [
+                n,
+                v["rmse"],
+                v["bias"],
+                v["sigma_over_error"],
+                *v["coverage_after"].values(),
+                v["coverage_before"]["0.683"],
+            ]
+            for n, v in m["per_label"].items()
+        ]
+        run.log(
+            {
+                "calibration/table": wandb.Table(columns=cols, data=data),
+                **{f"calibration/{p.stem}": wandb.Image(str(p)) for p in sorted(out.glob("*.png"))},
+            }
+        )
+    finally:
+        run.finish()
+
+
 def run(cfg: DictConfig) -> dict:
-    """Calibrate the checkpoint ``cfg.ckpt`` and write the report to ``cfg.out``."""
+    """Calibrate the checkpoint ``cfg.ckpt`` and write the report to ``cfg.out``
+    (or, with ``select_dropout=DIR``, choose the best-calibrated dropout rate among runs)."""
     from lensexp.report import write_report
+
+    if cfg.get("select_dropout"):
+        return choose_dropout(cfg.select_dropout, Path(cfg.out))
+    if not cfg.ckpt:
+        raise ConfigError("give ckpt=RUN/checkpoints/last.ckpt (or select_dropout=DIR)")
 
     device = (
         "cuda"
@@ -214,6 +299,8 @@ def run(cfg: DictConfig) -> dict:
         }
     (out / "metrics.json").write_text(json.dumps(m, indent=2))
     write_report(out, labels, before, after if scale is not None else None, m, str(cfg.ckpt))
+    if cfg.wandb.mode != "disabled":
+        log_wandb(cfg, out, m)
     print(f"wrote {out / 'report.html'}, coverage.json, metrics.json ({truth.shape[0]} lenses, {cfg.n_mc} MC passes)")
     return m
 

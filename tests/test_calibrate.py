@@ -76,6 +76,7 @@ def test_report_from_a_trained_run(trained, tmp_path):
     for p in pngs:
         assert f'href="{p}"' in html and (tmp_path / p).stat().st_size > 5000
     assert len(re.findall(r"data:image/png;base64,", html)) == 3  # self-contained
+    assert list((tmp_path / "wandb").glob("offline-run-*"))  # logged to W&B offline
     cal = json.loads((trained.parent / "calibration.json").read_text())
     assert set(cal["scale"]) == set(cov) and all(v > 0 for v in cal["scale"].values())
 
@@ -90,3 +91,23 @@ def test_bad_checkpoints_give_one_clear_error(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
     with pytest.raises(ConfigError, match="not a lensexp training checkpoint"):
         load_module(tmp_path / "other.ckpt")
+
+
+def test_choose_dropout_by_calibration(tmp_path):
+    from omegaconf import OmegaConf
+
+    from lensexp.calibrate import choose_dropout
+
+    for rate, err in ((0.02, 0.12), (0.1, 0.03), (0.3, 0.08)):
+        d = tmp_path / f"run_{rate}"
+        (d / ".hydra").mkdir(parents=True)
+        (d / "csv").mkdir()
+        OmegaConf.save(OmegaConf.create({"model": {"dropout": rate}}), d / ".hydra" / "config.yaml")
+        (d / "csv" / "metrics.csv").write_text(
+            "epoch,val/coverage_error,val/cov68/theta_E,val/rmse/theta_E\n0,0.5,0.9,0.3\n1," + f"{err},0.7,0.1\n"
+        )
+    choice = choose_dropout(tmp_path, tmp_path / "out")
+    assert choice["dropout"] == 0.1 and [r["dropout"] for r in choice["table"]] == [0.1, 0.3, 0.02]
+    assert (tmp_path / "out" / "dropout_choice.json").is_file()
+    with pytest.raises(ConfigError, match="no training runs"):
+        choose_dropout(tmp_path / "out")
