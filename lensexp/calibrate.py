@@ -15,15 +15,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lensexp import metrics
+from lensexp.metrics import coverage_curve, fit_scales, posterior_samples, scaled
 from lensexp.errors import ConfigError
 
-CURVE = np.round(np.linspace(0.01, 0.99, 99), 2)
-SCALES = np.exp(np.linspace(np.log(0.1), np.log(10.0), 161))
 CAL_FILE = "calibration.json"
 
 
@@ -72,42 +70,6 @@ def collect(module, loader, n_mc: int, max_lenses: int | None = None, progress: 
     if max_lenses:
         means, stds, truth = means[:, :max_lenses], stds[:, :max_lenses], truth[:max_lenses]
     return means, stds, truth
-
-
-def posterior_samples(means, stds, n_samples: int = 2048, seed: int = 0):
-    """Mixture samples [S, N, D] (network space) and their centre (mean of the MC means) [N, D]."""
-    g = torch.Generator().manual_seed(seed)
-    samples = metrics.mixture_samples(means, stds, per_pass=max(1, n_samples // means.shape[0]), generator=g)
-    return samples, means.mean(0)
-
-
-def scaled(samples, centre, scale):
-    """Samples with their spread about ``centre`` multiplied by ``scale`` [D]."""
-    return centre + (samples - centre) * torch.as_tensor(scale, dtype=samples.dtype)
-
-
-def coverage_curve(samples, z_truth, levels=CURVE) -> np.ndarray:
-    """Empirical coverage [len(levels), D] of central intervals at each nominal level."""
-    lv = [float(x) for x in levels]
-    cov = metrics.coverage(z_truth, metrics.central_intervals(samples, lv))
-    return np.stack([cov[c].numpy() for c in lv])
-
-
-def fit_scales(samples, centre, z_truth, levels=CURVE) -> np.ndarray:
-    """Per-label spread scale minimising the mean |coverage - nominal| over the curve."""
-    best = np.full(z_truth.shape[1], np.inf)
-    out = np.ones(z_truth.shape[1])
-    # distance of each truth from the centre, in units of the posterior's quantile spreads:
-    # coverage at scale s equals coverage at 1 of truths shrunk by 1/s, so one quantile pass serves all
-    lv = [float(x) for x in levels]
-    iv = metrics.central_intervals(samples, lv)
-    for s in SCALES:
-        zt = centre + (z_truth - centre) / s
-        cov = metrics.coverage(zt, iv)
-        err = np.mean([np.abs(cov[c].numpy() - c) for c in lv], 0)
-        better = err < best
-        best[better], out[better] = err[better], s
-    return out
 
 
 def summarise(module, means, stds, truth, scale=None, n_samples: int = 2048) -> dict:

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 LEVELS = (0.683, 0.955, 0.997)
+CURVE = np.round(np.linspace(0.01, 0.99, 99), 2)  # nominal levels of the coverage curve
+SCALES = np.exp(np.linspace(np.log(0.1), np.log(10.0), 161))  # spread scales tried by fit_scales
 
 
 def mixture_samples(means: torch.Tensor, stds: torch.Tensor, per_pass: int = 16, generator=None) -> torch.Tensor:
@@ -56,3 +59,39 @@ def rmse(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
 def median_abs_error(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """Median absolute error per label [D]."""
     return (pred - truth).abs().median(0).values
+
+
+def posterior_samples(means, stds, n_samples: int = 2048, seed: int = 0):
+    """Mixture samples [S, N, D] (network space) and their centre (mean of the MC means) [N, D]."""
+    g = torch.Generator().manual_seed(seed)
+    samples = mixture_samples(means, stds, per_pass=max(1, n_samples // means.shape[0]), generator=g)
+    return samples, means.mean(0)
+
+
+def scaled(samples, centre, scale):
+    """Samples with their spread about ``centre`` multiplied by ``scale`` [D]."""
+    return centre + (samples - centre) * torch.as_tensor(scale, dtype=samples.dtype)
+
+
+def coverage_curve(samples, z_truth, levels=CURVE) -> np.ndarray:
+    """Empirical coverage [len(levels), D] of central intervals at each nominal level."""
+    lv = [float(x) for x in levels]
+    cov = coverage(z_truth, central_intervals(samples, lv))
+    return np.stack([cov[c].numpy() for c in lv])
+
+
+def fit_scales(samples, centre, z_truth, levels=CURVE) -> np.ndarray:
+    """Per-label spread scale minimising the mean |coverage - nominal| over the curve."""
+    best = np.full(z_truth.shape[1], np.inf)
+    out = np.ones(z_truth.shape[1])
+    # distance of each truth from the centre, in units of the posterior's quantile spreads:
+    # coverage at scale s equals coverage at 1 of truths shrunk by 1/s, so one quantile pass serves all
+    lv = [float(x) for x in levels]
+    iv = central_intervals(samples, lv)
+    for s in SCALES:
+        zt = centre + (z_truth - centre) / s
+        cov = coverage(zt, iv)
+        err = np.mean([np.abs(cov[c].numpy() - c) for c in lv], 0)
+        better = err < best
+        best[better], out[better] = err[better], s
+    return out

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lensexp.calibrate import CURVE
+from lensexp.metrics import CURVE
 
 UNITS = {"theta_E": "″", "center_x": "″", "center_y": "″"}
 
