@@ -10,6 +10,7 @@ label RMSE, median absolute error and coverage of the 68.3/95.5/99.7 % central i
 from __future__ import annotations
 
 import math
+import time
 
 import pytorch_lightning as pl
 import torch
@@ -97,7 +98,19 @@ class LensModule(pl.LightningModule):
         return torch.stack([m for m, _ in outs]), torch.stack([s for _, s in outs])
 
     # ---------------------------------------------------------------- steps
+    def on_train_start(self):
+        self.log("model/params", float(sum(p.numel() for p in self.net.parameters())), rank_zero_only=True)
+
+    def on_train_epoch_start(self):
+        self._epoch_t0, self._epoch_n = time.perf_counter(), 0
+
+    def on_train_epoch_end(self):
+        dt = time.perf_counter() - getattr(self, "_epoch_t0", time.perf_counter())
+        if dt > 0 and getattr(self, "_epoch_n", 0):
+            self.log("train/img_per_s", self._epoch_n / dt)
+
     def training_step(self, batch, batch_idx):
+        self._epoch_n = getattr(self, "_epoch_n", 0) + batch["image"].shape[0]
         self._update_label_scale(batch["labels"])
         loss = self.loss_fn(self(batch["image"]), self.to_net(batch["labels"]))
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
@@ -113,7 +126,11 @@ class LensModule(pl.LightningModule):
         y = batch["labels"]
         loss = self.loss_fn(self(batch["image"]), self.to_net(y))
         self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=y.shape[0])
+        t0 = time.perf_counter()
         means, stds = self.predict_mc(batch["image"], self.hparams.n_mc_val)
+        self._infer = getattr(self, "_infer", [0, 0.0])
+        self._infer[0] += y.shape[0] * max(self.hparams.n_mc_val, 1)
+        self._infer[1] += time.perf_counter() - t0
         self._collected.append((means.cpu(), stds.cpu(), y.cpu()))
 
     def on_test_epoch_end(self):
@@ -130,6 +147,10 @@ class LensModule(pl.LightningModule):
         truth = torch.cat([y for _, _, y in self._collected])
         self._collected = []
         self.last_metrics = self.evaluate(means, stds, truth, prefix)
+        n, dt = getattr(self, "_infer", [0, 0.0])
+        if dt > 0:  # single forward passes per second (each MC pass counts once)
+            self.last_metrics[f"{prefix}/infer_img_per_s"] = n / dt
+        self._infer = [0, 0.0]
         for k, v in self.last_metrics.items():
             self.log(k, v)
 
@@ -169,6 +190,17 @@ class LensModule(pl.LightningModule):
                 out[f"{prefix}/{SHORT[c]}/{name}"] = float(v[j])
         err = metrics.coverage_error(cov)
         out[f"{prefix}/coverage_error"] = float(err.mean())
+        # after recalibration: spread scales fitted on even-numbered lenses, coverage on odd ones
+        if truth.shape[0] >= 4:
+            centre = means.mean(0)
+            fit = metrics.fit_scales(samples[:, 0::2], centre[0::2], z_truth[0::2])
+            cal = metrics.coverage(
+                z_truth[1::2], metrics.central_intervals(metrics.scaled(samples[:, 1::2], centre[1::2], fit))
+            )
+            for j, name in enumerate(self.labels):
+                for c, v in cal.items():
+                    out[f"{prefix}/cal_{SHORT[c]}/{name}"] = float(v[j])
+            out[f"{prefix}/cal_coverage_error"] = float(metrics.coverage_error(cal).mean())
         return out
 
     def configure_optimizers(self):
