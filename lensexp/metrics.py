@@ -61,9 +61,11 @@ def median_abs_error(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return (pred - truth).abs().median(0).values
 
 
-def posterior_samples(means, stds, n_samples: int = 2048, seed: int = 0):
-    """Mixture samples [S, N, D] (network space) and their centre (mean of the MC means) [N, D]."""
-    g = torch.Generator().manual_seed(seed)
+def posterior_samples(means, stds, n_samples: int = 2048, seed: int | torch.Generator = 0):
+    """Mixture samples [S, N, D] (network space) and their centre (mean of the MC means) [N, D].
+
+    ``seed``: an int or a generator to draw from (a stream over many batches)."""
+    g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
     samples = mixture_samples(means, stds, per_pass=max(1, n_samples // means.shape[0]), generator=g)
     return samples, means.mean(0)
 

@@ -27,7 +27,9 @@ SHORT = {0.683: "cov68", 0.955: "cov95", 0.997: "cov997"}
 
 class LensModule(pl.LightningModule):
     """``model``: kwargs of :class:`~lensexp.models.LensRegressor` (backbone, dropout, ...);
-    ``loss``: ``mse``, ``gaussian_nll`` or ``full_cov_nll``; ``in_chans``: bands."""
+    ``loss``: ``mse``, ``gaussian_nll`` or ``full_cov_nll``; ``in_chans``: bands; ``data_info``:
+    the training grid (``npix``, ``pixscale`` [arcsec/px], ``bands``, preset ``name``), kept in the
+    checkpoint so that prediction can check its inputs."""
 
     def __init__(
         self,
@@ -40,6 +42,7 @@ class LensModule(pl.LightningModule):
         input_norm: str = "quantile",
         label_fit_batches: int = 8,
         labels: tuple = LABELS,
+        data_info: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()

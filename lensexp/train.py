@@ -57,6 +57,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     pl.seed_everything(int(cfg.seed), workers=True)
     dm = LensDataModule(cfg.data, **cfg.datamodule, seed=int(cfg.seed))
+    data_info = {
+        "name": str(cfg.data.name),
+        "npix": int(cfg.data.npix),
+        "pixscale": float(cfg.data.pixscale),
+        "bands": [str(b.name) for b in cfg.data.bands],
+    }
     model = LensModule(
         model=OmegaConf.to_container(cfg.model, resolve=True),
         loss=str(cfg.loss.name),
@@ -65,6 +71,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         weight_decay=float(cfg.optim.weight_decay),
         n_mc_val=int(cfg.n_mc_val),
         input_norm=str(cfg.input_norm),
+        data_info=data_info,
     )
     trainer_kw = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_kw.pop("compile", False):

@@ -1,0 +1,81 @@
+"""FITS input for prediction: validated reading, pixel scale, cut-out to the model's grid.
+
+Files from others are untrusted: every problem (unreadable, no image, NaN-only, wrong shape,
+pixel-scale mismatch) raises :class:`BadInput` with one message naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+class BadInput(ValueError):
+    """A FITS file that cannot be analysed, with the reason."""
+
+
+def read_fits(path: str | Path) -> tuple[np.ndarray, float | None]:
+    """Image [bands, H, W] float32 and pixel scale [arcsec/px] (``PIXSCALE`` or WCS; None if absent).
+
+    Accepts a 2-D image or a 3-D cube in the first HDU holding data.
+    """
+    from astropy.io import fits
+
+    path = Path(path)
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            hdul.verify("silentfix")
+            hdu = next((h for h in hdul if getattr(h, "data", None) is not None and h.data.ndim >= 2), None)
+            if hdu is None:
+                raise BadInput(f"{path.name}: no image data in any HDU")
+            data = np.asarray(hdu.data, dtype=np.float32)
+            header = hdu.header
+    except BadInput:
+        raise
+    except Exception as exc:  # noqa: BLE001 - astropy raises many types for broken files
+        raise BadInput(f"{path.name}: unreadable FITS ({type(exc).__name__}: {exc})") from exc
+    if data.ndim == 2:
+        data = data[None]
+    if data.ndim != 3:
+        raise BadInput(f"{path.name}: expected a 2-D image or a (bands, H, W) cube, got shape {data.shape}")
+    if not np.isfinite(data).any():
+        raise BadInput(f"{path.name}: no finite pixels (NaN/inf only)")
+    return data, pixel_scale(header)
+
+
+def pixel_scale(header) -> float | None:
+    """Pixel scale [arcsec/px] from ``PIXSCALE`` or the WCS, None when neither is present."""
+    if "PIXSCALE" in header:
+        return float(header["PIXSCALE"])
+    try:
+        from astropy.wcs import WCS
+        from astropy.wcs.utils import proj_plane_pixel_scales
+
+        w = WCS(header, naxis=2)
+        if w.has_celestial:
+            return float(np.mean(proj_plane_pixel_scales(w.celestial)) * 3600.0)
+    except Exception:  # noqa: BLE001 - a broken WCS is the same as none
+        return None
+    return None
+
+
+def to_grid(img: np.ndarray, npix: int, name: str = "") -> np.ndarray:
+    """Centre-crop or zero-pad [bands, H, W] to [bands, npix, npix]; NaNs become 0 (masked)."""
+    img = np.nan_to_num(img, nan=0.0, posinf=0.0, neginf=0.0)
+    _, h, w = img.shape
+    out = np.zeros((img.shape[0], npix, npix), np.float32)
+    sy, sx = max(0, (h - npix) // 2), max(0, (w - npix) // 2)
+    crop = img[:, sy : sy + npix, sx : sx + npix]
+    oy, ox = (npix - crop.shape[1]) // 2, (npix - crop.shape[2]) // 2
+    out[:, oy : oy + crop.shape[1], ox : ox + crop.shape[2]] = crop
+    return out
+
+
+def check_scale(name: str, scale: float | None, model_scale: float, tolerance: float = 0.01) -> None:
+    """Refuse a pixel scale that differs from the model's by more than ``tolerance`` (relative)."""
+    if scale is not None and abs(scale / model_scale - 1.0) > tolerance:
+        raise BadInput(
+            f'{name}: pixel scale {scale:.4g}"/px differs from the model\'s {model_scale:.4g}"/px; '
+            "resample the image to the model's grid first (or pass pixscale=... if the header is wrong)"
+        )
