@@ -133,6 +133,25 @@ def _rows(names, res, labels) -> list[dict]:
     return rows
 
 
+def ica_png(cube: np.ndarray, source: np.ndarray, path: Path) -> None:
+    """Before/after picture of ICA lens-light removal: both bands and the cleaned source."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+    for ax, im, title in zip(axes, (cube[0], cube[1], source), ("band 1 (red)", "band 2 (blue)", "source (ICA)")):
+        s = max(float(np.percentile(np.abs(im), 99.5)), 1e-12)
+        ax.imshow(np.arcsinh(im / (0.05 * s)), origin="lower", cmap="magma")
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def prepare(path: Path, pred: Predictor, cfg: DictConfig) -> np.ndarray:
     """One file -> model input [C, npix, npix] (ICA, masks, cut-out), or :class:`BadInput`."""
     img, scale = read_fits(path)
@@ -150,6 +169,7 @@ def prepare(path: Path, pred: Predictor, cfg: DictConfig) -> np.ndarray:
             out = Path(cfg.save_cleaned)
             out.mkdir(parents=True, exist_ok=True)
             fits.PrimaryHDU(src).writeto(out / path.name, overwrite=True)
+            ica_png(img, src, out / (path.name.split(".")[0] + "_ica.png"))
     img = to_grid(img, pred.npix, path.name)
     mask = np.zeros(img.shape[1:], bool)
     r = float(cfg.masks.radius) / pred.pixscale

@@ -122,3 +122,4 @@ def test_predict_with_ica_and_masks(ckpt, tmp_path):
                     "masks.centre=true", "masks.cosmic_rays=true"))
     assert len(read_rows(tmp_path / "p.csv")) == 3
     assert len(list((tmp_path / "clean").glob("*.fits"))) == 3
+    assert len(list((tmp_path / "clean").glob("*_ica.png"))) == 3
