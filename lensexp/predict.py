@@ -161,7 +161,8 @@ def prepare(path: Path, pred: Predictor, cfg: DictConfig) -> np.ndarray:
 
         if img.shape[0] != 2:
             raise BadInput(f"{path.name}: ica=true needs a (2, H, W) two-band cube, got {img.shape[0]} band(s)")
-        src, _, _ = remove_lens_light(img, seed=int(cfg.seed))
+        cube = img
+        src, _, _ = remove_lens_light(cube, seed=int(cfg.seed))
         img = src[None]
         if cfg.save_cleaned:
             from astropy.io import fits
@@ -169,7 +170,7 @@ def prepare(path: Path, pred: Predictor, cfg: DictConfig) -> np.ndarray:
             out = Path(cfg.save_cleaned)
             out.mkdir(parents=True, exist_ok=True)
             fits.PrimaryHDU(src).writeto(out / path.name, overwrite=True)
-            ica_png(img, src, out / (path.name.split(".")[0] + "_ica.png"))
+            ica_png(cube, src, out / (path.name.split(".")[0] + "_ica.png"))
     img = to_grid(img, pred.npix, path.name)
     mask = np.zeros(img.shape[1:], bool)
     r = float(cfg.masks.radius) / pred.pixscale
