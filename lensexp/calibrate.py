@@ -116,7 +116,7 @@ def _loader_for(cfg: DictConfig, train_cfg: DictConfig | None, split: str):
     else:
         root = cfg.data_root or train_cfg.datamodule.root
         dm = LensDataModule(data_cfg, source="shards", root=str(root), batch_size=int(cfg.batch_size))
-    return dm._loader(dm._stream(split, train=False))
+    return dm.eval_dataloader(split)
 
 
 def dropout_table(root: str | Path) -> list[dict]:

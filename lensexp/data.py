@@ -218,8 +218,12 @@ class LensDataModule(pl.LightningDataModule):
     def train_dataloader(self):
         return self._loader(self._stream("train", True))
 
+    def eval_dataloader(self, split: str):
+        """One ordered pass over ``split`` (train, val or test), as for validation."""
+        return self._loader(self._stream(split, False))
+
     def val_dataloader(self):
-        return self._loader(self._stream("val", False))
+        return self.eval_dataloader("val")
 
     def test_dataloader(self):
-        return self._loader(self._stream("test", False))
+        return self.eval_dataloader("test")

@@ -58,10 +58,13 @@ class LensModule(pl.LightningModule):
         self._collected: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     # ---------------------------------------------------------------- label transform
+    def _log_labels(self, y: torch.Tensor) -> torch.Tensor:
+        """Physical labels with the ``LOG_LABELS`` (mu_F) replaced by their logarithm."""
+        return torch.where(self.is_log, torch.log(y.clamp(min=1e-6)), y)
+
     def to_net(self, y: torch.Tensor) -> torch.Tensor:
         """Physical labels [B, D] -> standardised network space."""
-        y = torch.where(self.is_log, torch.log(y.clamp(min=1e-6)), y)
-        return (y - self.label_mean) / self.label_std
+        return (self._log_labels(y) - self.label_mean) / self.label_std
 
     def from_net(self, z: torch.Tensor) -> torch.Tensor:
         """Network space -> physical labels (inverse of :meth:`to_net`, elementwise monotone)."""
@@ -73,8 +76,7 @@ class LensModule(pl.LightningModule):
         if bool(self.label_fitted):
             return
         self._fit_buf.append(y.detach())
-        ys = torch.cat(self._fit_buf)
-        ys = torch.where(self.is_log, torch.log(ys.clamp(min=1e-6)), ys)
+        ys = self._log_labels(torch.cat(self._fit_buf))
         self.label_mean.copy_(ys.mean(0))
         if ys.shape[0] > 1:
             self.label_std.copy_(ys.std(0).clamp(min=1e-6))
@@ -176,14 +178,11 @@ class LensModule(pl.LightningModule):
 
     def evaluate(self, means: torch.Tensor, stds: torch.Tensor, truth: torch.Tensor, prefix: str = "val") -> dict:
         """RMSE / median error in physical units and coverage per label, from MC passes."""
-        cpu = {k: v.to("cpu") for k, v in (("m", self.label_mean), ("s", self.label_std), ("l", self.is_log))}
-        z_truth = (torch.where(cpu["l"], torch.log(truth.clamp(min=1e-6)), truth) - cpu["m"]) / cpu["s"]
-        samples = metrics.mixture_samples(
-            means, stds, per_pass=max(1, 2048 // means.shape[0]), generator=torch.Generator().manual_seed(0)
-        )
+        dev = self.label_mean.device
+        z_truth = self.to_net(truth.to(dev)).cpu()
+        samples, centre = metrics.posterior_samples(means, stds, 2048)
         cov = metrics.coverage(z_truth, metrics.central_intervals(samples))
-        pred = means.mean(0) * cpu["s"] + cpu["m"]
-        pred = torch.where(cpu["l"], torch.exp(pred), pred)
+        pred = self.from_net(centre.to(dev)).cpu()
         rmse, med = metrics.rmse(pred, truth), metrics.median_abs_error(pred, truth)
         out = {}
         for j, name in enumerate(self.labels):
@@ -195,7 +194,6 @@ class LensModule(pl.LightningModule):
         out[f"{prefix}/coverage_error"] = float(err.mean())
         # after recalibration: spread scales fitted on even-numbered lenses, coverage on odd ones
         if truth.shape[0] >= 4:
-            centre = means.mean(0)
             fit = metrics.fit_scales(samples[:, 0::2], centre[0::2], z_truth[0::2])
             cal = metrics.coverage(
                 z_truth[1::2], metrics.central_intervals(metrics.scaled(samples[:, 1::2], centre[1::2], fit))
