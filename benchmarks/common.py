@@ -45,6 +45,21 @@ def machine_info() -> dict:
     }
 
 
+def items_per_s(fn, repeats: int, items: int, device: str) -> float:
+    """Items per second of ``repeats`` calls of ``fn`` (each handling ``items``), the device synchronised."""
+
+    def sync():
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return repeats * items / (time.perf_counter() - t0)
+
+
 def report(rows: list, row: dict, line: str) -> None:
     """Append ``row`` (with :func:`machine_info`) to ``rows`` and print ``line`` at once."""
     rows.append({**row, **machine_info()})

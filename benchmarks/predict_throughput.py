@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from common import report, save
+from common import items_per_s, report, save
 from omegaconf import OmegaConf
 
 from lensexp.config import compose_config
@@ -40,14 +39,7 @@ def lenses_per_s(case: str, n_mc: int, batch: int, n_batches: int, device: str) 
         pred = Predictor(str(ck), device=device, n_mc=n_mc, n_samples=256, calibration=None)
     x = torch.randn(batch, 1, npix, npix)
     pred.predict_arrays(x)  # warm-up
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n_batches):
-        pred.predict_arrays(x)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return n_batches * batch / (time.perf_counter() - t0)
+    return items_per_s(lambda: pred.predict_arrays(x), n_batches, batch, device)
 
 
 def main(argv=None):

@@ -22,7 +22,7 @@ import time
 for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
 
-from common import ensure_allocator_env, report, save  # noqa: E402
+from common import ensure_allocator_env, items_per_s, report, save  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -62,13 +62,7 @@ def lensexp_runner(cfg, batch: int, device: str, compile: bool):
     sim.sample(batch, seed=0, batch_size=batch)
 
     def run(n: int) -> float:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        sim.sample(n, seed=1, batch_size=batch)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return n / (time.perf_counter() - t0)
+        return items_per_s(lambda: sim.sample(n, seed=1, batch_size=batch), 1, n, device)
 
     return run
 

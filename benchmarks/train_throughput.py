@@ -12,10 +12,9 @@ sizes; data loading is excluded (see ``shard_throughput.py`` for the data side).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from common import report, save
+from common import items_per_s, report, save
 
 from lensexp.config import compose_config
 from lensexp.losses import get_loss
@@ -42,14 +41,7 @@ def step_rate(model_name: str, size: str, batch: int, steps: int, device: str, a
         opt.step()
 
     one()  # warm-up
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        one()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - t0)
+    return items_per_s(one, steps, batch, device)
 
 
 def main(argv=None):
