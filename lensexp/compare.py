@@ -128,24 +128,33 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def write_tables(rows: list[dict], out: Path) -> None:
-    cols = columns()
+def write_tables(
+    rows: list[dict],
+    out: Path,
+    cols: list[str] | None = None,
+    stem: str = "comparison",
+    title: str = "Architecture comparison",
+    note: str = "Validation metrics, last epoch; cal_ = after recalibration.",
+    figs: tuple = ("accuracy_vs_speed.png", "coverage_vs_dropout.png"),
+) -> None:
+    """``OUT/<stem>.csv``, ``.md`` and ``.html`` (with the figures ``figs``) of ``rows``."""
+    cols = cols or columns()
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "comparison.csv", "w", newline="") as fh:
+    with open(out / f"{stem}.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols)
         w.writeheader()
         w.writerows([{c: r.get(c) for c in cols} for r in rows])
     md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    (out / "comparison.md").write_text("\n".join(md) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows)
-    figs = "".join(f'<p><img src="{p}" alt="{p}"></p>' for p in ("accuracy_vs_speed.png", "coverage_vs_dropout.png"))
-    (out / "comparison.html").write_text(
-        "<!doctype html><html><head><meta charset='utf-8'><title>lensexp comparison</title><style>"
+    img = "".join(f'<p><img src="{p}" alt="{p}"></p>' for p in figs)
+    (out / f"{stem}.html").write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>lensexp {html.escape(title)}</title><style>"
         "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}</style></head>"
-        f"<body><h1>Architecture comparison</h1><p>Validation metrics, last epoch; cal_ = after recalibration.</p>"
-        f"<table><tr>{head}</tr>{body}</table>{figs}</body></html>"
+        f"<body><h1>{html.escape(title)}</h1><p>{html.escape(note)}</p>"
+        f"<table><tr>{head}</tr>{body}</table>{img}</body></html>"
     )
 
 

@@ -79,3 +79,38 @@ def check_scale(name: str, scale: float | None, model_scale: float, tolerance: f
             f'{name}: pixel scale {scale:.4g}"/px differs from the model\'s {model_scale:.4g}"/px; '
             "resample the image to the model's grid first (or pass pixscale=... if the header is wrong)"
         )
+
+
+def disc_mask(shape, centres, radius_pix: float) -> np.ndarray:
+    """Boolean mask [H, W] of discs of ``radius_pix`` around ``centres`` [(row, col), ...]."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    m = np.zeros(shape, bool)
+    for r, c in centres:
+        m |= (yy - r) ** 2 + (xx - c) ** 2 <= radius_pix**2
+    return m
+
+
+def cosmic_ray_centres(img: np.ndarray, nsigma: float = 8.0) -> list[tuple[int, int]]:
+    """Pixels far above a 3x3 median-filtered image (sharp outliers such as cosmic rays)."""
+    from scipy.ndimage import median_filter
+
+    resid = img - median_filter(img, size=3)
+    sigma = 1.4826 * np.median(np.abs(resid - np.median(resid))) + 1e-30
+    return [tuple(x) for x in np.argwhere(resid > nsigma * sigma)]
+
+
+def stamp_mask(img: np.ndarray, pixscale: float, masks) -> np.ndarray:
+    """Boolean mask [H, W] (True = masked) for an image [bands, H, W] from a ``masks`` config:
+    discs of ``radius`` [arcsec] on the centre (``centre``) and on sharp outliers
+    (``cosmic_rays``), and a FITS ``file`` (nonzero = masked), as Hezaveh et al. 2017 did."""
+    npix = img.shape[-1]
+    mask = np.zeros(img.shape[1:], bool)
+    r = float(masks.radius) / pixscale
+    if masks.centre:
+        mask |= disc_mask(mask.shape, [((img.shape[1] - 1) / 2, (npix - 1) / 2)], r)
+    if masks.cosmic_rays:
+        mask |= disc_mask(mask.shape, cosmic_ray_centres(img.sum(0)), r)
+    if masks.file:
+        m, _ = read_fits(Path(masks.file))
+        mask |= to_grid(m, npix)[0] != 0
+    return mask

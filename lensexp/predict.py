@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from lensexp import metrics
 from lensexp.errors import ConfigError
-from lensexp.io import BadInput, check_scale, read_fits, to_grid
+from lensexp.io import BadInput, check_scale, read_fits, stamp_mask, to_grid
 
 SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz")
 LEVEL_TAGS = {0.683: "68", 0.955: "95", 0.997: "997"}
@@ -50,24 +50,6 @@ def csv_columns(labels) -> list[str]:
     for p in labels:
         cols += [p, f"{p}_std"] + [f"{p}_{side}{t}" for t in LEVEL_TAGS.values() for side in ("lo", "hi")]
     return cols
-
-
-def disc_mask(shape, centres, radius_pix: float) -> np.ndarray:
-    """Boolean mask [H, W] of discs of ``radius_pix`` around ``centres`` [(row, col), ...]."""
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    m = np.zeros(shape, bool)
-    for r, c in centres:
-        m |= (yy - r) ** 2 + (xx - c) ** 2 <= radius_pix**2
-    return m
-
-
-def cosmic_ray_centres(img: np.ndarray, nsigma: float = 8.0) -> list[tuple[int, int]]:
-    """Pixels far above a 3x3 median-filtered image (sharp outliers such as cosmic rays)."""
-    from scipy.ndimage import median_filter
-
-    resid = img - median_filter(img, size=3)
-    sigma = 1.4826 * np.median(np.abs(resid - np.median(resid))) + 1e-30
-    return [tuple(x) for x in np.argwhere(resid > nsigma * sigma)]
 
 
 class Predictor:
@@ -108,14 +90,19 @@ class Predictor:
             raise ConfigError(f"calibration file not found: '{calibration}'")
 
     @torch.no_grad()
-    def predict_arrays(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-        """Posterior summaries for images [B, C, npix, npix] in any flux unit (physical labels)."""
+    def posterior(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Recalibrated posterior samples [n_samples, B, labels] (physical units) for images
+        [B, C, npix, npix] in any flux unit."""
         means, stds = self.module.predict_mc(images.to(self.device), self.n_mc)
         g = generator or torch.Generator().manual_seed(self.seed)
         samples, centre = metrics.posterior_samples(means.cpu(), stds.cpu(), self.n_samples, g)
         if self.scale is not None:
             samples = metrics.scaled(samples, centre, self.scale)
-        phys = self.module.from_net(samples.to(self.module.label_mean.device)).cpu()
+        return self.module.from_net(samples.to(self.module.label_mean.device)).cpu()
+
+    def predict_arrays(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        """Posterior summaries (mean, std, central intervals) of :meth:`posterior`."""
+        phys = self.posterior(images, generator)
         return {"mean": phys.mean(0), "std": phys.std(0), "intervals": metrics.central_intervals(phys)}
 
 
@@ -172,15 +159,7 @@ def prepare(path: Path, pred: Predictor, cfg: DictConfig) -> np.ndarray:
             fits.PrimaryHDU(src).writeto(out / path.name, overwrite=True)
             ica_png(cube, src, out / (path.name.split(".")[0] + "_ica.png"))
     img = to_grid(img, pred.npix, path.name)
-    mask = np.zeros(img.shape[1:], bool)
-    r = float(cfg.masks.radius) / pred.pixscale
-    if cfg.masks.centre:
-        mask |= disc_mask(mask.shape, [((pred.npix - 1) / 2, (pred.npix - 1) / 2)], r)
-    if cfg.masks.cosmic_rays:
-        mask |= disc_mask(mask.shape, cosmic_ray_centres(img.sum(0)), r)
-    if cfg.masks.file:
-        m, _ = read_fits(Path(cfg.masks.file))
-        mask |= to_grid(m, pred.npix)[0] != 0
+    mask = stamp_mask(img, pred.pixscale, cfg.masks)
     img[:, mask] = 0.0
     if img.shape[0] != pred.module.hparams.in_chans:
         raise BadInput(f"{path.name}: {img.shape[0]} band(s) but the model takes {pred.module.hparams.in_chans}")

@@ -514,7 +514,13 @@ def _write_all(todo: list[ShardSpec], cfg: DictConfig, out: Path, workers: int, 
 
 # ---------------------------------------------------------------------------- FITS
 def write_fits_set(cfg: DictConfig) -> dict:
-    """One FITS per lens (header PIXSCALE [arcsec/px], BANDS) and ``truth.csv`` (written last)."""
+    """One FITS per lens and ``truth.csv`` (written last).
+
+    Header: ``PIXSCALE`` [arcsec/px], ``BANDS``; for e-/s images also the noise model
+    (``EXPTIME`` [s], ``SKYLEV`` [e-/s/px, subtracted], ``RDNOISE`` [e-], ``GAIN`` [e-/ADU]).
+    Extension ``PSF``: the image's PSF kernel (unit sum, image pixels), as real data products
+    ship a PSF model; ``lensexp.fit`` reads both.
+    """
     from astropy.io import fits
     from tqdm import tqdm
 
@@ -531,6 +537,8 @@ def write_fits_set(cfg: DictConfig) -> dict:
     sim = Simulator(cfg.data, device=str(cfg.device), compile=bool(cfg.compile))
     b = sim.sample(n, seed=int(cfg.seed), batch_size=int(cfg.batch_size))
     bands = ",".join(str(x.name) for x in cfg.data.bands)
+    norm = str(cfg.data.instrument.normalize)
+    raw_units = norm == "none"
     rows = []
     for i in tqdm(range(n), unit="img", disable=not cfg.progress):
         name = f"lens_{i:06d}.fits"
@@ -538,10 +546,19 @@ def write_fits_set(cfg: DictConfig) -> dict:
         hdu = fits.PrimaryHDU(img[0] if img.shape[0] == 1 else img)
         hdu.header["PIXSCALE"] = (float(cfg.data.pixscale), "arcsec / pixel")
         hdu.header["BANDS"] = (bands, "band order of the cube")
-        hdu.header["BUNIT"] = ("electron/s", "sky-subtracted")
         hdu.header["SEED"] = (int(cfg.seed), "lensexp.simulate seed")
+        if raw_units:
+            hdu.header["BUNIT"] = ("electron/s", "sky-subtracted")
+            hdu.header["EXPTIME"] = (float(b.meta["exposure_time"][i]), "s")
+            hdu.header["SKYLEV"] = (float(b.meta["sky"][i]), "subtracted sky, electron/s/pixel")
+            hdu.header["RDNOISE"] = (float(b.meta["read_noise"][i]), "electron rms")
+            hdu.header["GAIN"] = (float(cfg.data.instrument.gain), "electron/ADU")
+        else:
+            hdu.header["BUNIT"] = ("normalised", f"data.instrument.normalize={norm}")
+        psf = fits.ImageHDU(sim.psf.kernels[int(b.meta["psf_index"][i])].numpy(), name="PSF")
+        psf.header["FWHM"] = (float(b.meta["psf_fwhm"][i]), "arcsec")
         tmp = out / f".{name}.tmp-{os.getpid()}"
-        hdu.writeto(tmp, overwrite=True)
+        fits.HDUList([hdu, psf]).writeto(tmp, overwrite=True)
         os.replace(tmp, out / name)
         rows.append({"name": name, **{k: float(b.labels[i, j]) for j, k in enumerate(LABELS)}})
     tmp = out / f".truth.csv.tmp-{os.getpid()}"

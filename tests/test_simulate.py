@@ -154,6 +154,9 @@ def test_fits_format(tmp_path):
     with fits.open(files[0]) as h:
         assert h[0].header["PIXSCALE"] == pytest.approx(0.1)
         assert h[0].data.shape == (64, 64)
+        assert h[0].header["EXPTIME"] == pytest.approx(1000.0) and h[0].header["GAIN"] == pytest.approx(2.5)
+        assert h[0].header["RDNOISE"] == pytest.approx(4.0) and h[0].header["SKYLEV"] > 0
+        assert h["PSF"].data.shape == (11, 11) and h["PSF"].data.sum() == pytest.approx(1.0, rel=1e-5)
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from lensexp.errors import ConfigError
 from lensexp.sim import instrument as inst
 from lensexp.sim import lens as lensmod
 from lensexp.sim.priors import LABELS, check_range, draw
-from lensexp.sim.psf import PSFBank, fast_fft_size, kernel_rfft, fft_convolve
+from lensexp.sim.psf import DIRECT_MAX, PSFBank, direct_convolve, fast_fft_size, fft_convolve, kernel_rfft
 from lensexp.sim.source import (
     GalaxyBank,
     gaussian_clumps_sb,
@@ -566,16 +566,46 @@ def render_sersic(
         *sersic_coefficients(sp["amp"], sp["R_sersic"], sp["n_sersic"], sp["e1"], sp["e2"]),
     )
     B = max(v.shape[0] for v in [*lp.values(), *sp.values()])
-    x, y = subpixel_planes(npix, pixscale, supersample, dtype)
-    empty = torch.zeros(B, 0, dtype=dtype)
+    x, y = subpixel_planes(npix, pixscale, supersample, dtype, lp["theta_E"].device)
+    empty = torch.zeros(B, 0, dtype=dtype, device=x.device)
     lens_coef = tuple(t.expand(B, 1) for t in lens_coef)
     src_coef = tuple(t.expand(B, 1) for t in src_coef)
     img = _trace_sersic(
         x.reshape(1, -1), y.reshape(1, -1), lens_coef, src_coef, (empty,) * 4, npix, supersample, pixscale
     )
+    return convolve_psf(img, psf_kernel)
+
+
+def render_unlensed_sersic(
+    source: dict,
+    npix: int,
+    pixscale: float,
+    supersample: int = 2,
+    psf_kernel: torch.Tensor | None = None,
+    dtype=torch.float64,
+) -> torch.Tensor:
+    """Noiseless image [B, N, N] (e-/s per pixel) of an elliptical Sérsic seen directly (e.g. the
+    lens light); ``source`` and ``psf_kernel`` as in :func:`render_sersic`."""
+    sp = {k: torch.as_tensor(v, dtype=dtype).reshape(-1, 1) for k, v in source.items()}
+    B = max(v.shape[0] for v in sp.values())
+    coef = (
+        sp["center_x"],
+        sp["center_y"],
+        *sersic_coefficients(sp["amp"], sp["R_sersic"], sp["n_sersic"], sp["e1"], sp["e2"]),
+    )
+    x, y = subpixel_planes(npix, pixscale, supersample, dtype, sp["amp"].device)
+    img = _sersic_image(x, y, tuple(t.expand(B, 1) for t in coef), npix, supersample, pixscale)
+    return convolve_psf(img, psf_kernel)
+
+
+def convolve_psf(img: torch.Tensor, psf_kernel: torch.Tensor | None) -> torch.Tensor:
+    """Images [B, N, N] convolved ('same', as lenstronomy) with a unit-sum kernel [k, k] or
+    [B, k, k]; returned unchanged for ``None``."""
     if psf_kernel is None:
         return img
-    k = torch.as_tensor(psf_kernel, dtype=dtype)
-    k = k.expand(B, *k.shape[-2:]) if k.dim() == 2 else k
-    size = fast_fft_size(npix + (k.shape[-1] - 1) // 2)
-    return fft_convolve(img[:, None], kernel_rfft(k, size), k.shape[-1], size)[:, 0].to(dtype)
+    k = torch.as_tensor(psf_kernel, dtype=img.dtype, device=img.device)
+    k = k.expand(img.shape[0], *k.shape[-2:]) if k.dim() == 2 else k
+    if k.shape[-1] <= DIRECT_MAX:
+        return direct_convolve(img[:, None], k)[:, 0]
+    size = fast_fft_size(img.shape[-1] + (k.shape[-1] - 1) // 2)
+    return fft_convolve(img[:, None], kernel_rfft(k, size), k.shape[-1], size)[:, 0]
