@@ -616,13 +616,16 @@ def run(cfg: DictConfig) -> dict:
     done = _resume(partial, cols) if cfg.resume else set()
     if not cfg.resume:
         partial.unlink(missing_ok=True)
-    todo = [(i, f) for i, f in enumerate(files) if f.name not in done]
-    errors, n_ok = [], len(done)
-    bar = tqdm(total=len(todo), unit="lens", disable=not cfg.progress, desc=f"fit ({cfg.init})")
+    # batches are fixed chunks of the input list, written whole: a resumed run fits the same batches
     bs = int(cfg.batch_size)
-    for i0 in range(0, len(todo), bs):
+    starts = range(0, len(files), bs)
+    chunks = [[(i, f) for i, f in enumerate(files[c : c + bs], c) if f.name not in done] for c in starts]
+    chunks = [c for c in chunks if c]
+    errors, n_ok = [], len(done)
+    bar = tqdm(total=sum(map(len, chunks)), unit="lens", disable=not cfg.progress, desc=f"fit ({cfg.init})")
+    for chunk in chunks:
         group = []
-        for i, f in todo[i0 : i0 + bs]:
+        for i, f in chunk:
             try:
                 item = loader(f)
                 if pred is not None:
@@ -646,7 +649,7 @@ def run(cfg: DictConfig) -> dict:
                     w.writeheader()
                 w.writerows(rows)
             n_ok += len(rows)
-        bar.update(len(todo[i0 : i0 + bs]))
+        bar.update(len(chunk))
     bar.close()
     tmp_err = err_path.with_name(f".{err_path.name}.tmp-{os.getpid()}")
     with open(tmp_err, "w", newline="") as fh:

@@ -28,3 +28,13 @@ def emp_psf():
     if not EMP_PSF.is_file():
         pytest.skip(f"empirical HST PSFs not found at {EMP_PSF} (../shared/data is absent)")
     return EMP_PSF
+
+
+def train_tiny_checkpoint(run_dir):
+    """Train the one-epoch CPU test model (``tests.test_train.FAST``) into ``run_dir``; its last.ckpt."""
+    from lensexp.config import compose_config
+    from lensexp.train import run
+    from tests.test_train import FAST
+
+    run(compose_config("train", [*FAST, "trainer.max_epochs=1"]), run_dir)
+    return run_dir / "checkpoints" / "last.ckpt"

@@ -14,8 +14,7 @@ from lensexp.calibrate import load_module, run
 from lensexp.metrics import coverage_curve, fit_scales, posterior_samples, scaled
 from lensexp.config import compose_config
 from lensexp.errors import ConfigError
-from lensexp.train import run as train_run
-from tests.test_train import FAST
+from tests.conftest import train_tiny_checkpoint
 
 
 def _synthetic(scale_sigma, n=3000, d=2, seed=0):
@@ -46,9 +45,7 @@ def test_recalibration_fixes_a_misscaled_predictor(mis):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    d = tmp_path_factory.mktemp("run")
-    train_run(compose_config("train", [*FAST, "trainer.max_epochs=1"]), d)
-    return d / "checkpoints" / "last.ckpt"
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("run"))
 
 
 def test_report_from_a_trained_run(trained, tmp_path):

@@ -14,15 +14,12 @@ from lensexp.ica import remove_lens_light
 from lensexp.predict import Predictor, csv_columns, run
 from lensexp.sim.render import Simulator
 from lensexp.simulate import run as simulate
-from lensexp.train import run as train_run
-from tests.test_train import FAST
+from tests.conftest import train_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("run")
-    train_run(compose_config("train", [*FAST, "trainer.max_epochs=1"]), d)
-    return d / "checkpoints" / "last.ckpt"
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("run"))
 
 
 def predict_cfg(ckpt, inp, out, *over):

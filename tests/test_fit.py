@@ -1,0 +1,292 @@
+"""Maximum-likelihood fits: exact recovery, the noise model's chi-square, Laplace errors, CLI, bad input."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+from astropy.io import fits
+
+from lensexp.config import compose_config
+from lensexp.errors import ConfigError
+from lensexp.fit import (
+    MASS,
+    SOURCE,
+    FitSettings,
+    LensModel,
+    Observation,
+    ParamSpace,
+    fit_batch,
+    likelihood_terms,
+    run,
+)
+from lensexp.sim.psf import draw_kernel
+from lensexp.sim.render import render_sersic, render_unlensed_sersic
+from lensexp.simulate import run as simulate
+from tests.conftest import train_tiny_checkpoint
+
+LENS = dict(theta_E=1.1, e1=0.08, e2=-0.12, center_x=0.05, center_y=-0.03, gamma1=0.03, gamma2=-0.02)
+SRC = dict(amp=20.0, R_sersic=0.25, n_sersic=1.5, e1=0.1, e2=0.05, center_x=0.12, center_y=0.07)
+T_EXP, SKY, READ, GAIN = 1000.0, 0.36, 4.0, 2.5  # s, e-/s/px, e-, e-/ADU (the tiny preset's)
+NPIX, PIX = 64, 0.1
+BG_VAR = SKY / T_EXP + (READ**2 + GAIN**2 / 12) / T_EXP**2  # derived by hand: sky Poisson + read + quantisation
+
+
+def psf_kernel():
+    return torch.from_numpy(draw_kernel("gaussian", 0.15, PIX, 11)).double()
+
+
+def observation(images, psf):
+    K = images.shape[0]
+    return Observation(
+        images,
+        torch.ones(K, NPIX, NPIX, dtype=torch.bool),
+        psf.expand(K, *psf.shape[-2:]),
+        torch.full((K,), BG_VAR, dtype=torch.float64),
+        torch.full((K,), 1 / T_EXP, dtype=torch.float64),
+    )
+
+
+def noisy_copies(clean, k, seed):
+    """Independent of lensexp.sim.instrument: numpy Poisson counts, read noise, ADC rounding."""
+    rng = np.random.default_rng(seed)
+    mean = (clean.numpy() + SKY) * T_EXP
+    counts = rng.poisson(np.broadcast_to(mean, (k, *mean.shape))) + rng.normal(0, READ, (k, *mean.shape))
+    return torch.from_numpy(np.round(counts / GAIN) * GAIN / T_EXP - SKY)
+
+
+def truth_vector():
+    return torch.tensor([[LENS[k] for k in MASS]], dtype=torch.float64)
+
+
+def test_noiseless_fit_started_near_truth_recovers_every_parameter():
+    psf = psf_kernel()
+    img = render_sersic(LENS, SRC, NPIX, PIX, 2, psf)
+    start = truth_vector() + 0.02 * torch.tensor([[1, -1, 1, -1, 1, -1, 1.0]], dtype=torch.float64)
+    fs = FitSettings(adam_steps=150, lbfgs_iters=150, polish=1)
+    res = fit_batch(observation(img, psf), start[:, None], ParamSpace.for_grid(NPIX, PIX, False),
+                    LensModel(NPIX, PIX, 2, False), fs, [torch.Generator().manual_seed(0)])[0]
+    for k in MASS:
+        assert float(res["p"][k]) == pytest.approx(LENS[k], abs=2e-6), k
+    src = dict(zip(SOURCE, ("R_sersic", "n_sersic", "e1", "e2", "center_x", "center_y")))
+    for k, s in src.items():
+        assert float(res["p"][k]) == pytest.approx(SRC[s], abs=1e-5), k
+    assert float(res["amps"][0]) == pytest.approx(SRC["amp"], rel=1e-5)
+    assert res["chi2"] < 1e-6 and res["n_out"] == 0
+    # mu_F of the fitted model: the lensed flux over the intrinsic flux, checked by a 4x finer render
+    fine = render_sersic(LENS, SRC, NPIX, PIX, 8).sum()
+    wide = render_unlensed_sersic(SRC, 512, PIX / 2, 2).sum()
+    assert float(res["p"]["mu_F"]) == pytest.approx(float(fine / wide), rel=2e-3)
+
+
+def test_lens_light_is_fitted_too():
+    psf = psf_kernel()
+    light = dict(amp=3.0, R_sersic=0.8, n_sersic=3.0, e1=0.05, e2=-0.1,
+                 center_x=LENS["center_x"], center_y=LENS["center_y"])
+    img = render_sersic(LENS, SRC, NPIX, PIX, 2, psf) + render_unlensed_sersic(light, NPIX, PIX, 2, psf)
+    start = truth_vector() + 0.01
+    res = fit_batch(observation(img, psf), start[:, None], ParamSpace.for_grid(NPIX, PIX, True),
+                    LensModel(NPIX, PIX, 2, True), FitSettings(adam_steps=150, lbfgs_iters=500, polish=1),
+                    [torch.Generator().manual_seed(0)])[0]
+    for k in MASS:
+        assert float(res["p"][k]) == pytest.approx(LENS[k], abs=1e-4), k
+    assert float(res["p"]["ll_R"]) == pytest.approx(0.8, rel=1e-3)
+    assert float(res["amps"][1]) == pytest.approx(3.0, rel=1e-3)
+
+
+def test_chi2_at_truth_is_the_number_of_pixels():
+    """E[chi^2] = N for the noise model: 16 images of 4096 pixels give chi^2/N = 1 +- 0.0055."""
+    psf = psf_kernel()
+    clean = render_sersic(LENS, SRC, NPIX, PIX, 2, psf)
+    data = noisy_copies(clean[0], 16, seed=1)
+    obs = observation(data, psf)
+    terms = likelihood_terms(clean.expand_as(data), data, obs.use, obs.variance(clean.expand_as(data)), None)
+    ratio = float(terms["chi2"].sum()) / data.numel()
+    assert abs(ratio - 1) < 4 * math.sqrt(2 / data.numel()), ratio
+    # a wrong noise model is visible: the variance without the source's Poisson term
+    wrong = likelihood_terms(clean.expand_as(data), data, obs.use, obs.bg_var[:, None, None].expand_as(data), None)
+    assert float(wrong["chi2"].sum()) / data.numel() > ratio + 0.02
+    # the robust likelihood flags almost no pixel of pure noise as an outlier at 5 sigma
+    robust = likelihood_terms(clean.expand_as(data), data, obs.use, obs.variance(clean.expand_as(data)), 5.0)
+    assert int(robust["n_out"].sum()) <= 3
+
+
+@pytest.mark.slow
+def test_fits_of_noise_realisations_are_unbiased_with_laplace_errors_that_match_their_scatter():
+    psf = psf_kernel()
+    clean = render_sersic(LENS, SRC, NPIX, PIX, 2, psf)
+    K = 16
+    data = noisy_copies(clean[0], K, seed=2)
+    fs = FitSettings(adam_steps=60, lbfgs_iters=100, polish=1, laplace=True)
+    res = fit_batch(observation(data, psf), truth_vector().expand(K, 7)[:, None], ParamSpace.for_grid(NPIX, PIX, False),
+                    LensModel(NPIX, PIX, 2, False), fs, [torch.Generator().manual_seed(i) for i in range(K)])
+    est = np.array([[float(r["p"][k]) for k in MASS] for r in res])
+    std = np.array([[r["std"][k] for k in MASS] for r in res])
+    ok = np.isfinite(std).all(1)
+    assert ok.sum() >= K - 2
+    pull = (est[ok] - truth_vector().numpy()) / std[ok]
+    n = ok.sum()
+    assert np.all(np.abs(pull.mean(0)) < 4 / math.sqrt(n)), pull.mean(0)  # unbiased
+    assert np.all((pull.std(0) > 0.55) & (pull.std(0) < 1.6)), pull.std(0)  # errors match the scatter
+    chi2_dof = np.array([r["chi2"] / r["dof"] for r in res])
+    assert abs(chi2_dof.mean() - 1) < 0.02
+
+
+# ---------------------------------------------------------------------------- command line
+@pytest.fixture(scope="module")
+def fits_set(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fits")
+    simulate(compose_config("simulate", ["data=tiny", "data.source.kind=sersic", "data.source.clumps.n=[0,0]",
+                                         "data.source.mag=[20,21]", "data.lens.theta_E=[0.8,1.6]", "n=3",
+                                         "seed=4", "format=fits", f"out={d}", "progress=false"]))
+    return d
+
+
+def fit_cfg(inp, out, *over):
+    return compose_config("fit", [f"input={inp}", f"out={out}", "progress=false", "adam.steps=120",
+                                  "lbfgs.iters=60", *over])
+
+
+def read_rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def truth_rows(d):
+    return {r["name"]: r for r in read_rows(d / "truth.csv")}
+
+
+def test_cli_blind_fit_writes_the_contract_columns_and_finds_bright_lenses(fits_set, tmp_path):
+    out = tmp_path / "fits.csv"
+    run(fit_cfg(fits_set, out, "n_starts=8", "init=prior", "laplace=true"))
+    rows = read_rows(out)
+    assert list(rows[0])[:10] == ["name", *MASS, "chi2_dof", "seconds"]
+    assert "theta_E_std" in rows[0] and "src_R" in rows[0]
+    truth = truth_rows(fits_set)
+    assert [r["name"] for r in rows] == sorted(truth)
+    for r in rows:
+        t = truth[r["name"]]
+        assert float(r["chi2_dof"]) < 1.3, r
+        assert abs(float(r["theta_E"]) - float(t["theta_E"])) < 0.05, (r["name"], r["theta_E"], t["theta_E"])
+        assert float(r["seconds"]) > 0
+    assert not (tmp_path / "fits.csv.partial").exists()
+
+
+def test_cli_is_deterministic_and_resumes(fits_set, tmp_path):
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    run(fit_cfg(fits_set, a, "init=truth", f"truth={fits_set / 'truth.csv'}", "batch_size=2"))
+    rows = read_rows(a)
+    # an interrupted run: the first batch (two lenses) is already in b.csv.partial
+    with open(tmp_path / "b.csv.partial", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows[:2])
+    run(fit_cfg(fits_set, b, "init=truth", f"truth={fits_set / 'truth.csv'}", "batch_size=2"))
+    again = read_rows(b)
+    assert [r["name"] for r in again] == [r["name"] for r in rows]
+    for r1, r2 in zip(rows, again):
+        assert {k: r1[k] for k in MASS} == {k: r2[k] for k in MASS}  # same batches, same numbers
+    # a partial file from other settings is refused, not mixed in
+    with open(tmp_path / "c.csv.partial", "w") as fh:
+        fh.write("name,theta_E\nx,1\n")
+    with pytest.raises(ConfigError, match="other settings"):
+        run(fit_cfg(fits_set, tmp_path / "c.csv", "init=truth", f"truth={fits_set / 'truth.csv'}"))
+
+
+def test_cli_cnn_initialised_fit(fits_set, tmp_path_factory, tmp_path):
+    ckpt = train_tiny_checkpoint(tmp_path_factory.mktemp("run"))
+    out = tmp_path / "cnn.csv"
+    run(fit_cfg(fits_set, out, "init=cnn", f"ckpt={ckpt}", "n_starts=4", "n_mc=4"))
+    rows = read_rows(out)
+    assert len(rows) == 3 and all(0 <= int(r["start"]) < 4 for r in rows)
+    assert all(float(r["chi2_dof"]) < 1.5 for r in rows)
+
+
+def test_bad_input_messages(fits_set, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    good = fits_set / "lens_000000.fits"
+    (d / "a_good.fits").write_bytes(good.read_bytes())
+    (d / "b_garbage.fits").write_bytes(b"SIMPLE = nonsense")
+    fits.PrimaryHDU(np.full((64, 64), np.nan, np.float32)).writeto(d / "c_nan.fits")
+    h = fits.PrimaryHDU(fits.getdata(good))
+    h.header["PIXSCALE"] = 0.1
+    h.writeto(d / "d_no_psf.fits")
+    fits.HDUList([fits.PrimaryHDU(fits.getdata(good)), fits.open(good)["PSF"].copy()]).writeto(d / "e_no_scale.fits")
+    bad_psf = fits.HDUList([fits.PrimaryHDU(fits.getdata(good)), fits.ImageHDU(np.ones((4, 4)), name="PSF")])
+    bad_psf[0].header["PIXSCALE"] = 0.1
+    bad_psf.writeto(d / "f_even_psf.fits")
+    out = tmp_path / "f.csv"
+    res = run(fit_cfg(d, out, "adam.steps=20", "lbfgs.iters=5", "n_starts=2"))
+    assert res["n"] == 1 and [r["name"] for r in read_rows(out)] == ["a_good.fits"]
+    errs = {r["name"]: r["error"] for r in read_rows(tmp_path / "f.errors.csv")}
+    assert set(errs) == {"b_garbage.fits", "c_nan.fits", "d_no_psf.fits", "e_no_scale.fits", "f_even_psf.fits"}
+    assert "unreadable FITS" in errs["b_garbage.fits"] or "no image" in errs["b_garbage.fits"]
+    assert "no finite pixels" in errs["c_nan.fits"]
+    assert "no PSF" in errs["d_no_psf.fits"] and "psf_fwhm=" in errs["d_no_psf.fits"]
+    assert "no pixel scale" in errs["e_no_scale.fits"]
+    assert "odd-sized" in errs["f_even_psf.fits"]
+    # the same file fitted with a PSF and band given on the command line
+    res = run(fit_cfg(d / "d_no_psf.fits", tmp_path / "g.csv", "psf_fwhm=0.15", "band=3", "adam.steps=5",
+                      "lbfgs.iters=2", "n_starts=1"))
+    assert res["n"] == 0 and "band=3 but the file has 1 band(s)" in res["errors"][0]["error"]
+
+
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        (["init=cnn"], "init=cnn needs ckpt="),
+        (["init=guess"], "init must be one of"),
+        (["init=truth"], "init=truth needs truth="),
+        (["init=truth", "truth=/nonexistent/truth.csv"], "truth file not found"),
+        (["n_starts=0"], "n_starts must be >= 1"),
+        (["adam.dtype=float16"], "adam.dtype must be float32 or float64"),
+    ],
+)
+def test_config_errors(fits_set, tmp_path, over, message):
+    with pytest.raises(ConfigError, match=message):
+        run(fit_cfg(fits_set, tmp_path / "x.csv", *over))
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_missing_input(tmp_path):
+    with pytest.raises(ConfigError, match="input not found"):
+        run(fit_cfg(tmp_path / "nowhere", tmp_path / "x.csv"))
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_compare_fit_errors_times_and_optimum_rate(tmp_path):
+    from lensexp.compare_fit import run as compare_fit
+
+    names = [f"l{i}" for i in range(4)]
+    truth = [{"name": n, "theta_E": 1.0 + i / 10, "e1": 0.0} for i, n in enumerate(names)]
+    write_csv(tmp_path / "truth.csv", truth)
+    cnn_err = [0.1, -0.1, 0.2, -0.2]
+    write_csv(tmp_path / "cnn.csv", [{"name": n, "theta_E": t["theta_E"] + e, "e1": 0.0}
+                                     for n, t, e in zip(names, truth, cnn_err)])
+    fit = [{"name": n, "theta_E": t["theta_E"] + 0.01, "e1": 0.02, "chi2_dof": 1.0 + i / 10, "seconds": 2.0,
+            "nll": 100.0 + (5 if i == 3 else 0)} for i, (n, t) in enumerate(zip(names, truth))]
+    write_csv(tmp_path / "fit.csv", fit)
+    write_csv(tmp_path / "ref.csv", [{"name": n, "theta_E": 0, "nll": 100.5} for n in names])
+    cfg = compose_config("compare_fit", [f"truth={tmp_path / 'truth.csv'}", f"out={tmp_path / 'out'}",
+                                         f"methods={{cnn: {tmp_path / 'cnn.csv'}, fit: {tmp_path / 'fit.csv'}}}",
+                                         f"reference={tmp_path / 'ref.csv'}", "seconds={cnn: 0.05}"])
+    rows = {r["method"]: r for r in compare_fit(cfg)}
+    assert rows["cnn"]["rmse/theta_E"] == pytest.approx(math.sqrt(np.mean(np.square(cnn_err))))
+    assert rows["cnn"]["median_abs/theta_E"] == pytest.approx(0.15)
+    assert rows["fit"]["bias/theta_E"] == pytest.approx(0.01) and rows["fit"]["rmse/e1"] == pytest.approx(0.02)
+    assert rows["fit"]["time_ratio"] == pytest.approx(40.0) and rows["cnn"]["time_ratio"] == pytest.approx(1.0)
+    assert rows["fit"]["optimum_rate"] == pytest.approx(0.75) and rows["fit"]["median_chi2_dof"] == pytest.approx(1.15)
+    for f in ("fit_comparison.csv", "fit_comparison.md", "fit_comparison.html", "fit_vs_truth.png"):
+        assert (tmp_path / "out" / f).is_file()
+    with pytest.raises(ConfigError, match="method 'x' not found"):
+        compare_fit(compose_config("compare_fit", [f"truth={tmp_path / 'truth.csv'}", "methods={x: /nope.csv}"]))
