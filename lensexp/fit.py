@@ -40,6 +40,7 @@ extension of the file, else ``psf=FILE``, else a Gaussian of ``psf_fwhm`` arcsec
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import math
 import os
@@ -52,6 +53,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lensexp.errors import ConfigError
+from lensexp.paths import resolve_path
 from lensexp.io import BadInput, check_scale, read_fits, stamp_mask, to_grid
 from lensexp.sim import instrument as inst
 from lensexp.sim import lens as lensmod
@@ -275,7 +277,7 @@ class FitSettings:
     lbfgs_iters: int = 100
     polish: int = 2
     irls_rounds: int = 2
-    outlier_sigma: float | None = 5.0
+    outlier_sigma: float | None = 10.0
     laplace: bool = False
 
 
@@ -379,7 +381,7 @@ def _polish(p_start, obs, b, space, model, fs):
             history_size=20,
             line_search_fn="strong_wolfe",
             tolerance_grad=1e-10,
-            tolerance_change=1e-14,
+            tolerance_change=1e-9,  # in -ln L units: far below any meaningful change
         )
 
         def closure(opt=opt, w=w):
@@ -449,7 +451,8 @@ def noise_from_header(header, img: np.ndarray, use: np.ndarray, cfg: DictConfig)
     return bg, (1.0 / float(t) if t else 0.0)
 
 
-def load_psf(path: str | Path, pixscale: float, psf_pixscale: float | None) -> np.ndarray:
+@functools.lru_cache(maxsize=8)
+def load_psf(path: str, pixscale: float, psf_pixscale: float | None) -> np.ndarray:
     """A unit-sum odd-sized PSF kernel at ``pixscale`` from a FITS image (resampled with GalSim
     when ``psf_pixscale`` differs)."""
     from lensexp.sim.psf import load_empirical
@@ -459,6 +462,10 @@ def load_psf(path: str | Path, pixscale: float, psf_pixscale: float | None) -> n
     n = int(math.ceil(size * ps / pixscale)) | 1
     k, _ = load_empirical(str(path), ps, pixscale, n)
     return k[0]
+
+
+def _opt_float(v) -> float | None:
+    return None if v is None else float(v)
 
 
 class Loader:
@@ -492,7 +499,7 @@ class Loader:
             if "PSF" in hdul and hdul["PSF"].data is not None:
                 psf = np.asarray(hdul["PSF"].data, np.float64)
         if psf is None and self.cfg.psf:
-            psf = load_psf(self.cfg.psf, scale, self.cfg.psf_pixscale)
+            psf = load_psf(str(resolve_path(self.cfg.psf)), scale, _opt_float(self.cfg.psf_pixscale))
         if psf is None and self.cfg.psf_fwhm:
             psf = draw_kernel("gaussian", float(self.cfg.psf_fwhm), scale, int(self.cfg.psf_size))
         if psf is None:
@@ -570,6 +577,10 @@ def check_config(cfg: DictConfig) -> None:
         v = OmegaConf.select(cfg, key)
         if int(v) < lo:
             raise ConfigError(f"{key} must be >= {lo}, got {v}")
+    if cfg.psf and not resolve_path(cfg.psf).is_file():
+        raise ConfigError(f"psf file not found: '{cfg.psf}'")
+    if cfg.psf_fwhm is not None and not float(cfg.psf_fwhm) > 0:
+        raise ConfigError(f"psf_fwhm must be > 0 arcsec, got {cfg.psf_fwhm}")
     if cfg.supersample is not None and int(cfg.supersample) < 1:
         raise ConfigError(f"supersample must be >= 1, got {cfg.supersample}")
     for key in ("dtype", "adam.dtype"):
@@ -591,7 +602,7 @@ def run(cfg: DictConfig) -> dict:
     if cfg.init == "cnn":
         from lensexp.predict import Predictor
 
-        pred = Predictor(str(cfg.ckpt), "cpu", int(cfg.n_mc), max(int(cfg.n_starts), 2), int(cfg.seed))
+        pred = Predictor(str(cfg.ckpt), "cpu", int(cfg.n_mc), max(int(cfg.n_starts), 1024), int(cfg.seed))
     truth = read_truth(cfg.truth) if cfg.init == "truth" else None
     npix = int(cfg.npix) if cfg.npix else (pred.npix if pred is not None else None)
     loader = Loader(cfg, npix)
@@ -712,11 +723,16 @@ def _starts(cfg, group, obs, pred, truth, rngs, dtype) -> torch.Tensor:
         return torch.tensor([truth[g["name"]] for g in group], dtype=dtype)[:, None]
     if cfg.init == "prior":
         return torch.stack([prior_mass(cfg.data, S, r, dtype) for r in rngs])
-    # network posterior: the mean first, then samples
     torch.manual_seed(int(cfg.seed) * 1_000_003 + group[0]["index"])  # MC-dropout masks
-    post = pred.posterior(torch.from_numpy(_cnn_inputs(obs)).float(), rngs[0])  # [n, B, labels]
-    post = post[..., [pred.labels.index(k) for k in MASS]].to(dtype)
-    return torch.cat([post.mean(0)[:, None], post[: S - 1].transpose(0, 1)], 1)[:, :S]
+    return cnn_starts(pred, torch.from_numpy(_cnn_inputs(obs)).float(), S, rngs[0]).to(dtype)
+
+
+def cnn_starts(pred, images: torch.Tensor, n_starts: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mass starts [B, S, 7] from a :class:`~lensexp.predict.Predictor`'s recalibrated posterior
+    for images [B, C, N, N]: its mean first, then ``S - 1`` posterior samples."""
+    post = pred.posterior(images, generator)  # [n_samples, B, labels]
+    post = post[..., [pred.labels.index(k) for k in MASS]]
+    return torch.cat([post.mean(0)[:, None], post[: n_starts - 1].transpose(0, 1)], 1)[:, :n_starts]
 
 
 def _cnn_inputs(obs: Observation) -> np.ndarray:
