@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export MALLOC_MMAP_THRESHOLD_ ?= 1073741824
 export MALLOC_TRIM_THRESHOLD_ ?= 1073741824
 
-.PHONY: venv quickstart test test-fast bench gallery format clean
+.PHONY: venv quickstart test test-fast bench bench-fit gallery format clean
 
 venv: $(BIN)/.installed
 
@@ -32,6 +32,9 @@ test-fast: venv
 bench: venv
 	$(BIN)/python benchmarks/sim_speed.py
 	$(BIN)/python benchmarks/shard_throughput.py --compile
+
+bench-fit: venv  # needs the quickstart checkpoint
+	$(BIN)/python benchmarks/fit_vs_cnn.py --ckpt outputs/runs/quickstart/checkpoints/last.ckpt
 
 gallery: venv
 	$(BIN)/python -m lensexp.gallery out=outputs/gallery

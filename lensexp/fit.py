@@ -110,8 +110,8 @@ class ParamSpace:
         hi = torch.tensor([b[n][1] for n in names], dtype=dtype)
         return cls(names, lo, hi)
 
-    def to(self, dtype) -> ParamSpace:
-        return ParamSpace(self.names, self.lo.to(dtype), self.hi.to(dtype))
+    def to(self, dtype=None, device=None) -> ParamSpace:
+        return ParamSpace(self.names, self.lo.to(device, dtype), self.hi.to(device, dtype))
 
     def to_u(self, p: torch.Tensor) -> torch.Tensor:
         """Physical [M, P] -> unconstrained (clipped just inside the box)."""
@@ -173,7 +173,7 @@ def solve_amplitudes(T: torch.Tensor, d: torch.Tensor, w: torch.Tensor) -> torch
     A = torch.einsum("mkp,mlp,mp->mkl", Tf, Tf, wf)
     b = torch.einsum("mkp,mp,mp->mk", Tf, df, wf)
     ridge = 1e-12 * A.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-300)
-    A = A + ridge[:, None, None] * torch.eye(T.shape[1], dtype=T.dtype)
+    A = A + ridge[:, None, None] * torch.eye(T.shape[1], dtype=T.dtype, device=T.device)
     return torch.linalg.solve(A, b).clamp(min=0)
 
 
@@ -191,10 +191,10 @@ class Observation:
     def variance(self, model: torch.Tensor, idx: torch.Tensor | slice = slice(None)) -> torch.Tensor:
         return self.bg_var[idx, None, None] + model.clamp(min=0) * self.inv_t[idx, None, None]
 
-    def to(self, dtype) -> Observation:
+    def to(self, dtype=None, device=None) -> Observation:
         return Observation(
             *(
-                t.to(dtype) if t.is_floating_point() else t
+                t.to(device, dtype) if t.is_floating_point() else t.to(device)
                 for t in (self.data, self.use, self.psf, self.bg_var, self.inv_t)
             )
         )
@@ -233,7 +233,7 @@ def init_source(space: ParamSpace, p: torch.Tensor, obs: Observation, idx: torch
     maps starts to lenses): the source sits at the flux-weighted mean of ``beta = theta -
     alpha(theta)`` over pixels above 3 sigma, with their spread as size. ``jitter`` [M, 4] in
     [-1, 1] sets small ellipticities (never exactly round, where the angle has no gradient)."""
-    x, y = pixel_grid(model.npix, model.pixscale, 1, p.dtype)
+    x, y = pixel_grid(model.npix, model.pixscale, 1, p.dtype, p.device)
     d = obs.data[idx]
     sig = d * torch.sqrt(obs.weights()[idx])
     w = torch.where(sig > 3, d, torch.zeros_like(d)).flatten(1)
@@ -292,10 +292,11 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
     B, S, _ = starts.shape
     t0 = time.perf_counter()
     dt = obs.data.dtype
-    idx = torch.arange(B).repeat_interleave(S)
-    p0 = torch.zeros(B * S, len(space.names), dtype=dt)
+    dev = obs.data.device
+    idx = torch.arange(B, device=dev).repeat_interleave(S)
+    p0 = torch.zeros(B * S, len(space.names), dtype=dt, device=dev)
     p0[:, : len(MASS)] = starts.reshape(B * S, -1).to(dt)
-    jitter = torch.cat([2 * torch.rand(S, 4, generator=r, dtype=dt) - 1 for r in rngs])
+    jitter = torch.cat([2 * torch.rand(S, 4, generator=r, dtype=dt) - 1 for r in rngs]).to(dev)
     p0 = init_source(space, p0.clamp(space.lo, space.hi), obs, idx, model, jitter)
 
     # stage 1: Adam over every start at once (in fs.adam_dtype), amplitudes profiled, data-based variance
@@ -389,7 +390,7 @@ def _polish(p_start, obs, b, space, model, fs):
             m = _component_model(space.to_p(u), torch.exp(la), obs, b, space, model)
             loss = (rho(w * (d - m) ** 2, fs.outlier_sigma) * use).sum()
             if not torch.isfinite(loss):
-                return torch.tensor(1e300, dtype=loss.dtype)
+                return torch.tensor(1e300, dtype=loss.dtype, device=loss.device)
             loss.backward()
             for t in (u, la):
                 t.grad.nan_to_num_(0.0, 0.0, 0.0)
@@ -598,11 +599,14 @@ def run(cfg: DictConfig) -> dict:
     files = list_inputs(cfg.input)
     torch.set_flush_denormal(True)
     dtype = getattr(torch, str(cfg.dtype))
+    device = str(cfg.device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     pred = None
     if cfg.init == "cnn":
         from lensexp.predict import Predictor
 
-        pred = Predictor(str(cfg.ckpt), "cpu", int(cfg.n_mc), max(int(cfg.n_starts), 1024), int(cfg.seed))
+        pred = Predictor(str(cfg.ckpt), device, int(cfg.n_mc), max(int(cfg.n_starts), 1024), int(cfg.seed))
     truth = read_truth(cfg.truth) if cfg.init == "truth" else None
     npix = int(cfg.npix) if cfg.npix else (pred.npix if pred is not None else None)
     loader = Loader(cfg, npix)
@@ -651,7 +655,7 @@ def run(cfg: DictConfig) -> dict:
         rows = []
         for key in keys:
             sub = [g for g in group if (g["data"].shape[-1], g["scale"], g["psf"].shape[-1]) == key]
-            rows += _fit_group(sub, cfg, fs, pred, truth, ss, lens_light, dtype)
+            rows += _fit_group(sub, cfg, fs, pred, truth, ss, lens_light, dtype, device)
         if rows:
             new = not partial.is_file()
             with open(partial, "a", newline="") as fh:
@@ -691,10 +695,10 @@ def _resume(partial: Path, cols: list[str]) -> set:
     return done
 
 
-def _fit_group(group: list[dict], cfg, fs, pred, truth, ss, lens_light, dtype) -> list[dict]:
+def _fit_group(group: list[dict], cfg, fs, pred, truth, ss, lens_light, dtype, device) -> list[dict]:
     """Fit loaded files sharing one grid; returns their CSV rows."""
     n, scale = group[0]["data"].shape[-1], group[0]["scale"]
-    space = ParamSpace.for_grid(n, scale, lens_light, dtype)
+    space = ParamSpace.for_grid(n, scale, lens_light, dtype).to(device=device)
     model = LensModel(n, scale, ss, lens_light)
     stack = lambda key: torch.from_numpy(np.stack([g[key] for g in group]))  # noqa: E731
     obs = Observation(
@@ -703,11 +707,11 @@ def _fit_group(group: list[dict], cfg, fs, pred, truth, ss, lens_light, dtype) -
         stack("psf").to(dtype),
         torch.tensor([g["bg_var"] for g in group], dtype=dtype),
         torch.tensor([g["inv_t"] for g in group], dtype=dtype),
-    )
+    ).to(device=device)
     # one generator per file (seed, position in the input list): reruns and resumed runs agree
     rngs = [torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + g["index"]) for g in group]
     t0 = time.perf_counter()
-    starts = _starts(cfg, group, obs, pred, truth, rngs, dtype)
+    starts = _starts(cfg, group, obs, pred, truth, rngs, dtype).to(device)
     t_init = (time.perf_counter() - t0) / len(group)
     rows = []
     for g, res in zip(group, fit_batch(obs, starts, space, model, fs, rngs)):
@@ -724,7 +728,7 @@ def _starts(cfg, group, obs, pred, truth, rngs, dtype) -> torch.Tensor:
     if cfg.init == "prior":
         return torch.stack([prior_mass(cfg.data, S, r, dtype) for r in rngs])
     torch.manual_seed(int(cfg.seed) * 1_000_003 + group[0]["index"])  # MC-dropout masks
-    return cnn_starts(pred, torch.from_numpy(_cnn_inputs(obs)).float(), S, rngs[0]).to(dtype)
+    return cnn_starts(pred, torch.from_numpy(_cnn_inputs(obs)).float(), S, rngs[0]).to(dtype=dtype)
 
 
 def cnn_starts(pred, images: torch.Tensor, n_starts: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -737,7 +741,7 @@ def cnn_starts(pred, images: torch.Tensor, n_starts: int, generator: torch.Gener
 
 def _cnn_inputs(obs: Observation) -> np.ndarray:
     """Network inputs [B, 1, N, N]: the data with excluded pixels zeroed, as ``predict`` does."""
-    return (obs.data * obs.use).numpy()[:, None]
+    return (obs.data * obs.use).cpu().numpy()[:, None]
 
 
 if __name__ == "__main__":

@@ -559,13 +559,8 @@ def render_sersic(
         lp["gamma2"],
         *lensmod.sie_coefficients(lp["theta_E"], lp["e1"], lp["e2"]),
     )
-    sp = {k: col(v) for k, v in source.items()}
-    src_coef = (
-        sp["center_x"],
-        sp["center_y"],
-        *sersic_coefficients(sp["amp"], sp["R_sersic"], sp["n_sersic"], sp["e1"], sp["e2"]),
-    )
-    B = max(v.shape[0] for v in [*lp.values(), *sp.values()])
+    src_coef = _source_coefficients(source, dtype)
+    B = max(v.shape[0] for v in [*lp.values(), *src_coef])
     x, y = subpixel_planes(npix, pixscale, supersample, dtype, lp["theta_E"].device)
     empty = torch.zeros(B, 0, dtype=dtype, device=x.device)
     lens_coef = tuple(t.expand(B, 1) for t in lens_coef)
@@ -586,16 +581,22 @@ def render_unlensed_sersic(
 ) -> torch.Tensor:
     """Noiseless image [B, N, N] (e-/s per pixel) of an elliptical Sérsic seen directly (e.g. the
     lens light); ``source`` and ``psf_kernel`` as in :func:`render_sersic`."""
+    coef = _source_coefficients(source, dtype)
+    B = max(v.shape[0] for v in coef)
+    x, y = subpixel_planes(npix, pixscale, supersample, dtype, coef[0].device)
+    img = _sersic_image(x, y, tuple(t.expand(B, 1) for t in coef), npix, supersample, pixscale)
+    return convolve_psf(img, psf_kernel)
+
+
+def _source_coefficients(source: dict, dtype) -> tuple:
+    """(center_x, center_y) + :func:`source.sersic_coefficients`, each [B, 1], from lenstronomy
+    ``SERSIC_ELLIPSE`` keywords (floats or tensors [B])."""
     sp = {k: torch.as_tensor(v, dtype=dtype).reshape(-1, 1) for k, v in source.items()}
-    B = max(v.shape[0] for v in sp.values())
-    coef = (
+    return (
         sp["center_x"],
         sp["center_y"],
         *sersic_coefficients(sp["amp"], sp["R_sersic"], sp["n_sersic"], sp["e1"], sp["e2"]),
     )
-    x, y = subpixel_planes(npix, pixscale, supersample, dtype, sp["amp"].device)
-    img = _sersic_image(x, y, tuple(t.expand(B, 1) for t in coef), npix, supersample, pixscale)
-    return convolve_psf(img, psf_kernel)
 
 
 def convolve_psf(img: torch.Tensor, psf_kernel: torch.Tensor | None) -> torch.Tensor:
