@@ -430,10 +430,12 @@ def _laplace(res, obs, b, space, model, outlier_sigma) -> dict:
 
 
 # ---------------------------------------------------------------------------- files
-def noise_from_header(header, img: np.ndarray, use: np.ndarray, cfg: DictConfig) -> tuple[float, float]:
-    """(background variance [(e-/s)^2], 1 / exposure time [1/s]) for one image."""
+def noise_from_header(header, img: np.ndarray, use: np.ndarray, cfg: DictConfig, from_image: bool = False):
+    """(background variance [(e-/s)^2], 1 / exposure time [1/s]) for one image; ``from_image``
+    (e.g. an ICA mixture of bands, whose noise the header does not describe): the background
+    from the pixels (``mad_std``), no Poisson term unless ``noise.exposure_time`` is given."""
     nz = cfg.noise
-    get = lambda key, hdr: nz[key] if nz.get(key) is not None else header.get(hdr)  # noqa: E731
+    get = lambda key, hdr: nz[key] if nz.get(key) is not None else (None if from_image else header.get(hdr))  # noqa: E731
     t = get("exposure_time", "EXPTIME")
     if nz.get("background_rms") is not None:
         bg = float(nz.background_rms) ** 2
@@ -484,10 +486,18 @@ class Loader:
         scale = float(self.cfg.pixscale) if self.cfg.pixscale else scale
         if scale is None:
             raise BadInput(f"{path.name}: no pixel scale (header PIXSCALE or WCS); give pixscale=ARCSEC_PER_PX")
-        band = int(self.cfg.band)
-        if not 0 <= band < img.shape[0]:
-            raise BadInput(f"{path.name}: band={band} but the file has {img.shape[0]} band(s)")
-        raw = img[band : band + 1]
+        if self.cfg.ica:  # two bands -> the lens-light-free source, in band-1 units
+            from lensexp.ica import remove_lens_light
+
+            if img.shape[0] != 2:
+                raise BadInput(f"{path.name}: ica=true needs a (2, H, W) two-band cube, got {img.shape[0]} band(s)")
+            raw = remove_lens_light(np.nan_to_num(img), seed=int(self.cfg.seed))[0][None]
+            raw[:, ~np.isfinite(img).all(0)] = np.nan
+        else:
+            band = int(self.cfg.band)
+            if not 0 <= band < img.shape[0]:
+                raise BadInput(f"{path.name}: band={band} but the file has {img.shape[0]} band(s)")
+            raw = img[band : band + 1]
         npix = self.npix or min(raw.shape[-2:])
         finite = to_grid(np.isfinite(raw).astype(np.float32), npix)[0] > 0
         img = to_grid(raw, npix, path.name)
@@ -510,7 +520,7 @@ class Loader:
             raise BadInput(f"{path.name}: the PSF must be a finite, square, odd-sized image, got shape {psf.shape}")
         if not psf.sum() > 0:
             raise BadInput(f"{path.name}: the PSF has no positive flux")
-        bg, inv_t = noise_from_header(header, img[0], use, self.cfg)
+        bg, inv_t = noise_from_header(header, img[0], use, self.cfg, from_image=bool(self.cfg.ica))
         return {"data": img[0], "use": use, "psf": psf / psf.sum(), "bg_var": bg, "inv_t": inv_t, "scale": scale}
 
 

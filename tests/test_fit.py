@@ -321,3 +321,30 @@ def test_psf_from_a_fits_file_resampled_to_the_image(fits_set, tmp_path, emp_psf
     res = run(fit_cfg(tmp_path / "no_psf.fits", tmp_path / "f.csv", f"psf={emp_psf}", "psf_pixscale=0.01",
                       "adam.steps=30", "lbfgs.iters=10", "n_starts=2"))
     assert res["n"] == 1 and not res["errors"]
+
+
+def test_two_band_cube_with_lens_light_is_cleaned_by_ica_then_fitted(tmp_path):
+    psf = psf_kernel()
+    arcs = render_sersic(LENS, SRC, NPIX, PIX, 2, psf)[0]
+    light = render_unlensed_sersic(dict(amp=2.0, R_sersic=0.8, n_sersic=3.0, e1=0.05, e2=-0.1,
+                                        center_x=LENS["center_x"], center_y=LENS["center_y"]), NPIX, PIX, 2, psf)[0]
+    red = noisy_copies(arcs + light, 1, seed=5)[0]  # red lens galaxy, blue source
+    blue = noisy_copies(1.5 * arcs + 0.15 * light, 1, seed=6)[0]
+    d = tmp_path / "cubes"
+    d.mkdir()
+    h = fits.PrimaryHDU(torch.stack([red, blue]).numpy().astype(np.float32))
+    h.header["PIXSCALE"] = PIX
+    fits.HDUList([h, fits.ImageHDU(psf.numpy(), name="PSF")]).writeto(d / "cube.fits")
+    write_csv(d / "truth.csv", [{"name": "cube.fits", **LENS}])
+    out = tmp_path / "f.csv"
+    res = run(fit_cfg(d, out, "ica=true", "init=truth", f"truth={d / 'truth.csv'}"))
+    assert res["n"] == 1
+    row = read_rows(out)[0]
+    assert abs(float(row["theta_E"]) - LENS["theta_E"]) < 0.02
+    assert abs(float(row["center_x"]) - LENS["center_x"]) < 0.02
+    # ica=true refuses one-band files
+    one = tmp_path / "one"
+    one.mkdir()
+    fits.HDUList([fits.PrimaryHDU(red.numpy()), fits.ImageHDU(psf.numpy(), name="PSF")]).writeto(one / "r.fits")
+    res = run(fit_cfg(one, tmp_path / "h.csv", "ica=true", "pixscale=0.1"))
+    assert res["n"] == 0 and "ica=true needs a (2, H, W) two-band cube" in res["errors"][0]["error"]
