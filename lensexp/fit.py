@@ -82,7 +82,8 @@ class ParamSpace:
     @classmethod
     def for_grid(cls, npix: int, pixscale: float, lens_light: bool, dtype=torch.float64) -> ParamSpace:
         """Bounds for an ``npix`` grid of ``pixscale`` arcsec/px (field of view ``F``): theta_E in
-        [0.05", F/2], |e| components < 0.7 (q > 0.18), lens centre within F/4, |gamma| < 0.3, source
+        [0.05", F/2], |e| components < 0.7 (q > 0.18), lens centre within F/8 of the cut-out's
+        centre (0.8" at 64 x 0.1"), |gamma| < 0.3, source
         in the field, R_sersic in [pixscale/4, F/4], n in [0.3, 6]; lens light R in
         [pixscale, F/2], n in [0.5, 8]."""
         fov = npix * pixscale
@@ -90,8 +91,8 @@ class ParamSpace:
             "theta_E": (0.05, fov / 2),
             "e1": (-0.7, 0.7),
             "e2": (-0.7, 0.7),
-            "center_x": (-fov / 4, fov / 4),
-            "center_y": (-fov / 4, fov / 4),
+            "center_x": (-fov / 8, fov / 8),
+            "center_y": (-fov / 8, fov / 8),
             "gamma1": (-0.3, 0.3),
             "gamma2": (-0.3, 0.3),
             "src_R": (pixscale / 4, fov / 4),

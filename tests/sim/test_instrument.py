@@ -90,7 +90,7 @@ def test_masks_keep_configured_arc_flux():
 
 
 def test_masks_cosmic_rays_hot_pixels_in_simulated_batch():
-    sim = Simulator(load_data_preset("tiny"))
+    sim = Simulator(load_data_preset("tiny", ["data.source.kind=sersic"]))
     b = sim.sample(32, seed=3, keep_clean=True, keep_noise_map=True)
     m = b.meta["mask"]
     assert (b.images[:, 0][m] == 0).all()
@@ -103,6 +103,7 @@ def test_artefact_switches():
     cfg = load_data_preset(
         "tiny",
         [
+            "data.source.kind=sersic",
             "data.instrument.cosmic_rays.enabled=false",
             "data.instrument.hot_pixels.enabled=false",
             "data.instrument.masks.enabled=false",
@@ -121,6 +122,7 @@ def test_bias_offsets_zero_level():
     cfg = load_data_preset(
         "tiny",
         [
+            "data.source.kind=sersic",
             "data.instrument.bias=[0.5,0.5]",
             "data.instrument.cosmic_rays.enabled=false",
             "data.instrument.hot_pixels.enabled=false",

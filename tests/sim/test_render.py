@@ -131,8 +131,11 @@ def test_unlensed_real_galaxy_keeps_its_flux(cosmos_catalog):
     np.testing.assert_allclose(mu.numpy(), 1.0, atol=0.02)
 
 
-def test_sample_shapes_labels_and_determinism():
-    sim = _sim()
+@pytest.mark.parametrize("kind", ["sersic", "mix"])
+def test_sample_shapes_labels_and_determinism(kind, request):
+    if kind == "mix":
+        request.getfixturevalue("cosmos_catalog")  # real galaxies: skipped without ../shared/data
+    sim = Simulator(load_data_preset("tiny", [f"data.source.kind={kind}"]))
     a = sim.sample(20, seed=11, batch_size=8)
     b = sim.sample(20, seed=11, batch_size=8)
     c = sim.sample(20, seed=12, batch_size=8)
