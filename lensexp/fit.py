@@ -271,6 +271,8 @@ def prior_mass(data_cfg: DictConfig, n: int, rng: torch.Generator, dtype=torch.f
 # ---------------------------------------------------------------------------- optimisation
 @dataclass
 class FitSettings:
+    """Optimiser settings (``conf/fit.yaml``: ``adam.*``, ``lbfgs.*``, ``outlier_sigma``, ``laplace``)."""
+
     adam_steps: int = 300
     adam_lr: float = 0.05
     source_steps: int = 50
