@@ -727,10 +727,44 @@ def _fit_group(group: list[dict], cfg, fs, pred, truth, ss, lens_light, dtype, d
     starts = _starts(cfg, group, obs, pred, truth, rngs, dtype).to(device)
     t_init = (time.perf_counter() - t0) / len(group)
     rows = []
-    for g, res in zip(group, fit_batch(obs, starts, space, model, fs, rngs)):
+    for b, (g, res) in enumerate(zip(group, fit_batch(obs, starts, space, model, fs, rngs))):
         res["seconds"] += t_init
         rows.append(result_row(g["name"], res, space, model.K))
+        if cfg.save_plots:
+            with torch.no_grad():
+                p = torch.stack([res["p"][k] for k in space.names])
+                m = _component_model(p, res["amps"], obs, b, space, model)[0]
+            residual_png(obs.data[b], m, res["var"], obs.use[b], g["name"], rows[-1], Path(cfg.save_plots))
     return rows
+
+
+def residual_png(data, model, var, use, name: str, row: dict, out: Path) -> Path:
+    """Data, best-fit model and normalised residual ``(data - model) / sigma`` of one lens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    d, m = data.cpu().numpy(), model.cpu().numpy()
+    z = np.where(use.cpu().numpy(), (d - m) / np.sqrt(var.cpu().numpy()), np.nan)
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
+    vmax = max(float(np.percentile(np.abs(d), 99.5)), 1e-12)
+    for ax, im, title in ((axes[0], d, "data"), (axes[1], m, "model")):
+        h = ax.imshow(np.arcsinh(im / (0.05 * vmax)), origin="lower", cmap="magma")
+        ax.set_title(title, fontsize=9)
+    h = axes[2].imshow(z, origin="lower", cmap="RdBu_r", vmin=-5, vmax=5)
+    axes[2].set_title("(data − model) / σ", fontsize=9)
+    fig.colorbar(h, ax=axes[2], fraction=0.046)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{name}: θE = {row['theta_E']:.3f}″, χ²/dof = {row['chi2_dof']:.2f}", fontsize=10)
+    fig.tight_layout()
+    path = out / (name.split(".")[0] + "_fit.png")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
 
 
 def _starts(cfg, group, obs, pred, truth, rngs, dtype) -> torch.Tensor:

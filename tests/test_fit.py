@@ -161,8 +161,10 @@ def truth_rows(d):
 
 def test_cli_blind_fit_writes_the_contract_columns_and_finds_bright_lenses(fits_set, tmp_path):
     out = tmp_path / "fits.csv"
-    run(fit_cfg(fits_set, out, "n_starts=8", "init=prior", "laplace=true", "adam.steps=300", "lbfgs.iters=100"))
+    run(fit_cfg(fits_set, out, "n_starts=8", "init=prior", "laplace=true", "adam.steps=300", "lbfgs.iters=100",
+                f"save_plots={tmp_path / 'png'}"))
     rows = read_rows(out)
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [f"lens_{i:06d}_fit.png" for i in range(3)]
     assert list(rows[0])[:10] == ["name", *MASS, "chi2_dof", "seconds"]
     assert "theta_E_std" in rows[0] and "src_R" in rows[0]
     truth = truth_rows(fits_set)
