@@ -16,7 +16,6 @@ truth per label and method).
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
@@ -25,29 +24,8 @@ from omegaconf import DictConfig
 
 from lensexp.compare import write_tables
 from lensexp.errors import ConfigError
+from lensexp.io import read_table
 from lensexp.sim.priors import LABELS
-
-
-def read_table(path: str | Path, what: str) -> dict[str, dict]:
-    """CSV rows by ``name``, numbers as floats."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{what} not found: '{path}'")
-    with open(p, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if rows and "name" not in rows[0]:
-        raise ConfigError(f"{what} '{path}' has no 'name' column")
-    out = {}
-    for r in rows:
-        out[r["name"]] = {k: _num(v) for k, v in r.items() if k != "name"}
-    return out
-
-
-def _num(v):
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def columns(labels) -> list[str]:

@@ -54,7 +54,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lensexp.errors import ConfigError
 from lensexp.paths import resolve_path
-from lensexp.io import BadInput, check_scale, read_fits, stamp_mask, to_grid
+from lensexp.io import BadInput, check_scale, read_fits, read_table, stamp_mask, to_grid
 from lensexp.sim import instrument as inst
 from lensexp.sim import lens as lensmod
 from lensexp.sim.priors import LABELS, check_range, draw
@@ -135,29 +135,12 @@ class LensModel:
         self.K = 2 if lens_light else 1
 
     def templates(self, p: dict, psf: torch.Tensor | None) -> torch.Tensor:
-        ones = torch.ones_like(p["theta_E"])
-        src = {
-            "amp": ones,
-            "R_sersic": p["src_R"],
-            "n_sersic": p["src_n"],
-            "e1": p["src_e1"],
-            "e2": p["src_e2"],
-            "center_x": p["src_x"],
-            "center_y": p["src_y"],
-        }
         lens = {k: p[k] for k in MASS}
-        out = [render_sersic(lens, src, self.npix, self.pixscale, self.ss, psf, ones.dtype)]
+        src = _unit_sersic(p, "src_", p["src_x"], p["src_y"])
+        out = [render_sersic(lens, src, self.npix, self.pixscale, self.ss, psf, p["theta_E"].dtype)]
         if self.lens_light:
-            light = {
-                "amp": ones,
-                "R_sersic": p["ll_R"],
-                "n_sersic": p["ll_n"],
-                "e1": p["ll_e1"],
-                "e2": p["ll_e2"],
-                "center_x": p["center_x"],
-                "center_y": p["center_y"],
-            }
-            out.append(render_unlensed_sersic(light, self.npix, self.pixscale, self.ss, psf, ones.dtype))
+            light = _unit_sersic(p, "ll_", p["center_x"], p["center_y"])
+            out.append(render_unlensed_sersic(light, self.npix, self.pixscale, self.ss, psf, p["theta_E"].dtype))
         return torch.stack(out, 1)
 
     def mu_F(self, p: dict) -> torch.Tensor:
@@ -165,6 +148,20 @@ class LensModel:
         its total intrinsic flux (the label convention)."""
         T = self.templates(p, None)[:, 0]
         return T.sum((1, 2)) / sersic_total_flux(torch.ones_like(p["src_R"]), p["src_R"], p["src_n"])
+
+
+def _unit_sersic(p: dict, prefix: str, center_x, center_y) -> dict:
+    """lenstronomy ``SERSIC_ELLIPSE`` keywords of unit amplitude from fit parameters ``<prefix>R``,
+    ``n``, ``e1``, ``e2``."""
+    return {
+        "amp": torch.ones_like(center_x),
+        "R_sersic": p[prefix + "R"],
+        "n_sersic": p[prefix + "n"],
+        "e1": p[prefix + "e1"],
+        "e2": p[prefix + "e2"],
+        "center_x": center_x,
+        "center_y": center_y,
+    }
 
 
 def solve_amplitudes(T: torch.Tensor, d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -190,6 +187,7 @@ class Observation:
     inv_t: torch.Tensor
 
     def variance(self, model: torch.Tensor, idx: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """Pixel variance [(e-/s)^2] of the lenses ``idx`` for model (or data) images."""
         return self.bg_var[idx, None, None] + model.clamp(min=0) * self.inv_t[idx, None, None]
 
     def to(self, dtype=None, device=None) -> Observation:
@@ -528,15 +526,12 @@ class Loader:
 
 
 def read_truth(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"truth file not found: '{path}'")
-    with open(p, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    missing = [k for k in ("name", *MASS) if rows and k not in rows[0]]
+    """Truth mass parameters [7] by file name from a ``truth.csv``."""
+    rows = read_table(path, "truth file")
+    missing = [k for k in MASS if rows and k not in next(iter(rows.values()))]
     if not rows or missing:
         raise ConfigError(f"truth file '{path}' needs columns name and {', '.join(MASS)}; missing {missing}")
-    return {r["name"]: [float(r[k]) for k in MASS] for r in rows}
+    return {n: [r[k] for k in MASS] for n, r in rows.items()}
 
 
 def param_names(lens_light: bool) -> tuple:

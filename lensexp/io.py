@@ -114,3 +114,27 @@ def stamp_mask(img: np.ndarray, pixscale: float, masks) -> np.ndarray:
         m, _ = read_fits(Path(masks.file))
         mask |= to_grid(m, npix)[0] != 0
     return mask
+
+
+def read_table(path: str | Path, what: str) -> dict[str, dict]:
+    """A CSV with a ``name`` column as ``{name: {column: float}}`` (non-numbers become NaN)."""
+    import csv
+    import math
+
+    from lensexp.errors import ConfigError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} not found: '{path}'")
+    with open(p, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if rows and "name" not in rows[0]:
+        raise ConfigError(f"{what} '{path}' has no 'name' column")
+
+    def num(v):
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return math.nan
+
+    return {r["name"]: {k: num(v) for k, v in r.items() if k != "name"} for r in rows}
