@@ -54,7 +54,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lensexp.errors import ConfigError
 from lensexp.paths import resolve_path
-from lensexp.io import BadInput, check_scale, read_fits, read_table, stamp_mask, to_grid
+from lensexp.io import BadInput, check_scale, pixel_scale, read_fits, read_fits_hdus, read_table, stamp_mask, to_grid
 from lensexp.sim import instrument as inst
 from lensexp.sim import lens as lensmod
 from lensexp.sim.priors import LABELS, check_range, draw
@@ -479,20 +479,16 @@ class Loader:
         self.cfg, self.npix = cfg, npix
 
     def __call__(self, path: Path):
-        from astropy.io import fits
-
         from lensexp.sim.psf import draw_kernel
 
-        img, scale = read_fits(path)
-        scale = float(self.cfg.pixscale) if self.cfg.pixscale else scale
+        img, header, ext = read_fits_hdus(path, ("PSF",))
+        scale = float(self.cfg.pixscale) if self.cfg.pixscale else pixel_scale(header)
         if scale is None:
             raise BadInput(f"{path.name}: no pixel scale (header PIXSCALE or WCS); give pixscale=ARCSEC_PER_PX")
         if self.cfg.ica:  # two bands -> the lens-light-free source, in band-1 units
-            from lensexp.ica import remove_lens_light
+            from lensexp.ica import cube_source
 
-            if img.shape[0] != 2:
-                raise BadInput(f"{path.name}: ica=true needs a (2, H, W) two-band cube, got {img.shape[0]} band(s)")
-            raw = remove_lens_light(np.nan_to_num(img), seed=int(self.cfg.seed))[0][None]
+            raw = cube_source(img, path.name, int(self.cfg.seed))[None]
             raw[:, ~np.isfinite(img).all(0)] = np.nan
         else:
             band = int(self.cfg.band)
@@ -505,11 +501,7 @@ class Loader:
         use = finite & (img[0] != 0) & ~stamp_mask(img, scale, self.cfg.masks)
         if use.sum() < 50:
             raise BadInput(f"{path.name}: only {int(use.sum())} usable pixels (NaN, zero or masked)")
-        with fits.open(path, memmap=False) as hdul:
-            header = next(h.header for h in hdul if getattr(h, "data", None) is not None and h.data.ndim >= 2)
-            psf = None
-            if "PSF" in hdul and hdul["PSF"].data is not None:
-                psf = np.asarray(hdul["PSF"].data, np.float64)
+        psf = ext.get("PSF")
         if psf is None and self.cfg.psf:
             psf = load_psf(str(resolve_path(self.cfg.psf)), scale, _opt_float(self.cfg.psf_pixscale))
         if psf is None and self.cfg.psf_fwhm:

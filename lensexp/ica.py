@@ -43,3 +43,13 @@ def remove_lens_light(cube: np.ndarray, seed: int = 0, smooth_pix: float = 0.0) 
         comps.append(img - np.median(img))
     info = {"mixing": a.tolist(), "source_component": k_src, "blue_red_ratio": ratio.tolist()}
     return comps[k_src].astype(np.float32), comps[1 - k_src].astype(np.float32), info
+
+
+def cube_source(cube: np.ndarray, name: str, seed: int = 0) -> np.ndarray:
+    """The ICA source [H, W] of a file's two-band cube (``ica=true`` in predict and fit); a
+    :class:`~lensexp.io.BadInput` naming the file when it is not a (2, H, W) cube."""
+    from lensexp.io import BadInput
+
+    if cube.shape[0] != 2:
+        raise BadInput(f"{name}: ica=true needs a (2, H, W) two-band cube, got {cube.shape[0]} band(s)")
+    return remove_lens_light(cube, seed=seed)[0]

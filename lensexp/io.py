@@ -20,6 +20,13 @@ def read_fits(path: str | Path) -> tuple[np.ndarray, float | None]:
 
     Accepts a 2-D image or a 3-D cube in the first HDU holding data.
     """
+    data, header, _ = read_fits_hdus(path)
+    return data, pixel_scale(header)
+
+
+def read_fits_hdus(path: str | Path, extensions: tuple = ()) -> tuple[np.ndarray, object, dict]:
+    """:func:`read_fits`'s validated image [bands, H, W], its header, and the data of the named
+    image ``extensions`` present in the file (e.g. ``("PSF",)``), in one opening of the file."""
     from astropy.io import fits
 
     path = Path(path)
@@ -31,6 +38,7 @@ def read_fits(path: str | Path) -> tuple[np.ndarray, float | None]:
                 raise BadInput(f"{path.name}: no image data in any HDU")
             data = np.asarray(hdu.data, dtype=np.float32)
             header = hdu.header
+            extra = {e: np.asarray(hdul[e].data) for e in extensions if e in hdul and hdul[e].data is not None}
     except BadInput:
         raise
     except Exception as exc:  # noqa: BLE001 - astropy raises many types for broken files
@@ -41,7 +49,7 @@ def read_fits(path: str | Path) -> tuple[np.ndarray, float | None]:
         raise BadInput(f"{path.name}: expected a 2-D image or a (bands, H, W) cube, got shape {data.shape}")
     if not np.isfinite(data).any():
         raise BadInput(f"{path.name}: no finite pixels (NaN/inf only)")
-    return data, pixel_scale(header)
+    return data, header, extra
 
 
 def pixel_scale(header) -> float | None:

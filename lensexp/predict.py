@@ -144,12 +144,10 @@ def prepare(path: Path, pred: Predictor, cfg: DictConfig) -> np.ndarray:
     img, scale = read_fits(path)
     check_scale(path.name, float(cfg.pixscale) if cfg.pixscale else scale, pred.pixscale)
     if cfg.ica:
-        from lensexp.ica import remove_lens_light
+        from lensexp.ica import cube_source
 
-        if img.shape[0] != 2:
-            raise BadInput(f"{path.name}: ica=true needs a (2, H, W) two-band cube, got {img.shape[0]} band(s)")
         cube = img
-        src, _, _ = remove_lens_light(cube, seed=int(cfg.seed))
+        src = cube_source(cube, path.name, int(cfg.seed))
         img = src[None]
         if cfg.save_cleaned:
             from astropy.io import fits
