@@ -33,7 +33,8 @@ from lensexp.compare_fit import run as compare_fit
 from lensexp.config import compose_config
 from lensexp.fit import run as fit
 from lensexp.io import read_fits, to_grid
-from lensexp.predict import Predictor, list_inputs
+from lensexp.inputs import list_inputs
+from lensexp.predict import Predictor
 from lensexp.predict import run as predict
 from lensexp.simulate import run as simulate
 
@@ -53,7 +54,7 @@ SHOWN = ("theta_E", "e1", "e2", "center_x", "gamma1", "mu_F")
 def cnn_seconds_per_lens(ckpt: str, folder: Path, n_mc: int, batch: int) -> float:
     """Steady-state seconds per lens of the loaded network (MC dropout + posterior summaries)."""
     pred = Predictor(ckpt, "cpu", n_mc=n_mc, n_samples=1024)
-    x = torch.from_numpy(np.stack([to_grid(read_fits(f)[0], pred.npix) for f in list_inputs(folder)]))
+    x = torch.from_numpy(np.stack([to_grid(read_fits(f.image)[0], pred.npix) for f in list_inputs(folder)]))
     pred.predict_arrays(x[:batch])  # warm-up
     t0 = time.perf_counter()
     for i in range(0, len(x), batch):

@@ -24,18 +24,27 @@ def read_fits(path: str | Path) -> tuple[np.ndarray, float | None]:
     return data, pixel_scale(header)
 
 
-def read_fits_hdus(path: str | Path, extensions: tuple = ()) -> tuple[np.ndarray, object, dict]:
+def read_fits_hdus(
+    path: str | Path, extensions: tuple = (), max_pixels: int | None = None
+) -> tuple[np.ndarray, object, dict]:
     """:func:`read_fits`'s validated image [bands, H, W], its header, and the data of the named
-    image ``extensions`` present in the file (e.g. ``("PSF",)``), in one opening of the file."""
+    image ``extensions`` present in the file (e.g. ``("PSF",)``), in one opening of the file.
+
+    Integer and scaled (``BSCALE``/``BZERO``) data become float32; an image of more than
+    ``max_pixels`` pixels is refused from its header, before its data are read."""
     from astropy.io import fits
 
     path = Path(path)
     try:
         with fits.open(path, memmap=False) as hdul:
             hdul.verify("silentfix")
-            hdu = next((h for h in hdul if getattr(h, "data", None) is not None and h.data.ndim >= 2), None)
+            hdu = next((h for h in hdul if h.is_image and len(h.shape) >= 2), None)
             if hdu is None:
                 raise BadInput(f"{path.name}: no image data in any HDU")
+            n = int(np.prod(hdu.shape))
+            if max_pixels and n > max_pixels:
+                shape = "x".join(map(str, hdu.shape))
+                raise BadInput(f"{path.name}: image of {shape} px exceeds the {max_pixels:,}-pixel limit; cut it out")
             data = np.asarray(hdu.data, dtype=np.float32)
             header = hdu.header
             extra = {e: np.asarray(hdul[e].data) for e in extensions if e in hdul and hdul[e].data is not None}

@@ -1,16 +1,21 @@
 """Prediction on FITS images: ``python -m lensexp.predict ckpt=CKPT input=PATH out=preds.csv n_mc=32``.
 
-Reads one FITS file or a folder of them (one lens per file: a 2-D image, or a (2, H, W) cube
-cleaned of lens light by ICA with ``ica=true``), streams them in batches (never all in memory),
+Reads one FITS file, a folder of them (one lens per file: a 2-D image, or a (2, H, W) cube
+cleaned of lens light by ICA with ``ica=true``) or a folder of lens folders
+(``<name>/image.fits`` + optional ``mask.fits``, ...; :mod:`lensexp.inputs`), validated by the
+same path as ``fit``, streams them in batches (never all in memory),
 runs ``n_mc`` MC-dropout passes each widened by its aleatoric sigma, applies the spread
 recalibration saved by ``calibrate`` (``calibration.json`` beside the checkpoint) and writes one
 CSV row per file: ``name`` and, per label ``p``: ``p, p_std, p_lo68, p_hi68, p_lo95, p_hi95,
 p_lo997, p_hi997`` (posterior mean, std, central 68.3/95.5/99.7 % intervals). Files that cannot
 be analysed go to ``<out>.errors.csv`` with the reason; the run continues.
 
-Cut-outs larger or smaller than the model's grid are centre-cropped or zero-padded; the pixel
-scale (``PIXSCALE`` or WCS) must match the model's within 1 %; flux units do not matter
-(per-image normalisation). Optional circular masks (radius ~0.2") on the lens centre and on bright
+Every file needs a pixel scale (``PIXSCALE``, a celestial WCS, or ``pixscale=`` for files
+without one; ``pixscale=`` never changes the network's grid). Images at another scale are
+resampled to the network's (flux-conserving; :func:`lensexp.inputs.to_grid`, logged), then
+centre-cropped or zero-padded; the centre columns are given in the file's own centred frame.
+Flux units do not matter (per-image normalisation). When no file could be used the run exits
+with an error after writing the errors file. Optional circular masks (radius ~0.2") on the lens centre and on bright
 cosmic rays, or a mask FITS (nonzero = masked), as Hezaveh et al. 2017 did for real HST data.
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -27,22 +33,13 @@ from omegaconf import DictConfig
 
 from lensexp import metrics
 from lensexp.errors import ConfigError
-from lensexp.io import BadInput, check_scale, read_fits, stamp_mask, to_grid
+from lensexp.files import check_writable, clean_stale, temp_path
+from lensexp.inputs import LensFiles, list_inputs, load, to_grid
+from lensexp.io import BadInput, stamp_mask
+from lensexp.runtime import resolve_device, set_threads
 
-SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz")
+log = logging.getLogger("lensexp.predict")
 LEVEL_TAGS = {0.683: "68", 0.955: "95", 0.997: "997"}
-
-
-def list_inputs(path: str | Path) -> list[Path]:
-    p = Path(path)
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.name.lower().endswith(SUFFIXES))
-        if not files:
-            raise ConfigError(f"no FITS files ({', '.join(SUFFIXES)}) in '{path}'")
-        return files
-    raise ConfigError(f"input not found: '{path}'")
 
 
 def csv_columns(labels) -> list[str]:
@@ -106,16 +103,20 @@ class Predictor:
         return {"mean": phys.mean(0), "std": phys.std(0), "intervals": metrics.central_intervals(phys)}
 
 
-def _rows(names, res, labels) -> list[dict]:
+def _rows(names, res, labels, offsets=None) -> list[dict]:
+    """CSV rows; ``offsets`` [(dx, dy)] arcsec move the centre columns into each file's frame."""
     rows = []
     for i, name in enumerate(names):
         row = {"name": name}
         for j, p in enumerate(labels):
-            row[p] = float(res["mean"][i, j])
+            shift = 0.0
+            if offsets is not None and p in ("center_x", "center_y"):
+                shift = float(offsets[i][0 if p == "center_x" else 1])
+            row[p] = float(res["mean"][i, j]) + shift
             row[f"{p}_std"] = float(res["std"][i, j])
             for c, t in LEVEL_TAGS.items():
                 lo, hi = res["intervals"][c]
-                row[f"{p}_lo{t}"], row[f"{p}_hi{t}"] = float(lo[i, j]), float(hi[i, j])
+                row[f"{p}_lo{t}"], row[f"{p}_hi{t}"] = float(lo[i, j]) + shift, float(hi[i, j]) + shift
         rows.append(row)
     return rows
 
@@ -139,38 +140,51 @@ def ica_png(cube: np.ndarray, source: np.ndarray, path: Path) -> None:
     plt.close(fig)
 
 
-def prepare(path: Path, pred: Predictor, cfg: DictConfig) -> np.ndarray:
-    """One file -> model input [C, npix, npix] (ICA, masks, cut-out), or :class:`BadInput`."""
-    img, scale = read_fits(path)
-    check_scale(path.name, float(cfg.pixscale) if cfg.pixscale else scale, pred.pixscale)
+def prepare(lens: LensFiles, pred: Predictor, cfg: DictConfig) -> tuple[np.ndarray, tuple]:
+    """One lens -> (model input [C, npix, npix], centre offset (dx, dy) arcsec) through the
+    shared validation (:func:`lensexp.inputs.load`), ICA, resampling to the network's grid and
+    masks; or :class:`BadInput`."""
+    data = load(lens, None if cfg.pixscale is None else float(cfg.pixscale), extensions=())
     if cfg.ica:
         from lensexp.ica import cube_source
 
-        cube = img
-        src = cube_source(cube, path.name, int(cfg.seed))
-        img = src[None]
+        cube = data.image
+        src = cube_source(np.nan_to_num(cube), lens.name, int(cfg.seed))
+        data.image = src[None]
         if cfg.save_cleaned:
             from astropy.io import fits
 
             out = Path(cfg.save_cleaned)
             out.mkdir(parents=True, exist_ok=True)
-            fits.PrimaryHDU(src).writeto(out / path.name, overwrite=True)
-            ica_png(cube, src, out / (path.name.split(".")[0] + "_ica.png"))
-    img = to_grid(img, pred.npix, path.name)
-    mask = stamp_mask(img, pred.pixscale, cfg.masks)
-    img[:, mask] = 0.0
-    if img.shape[0] != pred.module.hparams.in_chans:
-        raise BadInput(f"{path.name}: {img.shape[0]} band(s) but the model takes {pred.module.hparams.in_chans}")
-    return img
+            stem = lens.name.split(".")[0]
+            fits.PrimaryHDU(src).writeto(out / f"{stem}.fits", overwrite=True)
+            ica_png(cube, src, out / f"{stem}_ica.png")
+    return network_input(data, pred, cfg.masks)
+
+
+def network_input(data, pred: Predictor, masks) -> tuple[np.ndarray, tuple]:
+    """A validated lens (:class:`~lensexp.inputs.LensData`) on the network's grid with masks
+    applied: (image [C, npix, npix], centre offset (dx, dy) arcsec), or :class:`BadInput`."""
+    if data.image.shape[0] != pred.module.hparams.in_chans:
+        raise BadInput(f"{data.name}: {data.image.shape[0]} band(s) but the model takes {pred.module.hparams.in_chans}")
+    grid = to_grid(data, pred.npix, pred.pixscale)
+    img = grid.image
+    img[:, stamp_mask(img, pred.pixscale, masks) | grid.bad] = 0.0
+    if not np.abs(img).max() > 0:
+        raise BadInput(f"{data.name}: no usable pixel inside the network's {pred.npix}x{pred.npix} field")
+    return img, grid.offset
 
 
 def run(cfg: DictConfig) -> dict:
-    """Predict every file of ``cfg.input`` into ``cfg.out`` (CSV) and ``<out>.errors.csv``."""
+    """Predict every lens of ``cfg.input`` into ``cfg.out`` (CSV) and ``<out>.errors.csv``."""
     from tqdm import tqdm
 
-    device = str(cfg.device)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(cfg.out)
+    err_path = out.with_name(out.stem + ".errors.csv")
+    check_writable(out, err_path)
+    clean_stale(out.parent, (out.name, err_path.name))
+    set_threads()
+    device = resolve_device(cfg.device)
     torch.manual_seed(int(cfg.seed))
     pred = Predictor(
         str(cfg.ckpt),
@@ -180,41 +194,41 @@ def run(cfg: DictConfig) -> dict:
         int(cfg.seed),
         None if cfg.calibration == "none" else str(cfg.calibration),
         cfg.npix,
-        cfg.pixscale,
+        cfg.model_pixscale,
     )
     files = list_inputs(cfg.input)
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    err_path = out.with_name(out.stem + ".errors.csv")
-    tmp, tmp_err = (
-        out.with_name(f".{out.name}.tmp-{os.getpid()}"),
-        err_path.with_name(f".{err_path.name}.tmp-{os.getpid()}"),
-    )
+    tmp, tmp_err = temp_path(out), temp_path(err_path)
     g = torch.Generator().manual_seed(int(cfg.seed))
     n_ok, errors = 0, []
     try:
         with open(tmp, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=csv_columns(pred.labels))
             w.writeheader()
-            batch, names = [], []
+            batch, names, offsets = [], [], []
             bs = int(cfg.batch_size)
             for i, f in enumerate(tqdm(files, unit="lens", disable=not cfg.progress)):
                 try:
-                    batch.append(prepare(f, pred, cfg))
+                    img, off = prepare(f, pred, cfg)
+                    batch.append(img)
                     names.append(f.name)
+                    offsets.append(off)
                 except BadInput as exc:
                     errors.append({"name": f.name, "error": str(exc)})
+                    log.warning("skipped %s", exc)
                 if len(batch) == bs or (i == len(files) - 1 and batch):
                     res = pred.predict_arrays(torch.from_numpy(np.stack(batch)), g)
-                    w.writerows(_rows(names, res, pred.labels))
+                    w.writerows(_rows(names, res, pred.labels, offsets))
                     n_ok += len(names)
-                    batch, names = [], []
+                    batch, names, offsets = [], [], []
         with open(tmp_err, "w", newline="") as fh:
             ew = csv.DictWriter(fh, fieldnames=["name", "error"])
             ew.writeheader()
             ew.writerows(errors)
-        os.replace(tmp, out)
         os.replace(tmp_err, err_path)
+        if n_ok == 0:
+            tmp.unlink(missing_ok=True)
+            raise ConfigError(f"no usable input: all {len(files)} file(s) were rejected (reasons in {err_path})")
+        os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         tmp_err.unlink(missing_ok=True)

@@ -248,9 +248,11 @@ def test_bad_input_messages(fits_set, tmp_path):
     assert "no pixel scale" in errs["e_no_scale.fits"]
     assert "odd-sized" in errs["f_even_psf.fits"]
     # the same file fitted with a PSF and band given on the command line
-    res = run(fit_cfg(d / "d_no_psf.fits", tmp_path / "g.csv", "psf_fwhm=0.15", "band=3", "adam.steps=5",
-                      "lbfgs.iters=2", "n_starts=1"))
-    assert res["n"] == 0 and "band=3 but the file has 1 band(s)" in res["errors"][0]["error"]
+    with pytest.raises(ConfigError, match="no usable input: all 1 file"):  # nothing usable: an error, no table
+        run(fit_cfg(d / "d_no_psf.fits", tmp_path / "g.csv", "psf_fwhm=0.15", "band=3", "adam.steps=5",
+                    "lbfgs.iters=2", "n_starts=1"))
+    assert not (tmp_path / "g.csv").exists()
+    assert "band=3 but the file has 1 band(s)" in read_rows(tmp_path / "g.errors.csv")[0]["error"]
 
 
 @pytest.mark.parametrize(
@@ -348,5 +350,6 @@ def test_two_band_cube_with_lens_light_is_cleaned_by_ica_then_fitted(tmp_path):
     one = tmp_path / "one"
     one.mkdir()
     fits.HDUList([fits.PrimaryHDU(red.numpy()), fits.ImageHDU(psf.numpy(), name="PSF")]).writeto(one / "r.fits")
-    res = run(fit_cfg(one, tmp_path / "h.csv", "ica=true", "pixscale=0.1"))
-    assert res["n"] == 0 and "ica=true needs a (2, H, W) two-band cube" in res["errors"][0]["error"]
+    with pytest.raises(ConfigError, match="no usable input"):
+        run(fit_cfg(one, tmp_path / "h.csv", "ica=true", "pixscale=0.1"))
+    assert "ica=true needs a (2, H, W) two-band cube" in read_rows(tmp_path / "h.errors.csv")[0]["error"]

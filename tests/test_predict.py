@@ -67,13 +67,19 @@ def test_bad_files_are_reported_not_fatal(ckpt, tmp_path):
     big.header["PIXSCALE"] = 0.1
     big.writeto(d / "g_bigger.fits")
     run(predict_cfg(ckpt, d, tmp_path / "p.csv"))
-    assert [r["name"] for r in read_rows(tmp_path / "p.csv")] == ["a_good.fits", "g_bigger.fits"]
+    # no pixel scale: refused (never the model's assumed); another scale: resampled to the model's grid
+    assert [r["name"] for r in read_rows(tmp_path / "p.csv")] == ["e_scale.fits", "g_bigger.fits"]
     errs = {r["name"]: r["error"] for r in read_rows(tmp_path / "p.errors.csv")}
-    assert set(errs) == {"b_garbage.fits", "c_nan.fits", "d_1d.fits", "e_scale.fits", "f_3band.fits"}
+    assert set(errs) == {"a_good.fits", "b_garbage.fits", "c_nan.fits", "d_1d.fits", "f_3band.fits"}
+    assert "no pixel scale" in errs["a_good.fits"] and "pixscale=" in errs["a_good.fits"]
     assert "unreadable FITS" in errs["b_garbage.fits"] or "no image" in errs["b_garbage.fits"]
     assert "no finite pixels" in errs["c_nan.fits"]
-    assert "pixel scale 0.05\"/px differs from the model's 0.1\"/px" in errs["e_scale.fits"]
+    # pixscale= states the scale of files without one, and is refused where it contradicts a header
+    run(predict_cfg(ckpt, d, tmp_path / "q.csv", "pixscale=0.1"))
+    assert [r["name"] for r in read_rows(tmp_path / "q.csv")] == ["a_good.fits", "g_bigger.fits"]
+    errs = {r["name"]: r["error"] for r in read_rows(tmp_path / "q.errors.csv")}
     assert "3 band(s) but the model takes 1" in errs["f_3band.fits"]
+    assert "header says 0.05\"/px but pixscale=0.1" in errs["e_scale.fits"]
 
 
 def test_missing_input_and_checkpoint(ckpt, tmp_path):

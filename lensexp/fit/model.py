@@ -1,0 +1,189 @@
+"""Image model and likelihood of the fit: parameter boxes, unit-amplitude component images
+through the simulator's forward model, linear amplitudes, the noise model and the robust
+Gaussian likelihood (lenstronomy's ImSim + Likelihood rooms)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lensexp.sim.priors import LABELS
+from lensexp.sim.render import render_sersic, render_unlensed_sersic
+from lensexp.sim.source import sersic_total_flux
+
+MASS = LABELS[:-1]
+SOURCE = ("src_R", "src_n", "src_e1", "src_e2", "src_x", "src_y")
+LIGHT = ("ll_R", "ll_n", "ll_e1", "ll_e2")
+
+
+def param_names(lens_light: bool) -> tuple:
+    """Non-linear parameters fitted: mass, source shape and position (+ lens light)."""
+    return MASS + SOURCE + (LIGHT if lens_light else ())
+
+
+@dataclass
+class ParamSpace:
+    """Non-linear parameters in boxes ``[lo, hi]``, optimised as ``u`` with
+    ``p = lo + (hi - lo) sigmoid(u)`` (so every step stays physical)."""
+
+    names: tuple
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+    @classmethod
+    def for_grid(cls, npix: int, pixscale: float, lens_light: bool, dtype=torch.float64) -> ParamSpace:
+        """Bounds for an ``npix`` grid of ``pixscale`` arcsec/px (field of view ``F``): theta_E in
+        [0.05", F/2], |e| components < 0.7 (q > 0.18), lens centre within F/8 of the cut-out's
+        centre (0.8" at 64 x 0.1"), |gamma| < 0.3, source
+        in the field, R_sersic in [pixscale/4, F/4], n in [0.3, 6]; lens light R in
+        [pixscale, F/2], n in [0.5, 8]."""
+        fov = npix * pixscale
+        b = {
+            "theta_E": (0.05, fov / 2),
+            "e1": (-0.7, 0.7),
+            "e2": (-0.7, 0.7),
+            "center_x": (-fov / 8, fov / 8),
+            "center_y": (-fov / 8, fov / 8),
+            "gamma1": (-0.3, 0.3),
+            "gamma2": (-0.3, 0.3),
+            "src_R": (pixscale / 4, fov / 4),
+            "src_n": (0.3, 6.0),
+            "src_e1": (-0.7, 0.7),
+            "src_e2": (-0.7, 0.7),
+            "src_x": (-fov / 2, fov / 2),
+            "src_y": (-fov / 2, fov / 2),
+            "ll_R": (pixscale, fov / 2),
+            "ll_n": (0.5, 8.0),
+            "ll_e1": (-0.7, 0.7),
+            "ll_e2": (-0.7, 0.7),
+        }
+        names = param_names(lens_light)
+        lo = torch.tensor([b[n][0] for n in names], dtype=dtype)
+        hi = torch.tensor([b[n][1] for n in names], dtype=dtype)
+        return cls(names, lo, hi)
+
+    def to(self, dtype=None, device=None) -> ParamSpace:
+        return ParamSpace(self.names, self.lo.to(device, dtype), self.hi.to(device, dtype))
+
+    def to_u(self, p: torch.Tensor) -> torch.Tensor:
+        """Physical [M, P] -> unconstrained (clipped just inside the box)."""
+        f = ((p - self.lo) / (self.hi - self.lo)).clamp(1e-6, 1 - 1e-6)
+        return torch.logit(f)
+
+    def to_p(self, u: torch.Tensor) -> torch.Tensor:
+        return self.lo + (self.hi - self.lo) * torch.sigmoid(u)
+
+    def as_dict(self, p: torch.Tensor) -> dict:
+        return {n: p[..., i] for i, n in enumerate(self.names)}
+
+
+# ---------------------------------------------------------------------------- forward model
+class LensModel:
+    """Unit-amplitude component images [M, K, N, N] (K = 1 source, + 1 lens light) on one grid."""
+
+    def __init__(self, npix: int, pixscale: float, supersample: int, lens_light: bool):
+        self.npix, self.pixscale, self.ss, self.lens_light = int(npix), float(pixscale), int(supersample), lens_light
+        self.K = 2 if lens_light else 1
+
+    def templates(self, p: dict, psf: torch.Tensor | None) -> torch.Tensor:
+        lens = {k: p[k] for k in MASS}
+        src = _unit_sersic(p, "src_", p["src_x"], p["src_y"])
+        out = [render_sersic(lens, src, self.npix, self.pixscale, self.ss, psf, p["theta_E"].dtype)]
+        if self.lens_light:
+            light = _unit_sersic(p, "ll_", p["center_x"], p["center_y"])
+            out.append(render_unlensed_sersic(light, self.npix, self.pixscale, self.ss, psf, p["theta_E"].dtype))
+        return torch.stack(out, 1)
+
+    def mu_F(self, p: dict) -> torch.Tensor:
+        """Flux magnification of the fitted source: lensed flux in the field (before the PSF) over
+        its total intrinsic flux (the label convention)."""
+        T = self.templates(p, None)[:, 0]
+        return T.sum((1, 2)) / sersic_total_flux(torch.ones_like(p["src_R"]), p["src_R"], p["src_n"])
+
+
+def _unit_sersic(p: dict, prefix: str, center_x, center_y) -> dict:
+    """lenstronomy ``SERSIC_ELLIPSE`` keywords of unit amplitude from fit parameters ``<prefix>R``,
+    ``n``, ``e1``, ``e2``."""
+    return {
+        "amp": torch.ones_like(center_x),
+        "R_sersic": p[prefix + "R"],
+        "n_sersic": p[prefix + "n"],
+        "e1": p[prefix + "e1"],
+        "e2": p[prefix + "e2"],
+        "center_x": center_x,
+        "center_y": center_y,
+    }
+
+
+def solve_amplitudes(T: torch.Tensor, d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Weighted least-squares amplitudes [M, K] of templates T [M, K, N, N] for data d and
+    inverse-variance weights w [M, N, N] (differentiable; clamped at >= 0)."""
+    Tf, df, wf = T.flatten(2), d.flatten(1), w.flatten(1)
+    A = torch.einsum("mkp,mlp,mp->mkl", Tf, Tf, wf)
+    b = torch.einsum("mkp,mp,mp->mk", Tf, df, wf)
+    diag = A.diagonal(dim1=1, dim2=2)
+    eye = torch.eye(T.shape[1], dtype=T.dtype, device=T.device)
+    # a component with no flux on the used pixels (e.g. a source mapped off the data) gets amplitude 0
+    dead = ~(diag > 1e-9 * diag.amax(1, keepdim=True).clamp(min=torch.finfo(T.dtype).tiny))
+    rel = 1e-7 if T.dtype == torch.float32 else 1e-12
+    ridge = rel * diag.amax(1).clamp(min=torch.finfo(T.dtype).tiny)
+    A = torch.where(dead[:, :, None] | dead[:, None, :], eye.expand_as(A), A) + ridge[:, None, None] * eye
+    b = torch.where(dead, torch.zeros_like(b), b)
+    x, info = torch.linalg.solve_ex(A, b)
+    return torch.where((info == 0)[:, None], x, torch.zeros_like(x)).nan_to_num(0.0, 0.0, 0.0).clamp(min=0)
+
+
+@dataclass
+class Observation:
+    """A batch of lenses: data [B, N, N] (e-/s), ``use`` [B, N, N] (pixels in the likelihood), PSF
+    kernels [B, k, k] and the noise model ``variance = bg_var + model * inv_t`` (each [B])."""
+
+    data: torch.Tensor
+    use: torch.Tensor
+    psf: torch.Tensor
+    bg_var: torch.Tensor
+    inv_t: torch.Tensor
+
+    def variance(self, model: torch.Tensor, idx: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """Pixel variance [(e-/s)^2] of the lenses ``idx`` for model (or data) images;
+        ``bg_var`` is one number per lens [B] or a map per lens [B, N, N] (noise maps)."""
+        bg = self.bg_var[idx]
+        if bg.ndim == 1:
+            bg = bg[:, None, None]
+        return bg + model.clamp(min=0) * self.inv_t[idx, None, None]
+
+    def to(self, dtype=None, device=None) -> Observation:
+        return Observation(
+            *(
+                t.to(device, dtype) if t.is_floating_point() else t.to(device)
+                for t in (self.data, self.use, self.psf, self.bg_var, self.inv_t)
+            )
+        )
+
+    def weights(self) -> torch.Tensor:
+        """Inverse variance from the data themselves (fixed; for the Adam stage)."""
+        return self.use / self.variance(self.data)
+
+
+def rho(z2: torch.Tensor, outlier_sigma: float | None) -> torch.Tensor:
+    """Per-pixel ``-ln L`` of a normalised squared residual ``z^2``: Gaussian ``z^2 / 2`` or, with
+    ``outlier_sigma = c``, a Gaussian plus a flat outlier term (cosmic rays, hot pixels, source
+    structure the model lacks), ``-ln(exp(-z^2/2) + exp(-c^2/2))``: quadratic well inside ``c``
+    sigma, constant far outside, smooth in between."""
+    if not outlier_sigma:
+        return 0.5 * z2
+    return -torch.logaddexp(-0.5 * z2, torch.full_like(z2, -0.5 * outlier_sigma**2))
+
+
+def likelihood_terms(model, data, use, var, outlier_sigma) -> dict:
+    """``nll`` (robust Gaussian ``-ln L`` without the 2 pi constant), ``chi2`` and ``n_pix`` over
+    the inlier pixels (``|z| < outlier_sigma``), ``n_out`` outliers; each [M]."""
+    z2 = (data - model) ** 2 / var
+    inlier = use & (z2 < outlier_sigma**2) if outlier_sigma else use
+    return {
+        "nll": ((rho(z2, outlier_sigma) + 0.5 * torch.log(var)) * use).sum((1, 2)),
+        "chi2": (z2 * inlier).sum((1, 2)),
+        "n_pix": inlier.sum((1, 2)),
+        "n_out": (use & ~inlier).sum((1, 2)),
+    }

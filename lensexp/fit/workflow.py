@@ -1,0 +1,298 @@
+"""The fit's workflow: settings, batches of files, resumable CSV rows, plots."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lensexp.errors import ConfigError
+from lensexp.fit.data import Loader
+from lensexp.fit.model import MASS, LensModel, Observation, ParamSpace, param_names
+from lensexp.fit.optimise import FitSettings, _component_model, fit_batch
+from lensexp.fit.starts import starts_for
+from lensexp.files import check_writable, clean_stale, temp_path
+from lensexp.inputs import list_inputs
+from lensexp.io import BadInput, read_table
+from lensexp.paths import resolve_path
+from lensexp.runtime import resolve_device, set_threads
+
+log = logging.getLogger("lensexp.fit")
+INITS = ("prior", "cnn", "truth")
+
+
+def read_truth(path: str | Path) -> dict:
+    """Truth mass parameters [7] by file name from a ``truth.csv``."""
+    rows = read_table(path, "truth file")
+    missing = [k for k in MASS if rows and k not in next(iter(rows.values()))]
+    if not rows or missing:
+        raise ConfigError(f"truth file '{path}' needs columns name and {', '.join(MASS)}; missing {missing}")
+    return {n: [r[k] for k in MASS] for n, r in rows.items()}
+
+
+def columns(lens_light: bool, laplace: bool) -> list[str]:
+    """CSV columns: the contract's (``name``, mass labels, ``chi2_dof``, ``seconds``) first."""
+    extra = [n for n in param_names(lens_light) if n not in MASS] + ["src_amp", "ll_amp"][: 2 if lens_light else 1]
+    cols = ["name", *MASS, "chi2_dof", "seconds", "mu_F", "nll", "n_pix", "n_out", "start", "noise_source", "sky_ratio"]
+    cols += extra
+    if laplace:
+        cols += [f"{n}_std" for n in (*MASS, *extra)]
+    return cols
+
+
+def result_row(name: str, res: dict, space: ParamSpace, K: int, offset=(0.0, 0.0)) -> dict:
+    """One CSV row; ``offset`` (arcsec) moves the centres from the fit grid to the file's frame."""
+    row = {"name": name, **{k: float(res["p"][k]) for k in (*MASS, "mu_F")}}
+    row["center_x"] += float(offset[0])
+    row["center_y"] += float(offset[1])
+    row.update(
+        chi2_dof=res["chi2"] / res["dof"],
+        seconds=res["seconds"],
+        nll=res["nll"],
+        n_pix=res["n_pix"],
+        n_out=res["n_out"],
+        start=res["start"],
+        noise_source=res.get("noise_source", ""),
+        sky_ratio=res.get("sky_ratio", float("nan")),
+    )
+    row.update({n: float(res["p"][n]) for n in space.names if n not in MASS})
+    row.update({n: float(a) for n, a in zip(["src_amp", "ll_amp"][:K], res["amps"])})
+    for n, s in res.get("std", {}).items():
+        row[f"{n}_std"] = s
+    return row
+
+
+# ---------------------------------------------------------------------------- entry point
+def check_config(cfg: DictConfig) -> None:
+    if str(cfg.init) not in INITS:
+        raise ConfigError(f"init must be one of {INITS}, got '{cfg.init}'")
+    if cfg.init == "cnn" and not cfg.ckpt:
+        raise ConfigError("init=cnn needs ckpt=CHECKPOINT (a trained lensexp model)")
+    if cfg.init == "truth" and not cfg.truth:
+        raise ConfigError("init=truth needs truth=TRUTH_CSV (e.g. from lensexp.simulate format=fits)")
+    ints = (
+        ("n_starts", 1),
+        ("batch_size", 1),
+        ("adam.steps", 0),
+        ("adam.source_steps", 0),
+        ("lbfgs.iters", 1),
+        ("lbfgs.polish", 1),
+        ("lbfgs.irls_rounds", 1),
+    )
+    for key, lo in ints:
+        v = OmegaConf.select(cfg, key)
+        if int(v) < lo:
+            raise ConfigError(f"{key} must be >= {lo}, got {v}")
+    if cfg.psf and not resolve_path(cfg.psf).is_file():
+        raise ConfigError(f"psf file not found: '{cfg.psf}'")
+    if cfg.psf_fwhm is not None and not float(cfg.psf_fwhm) > 0:
+        raise ConfigError(f"psf_fwhm must be > 0 arcsec, got {cfg.psf_fwhm}")
+    if int(cfg.max_npix) < 16:
+        raise ConfigError(f"max_npix must be >= 16 pixels, got {cfg.max_npix}")
+    if cfg.supersample is not None and int(cfg.supersample) < 1:
+        raise ConfigError(f"supersample must be >= 1, got {cfg.supersample}")
+    for key in ("dtype", "adam.dtype"):
+        if str(OmegaConf.select(cfg, key)) not in ("float32", "float64"):
+            raise ConfigError(f"{key} must be float32 or float64, got '{OmegaConf.select(cfg, key)}'")
+
+
+def run(cfg: DictConfig) -> dict:
+    """Fit every file of ``cfg.input``; rows to ``cfg.out`` (resumable), failures to ``<out>.errors.csv``."""
+    from tqdm import tqdm
+
+    check_config(cfg)
+    out = Path(cfg.out)
+    partial = out.with_name(out.name + ".partial")
+    err_path = out.with_name(out.stem + ".errors.csv")
+    check_writable(out, partial, err_path)
+    clean_stale(out.parent, (err_path.name,))
+    files = list_inputs(cfg.input)
+    set_threads()
+    torch.set_flush_denormal(True)
+    dtype = getattr(torch, str(cfg.dtype))
+    device = resolve_device(cfg.device)
+    pred = None
+    if cfg.init == "cnn":
+        from lensexp.predict import Predictor
+
+        pred = Predictor(str(cfg.ckpt), device, int(cfg.n_mc), max(int(cfg.n_starts), 1024), int(cfg.seed))
+    truth = read_truth(cfg.truth) if cfg.init == "truth" else None
+    loader = Loader(cfg, int(cfg.npix) if cfg.npix else None)
+    ss = int(cfg.supersample or cfg.data.supersample)
+    lens_light = bool(cfg.lens_light)
+    fs = FitSettings(
+        adam_steps=int(cfg.adam.steps),
+        adam_lr=float(cfg.adam.lr),
+        source_steps=int(cfg.adam.source_steps),
+        adam_dtype=getattr(torch, str(cfg.adam.dtype)),
+        lbfgs_iters=int(cfg.lbfgs.iters),
+        polish=int(cfg.lbfgs.polish),
+        irls_rounds=int(cfg.lbfgs.irls_rounds),
+        outlier_sigma=float(cfg.outlier_sigma) if cfg.outlier_sigma else None,
+        laplace=bool(cfg.laplace),
+    )
+    cols = columns(lens_light, fs.laplace)
+    done = _resume(partial, cols) if cfg.resume else set()
+    if not cfg.resume:
+        partial.unlink(missing_ok=True)
+    # batches are fixed chunks of the input list, written whole: a resumed run fits the same batches
+    bs = int(cfg.batch_size)
+    starts = range(0, len(files), bs)
+    chunks = [[(i, f) for i, f in enumerate(files[c : c + bs], c) if f.name not in done] for c in starts]
+    chunks = [c for c in chunks if c]
+    errors, n_ok = [], len(done)
+    bar = tqdm(total=sum(map(len, chunks)), unit="lens", disable=not cfg.progress, desc=f"fit ({cfg.init})")
+    for chunk in chunks:
+        group = []
+        for i, f in chunk:
+            try:
+                item = loader(f)
+                if pred is not None:
+                    item["cnn"], item["cnn_offset"] = _network_input(item, pred, cfg)
+                if truth is not None and f.name not in truth:
+                    raise BadInput(f"{f.name}: not in the truth file {cfg.truth}")
+                group.append({**item, "name": f.name, "index": i})
+            except BadInput as exc:
+                errors.append({"name": f.name, "error": str(exc)})
+        # one grid per fit batch: files of other sizes, scales or PSF sizes form their own
+        keys = sorted({(g["data"].shape[-1], g["scale"], g["psf"].shape[-1]) for g in group})
+        rows = []
+        for key in keys:
+            sub = [g for g in group if (g["data"].shape[-1], g["scale"], g["psf"].shape[-1]) == key]
+            rows += _fit_safely(sub, errors, cfg, fs, pred, truth, ss, lens_light, dtype, device)
+        if rows:
+            new = not partial.is_file()
+            with open(partial, "a", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=cols)
+                if new:
+                    w.writeheader()
+                w.writerows(rows)
+            n_ok += len(rows)
+        bar.update(len(chunk))
+    bar.close()
+    tmp_err = temp_path(err_path)
+    with open(tmp_err, "w", newline="") as fh:
+        ew = csv.DictWriter(fh, fieldnames=["name", "error"])
+        ew.writeheader()
+        ew.writerows(errors)
+    os.replace(tmp_err, err_path)
+    if not partial.is_file():  # nothing could be fitted
+        raise ConfigError(f"no usable input: all {len(files)} file(s) were rejected (reasons in {err_path})")
+    os.replace(partial, out)
+    print(f"wrote {out} ({n_ok} lenses) and {err_path} ({len(errors)} skipped)")
+    return {"n": n_ok, "errors": errors}
+
+
+def _resume(partial: Path, cols: list[str]) -> set:
+    """Names already fitted in ``partial`` (a previous, interrupted run with the same settings)."""
+    if not partial.is_file():
+        return set()
+    with open(partial, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames != cols:
+            raise ConfigError(
+                f"{partial} was written with other settings (columns differ); delete it or pass resume=false"
+            )
+        done = {r["name"] for r in reader}
+    log.info("resuming: %d lenses already fitted in %s", len(done), partial)
+    return done
+
+
+def _network_input(item: dict, pred, cfg):
+    """The network's view of a loaded lens (init=cnn): all bands for a multi-band model, the
+    fitted band (or ICA source) for a one-band model."""
+    from dataclasses import replace
+
+    from lensexp.predict import network_input
+
+    lens = item["lens"]
+    if pred.module.hparams.in_chans == 1 and lens.image.shape[0] != 1:
+        lens = replace(lens, image=item["raw"])
+    return network_input(lens, pred, cfg.masks)
+
+
+def _fit_safely(group: list[dict], errors: list, *args) -> list[dict]:
+    """:func:`_fit_group`, retried lens by lens when the batch fails; a lens that fails alone
+    goes to ``errors`` with the cause and the run continues."""
+    try:
+        return _fit_group(group, *args)
+    except Exception as exc:  # noqa: BLE001 - one bad lens must not end the run
+        if len(group) == 1:
+            log.warning("fit of %s failed: %s", group[0]["name"], exc)
+            errors.append({"name": group[0]["name"], "error": f"fit failed ({type(exc).__name__}: {exc})"})
+            return []
+        return [row for g in group for row in _fit_safely([g], errors, *args)]
+
+
+def _fit_group(group: list[dict], cfg, fs, pred, truth, ss, lens_light, dtype, device) -> list[dict]:
+    """Fit loaded files sharing one grid; returns their CSV rows."""
+    n, scale = group[0]["data"].shape[-1], group[0]["scale"]
+    space = ParamSpace.for_grid(n, scale, lens_light, dtype).to(device=device)
+    model = LensModel(n, scale, ss, lens_light)
+    stack = lambda key: torch.from_numpy(np.stack([g[key] for g in group]))  # noqa: E731
+    obs = Observation(
+        stack("data").to(dtype),
+        stack("use"),
+        stack("psf").to(dtype),
+        _bg_stack(group, dtype),
+        torch.tensor([g["inv_t"] for g in group], dtype=dtype),
+    ).to(device=device)
+    # one generator per file (seed, position in the input list): reruns and resumed runs agree
+    rngs = [torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + g["index"]) for g in group]
+    t0 = time.perf_counter()
+    starts = starts_for(cfg, group, pred, truth, rngs, dtype).to(device)
+    t_init = (time.perf_counter() - t0) / len(group)
+    rows = []
+    for b, (g, res) in enumerate(zip(group, fit_batch(obs, starts, space, model, fs, rngs))):
+        res["seconds"] += t_init
+        res["noise_source"], res["sky_ratio"] = g["noise_source"], g["sky_ratio"]
+        rows.append(result_row(g["name"], res, space, model.K, g["offset"]))
+        if cfg.save_plots:
+            with torch.no_grad():
+                p = torch.stack([res["p"][k] for k in space.names])
+                m = _component_model(p, res["amps"], obs, b, space, model)[0]
+            residual_png(obs.data[b], m, res["var"], obs.use[b], g["name"], rows[-1], Path(cfg.save_plots))
+    return rows
+
+
+def _bg_stack(group: list[dict], dtype) -> torch.Tensor:
+    """Background variances of a batch: [B] numbers, or [B, N, N] maps when any lens has a noise map."""
+    if all(np.ndim(g["bg_var"]) == 0 for g in group):
+        return torch.tensor([float(g["bg_var"]) for g in group], dtype=dtype)
+    n = group[0]["data"].shape[-1]
+    return torch.from_numpy(np.stack([np.broadcast_to(g["bg_var"], (n, n)) for g in group])).to(dtype)
+
+
+def residual_png(data, model, var, use, name: str, row: dict, out: Path) -> Path:
+    """Data, best-fit model and normalised residual ``(data - model) / sigma`` of one lens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    d, m = data.cpu().numpy(), model.cpu().numpy()
+    z = np.where(use.cpu().numpy(), (d - m) / np.sqrt(var.cpu().numpy()), np.nan)
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
+    vmax = max(float(np.percentile(np.abs(d), 99.5)), 1e-12)
+    for ax, im, title in ((axes[0], d, "data"), (axes[1], m, "model")):
+        h = ax.imshow(np.arcsinh(im / (0.05 * vmax)), origin="lower", cmap="magma")
+        ax.set_title(title, fontsize=9)
+    h = axes[2].imshow(z, origin="lower", cmap="RdBu_r", vmin=-5, vmax=5)
+    axes[2].set_title("(data − model) / σ", fontsize=9)
+    fig.colorbar(h, ax=axes[2], fraction=0.046)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{name}: θE = {row['theta_E']:.3f}″, χ²/dof = {row['chi2_dof']:.2f}", fontsize=10)
+    fig.tight_layout()
+    path = out / (name.split(".")[0] + "_fit.png")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
