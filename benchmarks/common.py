@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-_ALLOC = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+from lensexp.runtime import ALLOCATOR_ENV
 
 
 def ensure_allocator_env() -> None:
     """Re-execute the running script with glibc's allocator settings (read only at start-up)."""
-    if any(os.environ.get(k) != v for k, v in _ALLOC.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_ALLOC})
+    if any(os.environ.get(k) != v for k, v in ALLOCATOR_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR_ENV})
 
 
 def machine_info() -> dict:

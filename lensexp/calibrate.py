@@ -25,21 +25,71 @@ from lensexp.errors import ConfigError
 CAL_FILE = "calibration.json"
 
 
-def load_module(ckpt: str | Path, device: str = "cpu"):
-    """A trained :class:`~lensexp.module.LensModule` from a checkpoint, loaded weights-only."""
-    from lensexp.module import LensModule
+LENS_MODULE_KEYS = frozenset(
+    {
+        "model",
+        "loss",
+        "in_chans",
+        "lr",
+        "weight_decay",
+        "n_mc_val",
+        "input_norm",
+        "label_fit_batches",
+        "labels",
+        "data_info",
+    }
+)
 
+
+def read_checkpoint(ckpt: str | Path) -> dict:
+    """A checkpoint's contents, loaded weights-only (no code runs); every failure is one
+    :class:`ConfigError` naming the file and the cause."""
     path = Path(ckpt)
     if not path.is_file():
         raise ConfigError(f"checkpoint not found: '{ckpt}'")
+    if path.stat().st_size == 0:
+        raise ConfigError(f"checkpoint '{ckpt}' is an empty file (0 bytes)")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - untrusted file: any failure is a bad checkpoint
-        raise ConfigError(f"'{ckpt}' is not a lensexp checkpoint loadable weights-only: {exc}") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
+            reason = "it holds objects that would run code when loaded (refused)"
+        raise ConfigError(f"checkpoint '{ckpt}' cannot be loaded weights-only: {reason}") from None
+    if not isinstance(ck, dict):
+        raise ConfigError(f"checkpoint '{ckpt}' is not a mapping: not a lensexp training checkpoint")
+    return ck
+
+
+def load_module(ckpt: str | Path, device: str = "cpu"):
+    """A trained :class:`~lensexp.module.LensModule` from a checkpoint, loaded weights-only, its
+    hyper-parameters allow-listed (:func:`~lensexp.models.check_model_hparams`)."""
+    from lensexp.models import check_model_hparams
+    from lensexp.module import LensModule
+
+    ck = read_checkpoint(ckpt)
     if "hyper_parameters" not in ck or "state_dict" not in ck:
         raise ConfigError(f"'{ckpt}' lacks hyper_parameters/state_dict: not a lensexp training checkpoint")
-    module = LensModule(**ck["hyper_parameters"])
-    module.load_state_dict(ck["state_dict"])
+    hp = dict(ck["hyper_parameters"])
+    unknown = sorted(set(hp) - LENS_MODULE_KEYS)
+    if unknown:
+        raise ConfigError(f"checkpoint '{ckpt}': refused hyper-parameter(s) {unknown}")
+    check_model_hparams(hp.get("model"), f"checkpoint '{ckpt}'")
+    try:
+        module = LensModule(**hp)
+    except ConfigError as exc:
+        raise ConfigError(f"checkpoint '{ckpt}': {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - settings timm or the module cannot build
+        raise ConfigError(
+            f"checkpoint '{ckpt}': its settings do not build a network ({type(exc).__name__}: {exc})"
+        ) from None
+    try:
+        module.load_state_dict(ck["state_dict"])
+    except RuntimeError as exc:
+        first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc).splitlines()[0])
+        raise ConfigError(
+            f"checkpoint '{ckpt}': its weights do not fit the network its settings describe ({first})"
+        ) from None
     return module.to(device).eval()
 
 
@@ -208,11 +258,10 @@ def run(cfg: DictConfig) -> dict:
     if not cfg.ckpt:
         raise ConfigError("give ckpt=RUN/checkpoints/last.ckpt (or select_dropout=DIR)")
 
-    device = (
-        "cuda"
-        if cfg.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if cfg.device == "auto" else cfg.device)
-    )
+    from lensexp.runtime import resolve_device, set_threads
+
+    set_threads()
+    device = resolve_device(cfg.device)
     module = load_module(cfg.ckpt, device)
     train_cfg = run_config(cfg.ckpt)
     out = Path(cfg.out)

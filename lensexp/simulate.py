@@ -36,13 +36,13 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from lensexp.errors import ConfigError
+from lensexp.runtime import allocator_env
 from lensexp.sim.priors import LABELS
 
 SPLITS = ("train", "val", "test")
 FINGERPRINT = "simulate.json"
 MANIFEST = "manifest.json"
 # glibc: keep large buffers mapped instead of returning them to the OS (2x CPU simulation speed)
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 # per-image extras stored beside the labels (meta.json)
 META_KEYS = (
     "psf_fwhm",
@@ -272,7 +272,10 @@ def prepare_out(out: Path, fp: dict, overwrite: bool) -> None:
     except OSError as exc:
         raise ConfigError(f"output directory '{out}' is not writable: {exc.strerror or exc}") from exc
     old = out / FINGERPRINT
-    existing = old.exists() or any(out.glob("*/shard-*.tar"))
+    shards = any(out.glob("*/shard-*.tar"))
+    existing = shards or (old.exists() and (out / MANIFEST).exists())
+    if old.exists() and not existing:  # a record without shards (a run that failed early) blocks nothing
+        old.unlink()
     if existing:
         same = old.exists() and json.loads(old.read_text()) == fp
         if not same and not overwrite:
@@ -442,6 +445,9 @@ def run(cfg: DictConfig) -> dict | None:
     workers = int(cfg.workers)
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
+    from lensexp.sim.render import validate_config
+
+    validate_config(cfg.data)  # before anything is written: a bad setting leaves no record behind
     specs = plan_shards(int(cfg.n), cfg.splits, int(cfg.shard_size), int(cfg.seed))
     fp = fingerprint(cfg)
     prepare_out(out, fp, bool(cfg.overwrite))
@@ -493,7 +499,7 @@ def _write_all(todo: list[ShardSpec], cfg: DictConfig, out: Path, workers: int, 
         else:
             import multiprocessing as mp
 
-            os.environ.update({k: os.environ.get(k, v) for k, v in ALLOCATOR_ENV.items()})
+            os.environ.update(allocator_env())
             ctx = mp.get_context("spawn")
             with ctx.Pool(
                 workers, initializer=_init_worker, initargs=(data_cfg, str(cfg.device), bool(cfg.compile))

@@ -32,6 +32,8 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
         os.environ.setdefault("WANDB_SILENT", "true")
         loggers.append(
             WandbLogger(
+                id=wandb_run_id(run_dir),
+                resume="allow",
                 save_dir=str(run_dir),
                 project=wb.project,
                 entity=wb.entity,
@@ -45,6 +47,28 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     return loggers
 
 
+WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of this run folder (``RUN/wandb_run_id.txt``, made on the first start), so
+    that a resumed run continues the same W&B run instead of starting a second one."""
+    from lensexp.files import write_text_atomic
+
+    path = Path(run_dir) / WANDB_ID_FILE
+    if path.is_file():
+        rid = path.read_text().strip()
+        if rid.isalnum() and 0 < len(rid) <= 64:
+            return rid
+    import secrets
+    import string
+
+    rid = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, rid + "\n")
+    return rid
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Fit (and optionally test) the configured model; returns the final logged metrics."""
     import pytorch_lightning as pl
@@ -54,7 +78,14 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     from lensexp.data import LensDataModule
     from lensexp.module import LensModule
 
+    from lensexp.calibrate import read_checkpoint
+    from lensexp.runtime import set_threads
+
+    from lensexp.sim.render import validate_config
+
     run_dir = Path(run_dir)
+    validate_config(cfg.data)
+    set_threads()
     pl.seed_everything(int(cfg.seed), workers=True)
     dm = LensDataModule(cfg.data, **cfg.datamodule, seed=int(cfg.seed))
     data_info = {
@@ -92,6 +123,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     if ckpt is None and last.exists():
         ckpt = str(last)
         log.info("resuming from %s", ckpt)
+    if ckpt is not None:
+        read_checkpoint(ckpt)  # weights-only; a bad or code-running file is one line, before any work
     try:
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
