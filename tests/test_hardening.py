@@ -90,6 +90,13 @@ def test_tiny_and_constant_images_are_refused_and_all_rejected_exits_nonzero(ckp
     assert p.returncode == 2 and "error: no usable input" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_fit_command_line_exits_2_with_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    p = subprocess.run([sys.executable, "-m", "lensexp.fit", f"input={tmp_path / 'nowhere'}", f"out={tmp_path / 'f.csv'}"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert p.returncode == 2 and p.stderr.strip().startswith("error: input not found"), p.stderr
+
+
 # 3. an int16 image that crashed the fit is fitted; a bad file in the same folder does not end the run
 def test_fit_int16_in_a_mixed_folder(tmp_path):
     from lensexp.fit import run
