@@ -42,7 +42,8 @@ def test_real_comparison_numbers_by_hand(tmp_path):
                     "theta_E_lo95": 1 + f - half, "theta_E_hi95": 1 + f + half})
     write(tmp_path / "m.csv", est)
     write(tmp_path / "peer.csv", [{"name": "L0", "theta_E_p16": 0.9, "theta_E_p50": 1.0, "theta_E_p84": 1.1}])
-    rows = run(compose_config("compare_real", [f"published={tmp_path / 'pub.csv'}", f"methods={{m: {tmp_path / 'm.csv'}}}",
+    rows = run(compose_config("compare_real", [f"published={tmp_path / 'pub.csv'}",
+                                               f"methods={{m: {tmp_path / 'm.csv'}}}",
                                                f"peer={tmp_path / 'peer.csv'}", f"out={tmp_path / 'out'}"]))
     m, peer = rows
     assert (m["n"], m["within5"], m["within10"], m["fail20"]) == (4, 0.25, 0.5, 0.25)

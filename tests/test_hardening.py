@@ -92,8 +92,8 @@ def test_tiny_and_constant_images_are_refused_and_all_rejected_exits_nonzero(ckp
 
 def test_fit_command_line_exits_2_with_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    p = subprocess.run([sys.executable, "-m", "lensexp.fit", f"input={tmp_path / 'nowhere'}", f"out={tmp_path / 'f.csv'}"],
-                       capture_output=True, text=True, cwd=tmp_path, env=env)
+    cmd = [sys.executable, "-m", "lensexp.fit", f"input={tmp_path / 'nowhere'}", f"out={tmp_path / 'f.csv'}"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env)
     assert p.returncode == 2 and p.stderr.strip().startswith("error: input not found"), p.stderr
 
 
