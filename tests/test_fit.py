@@ -353,3 +353,36 @@ def test_two_band_cube_with_lens_light_is_cleaned_by_ica_then_fitted(tmp_path):
     with pytest.raises(ConfigError, match="no usable input"):
         run(fit_cfg(one, tmp_path / "h.csv", "ica=true", "pixscale=0.1"))
     assert "ica=true needs a (2, H, W) two-band cube" in read_rows(tmp_path / "h.errors.csv")[0]["error"]
+
+
+def bright_elliptical_lens(npix=80, pix=0.05, seed=0):
+    """An SLACS-like image: two-Sérsic lens light ~40x brighter at its peak than the arcs, noise."""
+    psf = torch.from_numpy(draw_kernel("gaussian", 0.1, pix, 11)).double()
+    lens = dict(theta_E=1.2, e1=0.1, e2=-0.05, center_x=0.03, center_y=-0.02, gamma1=0.02, gamma2=0.01)
+    src = dict(amp=4.0, R_sersic=0.12, n_sersic=1.0, e1=0.1, e2=0.0, center_x=0.08, center_y=0.05)
+    light = [dict(amp=30.0, R_sersic=1.2, n_sersic=4.0, e1=0.08, e2=-0.04, center_x=0.03, center_y=-0.02),
+             dict(amp=40.0, R_sersic=0.15, n_sersic=1.0, e1=0.08, e2=-0.04, center_x=0.03, center_y=-0.02)]
+    img = render_sersic(lens, src, npix, pix, 2, psf) + sum(render_unlensed_sersic(c, npix, pix, 2, psf) for c in light)
+    sigma = 0.02 * float(img[0].max()) / 40
+    noisy = img + sigma * torch.randn(img.shape, generator=torch.Generator().manual_seed(seed), dtype=img.dtype)
+    obs = Observation(noisy, torch.ones_like(noisy, dtype=torch.bool), psf[None], torch.tensor([sigma**2]).double(),
+                      torch.zeros(1).double())
+    return obs, lens, npix, pix
+
+
+def test_light_first_then_the_ring_gives_theta_E_of_a_bright_elliptical():
+    from lensexp.fit.light import fit_light, ring_theta_E
+
+    obs, lens, npix, pix = bright_elliptical_lens()
+    model = LensModel(npix, pix, 2, 2)
+    space = ParamSpace.for_grid(npix, pix, 2)
+    light = fit_light(obs, space, model, 150, 0.05, 10.0)
+    p = dict(zip(light["names"], light["p"][0]))
+    assert float(p["ll_x"]) == pytest.approx(lens["center_x"], abs=0.02)
+    assert float(p["ll_y"]) == pytest.approx(lens["center_y"], abs=0.02)
+    assert float(ring_theta_E(obs, light, model)[0]) == pytest.approx(lens["theta_E"], rel=0.15)
+    # the whole fit from the ring: blind (no mass start given), theta_E to 2 %
+    fs = FitSettings(adam_steps=200, lbfgs_iters=60, polish=2, light_steps=150, ring_start=True)
+    res = fit_batch(obs, torch.zeros(1, 4, 7, dtype=torch.float64), space, model, fs,
+                    [torch.Generator().manual_seed(1)])[0]
+    assert float(res["p"]["theta_E"]) == pytest.approx(lens["theta_E"], rel=0.02)

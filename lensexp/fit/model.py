@@ -14,12 +14,22 @@ from lensexp.sim.source import sersic_total_flux
 
 MASS = LABELS[:-1]
 SOURCE = ("src_R", "src_n", "src_e1", "src_e2", "src_x", "src_y")
-LIGHT = ("ll_R", "ll_n", "ll_e1", "ll_e2")
+LIGHT = ("ll_x", "ll_y", "ll_R", "ll_n", "ll_e1", "ll_e2")  # centre shared by the light components
+LIGHT2 = ("ll2_R", "ll2_n", "ll2_e1", "ll2_e2")
 
 
-def param_names(lens_light: bool) -> tuple:
+def light_names(n_light: int) -> tuple:
+    """Lens-light parameters of ``n_light`` (0, 1, 2) concentric elliptical Sérsic components."""
+    return (LIGHT if n_light >= 1 else ()) + (LIGHT2 if n_light >= 2 else ())
+
+
+def param_names(n_light: int) -> tuple:
     """Non-linear parameters fitted: mass, source shape and position (+ lens light)."""
-    return MASS + SOURCE + (LIGHT if lens_light else ())
+    return MASS + SOURCE + light_names(int(n_light))
+
+
+def amp_names(n_light: int) -> list[str]:
+    return ["src_amp", "ll_amp", "ll2_amp"][: 1 + int(n_light)]
 
 
 @dataclass
@@ -32,12 +42,11 @@ class ParamSpace:
     hi: torch.Tensor
 
     @classmethod
-    def for_grid(cls, npix: int, pixscale: float, lens_light: bool, dtype=torch.float64) -> ParamSpace:
+    def for_grid(cls, npix: int, pixscale: float, n_light: int, dtype=torch.float64) -> ParamSpace:
         """Bounds for an ``npix`` grid of ``pixscale`` arcsec/px (field of view ``F``): theta_E in
-        [0.05", F/2], |e| components < 0.7 (q > 0.18), lens centre within F/8 of the cut-out's
-        centre (0.8" at 64 x 0.1"), |gamma| < 0.3, source
-        in the field, R_sersic in [pixscale/4, F/4], n in [0.3, 6]; lens light R in
-        [pixscale, F/2], n in [0.5, 8]."""
+        [0.05", F/2], |e| components < 0.7 (q > 0.18), lens (and lens-light) centre within F/8 of
+        the cut-out's centre (0.8" at 64 x 0.1"), |gamma| < 0.3, source in the field, R_sersic in
+        [pixscale/4, F/4], n in [0.3, 6]; lens light R in [pixscale/2, F/2], n in [0.5, 8]."""
         fov = npix * pixscale
         b = {
             "theta_E": (0.05, fov / 2),
@@ -53,12 +62,15 @@ class ParamSpace:
             "src_e2": (-0.7, 0.7),
             "src_x": (-fov / 2, fov / 2),
             "src_y": (-fov / 2, fov / 2),
-            "ll_R": (pixscale, fov / 2),
+            "ll_x": (-fov / 8, fov / 8),
+            "ll_y": (-fov / 8, fov / 8),
+            "ll_R": (pixscale / 2, fov / 2),
             "ll_n": (0.5, 8.0),
             "ll_e1": (-0.7, 0.7),
             "ll_e2": (-0.7, 0.7),
         }
-        names = param_names(lens_light)
+        b.update({"ll2" + k[2:]: b[k] for k in ("ll_R", "ll_n", "ll_e1", "ll_e2")})
+        names = param_names(n_light)
         lo = torch.tensor([b[n][0] for n in names], dtype=dtype)
         hi = torch.tensor([b[n][1] for n in names], dtype=dtype)
         return cls(names, lo, hi)
@@ -80,20 +92,30 @@ class ParamSpace:
 
 # ---------------------------------------------------------------------------- forward model
 class LensModel:
-    """Unit-amplitude component images [M, K, N, N] (K = 1 source, + 1 lens light) on one grid."""
+    """Unit-amplitude component images [M, K, N, N] on one grid: K = 1 lensed source + ``n_light``
+    concentric Sérsic lens-light components (centre ``ll_x, ll_y``, free of the mass centre)."""
 
-    def __init__(self, npix: int, pixscale: float, supersample: int, lens_light: bool):
-        self.npix, self.pixscale, self.ss, self.lens_light = int(npix), float(pixscale), int(supersample), lens_light
-        self.K = 2 if lens_light else 1
+    def __init__(self, npix: int, pixscale: float, supersample: int, n_light: int):
+        self.npix, self.pixscale, self.ss = int(npix), float(pixscale), int(supersample)
+        self.n_light = int(n_light)
+        self.lens_light = self.n_light > 0
+        self.K = 1 + self.n_light
+
+    def light_templates(self, p: dict, psf: torch.Tensor | None) -> torch.Tensor:
+        """The lens-light components alone [M, n_light, N, N]."""
+        out = []
+        for prefix in ("ll_", "ll2_")[: self.n_light]:
+            light = _unit_sersic(p, prefix, p["ll_x"], p["ll_y"])
+            out.append(render_unlensed_sersic(light, self.npix, self.pixscale, self.ss, psf, p["ll_x"].dtype))
+        return torch.stack(out, 1)
 
     def templates(self, p: dict, psf: torch.Tensor | None) -> torch.Tensor:
         lens = {k: p[k] for k in MASS}
         src = _unit_sersic(p, "src_", p["src_x"], p["src_y"])
-        out = [render_sersic(lens, src, self.npix, self.pixscale, self.ss, psf, p["theta_E"].dtype)]
+        out = render_sersic(lens, src, self.npix, self.pixscale, self.ss, psf, p["theta_E"].dtype)[:, None]
         if self.lens_light:
-            light = _unit_sersic(p, "ll_", p["center_x"], p["center_y"])
-            out.append(render_unlensed_sersic(light, self.npix, self.pixscale, self.ss, psf, p["theta_E"].dtype))
-        return torch.stack(out, 1)
+            out = torch.cat([out, self.light_templates(p, psf)], 1)
+        return out
 
     def mu_F(self, p: dict) -> torch.Tensor:
         """Flux magnification of the fitted source: lensed flux in the field (before the PSF) over

@@ -9,7 +9,17 @@ from dataclasses import dataclass
 
 import torch
 
-from lensexp.fit.model import MASS, LensModel, Observation, ParamSpace, likelihood_terms, rho, solve_amplitudes
+from lensexp.fit.light import fit_light, ring_starts
+from lensexp.fit.model import (
+    MASS,
+    LensModel,
+    Observation,
+    ParamSpace,
+    amp_names,
+    likelihood_terms,
+    rho,
+    solve_amplitudes,
+)
 from lensexp.fit.starts import init_source
 
 
@@ -26,6 +36,8 @@ class FitSettings:
     irls_rounds: int = 2
     outlier_sigma: float | None = 10.0
     laplace: bool = False
+    light_steps: int = 0  # > 0 (with lens light): fit the light alone first (lensexp.fit.light)
+    ring_start: bool = False  # with light_steps: mass starts from the residual ring, not the given ones
 
 
 def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: LensModel, fs: FitSettings, rngs):
@@ -40,11 +52,18 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
     t0 = time.perf_counter()
     dt = obs.data.dtype
     dev = obs.data.device
+    light = None
+    if model.lens_light and fs.light_steps > 0:
+        o1 = obs.to(fs.adam_dtype)
+        light = fit_light(o1, space.to(fs.adam_dtype), model, fs.light_steps, fs.adam_lr, fs.outlier_sigma)
+        light = {**light, "p": light["p"].to(dt), "image": light["image"].to(dt)}
+        if fs.ring_start:
+            starts = ring_starts(obs, light, model, S, rngs)
     idx = torch.arange(B, device=dev).repeat_interleave(S)
     p0 = torch.zeros(B * S, len(space.names), dtype=dt, device=dev)
     p0[:, : len(MASS)] = starts.reshape(B * S, -1).to(dt)
     jitter = torch.cat([2 * torch.rand(S, 4, generator=r, dtype=dt) - 1 for r in rngs]).to(dev)
-    p0 = init_source(space, p0.clamp(space.lo, space.hi), obs, idx, model, jitter)
+    p0 = init_source(space, p0.clamp(space.lo, space.hi), obs, idx, model, jitter, light)
 
     # stage 1: Adam over every start at once (in fs.adam_dtype), amplitudes profiled, data-based variance
     o1, s1 = obs.to(fs.adam_dtype), space.to(fs.adam_dtype)
@@ -172,5 +191,5 @@ def _laplace(res, obs, b, space, model, outlier_sigma) -> dict:
         std = torch.cholesky_inverse(torch.linalg.cholesky(H)).diagonal().sqrt()
     except torch.linalg.LinAlgError:  # not positive definite: no Gaussian approximation
         std = torch.full((x0.numel(),), math.nan, dtype=x0.dtype)
-    names = list(space.names) + ["src_amp", "ll_amp"][: model.K]
+    names = list(space.names) + amp_names(model.n_light)
     return {n: float(s) for n, s in zip(names, std)}

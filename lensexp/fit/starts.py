@@ -13,13 +13,16 @@ from lensexp.sim.priors import check_range, draw
 from lensexp.sim.render import pixel_grid
 
 
-def init_source(space: ParamSpace, p: torch.Tensor, obs: Observation, idx: torch.Tensor, model: LensModel, jitter):
+def init_source(
+    space: ParamSpace, p: torch.Tensor, obs: Observation, idx: torch.Tensor, model: LensModel, jitter, light=None
+):
     """Fill the source (and lens-light) columns of starts ``p`` [M, P] (mass set; ``idx`` [M]
     maps starts to lenses): the source sits at the flux-weighted mean of ``beta = theta -
-    alpha(theta)`` over pixels above 3 sigma, with their spread as size. ``jitter`` [M, 4] in
-    [-1, 1] sets small ellipticities (never exactly round, where the angle has no gradient)."""
+    alpha(theta)`` over pixels above 3 sigma (of the data less the light-only model ``light``,
+    :func:`lensexp.fit.light.fit_light`, when given), with their spread as size. ``jitter`` [M, 4]
+    in [-1, 1] sets small ellipticities (never exactly round, where the angle has no gradient)."""
     x, y = pixel_grid(model.npix, model.pixscale, 1, p.dtype, p.device)
-    d = obs.data[idx]
+    d = obs.data[idx] if light is None else (obs.data - light["image"])[idx]
     sig = d * torch.sqrt(obs.weights()[idx])
     w = torch.where(sig > 3, d, torch.zeros_like(d)).flatten(1)
     m = space.as_dict(p)
@@ -36,10 +39,19 @@ def init_source(space: ParamSpace, p: torch.Tensor, obs: Observation, idx: torch
     p[:, col["src_R"]] = torch.where(none, torch.full_like(sx, 0.2), 0.5 * spread).clamp(0.05, 0.5)
     p[:, col["src_n"]] = 1.0
     p[:, col["src_e1"]], p[:, col["src_e2"]] = jitter[:, 0], jitter[:, 1]
-    if model.lens_light:
+    if light is not None:
+        from lensexp.fit.light import place_light
+
+        p = place_light(p, space, light, idx)
+    elif model.lens_light:
+        p[:, col["ll_x"]], p[:, col["ll_y"]] = m["center_x"], m["center_y"]
         p[:, col["ll_R"]] = 0.5 * m["theta_E"].clamp(min=2 * model.pixscale)
         p[:, col["ll_n"]] = 3.0
         p[:, col["ll_e1"]], p[:, col["ll_e2"]] = m["e1"] + jitter[:, 2], m["e2"] + jitter[:, 3]
+        if model.n_light > 1:
+            p[:, col["ll2_R"]] = 0.3 * p[:, col["ll_R"]]
+            p[:, col["ll2_n"]] = 1.0
+            p[:, col["ll2_e1"]], p[:, col["ll2_e2"]] = p[:, col["ll_e1"]], p[:, col["ll_e2"]]
     return p.clamp(space.lo, space.hi)
 
 

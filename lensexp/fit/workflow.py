@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lensexp.errors import ConfigError
 from lensexp.fit.data import Loader
-from lensexp.fit.model import MASS, LensModel, Observation, ParamSpace, param_names
+from lensexp.fit.model import MASS, LensModel, Observation, ParamSpace, amp_names, param_names
 from lensexp.fit.optimise import FitSettings, _component_model, fit_batch
 from lensexp.fit.starts import starts_for
 from lensexp.files import check_writable, clean_stale, temp_path
@@ -36,9 +36,9 @@ def read_truth(path: str | Path) -> dict:
     return {n: [r[k] for k in MASS] for n, r in rows.items()}
 
 
-def columns(lens_light: bool, laplace: bool) -> list[str]:
+def columns(n_light: int, laplace: bool) -> list[str]:
     """CSV columns: the contract's (``name``, mass labels, ``chi2_dof``, ``seconds``) first."""
-    extra = [n for n in param_names(lens_light) if n not in MASS] + ["src_amp", "ll_amp"][: 2 if lens_light else 1]
+    extra = [n for n in param_names(n_light) if n not in MASS] + amp_names(n_light)
     cols = ["name", *MASS, "chi2_dof", "seconds", "mu_F", "nll", "n_pix", "n_out", "start", "noise_source", "sky_ratio"]
     cols += extra
     if laplace:
@@ -62,7 +62,7 @@ def result_row(name: str, res: dict, space: ParamSpace, K: int, offset=(0.0, 0.0
         sky_ratio=res.get("sky_ratio", float("nan")),
     )
     row.update({n: float(res["p"][n]) for n in space.names if n not in MASS})
-    row.update({n: float(a) for n, a in zip(["src_amp", "ll_amp"][:K], res["amps"])})
+    row.update({n: float(a) for n, a in zip(amp_names(K - 1), res["amps"])})
     for n, s in res.get("std", {}).items():
         row[f"{n}_std"] = s
     return row
@@ -93,6 +93,10 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"psf file not found: '{cfg.psf}'")
     if cfg.psf_fwhm is not None and not float(cfg.psf_fwhm) > 0:
         raise ConfigError(f"psf_fwhm must be > 0 arcsec, got {cfg.psf_fwhm}")
+    if int(cfg.lens_light_components) not in (1, 2):
+        raise ConfigError(f"lens_light_components must be 1 or 2, got {cfg.lens_light_components}")
+    if int(cfg.adam.light_steps) < 0:
+        raise ConfigError(f"adam.light_steps must be >= 0, got {cfg.adam.light_steps}")
     if int(cfg.max_npix) < 16:
         raise ConfigError(f"max_npix must be >= 16 pixels, got {cfg.max_npix}")
     if cfg.supersample is not None and int(cfg.supersample) < 1:
@@ -125,7 +129,7 @@ def run(cfg: DictConfig) -> dict:
     truth = read_truth(cfg.truth) if cfg.init == "truth" else None
     loader = Loader(cfg, int(cfg.npix) if cfg.npix else None)
     ss = int(cfg.supersample or cfg.data.supersample)
-    lens_light = bool(cfg.lens_light)
+    lens_light = int(cfg.lens_light_components) if cfg.lens_light else 0
     fs = FitSettings(
         adam_steps=int(cfg.adam.steps),
         adam_lr=float(cfg.adam.lr),
@@ -136,6 +140,8 @@ def run(cfg: DictConfig) -> dict:
         irls_rounds=int(cfg.lbfgs.irls_rounds),
         outlier_sigma=float(cfg.outlier_sigma) if cfg.outlier_sigma else None,
         laplace=bool(cfg.laplace),
+        light_steps=int(cfg.adam.light_steps) if lens_light else 0,
+        ring_start=bool(cfg.ring_start) and cfg.init == "prior",
     )
     cols = columns(lens_light, fs.laplace)
     done = _resume(partial, cols) if cfg.resume else set()

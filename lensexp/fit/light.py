@@ -1,0 +1,142 @@
+"""Lens light first: a light-only fit of the lens galaxy, and mass starts from the ring it leaves.
+
+Real lenses (SLACS) are bright ellipticals whose arcs are a few per cent of the peak: a joint fit
+started from prior draws mostly fits the galaxy. As modellers do by hand, the light is fitted
+alone first (``n_light`` concentric elliptical Sérsics from moment-based starts, amplitudes
+profiled, arcs down-weighted as outliers), then the mass is started from the ring the light model
+leaves in the residual: theta_E at the flux-weighted median radius of the significant positive
+residual pixels around the light centre, the mass centre and ellipticity from the light.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lensexp.fit.model import LensModel, Observation, ParamSpace, light_names, rho, solve_amplitudes
+from lensexp.sim.render import pixel_grid
+
+
+def moment_start(obs: Observation, model: LensModel) -> dict:
+    """Light starts per lens [B]: centroid, ellipticity (lenstronomy e1, e2 from the flux-weighted
+    second moments) and half-light radius of the positive flux within a third of the field."""
+    x, y = pixel_grid(model.npix, model.pixscale, 1, obs.data.dtype, obs.data.device)
+    fov = model.npix * model.pixscale
+    w = (obs.data.clamp(min=0) * obs.use) * (torch.hypot(x, y) < fov / 3)
+    tot = w.sum((1, 2)).clamp(min=1e-30)
+    cx, cy = (w * x).sum((1, 2)) / tot, (w * y).sum((1, 2)) / tot
+    dx, dy = x - cx[:, None, None], y - cy[:, None, None]
+    q11, q22, q12 = ((w * a * b).sum((1, 2)) / tot for a, b in ((dx, dx), (dy, dy), (dx, dy)))
+    det = (q11 * q22 - q12**2).clamp(min=0)
+    denom = q11 + q22 + 2 * torch.sqrt(det)
+    e1, e2 = (q11 - q22) / denom, 2 * q12 / denom  # = (1 - q) / (1 + q) (cos 2phi, sin 2phi)
+    r = torch.hypot(dx, dy).flatten(1)
+    order = r.argsort(1)
+    cum = torch.gather(w.flatten(1), 1, order).cumsum(1) / tot[:, None]
+    half = torch.gather(r, 1, order)[torch.arange(len(r)), (cum < 0.5).sum(1).clamp(max=r.shape[1] - 1)]
+    return {"ll_x": cx, "ll_y": cy, "e1": 0.7 * e1, "e2": 0.7 * e2, "R": half.clamp(min=2 * model.pixscale)}
+
+
+def _light_columns(space: ParamSpace, n_light: int) -> list[int]:
+    return [space.names.index(n) for n in light_names(n_light)]
+
+
+def fit_light(obs: Observation, space: ParamSpace, model: LensModel, steps: int, lr: float, outlier_sigma) -> dict:
+    """Light-only Adam fit of every lens: ``p`` [B, n light parameters] (physical, in the order of
+    :func:`~lensexp.fit.model.light_names`) and the model ``image`` [B, N, N]."""
+    m0 = moment_start(obs, model)
+    names = light_names(model.n_light)
+    cols = _light_columns(space, model.n_light)
+    lo, hi = space.lo[cols], space.hi[cols]
+    start = {
+        "ll_x": m0["ll_x"],
+        "ll_y": m0["ll_y"],
+        "ll_R": m0["R"],
+        "ll_n": torch.full_like(m0["R"], 4.0),
+        "ll_e1": m0["e1"],
+        "ll_e2": m0["e2"],
+        "ll2_R": 0.3 * m0["R"],
+        "ll2_n": torch.full_like(m0["R"], 1.0),
+        "ll2_e1": m0["e1"],
+        "ll2_e2": m0["e2"],
+    }
+    p0 = torch.stack([start[n] for n in names], 1).clamp(lo, hi)
+    u = torch.logit(((p0 - lo) / (hi - lo)).clamp(1e-6, 1 - 1e-6)).requires_grad_(True)
+    w, d = obs.weights(), obs.data
+    opt = torch.optim.Adam([u], lr=lr)
+
+    def light(u):
+        p = lo + (hi - lo) * torch.sigmoid(u)
+        T = model.light_templates(dict(zip(names, p.unbind(1))), obs.psf)
+        return p, T
+
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        _, T = light(u)
+        amps = solve_amplitudes(T, d, w)
+        z2 = w * (d - (amps[:, :, None, None] * T).sum(1)) ** 2
+        (rho(z2, outlier_sigma) * (w > 0)).sum().backward()
+        u.grad.nan_to_num_(0.0, 0.0, 0.0)
+        opt.step()
+    with torch.no_grad():
+        p, T = light(u)
+        amps = solve_amplitudes(T, d, w)
+        image = (amps[:, :, None, None] * T).sum(1)
+    return {"p": p.detach(), "image": image, "names": names}
+
+
+def ring_theta_E(obs: Observation, light: dict, model: LensModel, min_radius: float = 0.3) -> torch.Tensor:
+    """theta_E starts [B]: flux-weighted median radius, around the light centre, of the residual
+    pixels above 3 sigma between ``min_radius`` arcsec and the field's edge (the arcs); the
+    field's quarter when there are none."""
+    x, y = pixel_grid(model.npix, model.pixscale, 1, obs.data.dtype, obs.data.device)
+    fov = model.npix * model.pixscale
+    p = dict(zip(light["names"], light["p"].unbind(1)))
+    r = torch.hypot(x - p["ll_x"][:, None, None], y - p["ll_y"][:, None, None])
+    resid = obs.data - light["image"]
+    z = resid * torch.sqrt(obs.weights())
+    sel = (z > 3) & obs.use & (r > max(min_radius, 3 * model.pixscale)) & (r < fov / 2 - 2 * model.pixscale)
+    wt = torch.where(sel, resid, torch.zeros_like(resid)).flatten(1)
+    rf = r.flatten(1)
+    order = rf.argsort(1)
+    cum = torch.gather(wt, 1, order).cumsum(1)
+    tot = cum[:, -1:].clamp(min=1e-30)
+    k = (cum / tot < 0.5).sum(1).clamp(max=rf.shape[1] - 1)
+    theta = torch.gather(rf, 1, order)[torch.arange(len(rf)), k]
+    return torch.where(wt.sum(1) > 0, theta, torch.full_like(theta, fov / 4))
+
+
+def ring_starts(obs: Observation, light: dict, model: LensModel, n_starts: int, rngs) -> torch.Tensor:
+    """Mass starts [B, S, 7]: the ring's theta_E, the light's centre and (damped) ellipticity and no
+    shear first, then ``S - 1`` jittered copies (theta_E x exp(N(0, 0.15)), e +- 0.1, centre
+    +- 0.03", shear +- 0.05)."""
+    p = dict(zip(light["names"], light["p"].unbind(1)))
+    theta = ring_theta_E(obs, light, model)
+    base = torch.stack(
+        [
+            theta,
+            0.7 * p["ll_e1"],
+            0.7 * p["ll_e2"],
+            p["ll_x"],
+            p["ll_y"],
+            torch.zeros_like(theta),
+            torch.zeros_like(theta),
+        ],
+        1,
+    )
+    out = []
+    for b, g in enumerate(rngs):
+        n = torch.randn(max(n_starts - 1, 0), 7, generator=g, dtype=base.dtype).to(base.device)
+        jit = base[b].expand(len(n), 7).clone()
+        jit[:, 0] = jit[:, 0] * torch.exp(0.15 * n[:, 0])
+        jit[:, 1:3] += 0.1 * n[:, 1:3]
+        jit[:, 3:5] += 0.03 * n[:, 3:5]
+        jit[:, 5:7] = 0.05 * torch.tanh(n[:, 5:7])
+        out.append(torch.cat([base[b : b + 1], jit])[:n_starts])
+    return torch.stack(out)
+
+
+def place_light(p: torch.Tensor, space: ParamSpace, light: dict, idx: torch.Tensor) -> torch.Tensor:
+    """Copy the light-only fit into the light columns of starts ``p`` [M, P] (``idx``: lens of each)."""
+    p = p.clone()
+    p[:, [space.names.index(n) for n in light["names"]]] = light["p"][idx].to(p.dtype)
+    return p
