@@ -220,3 +220,26 @@ def test_cnn_starts_with_a_two_band_checkpoint(tmp_path):
                                      "lbfgs.polish=1", "lbfgs.irls_rounds=1", "progress=false"]))
     assert res["n"] == 2 and not res["errors"]
     assert [r["name"] for r in csv.DictReader(open(out))] == ["lens_000000.fits", "lens_000001.fits"]
+
+
+@pytest.mark.slow
+def test_fit_of_real_slacs_lenses_through_the_contract_command(tmp_path):
+    """Two of the 16 development lenses through the real-data path (lens folders, noise maps,
+    PSFs, pixscale=, lens light): theta_E within 10 % of Bolton et al. (2008)."""
+    import csv
+
+    if not SLACS.is_dir():
+        pytest.skip(f"SLACS development sample not found at {SLACS} (../shared/data is absent)")
+    from lensexp.fit import run as fit
+
+    d = tmp_path / "two"
+    d.mkdir()
+    for name in ("J0330-0020", "J1250+0523"):
+        (d / name).symlink_to(SLACS / name, target_is_directory=True)
+    out = tmp_path / "fits.csv"
+    fit(compose_config("fit", [f"input={d}", f"out={out}", "pixscale=0.05", "lens_light=true", "npix=121",
+                               "progress=false"]))
+    pub = {r["name"]: float(r["theta_E"]) for r in csv.DictReader(open(SLACS / "published.csv"))}
+    for r in csv.DictReader(open(out)):
+        assert r["noise_source"] == "map"
+        assert abs(float(r["theta_E"]) / pub[r["name"]] - 1) < 0.10, (r["name"], r["theta_E"])
