@@ -89,15 +89,6 @@ def to_grid(img: np.ndarray, npix: int, name: str = "") -> np.ndarray:
     return out
 
 
-def check_scale(name: str, scale: float | None, model_scale: float, tolerance: float = 0.01) -> None:
-    """Refuse a pixel scale that differs from the model's by more than ``tolerance`` (relative)."""
-    if scale is not None and abs(scale / model_scale - 1.0) > tolerance:
-        raise BadInput(
-            f'{name}: pixel scale {scale:.4g}"/px differs from the model\'s {model_scale:.4g}"/px; '
-            "resample the image to the model's grid first (or pass pixscale=... if the header is wrong)"
-        )
-
-
 def disc_mask(shape, centres, radius_pix: float) -> np.ndarray:
     """Boolean mask [H, W] of discs of ``radius_pix`` around ``centres`` [(row, col), ...]."""
     yy, xx = np.mgrid[: shape[0], : shape[1]]
