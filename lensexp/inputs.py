@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lensexp.errors import ConfigError
-from lensexp.io import BadInput, pixel_scale, read_fits_hdus
+from lensexp.io import BadInput, crop_offset, cut_out, pixel_scale, read_fits_hdus
 
 log = logging.getLogger("lensexp.inputs")
 
@@ -222,23 +222,6 @@ class Grid:
     note: str = ""
 
 
-def crop_offset(n_in: int, n_out: int) -> int:
-    """First input pixel of a centred integer cut-out (negative: zero padding)."""
-    return (n_in - n_out) // 2
-
-
-def _cut(a: np.ndarray, npix: int, fill: float) -> np.ndarray:
-    """Centred integer crop/pad of [C, H, W] to [C, npix, npix] with ``fill`` outside."""
-    _, h, w = a.shape
-    out = np.full((a.shape[0], npix, npix), fill, a.dtype)
-    sy, sx = crop_offset(h, npix), crop_offset(w, npix)
-    ys, xs = max(0, sy), max(0, sx)
-    crop = a[:, ys : ys + npix, xs : xs + npix]
-    oy, ox = ys - sy, xs - sx
-    out[:, oy : oy + crop.shape[1], ox : ox + crop.shape[2]] = crop
-    return out
-
-
 def to_grid(lens: LensData, npix: int, pixscale: float | None = None) -> Grid:
     """The lens on an ``npix`` grid of ``pixscale`` arcsec/px (default: the file's): a centred
     integer cut-out at the same scale, area-weighted binning for coarser grids, GalSim
@@ -251,9 +234,9 @@ def to_grid(lens: LensData, npix: int, pixscale: float | None = None) -> Grid:
     if abs(ratio - 1) <= 1e-6:
         dy = crop_offset(h, npix) + (npix - 1) / 2 - (h - 1) / 2
         dx = crop_offset(w, npix) + (npix - 1) / 2 - (w - 1) / 2
-        bad = _cut(lens.bad[None], npix, True)[0]
-        noise = None if lens.noise is None else _cut(lens.noise[None], npix, np.nan)[0]
-        return Grid(_cut(img.astype(np.float32), npix, 0.0), bad, noise, (dx * scale, dy * scale))
+        bad = cut_out(lens.bad[None], npix, True)[0]
+        noise = None if lens.noise is None else cut_out(lens.noise[None], npix, np.nan)[0]
+        return Grid(cut_out(img.astype(np.float32), npix, 0.0), bad, noise, (dx * scale, dy * scale))
     if ratio > 1:
         out = resample(img, ratio, npix)
         cover = resample(np.ones((1, h, w)), ratio, npix)[0] / ratio**2

@@ -77,16 +77,26 @@ def pixel_scale(header) -> float | None:
     return None
 
 
-def to_grid(img: np.ndarray, npix: int, name: str = "") -> np.ndarray:
-    """Centre-crop or zero-pad [bands, H, W] to [bands, npix, npix]; NaNs become 0 (masked)."""
-    img = np.nan_to_num(img, nan=0.0, posinf=0.0, neginf=0.0)
-    _, h, w = img.shape
-    out = np.zeros((img.shape[0], npix, npix), np.float32)
-    sy, sx = max(0, (h - npix) // 2), max(0, (w - npix) // 2)
-    crop = img[:, sy : sy + npix, sx : sx + npix]
-    oy, ox = (npix - crop.shape[1]) // 2, (npix - crop.shape[2]) // 2
+def crop_offset(n_in: int, n_out: int) -> int:
+    """First input pixel of a centred integer cut-out (negative: zero padding)."""
+    return (n_in - n_out) // 2
+
+
+def cut_out(a: np.ndarray, npix: int, fill: float = 0.0) -> np.ndarray:
+    """Centred integer crop/pad of [C, H, W] to [C, npix, npix], ``fill`` outside the input."""
+    _, h, w = a.shape
+    out = np.full((a.shape[0], npix, npix), fill, a.dtype)
+    sy, sx = crop_offset(h, npix), crop_offset(w, npix)
+    ys, xs = max(0, sy), max(0, sx)
+    crop = a[:, ys : ys + npix, xs : xs + npix]
+    oy, ox = ys - sy, xs - sx
     out[:, oy : oy + crop.shape[1], ox : ox + crop.shape[2]] = crop
     return out
+
+
+def to_grid(img: np.ndarray, npix: int) -> np.ndarray:
+    """Centre-crop or zero-pad [bands, H, W] to float32 [bands, npix, npix]; NaNs become 0 (masked)."""
+    return cut_out(np.nan_to_num(img, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32), npix)
 
 
 def disc_mask(shape, centres, radius_pix: float) -> np.ndarray:
