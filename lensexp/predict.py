@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 import logging
 import os
 from pathlib import Path
@@ -150,7 +151,7 @@ def prepare(lens: LensFiles, pred: Predictor, cfg: DictConfig) -> tuple[np.ndarr
 
         cube = data.image
         src = cube_source(np.nan_to_num(cube), lens.name, int(cfg.seed))
-        data.image = src[None]
+        data = replace(data, image=src[None])
         if cfg.save_cleaned:
             from astropy.io import fits
 

@@ -36,13 +36,13 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from lensexp.errors import ConfigError
+from lensexp.files import temp_path
 from lensexp.runtime import allocator_env
 from lensexp.sim.priors import LABELS
 
 SPLITS = ("train", "val", "test")
 FINGERPRINT = "simulate.json"
 MANIFEST = "manifest.json"
-# glibc: keep large buffers mapped instead of returning them to the OS (2x CPU simulation speed)
 # per-image extras stored beside the labels (meta.json)
 META_KEYS = (
     "psf_fwhm",
@@ -168,7 +168,7 @@ def write_shard(sim, spec: ShardSpec, out: Path, batch_size: int, keep_noise_map
 
     final = out / spec.name
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    tmp = temp_path(final)
     stats = _LabelStats()
     try:
         with open(tmp, "wb") as fh:
@@ -208,7 +208,7 @@ def sha256_file(path: Path) -> str:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     try:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
         os.replace(tmp, path)
@@ -563,11 +563,11 @@ def write_fits_set(cfg: DictConfig) -> dict:
             hdu.header["BUNIT"] = ("normalised", f"data.instrument.normalize={norm}")
         psf = fits.ImageHDU(sim.psf.kernels[int(b.meta["psf_index"][i])].numpy(), name="PSF")
         psf.header["FWHM"] = (float(b.meta["psf_fwhm"][i]), "arcsec")
-        tmp = out / f".{name}.tmp-{os.getpid()}"
+        tmp = temp_path(out / name)
         fits.HDUList([hdu, psf]).writeto(tmp, overwrite=True)
         os.replace(tmp, out / name)
         rows.append({"name": name, **{k: float(b.labels[i, j]) for j, k in enumerate(LABELS)}})
-    tmp = out / f".truth.csv.tmp-{os.getpid()}"
+    tmp = temp_path(out / "truth.csv")
     with open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["name", *LABELS])
         w.writeheader()

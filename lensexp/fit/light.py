@@ -16,6 +16,15 @@ from lensexp.fit.model import LensModel, Observation, ParamSpace, light_names, r
 from lensexp.sim.render import pixel_grid
 
 
+def weighted_median(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per image [B] the weighted median of ``values`` [B, N, N] under ``weights`` >= 0 [B, N, N]."""
+    v, w = values.flatten(1), weights.flatten(1)
+    order = v.argsort(1)
+    cum = torch.gather(w, 1, order).cumsum(1)
+    k = (cum / cum[:, -1:].clamp(min=1e-30) < 0.5).sum(1).clamp(max=v.shape[1] - 1)
+    return torch.gather(v, 1, order)[torch.arange(len(v)), k]
+
+
 def moment_start(obs: Observation, model: LensModel) -> dict:
     """Light starts per lens [B]: centroid, ellipticity (lenstronomy e1, e2 from the flux-weighted
     second moments) and half-light radius of the positive flux within a third of the field."""
@@ -29,10 +38,7 @@ def moment_start(obs: Observation, model: LensModel) -> dict:
     det = (q11 * q22 - q12**2).clamp(min=0)
     denom = q11 + q22 + 2 * torch.sqrt(det)
     e1, e2 = (q11 - q22) / denom, 2 * q12 / denom  # = (1 - q) / (1 + q) (cos 2phi, sin 2phi)
-    r = torch.hypot(dx, dy).flatten(1)
-    order = r.argsort(1)
-    cum = torch.gather(w.flatten(1), 1, order).cumsum(1) / tot[:, None]
-    half = torch.gather(r, 1, order)[torch.arange(len(r)), (cum < 0.5).sum(1).clamp(max=r.shape[1] - 1)]
+    half = weighted_median(torch.hypot(dx, dy), w)
     return {"ll_x": cx, "ll_y": cy, "e1": 0.7 * e1, "e2": 0.7 * e2, "R": half.clamp(min=2 * model.pixscale)}
 
 
@@ -95,14 +101,9 @@ def ring_theta_E(obs: Observation, light: dict, model: LensModel, min_radius: fl
     resid = obs.data - light["image"]
     z = resid * torch.sqrt(obs.weights())
     sel = (z > 3) & obs.use & (r > max(min_radius, 3 * model.pixscale)) & (r < fov / 2 - 2 * model.pixscale)
-    wt = torch.where(sel, resid, torch.zeros_like(resid)).flatten(1)
-    rf = r.flatten(1)
-    order = rf.argsort(1)
-    cum = torch.gather(wt, 1, order).cumsum(1)
-    tot = cum[:, -1:].clamp(min=1e-30)
-    k = (cum / tot < 0.5).sum(1).clamp(max=rf.shape[1] - 1)
-    theta = torch.gather(rf, 1, order)[torch.arange(len(rf)), k]
-    return torch.where(wt.sum(1) > 0, theta, torch.full_like(theta, fov / 4))
+    wt = torch.where(sel, resid, torch.zeros_like(resid))
+    theta = weighted_median(r, wt)
+    return torch.where(wt.sum((1, 2)) > 0, theta, torch.full_like(theta, fov / 4))
 
 
 def ring_starts(obs: Observation, light: dict, model: LensModel, n_starts: int, rngs) -> torch.Tensor:

@@ -84,6 +84,8 @@ def check_config(cfg: DictConfig) -> None:
         ("lbfgs.iters", 1),
         ("lbfgs.polish", 1),
         ("lbfgs.irls_rounds", 1),
+        ("adam.light_steps", 0),
+        ("max_npix", 16),
     )
     for key, lo in ints:
         v = OmegaConf.select(cfg, key)
@@ -95,10 +97,6 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"psf_fwhm must be > 0 arcsec, got {cfg.psf_fwhm}")
     if int(cfg.lens_light_components) not in (1, 2):
         raise ConfigError(f"lens_light_components must be 1 or 2, got {cfg.lens_light_components}")
-    if int(cfg.adam.light_steps) < 0:
-        raise ConfigError(f"adam.light_steps must be >= 0, got {cfg.adam.light_steps}")
-    if int(cfg.max_npix) < 16:
-        raise ConfigError(f"max_npix must be >= 16 pixels, got {cfg.max_npix}")
     if cfg.supersample is not None and int(cfg.supersample) < 1:
         raise ConfigError(f"supersample must be >= 1, got {cfg.supersample}")
     for key in ("dtype", "adam.dtype"):
