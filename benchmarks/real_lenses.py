@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     methods = {}
     fit_csv = out / "fits.csv"
     if args.fit_csv:
-        shutil.copyfile(args.fit_csv, fit_csv)
+        if Path(args.fit_csv).resolve() != fit_csv.resolve():  # reusing the table already in place is fine
+            shutil.copyfile(args.fit_csv, fit_csv)
     else:
         t0 = time.perf_counter()
         fit(
