@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import errno
 import hashlib
-import io
 import json
 import math
 import os
@@ -36,8 +35,9 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from lensexp.errors import ConfigError
-from lensexp.files import temp_path
+from lensexp.files import temp_path, write_text_atomic
 from lensexp.runtime import allocator_env
+from lensexp.shards import LabelStats, TarShardWriter, json_rows, merge_label_stats, npy_bytes
 from lensexp.sim.priors import LABELS
 
 SPLITS = ("train", "val", "test")
@@ -113,20 +113,28 @@ def plan_shards(n: int, splits, shard_size: int, seed: int) -> list[ShardSpec]:
 
 
 # ---------------------------------------------------------------------------- samples
-def shard_samples(sim, spec: ShardSpec, batch_size: int, keep_noise_map: bool = False):
-    """Yield the samples of one shard as dicts (``__key__``, arrays, label and meta dicts).
-
-    The one code path behind written shards and the on-the-fly dataset.
-    """
+def shard_batch(sim, spec: ShardSpec, batch_size: int, keep_noise_map: bool = False) -> dict:
+    """Simulate one shard: numpy ``images`` [n, C, N, N], ``labels`` [n, 8] (float32), per-image
+    ``meta`` lists (``META_KEYS``) and, when kept, ``noise_var`` [n, C, N, N]."""
     b = sim.sample(spec.count, seed=spec.seed, batch_size=batch_size, keep_noise_map=keep_noise_map)
-    images = b.images.cpu().numpy()
-    labels = b.labels.cpu().double().tolist()  # float32 values as Python floats
-    meta = {k: _as_list(b.meta[k]) for k in META_KEYS if k in b.meta}
-    noise = b.meta["noise_var"].cpu().numpy() if keep_noise_map and "noise_var" in b.meta else None
+    out = {
+        "images": b.images.cpu().numpy(),
+        "labels": b.labels.cpu().numpy(),
+        "meta": {k: _as_list(b.meta[k]) for k in META_KEYS if k in b.meta},
+    }
+    if keep_noise_map and "noise_var" in b.meta:
+        out["noise_var"] = b.meta["noise_var"].cpu().numpy()
+    return out
+
+
+def batch_samples(spec: ShardSpec, batch: dict):
+    """The samples of a :func:`shard_batch` as dicts (``__key__``, arrays, label and meta dicts)."""
+    labels = batch["labels"].astype(np.float64).tolist()  # float32 values as Python floats
+    meta, noise = batch["meta"], batch.get("noise_var")
     for i in range(spec.count):
         s = {
             "__key__": f"{spec.split}-{spec.k:06d}-{i:06d}",
-            "image": images[i],
+            "image": batch["images"][i],
             "params": dict(zip(LABELS, labels[i])),
             "meta": {k: v[i] for k, v in meta.items()},
         }
@@ -135,59 +143,67 @@ def shard_samples(sim, spec: ShardSpec, batch_size: int, keep_noise_map: bool = 
         yield s
 
 
+def encode_batch(spec: ShardSpec, batch: dict):
+    """The WebDataset entries of a :func:`shard_batch`, as :func:`lensexp.shards.encode_sample`
+    makes them from :func:`batch_samples` (same bytes), the JSON of the whole shard at once."""
+    labels = batch["labels"].astype(np.float64)
+    params = json_rows({k: labels[:, j].tolist() for j, k in enumerate(LABELS)})
+    meta = json_rows(batch["meta"]) if batch["meta"] else [b"{}"] * spec.count
+    noise = batch.get("noise_var")
+    for i in range(spec.count):
+        e = {
+            "__key__": f"{spec.split}-{spec.k:06d}-{i:06d}",
+            "image.npy": npy_bytes(batch["images"][i]),
+            "params.json": params[i],
+            "meta.json": meta[i],
+        }
+        if noise is not None:
+            e["noise_var.npy"] = npy_bytes(noise[i])
+        yield e
+
+
+def shard_samples(sim, spec: ShardSpec, batch_size: int, keep_noise_map: bool = False):
+    """Yield the samples of one shard: the one code path behind written shards and the on-the-fly
+    dataset."""
+    yield from batch_samples(spec, shard_batch(sim, spec, batch_size, keep_noise_map))
+
+
 def _as_list(t) -> list:
     """Per-image meta tensor -> Python bools, ints or floats (float32 values kept exactly)."""
     t = t.detach().cpu()
     return (t.double() if t.is_floating_point() else t).tolist()
 
 
-def encode_sample(s: dict) -> dict:
-    """Sample dict -> WebDataset entry: ``image.npy`` (float32 [bands, H, W]), ``params.json``,
-    ``meta.json`` and, when present, ``noise_var.npy``."""
-    out = {
-        "__key__": s["__key__"],
-        "image.npy": _npy(s["image"]),
-        "params.json": json.dumps(s["params"], sort_keys=True).encode(),
-        "meta.json": json.dumps(s["meta"], sort_keys=True).encode(),
-    }
-    if "noise_var" in s:
-        out["noise_var.npy"] = _npy(s["noise_var"])
-    return out
-
-
-def _npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(a, dtype=np.float32), allow_pickle=False)
-    return buf.getvalue()
-
-
 # ---------------------------------------------------------------------------- writing
 def write_shard(sim, spec: ShardSpec, out: Path, batch_size: int, keep_noise_map: bool) -> dict:
-    """Write one shard atomically (temporary name, then rename) and its sidecar; return its record."""
-    import webdataset as wds
+    """Write one shard (temporary name, then rename) and its sidecar; return its record.
 
+    The data are made durable once for the whole set (:func:`make_durable`) before the manifest
+    is written, not shard by shard; a resumed run re-hashes finished shards
+    (:func:`finished_record`), so a shard damaged by a crash is rewritten.
+    """
     final = out / spec.name
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(final)
-    stats = _LabelStats()
+    batch = shard_batch(sim, spec, batch_size, keep_noise_map)
+    stats = LabelStats(LABELS)
+    stats.add(batch["labels"])
     try:
-        with open(tmp, "wb") as fh:
-            with wds.TarWriter(fh, mtime=0.0, user="lensexp", group="lensexp") as tw:
-                for s in shard_samples(sim, spec, batch_size, keep_noise_map):
-                    tw.write(encode_sample(s))
-                    stats.add(s["params"])
-            fh.flush()
-            os.fsync(fh.fileno())
+        with open(tmp, "wb", buffering=1 << 20) as fh:
+            tw = TarShardWriter(fh)
+            for s in encode_batch(spec, batch):
+                tw.write(s)
+            sha, nbytes = tw.close()
         record = {
             "name": spec.name,
             "count": spec.count,
-            "sha256": sha256_file(tmp),
-            "bytes": tmp.stat().st_size,
+            "sha256": sha,
+            "bytes": nbytes,
             "seed": spec.seed,
             "labels": stats.to_dict(),
         }
         os.replace(tmp, final)
-        _write_json_atomic(final.with_name(final.name + ".json"), record)
+        write_text_atomic(final.with_name(final.name + ".json"), json.dumps(record, indent=2, sort_keys=True))
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         if exc.errno == errno.ENOSPC:
@@ -199,6 +215,29 @@ def write_shard(sim, spec: ShardSpec, out: Path, batch_size: int, keep_noise_map
     return record
 
 
+def make_durable(out: Path, specs: list[ShardSpec]) -> None:
+    """fsync the shards ``specs``, their sidecars and the split folders (once per run, before any
+    manifest). Delayed write errors surface here: the run's shards are then removed, not left
+    looking finished."""
+    files = [p for s in specs for p in (out / s.name, out / (s.name + ".json"))]
+    try:
+        for path in files:
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+        for split in sorted({s.split for s in specs}):
+            fd = os.open(out / split, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except OSError as exc:
+        for path in files:
+            path.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise ConfigError(f"disk full while writing shards to {out}: free space or choose another out=") from exc
+        raise
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -208,42 +247,7 @@ def sha256_file(path: Path) -> str:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = temp_path(path)
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-class _LabelStats:
-    """Running count, min, max and sum of each label."""
-
-    def __init__(self):
-        self.n, self.lo, self.hi, self.sum = 0, {}, {}, {}
-
-    def add(self, params: dict):
-        self.n += 1
-        for k, v in params.items():
-            self.lo[k] = min(self.lo.get(k, v), v)
-            self.hi[k] = max(self.hi.get(k, v), v)
-            self.sum[k] = self.sum.get(k, 0.0) + v
-
-    def to_dict(self) -> dict:
-        return {k: {"min": self.lo[k], "max": self.hi[k], "sum": self.sum[k], "n": self.n} for k in self.lo}
-
-
-def merge_label_stats(records: list[dict]) -> dict:
-    """Label ranges and means over shard records."""
-    out: dict = {}
-    for r in records:
-        for k, s in r["labels"].items():
-            o = out.setdefault(k, {"min": s["min"], "max": s["max"], "sum": 0.0, "n": 0})
-            o["min"], o["max"] = min(o["min"], s["min"]), max(o["max"], s["max"])
-            o["sum"] += s["sum"]
-            o["n"] += s["n"]
-    return {k: {"min": v["min"], "max": v["max"], "mean": v["sum"] / max(v["n"], 1)} for k, v in out.items()}
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 # ---------------------------------------------------------------------------- the set
@@ -293,17 +297,23 @@ def prepare_out(out: Path, fp: dict, overwrite: bool) -> None:
     _write_json_atomic(old, fp)
 
 
-def finished_record(out: Path, spec: ShardSpec) -> dict | None:
-    """The record of a complete shard (rebuilt from the file if its sidecar was not written)."""
+def finished_record(out: Path, spec: ShardSpec, rehash: bool = True) -> dict | None:
+    """The record of a complete shard, or None when it must be (re)written: missing, its sidecar
+    missing or inconsistent, or (``rehash``) its bytes no longer matching the recorded sha256,
+    e.g. after a crash before the data reached the disk. Regenerating is deterministic."""
     final = out / spec.name
-    if not final.exists():
-        return None
     side = final.with_name(final.name + ".json")
-    if side.exists():
+    if not (final.exists() and side.exists()):
+        return None
+    try:
         rec = json.loads(side.read_text())
-        if rec.get("count") == spec.count and rec.get("bytes") == final.stat().st_size:
-            return rec
-    return None  # renamed but sidecar missing or inconsistent: regenerate (deterministic)
+    except ValueError:
+        return None
+    if rec.get("count") != spec.count or rec.get("bytes") != final.stat().st_size:
+        return None
+    if rehash and sha256_file(final) != rec.get("sha256"):
+        return None
+    return rec
 
 
 def write_manifests(out: Path, specs: list[ShardSpec], records: dict[str, dict], fp: dict) -> dict:
@@ -452,7 +462,8 @@ def run(cfg: DictConfig) -> dict | None:
     fp = fingerprint(cfg)
     prepare_out(out, fp, bool(cfg.overwrite))
     chosen = [specs[i] for i in parse_range(cfg.get("shard_range"), len(specs))]
-    records = {s.name: r for s in specs if (r := finished_record(out, s)) is not None}
+    mine = {s.name for s in chosen}  # re-hashed; shards of other ranges are checked by size
+    records = {s.name: r for s in specs if (r := finished_record(out, s, s.name in mine)) is not None}
     todo = [s for s in chosen if s.name not in records]
     n_todo = sum(s.count for s in todo)
     print(
@@ -462,6 +473,7 @@ def run(cfg: DictConfig) -> dict | None:
     )
     if todo:
         records.update(_write_all(todo, cfg, out, workers, n_todo))
+        make_durable(out, todo)
     if all(s.name in records for s in specs):
         man = write_manifests(out, specs, records, fp)
         print(f"wrote {out / MANIFEST}: {man['count']} samples in {len(specs)} shards")
