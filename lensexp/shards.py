@@ -104,7 +104,7 @@ def npy_bytes(a: np.ndarray) -> bytes:
     a = np.ascontiguousarray(a, dtype="<f4")
     head = _NPY_HEADERS.get(a.shape)
     if head is None:
-        d = "{'descr': '<f4', 'fortran_order': False, 'shape': %r, }" % (a.shape,)
+        d = f"{{'descr': '<f4', 'fortran_order': False, 'shape': {a.shape!r}, }}"
         d += " " * (-(len(d) + 11) % 64) + "\n"  # magic(6) + version(2) + length(2) + dict, 64-aligned
         head = _NPY_HEADERS[a.shape] = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(d)) + d.encode("latin1")
     return head + a.tobytes()
