@@ -161,3 +161,35 @@ def _kw(P, i):
         ),
         dict(gamma1=P["gamma1"][i], gamma2=P["gamma2"][i], ra_0=0.0, dec_0=0.0),
     ]
+
+
+def test_float32_atan_and_atanh_match_float64_to_float32_precision():
+    from lensexp.sim.lens import atan_f32, atanh_f32
+
+    x = torch.cat(
+        [torch.logspace(-12, 8, 20001, dtype=torch.float64), torch.linspace(-5, 5, 10001, dtype=torch.float64)]
+    )
+    x = torch.cat([x, -x, torch.zeros(1, dtype=torch.float64)]).float().double()  # exact float32 inputs
+    got, ref = atan_f32(x.float()).double(), torch.atan(x)
+    assert ((got - ref).abs() <= 2.5e-7 * ref.abs()).all()
+    v = torch.cat(
+        [
+            torch.logspace(-12, -1e-7, 20001, dtype=torch.float64),
+            torch.linspace(-0.9999, 0.9999, 10001, dtype=torch.float64),
+        ]
+    )
+    v = torch.cat([v, -v]).float().double()
+    got, ref = atanh_f32(v.float()).double(), torch.atanh(v)
+    assert ((got - ref).abs() <= 3e-7 * ref.abs()).all()
+
+
+def test_float32_deflection_of_a_nearly_round_lens_is_accurate():
+    # q -> 1 makes a = sqrt(1 - q^2) tiny: the float32 atanh path must not lose the deflection
+    x = torch.linspace(-2, 2, 41, dtype=torch.float64)[None, :]
+    y = torch.linspace(-1.5, 1.7, 41, dtype=torch.float64)[:, None]
+    for e1 in (0.0, 1e-9, 1e-6, 1e-3, 0.3):
+        ref = lens.sie_deflection(x, y, 1.2, e1, 0.0, 0.05, -0.03)
+        got = lens.sie_deflection(x.float(), y.float(), 1.2, e1, 0.0, 0.05, -0.03)
+        for r, g in zip(ref, got):
+            assert g.dtype == torch.float32
+            assert (g.double() - r).abs().max() < 2e-6  # arcsec, float32 rounding of ~1" values
