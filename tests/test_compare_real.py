@@ -38,13 +38,30 @@ def test_real_comparison_numbers_by_hand(tmp_path):
     est = []
     for i, (f, half) in enumerate([(0.02, 0.03), (-0.07, 0.01), (0.15, 0.05), (0.30, 0.05)]):
         e1, e2 = e_of_q(0.7)
-        est.append({"name": f"L{i}", "theta_E": 1 + f, "e1": e1, "e2": e2, "seconds": 2.0,
-                    "theta_E_lo95": 1 + f - half, "theta_E_hi95": 1 + f + half})
+        est.append(
+            {
+                "name": f"L{i}",
+                "theta_E": 1 + f,
+                "e1": e1,
+                "e2": e2,
+                "seconds": 2.0,
+                "theta_E_lo95": 1 + f - half,
+                "theta_E_hi95": 1 + f + half,
+            }
+        )
     write(tmp_path / "m.csv", est)
     write(tmp_path / "peer.csv", [{"name": "L0", "theta_E_p16": 0.9, "theta_E_p50": 1.0, "theta_E_p84": 1.1}])
-    rows = run(compose_config("compare_real", [f"published={tmp_path / 'pub.csv'}",
-                                               f"methods={{m: {tmp_path / 'm.csv'}}}",
-                                               f"peer={tmp_path / 'peer.csv'}", f"out={tmp_path / 'out'}"]))
+    rows = run(
+        compose_config(
+            "compare_real",
+            [
+                f"published={tmp_path / 'pub.csv'}",
+                f"methods={{m: {tmp_path / 'm.csv'}}}",
+                f"peer={tmp_path / 'peer.csv'}",
+                f"out={tmp_path / 'out'}",
+            ],
+        )
+    )
     m, peer = rows
     assert (m["n"], m["within5"], m["within10"], m["fail20"]) == (4, 0.25, 0.5, 0.25)
     assert m["median_abs_frac"] == pytest.approx((0.07 + 0.15) / 2)
@@ -52,8 +69,13 @@ def test_real_comparison_numbers_by_hand(tmp_path):
     # L0: |0.02| <= hypot(0.03, 0.03); L1: 0.07 > hypot(0.01, 0.03); L2, L3 far out
     assert m["cover95"] == 0.25 and m["seconds_per_lens"] == 2.0
     assert (peer["method"], peer["n"], peer["within5"]) == ("peer", 1, 1.0)
-    for f in ("real_comparison.csv", "real_comparison.md", "real_comparison.html", "real_lenses.csv",
-              "real_vs_published.png"):
+    for f in (
+        "real_comparison.csv",
+        "real_comparison.md",
+        "real_comparison.html",
+        "real_lenses.csv",
+        "real_vs_published.png",
+    ):
         assert (tmp_path / "out" / f).stat().st_size > 0
     lens = list(csv.DictReader(open(tmp_path / "out" / "real_lenses.csv")))
     assert float(lens[3]["m/frac"]) == pytest.approx(0.30)
@@ -63,5 +85,9 @@ def test_no_common_lens_is_refused(tmp_path):
     write(tmp_path / "pub.csv", [{"name": "A", "theta_E": 1.0, "q": 0.8}])
     write(tmp_path / "m.csv", [{"name": "B", "theta_E": 1.0, "e1": 0, "e2": 0}])
     with pytest.raises(ConfigError, match="shares no lens names"):
-        run(compose_config("compare_real", [f"published={tmp_path / 'pub.csv'}", f"methods={{m: {tmp_path / 'm.csv'}}}",
-                                            f"out={tmp_path / 'o'}"]))
+        run(
+            compose_config(
+                "compare_real",
+                [f"published={tmp_path / 'pub.csv'}", f"methods={{m: {tmp_path / 'm.csv'}}}", f"out={tmp_path / 'o'}"],
+            )
+        )

@@ -34,6 +34,7 @@ def test_primary_config_composes(name):
 )
 def test_entry_point_configs_hold_their_contract_keys(name, keys):
     cfg = compose_config(name)
+
     def has(key):  # present, even as a required '???' value
         parent, _, last = key.rpartition(".")
         node = OmegaConf.select(cfg, parent) if parent else cfg

@@ -67,8 +67,14 @@ def test_noiseless_fit_started_near_truth_recovers_every_parameter():
     img = render_sersic(LENS, SRC, NPIX, PIX, 2, psf)
     start = truth_vector() + 0.02 * torch.tensor([[1, -1, 1, -1, 1, -1, 1.0]], dtype=torch.float64)
     fs = FitSettings(adam_steps=150, lbfgs_iters=150, polish=1)
-    res = fit_batch(observation(img, psf), start[:, None], ParamSpace.for_grid(NPIX, PIX, False),
-                    LensModel(NPIX, PIX, 2, False), fs, [torch.Generator().manual_seed(0)])[0]
+    res = fit_batch(
+        observation(img, psf),
+        start[:, None],
+        ParamSpace.for_grid(NPIX, PIX, False),
+        LensModel(NPIX, PIX, 2, False),
+        fs,
+        [torch.Generator().manual_seed(0)],
+    )[0]
     for k in MASS:
         assert float(res["p"][k]) == pytest.approx(LENS[k], abs=2e-6), k
     src = dict(zip(SOURCE, ("R_sersic", "n_sersic", "e1", "e2", "center_x", "center_y")))
@@ -84,13 +90,19 @@ def test_noiseless_fit_started_near_truth_recovers_every_parameter():
 
 def test_lens_light_is_fitted_too():
     psf = psf_kernel()
-    light = dict(amp=3.0, R_sersic=0.8, n_sersic=3.0, e1=0.05, e2=-0.1,
-                 center_x=LENS["center_x"], center_y=LENS["center_y"])
+    light = dict(
+        amp=3.0, R_sersic=0.8, n_sersic=3.0, e1=0.05, e2=-0.1, center_x=LENS["center_x"], center_y=LENS["center_y"]
+    )
     img = render_sersic(LENS, SRC, NPIX, PIX, 2, psf) + render_unlensed_sersic(light, NPIX, PIX, 2, psf)
     start = truth_vector() + 0.01
-    res = fit_batch(observation(img, psf), start[:, None], ParamSpace.for_grid(NPIX, PIX, True),
-                    LensModel(NPIX, PIX, 2, True), FitSettings(adam_steps=150, lbfgs_iters=500, polish=1),
-                    [torch.Generator().manual_seed(0)])[0]
+    res = fit_batch(
+        observation(img, psf),
+        start[:, None],
+        ParamSpace.for_grid(NPIX, PIX, True),
+        LensModel(NPIX, PIX, 2, True),
+        FitSettings(adam_steps=150, lbfgs_iters=500, polish=1),
+        [torch.Generator().manual_seed(0)],
+    )[0]
     for k in MASS:
         assert float(res["p"][k]) == pytest.approx(LENS[k], abs=1e-4), k
     assert float(res["p"]["ll_R"]) == pytest.approx(0.8, rel=1e-3)
@@ -121,8 +133,14 @@ def test_fits_of_noise_realisations_are_unbiased_with_laplace_errors_that_match_
     K = 16
     data = noisy_copies(clean[0], K, seed=2)
     fs = FitSettings(adam_steps=60, lbfgs_iters=100, polish=1, laplace=True)
-    res = fit_batch(observation(data, psf), truth_vector().expand(K, 7)[:, None], ParamSpace.for_grid(NPIX, PIX, False),
-                    LensModel(NPIX, PIX, 2, False), fs, [torch.Generator().manual_seed(i) for i in range(K)])
+    res = fit_batch(
+        observation(data, psf),
+        truth_vector().expand(K, 7)[:, None],
+        ParamSpace.for_grid(NPIX, PIX, False),
+        LensModel(NPIX, PIX, 2, False),
+        fs,
+        [torch.Generator().manual_seed(i) for i in range(K)],
+    )
     est = np.array([[float(r["p"][k]) for k in MASS] for r in res])
     std = np.array([[r["std"][k] for k in MASS] for r in res])
     ok = np.isfinite(std).all(1)
@@ -139,15 +157,30 @@ def test_fits_of_noise_realisations_are_unbiased_with_laplace_errors_that_match_
 @pytest.fixture(scope="module")
 def fits_set(tmp_path_factory):
     d = tmp_path_factory.mktemp("fits")
-    simulate(compose_config("simulate", ["data=tiny", "data.source.kind=sersic", "data.source.clumps.n=[0,0]",
-                                         "data.source.mag=[20,21]", "data.lens.theta_E=[0.8,1.6]", "n=3",
-                                         "seed=4", "format=fits", f"out={d}", "progress=false"]))
+    simulate(
+        compose_config(
+            "simulate",
+            [
+                "data=tiny",
+                "data.source.kind=sersic",
+                "data.source.clumps.n=[0,0]",
+                "data.source.mag=[20,21]",
+                "data.lens.theta_E=[0.8,1.6]",
+                "n=3",
+                "seed=4",
+                "format=fits",
+                f"out={d}",
+                "progress=false",
+            ],
+        )
+    )
     return d
 
 
 def fit_cfg(inp, out, *over):
-    return compose_config("fit", [f"input={inp}", f"out={out}", "progress=false", "adam.steps=120",
-                                  "lbfgs.iters=60", *over])
+    return compose_config(
+        "fit", [f"input={inp}", f"out={out}", "progress=false", "adam.steps=120", "lbfgs.iters=60", *over]
+    )
 
 
 def read_rows(path):
@@ -161,8 +194,18 @@ def truth_rows(d):
 
 def test_cli_blind_fit_writes_the_contract_columns_and_finds_bright_lenses(fits_set, tmp_path):
     out = tmp_path / "fits.csv"
-    run(fit_cfg(fits_set, out, "n_starts=8", "init=prior", "laplace=true", "adam.steps=300", "lbfgs.iters=100",
-                f"save_plots={tmp_path / 'png'}"))
+    run(
+        fit_cfg(
+            fits_set,
+            out,
+            "n_starts=8",
+            "init=prior",
+            "laplace=true",
+            "adam.steps=300",
+            "lbfgs.iters=100",
+            f"save_plots={tmp_path / 'png'}",
+        )
+    )
     rows = read_rows(out)
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [f"lens_{i:06d}_fit.png" for i in range(3)]
     assert list(rows[0])[:10] == ["name", *MASS, "chi2_dof", "seconds"]
@@ -211,8 +254,11 @@ def test_cli_cnn_initialised_fit_starts_from_the_network_posterior(fits_set, tmp
     assert len(rows) == 3 and all(0 <= int(r["start"]) < 4 for r in rows)
     assert all(0 < float(r["chi2_dof"]) < 10 for r in rows)
     # the starts: the posterior mean lensexp.predict reports, then distinct posterior samples
-    predict(compose_config("predict", [f"ckpt={ckpt}", f"input={fits_set}", f"out={tmp_path / 'p.csv'}", "n_mc=32",
-                                       "progress=false"]))
+    predict(
+        compose_config(
+            "predict", [f"ckpt={ckpt}", f"input={fits_set}", f"out={tmp_path / 'p.csv'}", "n_mc=32", "progress=false"]
+        )
+    )
     pred_rows = read_rows(tmp_path / "p.csv")
     pred = Predictor(str(ckpt), n_mc=32, n_samples=1024)
     imgs = torch.from_numpy(np.stack([to_grid(read_fits(fits_set / r["name"])[0], 64) for r in pred_rows]))
@@ -249,8 +295,17 @@ def test_bad_input_messages(fits_set, tmp_path):
     assert "odd-sized" in errs["f_even_psf.fits"]
     # the same file fitted with a PSF and band given on the command line
     with pytest.raises(ConfigError, match="no usable input: all 1 file"):  # nothing usable: an error, no table
-        run(fit_cfg(d / "d_no_psf.fits", tmp_path / "g.csv", "psf_fwhm=0.15", "band=3", "adam.steps=5",
-                    "lbfgs.iters=2", "n_starts=1"))
+        run(
+            fit_cfg(
+                d / "d_no_psf.fits",
+                tmp_path / "g.csv",
+                "psf_fwhm=0.15",
+                "band=3",
+                "adam.steps=5",
+                "lbfgs.iters=2",
+                "n_starts=1",
+            )
+        )
     assert not (tmp_path / "g.csv").exists()
     assert "band=3 but the file has 1 band(s)" in read_rows(tmp_path / "g.errors.csv")[0]["error"]
 
@@ -293,15 +348,33 @@ def test_compare_fit_errors_times_and_optimum_rate(tmp_path):
     truth = [{"name": n, "theta_E": 1.0 + i / 10, "e1": 0.0} for i, n in enumerate(names)]
     write_csv(tmp_path / "truth.csv", truth)
     cnn_err = [0.1, -0.1, 0.2, -0.2]
-    write_csv(tmp_path / "cnn.csv", [{"name": n, "theta_E": t["theta_E"] + e, "e1": 0.0}
-                                     for n, t, e in zip(names, truth, cnn_err)])
-    fit = [{"name": n, "theta_E": t["theta_E"] + 0.01, "e1": 0.02, "chi2_dof": 1.0 + i / 10, "seconds": 2.0,
-            "nll": 100.0 + (5 if i == 3 else 0)} for i, (n, t) in enumerate(zip(names, truth))]
+    write_csv(
+        tmp_path / "cnn.csv",
+        [{"name": n, "theta_E": t["theta_E"] + e, "e1": 0.0} for n, t, e in zip(names, truth, cnn_err)],
+    )
+    fit = [
+        {
+            "name": n,
+            "theta_E": t["theta_E"] + 0.01,
+            "e1": 0.02,
+            "chi2_dof": 1.0 + i / 10,
+            "seconds": 2.0,
+            "nll": 100.0 + (5 if i == 3 else 0),
+        }
+        for i, (n, t) in enumerate(zip(names, truth))
+    ]
     write_csv(tmp_path / "fit.csv", fit)
     write_csv(tmp_path / "ref.csv", [{"name": n, "theta_E": 0, "nll": 100.5} for n in names])
-    cfg = compose_config("compare_fit", [f"truth={tmp_path / 'truth.csv'}", f"out={tmp_path / 'out'}",
-                                         f"methods={{cnn: {tmp_path / 'cnn.csv'}, fit: {tmp_path / 'fit.csv'}}}",
-                                         f"reference={tmp_path / 'ref.csv'}", "seconds={cnn: 0.05}"])
+    cfg = compose_config(
+        "compare_fit",
+        [
+            f"truth={tmp_path / 'truth.csv'}",
+            f"out={tmp_path / 'out'}",
+            f"methods={{cnn: {tmp_path / 'cnn.csv'}, fit: {tmp_path / 'fit.csv'}}}",
+            f"reference={tmp_path / 'ref.csv'}",
+            "seconds={cnn: 0.05}",
+        ],
+    )
     rows = {r["method"]: r for r in compare_fit(cfg)}
     assert rows["cnn"]["rmse/theta_E"] == pytest.approx(math.sqrt(np.mean(np.square(cnn_err))))
     assert rows["cnn"]["median_abs/theta_E"] == pytest.approx(0.15)
@@ -322,16 +395,32 @@ def test_psf_from_a_fits_file_resampled_to_the_image(fits_set, tmp_path, emp_psf
     h = fits.PrimaryHDU(fits.getdata(fits_set / "lens_000000.fits"))
     h.header.update(PIXSCALE=0.1, EXPTIME=1000.0, SKYLEV=0.36, RDNOISE=4.0, GAIN=2.5)
     h.writeto(tmp_path / "no_psf.fits")
-    res = run(fit_cfg(tmp_path / "no_psf.fits", tmp_path / "f.csv", f"psf={emp_psf}", "psf_pixscale=0.01",
-                      "adam.steps=30", "lbfgs.iters=10", "n_starts=2"))
+    res = run(
+        fit_cfg(
+            tmp_path / "no_psf.fits",
+            tmp_path / "f.csv",
+            f"psf={emp_psf}",
+            "psf_pixscale=0.01",
+            "adam.steps=30",
+            "lbfgs.iters=10",
+            "n_starts=2",
+        )
+    )
     assert res["n"] == 1 and not res["errors"]
 
 
 def test_two_band_cube_with_lens_light_is_cleaned_by_ica_then_fitted(tmp_path):
     psf = psf_kernel()
     arcs = render_sersic(LENS, SRC, NPIX, PIX, 2, psf)[0]
-    light = render_unlensed_sersic(dict(amp=2.0, R_sersic=0.8, n_sersic=3.0, e1=0.05, e2=-0.1,
-                                        center_x=LENS["center_x"], center_y=LENS["center_y"]), NPIX, PIX, 2, psf)[0]
+    light = render_unlensed_sersic(
+        dict(
+            amp=2.0, R_sersic=0.8, n_sersic=3.0, e1=0.05, e2=-0.1, center_x=LENS["center_x"], center_y=LENS["center_y"]
+        ),
+        NPIX,
+        PIX,
+        2,
+        psf,
+    )[0]
     red = noisy_copies(arcs + light, 1, seed=5)[0]  # red lens galaxy, blue source
     blue = noisy_copies(1.5 * arcs + 0.15 * light, 1, seed=6)[0]
     d = tmp_path / "cubes"
@@ -360,13 +449,20 @@ def bright_elliptical_lens(npix=64, pix=0.05, seed=0):
     psf = torch.from_numpy(draw_kernel("gaussian", 0.1, pix, 11)).double()
     lens = dict(theta_E=1.2, e1=0.1, e2=-0.05, center_x=0.03, center_y=-0.02, gamma1=0.02, gamma2=0.01)
     src = dict(amp=4.0, R_sersic=0.12, n_sersic=1.0, e1=0.1, e2=0.0, center_x=0.08, center_y=0.05)
-    light = [dict(amp=30.0, R_sersic=1.2, n_sersic=4.0, e1=0.08, e2=-0.04, center_x=0.03, center_y=-0.02),
-             dict(amp=40.0, R_sersic=0.15, n_sersic=1.0, e1=0.08, e2=-0.04, center_x=0.03, center_y=-0.02)]
+    light = [
+        dict(amp=30.0, R_sersic=1.2, n_sersic=4.0, e1=0.08, e2=-0.04, center_x=0.03, center_y=-0.02),
+        dict(amp=40.0, R_sersic=0.15, n_sersic=1.0, e1=0.08, e2=-0.04, center_x=0.03, center_y=-0.02),
+    ]
     img = render_sersic(lens, src, npix, pix, 2, psf) + sum(render_unlensed_sersic(c, npix, pix, 2, psf) for c in light)
     sigma = 0.02 * float(img[0].max()) / 40
     noisy = img + sigma * torch.randn(img.shape, generator=torch.Generator().manual_seed(seed), dtype=img.dtype)
-    obs = Observation(noisy, torch.ones_like(noisy, dtype=torch.bool), psf[None], torch.tensor([sigma**2]).double(),
-                      torch.zeros(1).double())
+    obs = Observation(
+        noisy,
+        torch.ones_like(noisy, dtype=torch.bool),
+        psf[None],
+        torch.tensor([sigma**2]).double(),
+        torch.zeros(1).double(),
+    )
     return obs, lens, npix, pix
 
 
@@ -383,6 +479,7 @@ def test_light_first_then_the_ring_gives_theta_E_of_a_bright_elliptical():
     assert float(ring_theta_E(obs, light, model)[0]) == pytest.approx(lens["theta_E"], rel=0.15)
     # the whole fit from the ring: blind (no mass start given), theta_E to 2 %
     fs = FitSettings(adam_steps=150, lbfgs_iters=40, polish=1, irls_rounds=1, light_steps=100, ring_start=True)
-    res = fit_batch(obs, torch.zeros(1, 3, 7, dtype=torch.float64), space, model, fs,
-                    [torch.Generator().manual_seed(1)])[0]
+    res = fit_batch(
+        obs, torch.zeros(1, 3, 7, dtype=torch.float64), space, model, fs, [torch.Generator().manual_seed(1)]
+    )[0]
     assert float(res["p"]["theta_E"]) == pytest.approx(lens["theta_E"], rel=0.02)

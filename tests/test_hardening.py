@@ -26,13 +26,26 @@ def ckpt(tmp_path_factory):
 
 
 def predict_cfg(ckpt, inp, out, *over):
-    return compose_config("predict", [f"ckpt={ckpt}", f"input={inp}", f"out={out}", "n_mc=2", "n_samples=64",
-                                      "progress=false", *over])
+    return compose_config(
+        "predict", [f"ckpt={ckpt}", f"input={inp}", f"out={out}", "n_mc=2", "n_samples=64", "progress=false", *over]
+    )
 
 
 def fit_cfg(inp, out, *over):
-    return compose_config("fit", [f"input={inp}", f"out={out}", "progress=false", "n_starts=2", "adam.steps=20",
-                                  "lbfgs.iters=5", "lbfgs.polish=1", "lbfgs.irls_rounds=1", *over])
+    return compose_config(
+        "fit",
+        [
+            f"input={inp}",
+            f"out={out}",
+            "progress=false",
+            "n_starts=2",
+            "adam.steps=20",
+            "lbfgs.iters=5",
+            "lbfgs.polish=1",
+            "lbfgs.irls_rounds=1",
+            *over,
+        ],
+    )
 
 
 def rows(path):
@@ -85,8 +98,22 @@ def test_tiny_and_constant_images_are_refused_and_all_rejected_exits_nonzero(ckp
     assert "constant image" in errs["zeros.fits"]
     # the command line: one line on stderr, exit status 2
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    p = subprocess.run([sys.executable, "-m", "lensexp.predict", f"ckpt={ckpt}", f"input={d}", f"out={out}",
-                        "n_mc=2", "progress=false"], capture_output=True, text=True, cwd=PROJECT_ROOT, env=env)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lensexp.predict",
+            f"ckpt={ckpt}",
+            f"input={d}",
+            f"out={out}",
+            "n_mc=2",
+            "progress=false",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        env=env,
+    )
     assert p.returncode == 2 and "error: no usable input" in p.stderr and "Traceback" not in p.stderr
 
 
@@ -103,8 +130,21 @@ def test_fit_int16_in_a_mixed_folder(tmp_path):
     from lensexp.simulate import run as simulate
 
     src = tmp_path / "sim"
-    simulate(compose_config("simulate", ["data=tiny", "data.source.kind=sersic", "data.instrument.normalize=none",
-                                         "n=2", "seed=3", "format=fits", f"out={src}", "progress=false"]))
+    simulate(
+        compose_config(
+            "simulate",
+            [
+                "data=tiny",
+                "data.source.kind=sersic",
+                "data.instrument.normalize=none",
+                "n=2",
+                "seed=3",
+                "format=fits",
+                f"out={src}",
+                "progress=false",
+            ],
+        )
+    )
     d = tmp_path / "in"
     d.mkdir()
     with fits.open(src / "lens_000001.fits") as h:
@@ -168,8 +208,16 @@ def test_unwritable_out_fails_before_work(ckpt, tmp_path, tool):
 def test_simulate_failed_then_fixed_rerun(tmp_path):
     from lensexp.simulate import run as simulate
 
-    base = ["data=tiny", "data.source.kind=sersic", "n=8", "seed=1", "shard_size=8", f"out={tmp_path / 's'}",
-            "progress=false", "workers=1"]
+    base = [
+        "data=tiny",
+        "data.source.kind=sersic",
+        "n=8",
+        "seed=1",
+        "shard_size=8",
+        f"out={tmp_path / 's'}",
+        "progress=false",
+        "workers=1",
+    ]
     with pytest.raises(ConfigError, match="data.psf.fwhm"):
         simulate(compose_config("simulate", [*base, "data.psf.fwhm=[-0.1,0.2]"]))
     assert not (tmp_path / "s" / "simulate.json").exists()
@@ -265,13 +313,20 @@ def test_stale_temporary_files_removed(ckpt, tmp_path):
 
 # thread pools follow the cores this process may use
 def test_threads_follow_cpu_affinity():
-    code = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
-            "os.environ.pop('OMP_NUM_THREADS', None); os.environ.pop('LENSEXP_THREADS', None); "
-            "from lensexp.runtime import available_cores, set_threads; print(available_cores(), set_threads())")
+    code = (
+        "import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
+        "os.environ.pop('OMP_NUM_THREADS', None); os.environ.pop('LENSEXP_THREADS', None); "
+        "from lensexp.runtime import available_cores, set_threads; print(available_cores(), set_threads())"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "LENSEXP_THREADS")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_ROOT, env=env)
     assert out.stdout.split() == ["1", "1"], out.stderr
     env["LENSEXP_THREADS"] = "0"
-    bad = subprocess.run([sys.executable, "-c", "from lensexp.runtime import thread_count; thread_count()"],
-                         capture_output=True, text=True, cwd=PROJECT_ROOT, env=env)
+    bad = subprocess.run(
+        [sys.executable, "-c", "from lensexp.runtime import thread_count; thread_count()"],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        env=env,
+    )
     assert "LENSEXP_THREADS must be a positive integer" in bad.stderr

@@ -31,8 +31,7 @@ def centroid(img):
 
 def lens_data(img, scale, noise=None, bad=None, name="l"):
     img = np.asarray(img, np.float32)[None]
-    return LensData(name, img, scale, fits.Header(), noise, None,
-                    np.zeros(img.shape[1:], bool) if bad is None else bad)
+    return LensData(name, img, scale, fits.Header(), noise, None, np.zeros(img.shape[1:], bool) if bad is None else bad)
 
 
 def make_folder(root, name, n=96, scale=0.05, sigma=0.02):
@@ -70,8 +69,9 @@ def test_lens_folders_are_read_with_noise_map_mask_and_psf(tmp_path):
     # a single lens folder given directly
     assert [x.name for x in list_inputs(tmp_path / "set" / "J1430+4105")] == ["J1430+4105"]
     # auxiliary files of another shape are refused
-    fits.PrimaryHDU(np.ones((10, 10), np.float32)).writeto(tmp_path / "set" / "J0008-0004" / "noise.fits",
-                                                           overwrite=True)
+    fits.PrimaryHDU(np.ones((10, 10), np.float32)).writeto(
+        tmp_path / "set" / "J0008-0004" / "noise.fits", overwrite=True
+    )
     with pytest.raises(BadInput, match="noise map noise.fits has shape"):
         load(list_inputs(tmp_path / "set")[0], pixscale=0.05)
 
@@ -197,8 +197,10 @@ def test_slacs_files_load_with_their_noise_maps():
         assert d.image.shape == (1, 201, 201) and (d.bad == flagged).all() and 0 < flagged.mean() < 0.25, x.name
 
 
-TWO_BANDS = ("data.bands=[{name:r,source_scale:[1.0,1.0],lens_scale:[1.0,1.0]},"
-             "{name:g,source_scale:[1.5,1.5],lens_scale:[0.3,0.3]}]")
+TWO_BANDS = (
+    "data.bands=[{name:r,source_scale:[1.0,1.0],lens_scale:[1.0,1.0]},"
+    "{name:g,source_scale:[1.5,1.5],lens_scale:[0.3,0.3]}]"
+)
 
 
 def test_cnn_starts_with_a_two_band_checkpoint(tmp_path):
@@ -212,12 +214,41 @@ def test_cnn_starts_with_a_two_band_checkpoint(tmp_path):
 
     train(compose_config("train", [*FAST, TWO_BANDS, "trainer.max_epochs=1"]), tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    simulate(compose_config("simulate", ["data=tiny", "data.source.kind=sersic", TWO_BANDS, "n=2", "seed=5",
-                                         "format=fits", f"out={tmp_path / 'fits'}", "progress=false"]))
+    simulate(
+        compose_config(
+            "simulate",
+            [
+                "data=tiny",
+                "data.source.kind=sersic",
+                TWO_BANDS,
+                "n=2",
+                "seed=5",
+                "format=fits",
+                f"out={tmp_path / 'fits'}",
+                "progress=false",
+            ],
+        )
+    )
     out = tmp_path / "f.csv"
-    res = fit(compose_config("fit", [f"input={tmp_path / 'fits'}", f"out={out}", "init=cnn", f"ckpt={ckpt}",
-                                     "band=0", "n_starts=2", "n_mc=2", "adam.steps=5", "lbfgs.iters=2",
-                                     "lbfgs.polish=1", "lbfgs.irls_rounds=1", "progress=false"]))
+    res = fit(
+        compose_config(
+            "fit",
+            [
+                f"input={tmp_path / 'fits'}",
+                f"out={out}",
+                "init=cnn",
+                f"ckpt={ckpt}",
+                "band=0",
+                "n_starts=2",
+                "n_mc=2",
+                "adam.steps=5",
+                "lbfgs.iters=2",
+                "lbfgs.polish=1",
+                "lbfgs.irls_rounds=1",
+                "progress=false",
+            ],
+        )
+    )
     assert res["n"] == 2 and not res["errors"]
     assert [r["name"] for r in csv.DictReader(open(out))] == ["lens_000000.fits", "lens_000001.fits"]
 
@@ -237,8 +268,11 @@ def test_fit_of_real_slacs_lenses_through_the_contract_command(tmp_path):
     for name in ("J0330-0020", "J1250+0523"):
         (d / name).symlink_to(SLACS / name, target_is_directory=True)
     out = tmp_path / "fits.csv"
-    fit(compose_config("fit", [f"input={d}", f"out={out}", "pixscale=0.05", "lens_light=true", "npix=121",
-                               "progress=false"]))
+    fit(
+        compose_config(
+            "fit", [f"input={d}", f"out={out}", "pixscale=0.05", "lens_light=true", "npix=121", "progress=false"]
+        )
+    )
     pub = {r["name"]: float(r["theta_E"]) for r in csv.DictReader(open(SLACS / "published.csv"))}
     for r in csv.DictReader(open(out)):
         assert r["noise_source"] == "map"

@@ -23,8 +23,19 @@ def ckpt(tmp_path_factory):
 
 
 def predict_cfg(ckpt, inp, out, *over):
-    return compose_config("predict", [f"ckpt={ckpt}", f"input={inp}", f"out={out}", "n_mc=4", "n_samples=256",
-                                      "progress=false", "batch_size=16", *over])
+    return compose_config(
+        "predict",
+        [
+            f"ckpt={ckpt}",
+            f"input={inp}",
+            f"out={out}",
+            "n_mc=4",
+            "n_samples=256",
+            "progress=false",
+            "batch_size=16",
+            *over,
+        ],
+    )
 
 
 def read_rows(path):
@@ -32,8 +43,21 @@ def read_rows(path):
 
 
 def test_fits_round_trip_equals_direct_prediction(ckpt, tmp_path):
-    simulate(compose_config("simulate", ["data=tiny", "data.source.kind=sersic", "n=6", "seed=3", "format=fits",
-                                         f"out={tmp_path / 'fits'}", "progress=false", "batch_size=64"]))
+    simulate(
+        compose_config(
+            "simulate",
+            [
+                "data=tiny",
+                "data.source.kind=sersic",
+                "n=6",
+                "seed=3",
+                "format=fits",
+                f"out={tmp_path / 'fits'}",
+                "progress=false",
+                "batch_size=64",
+            ],
+        )
+    )
     run(predict_cfg(ckpt, tmp_path / "fits", tmp_path / "p.csv"))
     rows = read_rows(tmp_path / "p.csv")
     assert list(rows[0]) == csv_columns(["theta_E", "e1", "e2", "center_x", "center_y", "gamma1", "gamma2", "mu_F"])
@@ -79,7 +103,7 @@ def test_bad_files_are_reported_not_fatal(ckpt, tmp_path):
     assert [r["name"] for r in read_rows(tmp_path / "q.csv")] == ["a_good.fits", "g_bigger.fits"]
     errs = {r["name"]: r["error"] for r in read_rows(tmp_path / "q.errors.csv")}
     assert "3 band(s) but the model takes 1" in errs["f_3band.fits"]
-    assert "header says 0.05\"/px but pixscale=0.1" in errs["e_scale.fits"]
+    assert 'header says 0.05"/px but pixscale=0.1' in errs["e_scale.fits"]
 
 
 def test_missing_input_and_checkpoint(ckpt, tmp_path):
@@ -93,8 +117,9 @@ def test_missing_input_and_checkpoint(ckpt, tmp_path):
 
 
 def _two_band(n=20, seed=0):
-    cfg = load_data_preset("hst", ["data.npix=96", "data.source.kind=sersic", "data.psf.kind=gaussian",
-                                   "data.source.mag=[21,22.5]"])
+    cfg = load_data_preset(
+        "hst", ["data.npix=96", "data.source.kind=sersic", "data.psf.kind=gaussian", "data.source.mag=[21,22.5]"]
+    )
     sim = Simulator(cfg)
     p = sim.draw_params(n, torch.Generator().manual_seed(seed))
     src, _ = sim.render_source(p)
@@ -121,8 +146,17 @@ def test_predict_with_ica_and_masks(ckpt, tmp_path):
         h = fits.PrimaryHDU(img[i][:, 16:80, 16:80] * 1e3)  # any flux unit; 64 px cut-out
         h.header["PIXSCALE"] = 0.1  # declared on the model's grid for this test
         h.writeto(d / f"cube_{i}.fits")
-    run(predict_cfg(ckpt, d, tmp_path / "p.csv", "ica=true", f"save_cleaned={tmp_path / 'clean'}",
-                    "masks.centre=true", "masks.cosmic_rays=true"))
+    run(
+        predict_cfg(
+            ckpt,
+            d,
+            tmp_path / "p.csv",
+            "ica=true",
+            f"save_cleaned={tmp_path / 'clean'}",
+            "masks.centre=true",
+            "masks.cosmic_rays=true",
+        )
+    )
     assert len(read_rows(tmp_path / "p.csv")) == 3
     assert len(list((tmp_path / "clean").glob("*.fits"))) == 3
     assert len(list((tmp_path / "clean").glob("*_ica.png"))) == 3

@@ -16,9 +16,10 @@ give float64 results accurate to ~1e-12; the SIS limit q = 1 and the lens centre
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
+
+from lensexp.sim import fastmath as fm
 
 Tensorish = torch.Tensor | float
 
@@ -80,47 +81,19 @@ def sie_coefficients(theta_E, e1, e2):
     return c, s, q * q, theta_E * torch.sqrt(q) / a, a
 
 
-def atan_f32(x: torch.Tensor) -> torch.Tensor:
-    """arctan for float32 ray tracing: Cephes ``atanf`` (range reduction to |t| <= tan(pi/8), a
-    degree-9 odd polynomial), relative error < 2e-7, about half the cost of ``torch.atan``
-    inside a fused kernel. Exact for tiny arguments (the polynomial starts at ``t``)."""
-    ax = x.abs()
-    big = ax > 2.414213562373095  # tan(3 pi / 8)
-    mid = ax > 0.4142135623730950  # tan(pi / 8)
-    t = torch.where(big, -1.0 / ax, torch.where(mid, (ax - 1.0) / (ax + 1.0), ax))
-    y0 = torch.where(big, math.pi / 2, torch.where(mid, math.pi / 4, 0.0))
-    z = t * t
-    p = (((8.05374449538e-2 * z - 1.38776856032e-1) * z + 1.99777106478e-1) * z - 3.33329491539e-1) * z
-    return torch.copysign(y0 + (p * t + t), x)
-
-
-def atanh_f32(v: torch.Tensor) -> torch.Tensor:
-    """arctanh for float32 ray tracing, |v| < 1: ``log((1 + v) / (1 - v)) / 2`` (one log instead
-    of the library's two-step call), with the series ``sum v^(2k+1) / (2k+1)`` to ``v^17`` below
-    |v| = 0.3 where the log form would lose relative precision (round lenses, a -> 0); relative
-    error < 3e-7."""
-    z = v * v
-    p = 1.0 / 17.0
-    for k in (15, 13, 11, 9, 7, 5, 3):
-        p = p * z + 1.0 / k
-    return torch.where(v.abs() < 0.3, v + v * z * p, 0.5 * torch.log((1.0 + v) / (1.0 - v)))
-
-
 def sie_deflection_rotated(dx, dy, c, s, q2, b_a, a):
     """SIE deflection at offsets (dx, dy) [arcsec] from the centre, given :func:`sie_coefficients`.
 
-    Float32 uses :func:`atan_f32` / :func:`atanh_f32` (relative error ~2e-7, the precision of
-    float32 itself); float64 the exact library functions.
+    Float32 uses :mod:`lensexp.sim.fastmath` (relative error ~2e-7, float32's own precision);
+    float64 the exact library functions.
     """
     xr = c * dx + s * dy
     yr = -s * dx + c * dy
     psi2 = q2 * xr * xr + yr * yr
     at_centre = psi2 == 0
     inv_psi = a * torch.rsqrt(torch.where(at_centre, 1.0, psi2))
-    fast = psi2.dtype == torch.float32
-    atan, atanh = (atan_f32, atanh_f32) if fast else (torch.atan, torch.atanh)
-    axr = torch.where(at_centre, 0.0, b_a * atan(xr * inv_psi))
-    ayr = torch.where(at_centre, 0.0, b_a * atanh(yr * inv_psi))
+    axr = torch.where(at_centre, 0.0, b_a * fm.atan(xr * inv_psi))
+    ayr = torch.where(at_centre, 0.0, b_a * fm.atanh(yr * inv_psi))
     return c * axr - s * ayr, s * axr + c * ayr
 
 

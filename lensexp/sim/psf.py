@@ -161,7 +161,10 @@ class PSFBank:
         return fft_convolve(images, self.kernel_fft[index], k, self.fft_size)
 
 
-DIRECT_MAX = 11  # kernel sizes [px] up to which direct convolution beats the FFT on CPU
+# kernel sizes [px] up to which one grouped direct convolution beats the FFT on CPU: measured with
+# benchmarks/psf_routes.py (64 px, batch 256, one core: 9 px direct 27 us/img, FFT 96; 11 px direct
+# 355-490 us/img, FFT 67 - oneDNN's grouped kernels fall off a cliff above 9 px)
+DIRECT_MAX = 9
 
 
 def direct_convolve(images: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:

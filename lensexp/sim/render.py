@@ -25,9 +25,12 @@ from lensexp.sim.source import (
     sersic_amp_from_flux,
     sersic_coefficients,
     sersic_sb_rotated,
+    source_plane_grid,
 )
 
 SOURCE_KINDS = ("sersic", "cosmos", "mix")
+# parameters of GalaxyBank.grid_coefficients, in its order
+GALAXY_KEYS = ("gal_index", "src_x", "src_y", "gal_cos", "gal_sin", "gal_flip", "gal_scale")
 
 
 def pixel_grid(npix: int, pixscale: float, supersample: int = 1, dtype=torch.float64, device=None):
@@ -104,11 +107,10 @@ class Simulator:
             self.galaxies.images = self.galaxies.images.to(self.device, self.dtype)
             self.galaxies.pixscale = self.galaxies.pixscale.to(self.device, self.dtype)
         self.n_bands = len(c.bands)
-        self._compiled = bool(compile)
-        self._trace = torch.compile(_trace_sersic, dynamic=False) if compile else _trace_sersic
+        # Sersic and COSMOS subsets of a batch vary in size: batch-dynamic kernels, one compilation
+        self._trace = _batch_dynamic(_trace_sersic) if compile else _trace_sersic
         self._sersic_image = torch.compile(_sersic_image, dynamic=False) if compile else _sersic_image
-        # COSMOS subsets vary in size: a batch-dynamic kernel avoids recompiling
-        self._shoot = torch.compile(_shoot, dynamic=True) if compile else _shoot
+        self._cosmos_grid = _batch_dynamic(_cosmos_grid) if compile else _cosmos_grid
         self._digitise = torch.compile(inst.digitise_counts, dynamic=False) if compile else inst.digitise_counts
 
     # ------------------------------------------------------------------ parameters
@@ -180,8 +182,7 @@ class Simulator:
         par = torch.nonzero(~cos).squeeze(1)
         img = None
         if par.numel():
-            # the compiled kernel keeps one batch shape: it renders every row rather than recompile
-            sub = p if (self._compiled or par.numel() == B) else {k: v[par] for k, v in p.items()}
+            sub = p if par.numel() == B else {k: v[par] for k, v in p.items()}
             col = lambda k: sub[k][:, None]  # noqa: E731
             lens_coef = _lens_coefficients(sub)
             amp = sersic_amp_from_flux(col("sersic_flux"), col("src_R"), col("src_n"))
@@ -204,20 +205,11 @@ class Simulator:
                 else img.clone()
             )
             sub = {k: v[real] for k, v in p.items()}
-            bx, by = self._shoot(self.x, self.y, _lens_coefficients(sub))
-            sb = self.galaxies.sample_sb(
-                bx,
-                by,
-                sub["gal_index"],
-                sub["src_x"],
-                sub["src_y"],
-                sub["gal_cos"],
-                sub["gal_sin"],
-                sub["gal_flip"],
-                sub["gal_scale"],
-                sub["src_flux"],
-                mode=str(self.cfg.source.cosmos.interpolation),
-            )
+            gal = self.galaxies
+            coef = gal.grid_coefficients(*(sub[k] for k in GALAXY_KEYS))
+            grid = self._cosmos_grid(self.x, self.y, _lens_coefficients(sub), coef)
+            mode = str(self.cfg.source.cosmos.interpolation)
+            sb = gal.sample_grid(grid, sub["gal_index"], sub["gal_scale"], sub["src_flux"], mode)
             img[real] = bin_supersampled(sb, self.npix, self.ss, self.pixscale)
         mu = img.sum((1, 2)) / p["src_flux"]
         return img, mu
@@ -470,6 +462,28 @@ def _lens_coefficients(p: dict) -> tuple:
         col("gamma2"),
         *lensmod.sie_coefficients(col("theta_E"), col("e1"), col("e2")),
     )
+
+
+def _batch_dynamic(fn):
+    """``torch.compile`` of ``fn(x, y, *coefficient tuples)`` with the batch size (dim 0 of every
+    coefficient [B, K]) symbolic and the pixel count fixed, so any subset size reuses one kernel."""
+    compiled = torch.compile(fn)  # automatic dynamic: marked dims symbolic, the others static
+
+    def call(x, y, *groups, **kw):
+        for g in groups:
+            for t in g if isinstance(g, tuple) else (g,):
+                if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] > 1:
+                    torch._dynamo.mark_dynamic(t, 0)
+        return compiled(x, y, *groups, **kw)
+
+    return call
+
+
+def _cosmos_grid(x, y, lens_coef, gal_coef):
+    """Ray-shoot the sub-pixel planes x, y [P] and map them to ``grid_sample`` coordinates of each
+    image's galaxy stamp [B, P, 2] (:func:`source.source_plane_grid`) in one pass."""
+    bx, by = _shoot(x, y, lens_coef)
+    return source_plane_grid(bx, by, gal_coef)
 
 
 def _shoot(x, y, lens_coef):

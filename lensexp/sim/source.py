@@ -49,7 +49,7 @@ def sersic_coefficients(amp, R_sersic, n, e1, e2):
 
 def sersic_sb_rotated(dx, dy, c, s, q, inv_q, log_amp_b, b, half_inv_n, log_r_n, smoothing=1e-5):
     """Sérsic SB at offsets (dx, dy) [arcsec]; ``amp exp(-b ((R/R_s)^(1/n) - 1))`` written as
-    ``exp(log amp + b - b exp(log(R^2)/(2n) - log(R_s)/n))``: one log and two exp per point."""
+    ``exp(log amp + b - b exp(log(R^2)/(2n) - log(R_s)/n))``: one log and two exp per point"""
     xr = c * dx + s * dy
     yr = -s * dx + c * dy
     R2 = (q * xr * xr + inv_q * yr * yr).clamp(min=smoothing * smoothing)
@@ -173,24 +173,42 @@ class GalaxyBank:
             ids.append(int(cat.ident[i]) if hasattr(cat, "ident") else i)
         return cls(torch.from_numpy(out), torch.tensor(scales, dtype=torch.float64), ids)
 
+    def grid_coefficients(self, index, center_x, center_y, angle_cos, angle_sin, flip, scale):
+        """Per-image constants of :func:`source_plane_grid`, each [B, 1]: centre (arcsec),
+        rotation (cos, sin), mirror sign, and the inverse half-width of the stamp (1/arcsec).
+
+        Per image: galaxy ``index`` [B], centre [B], rotation (cos, sin) [B], mirror ``flip`` [B]
+        bool, size ``scale`` [B] (multiplies the bank pixel scale).
+        """
+        pix = self.pixscale.to(device=center_x.device, dtype=center_x.dtype)[index] * scale
+        half = self.images.shape[-1] * pix / 2.0
+        sign = torch.where(flip, -1.0, 1.0).to(center_x.dtype)
+        return tuple(t[:, None] for t in (center_x, center_y, angle_cos, angle_sin, sign, 1.0 / half))
+
+    def sample_grid(self, grid, index, scale, flux, mode: str = "bilinear"):
+        """SB [e-/s/arcsec^2] [B, P] of bank galaxies ``index`` [B] at a :func:`source_plane_grid`
+        ``grid`` [B, P, 2], for size ``scale`` [B] and total ``flux`` [B] e-/s. Sampling is
+        bilinear or bicubic (``torch.nn.functional.grid_sample``), zero outside the stamp."""
+        imgs = self.images.to(device=grid.device, dtype=grid.dtype)[index].unsqueeze(1)  # [B,1,S,S]
+        pix = self.pixscale.to(device=grid.device, dtype=grid.dtype)[index] * scale  # arcsec / px
+        val = F.grid_sample(imgs, grid.unsqueeze(1), mode=mode, padding_mode="zeros", align_corners=False)
+        return val[:, 0, 0, :] * (flux / (pix * pix))[:, None]
+
     def sample_sb(
         self, x, y, index, center_x, center_y, angle_cos, angle_sin, flip, scale, flux, mode: str = "bilinear"
     ):
-        """SB [e-/s/arcsec^2] of bank galaxies at source-plane positions x, y [B, P] (arcsec).
+        """SB [e-/s/arcsec^2] of bank galaxies at source-plane positions x, y [B, P] (arcsec);
+        arguments as in :meth:`grid_coefficients` and :meth:`sample_grid`."""
+        coef = self.grid_coefficients(index, center_x, center_y, angle_cos, angle_sin, flip, scale)
+        return self.sample_grid(source_plane_grid(x, y, coef), index, scale, flux, mode)
 
-        Per image: galaxy ``index`` [B], centre [B] (arcsec), rotation (cos, sin) [B], mirror flip
-        [B] bool, size ``scale`` [B] (multiplies the bank pixel scale), total ``flux`` [B] e-/s.
-        Sampling is bilinear or bicubic (``torch.nn.functional.grid_sample``), zero outside.
-        """
-        imgs = self.images.to(device=x.device, dtype=x.dtype)[index].unsqueeze(1)  # [B,1,S,S]
-        S = imgs.shape[-1]
-        pix = self.pixscale.to(device=x.device, dtype=x.dtype)[index] * scale  # arcsec per source pixel [B]
-        dx = x - center_x[:, None]
-        dy = y - center_y[:, None]
-        u = angle_cos[:, None] * dx + angle_sin[:, None] * dy
-        v = -angle_sin[:, None] * dx + angle_cos[:, None] * dy
-        u = torch.where(flip[:, None], -u, u)
-        half = (S * pix / 2.0)[:, None]
-        grid = torch.stack([u / half, v / half], dim=-1).unsqueeze(1)  # [B,1,P,2]
-        val = F.grid_sample(imgs, grid, mode=mode, padding_mode="zeros", align_corners=False)
-        return val[:, 0, 0, :] * (flux / (pix * pix))[:, None]
+
+def source_plane_grid(x, y, coef):
+    """``grid_sample`` coordinates [B, P, 2] (stamp at [-1, 1]) of source-plane positions x, y
+    [B, P] (arcsec) for :meth:`GalaxyBank.grid_coefficients` ``coef``; pure, so ``torch.compile``
+    fuses it with the ray shooting into one kernel."""
+    cx, cy, c, s, sign, inv_half = coef
+    dx, dy = x - cx, y - cy
+    u = sign * (c * dx + s * dy)
+    v = -s * dx + c * dy
+    return torch.stack([u * inv_half, v * inv_half], dim=-1)

@@ -164,7 +164,7 @@ def _kw(P, i):
 
 
 def test_float32_atan_and_atanh_match_float64_to_float32_precision():
-    from lensexp.sim.lens import atan_f32, atanh_f32
+    from lensexp.sim.fastmath import atan_f32, atanh_f32
 
     x = torch.cat(
         [torch.logspace(-12, 8, 20001, dtype=torch.float64), torch.linspace(-5, 5, 10001, dtype=torch.float64)]
