@@ -96,7 +96,19 @@ def uniform(lo, hi, shape, generator, like):
     return lo + (hi - lo) * _rand(shape, generator, like)
 
 
-def cosmic_rays(shape, n_mean, length_pix, width_pix, amplitude, worm_fraction, generator, like, n_points: int = 48):
+def cosmic_rays(
+    shape,
+    n_mean,
+    length_pix,
+    width_pix,
+    amplitude,
+    worm_fraction,
+    generator,
+    like,
+    n_points: int = 48,
+    into=None,
+    scale=None,
+):
     """Cosmic-ray deposits [e-] for images of ``shape`` (B, C, N, N).
 
     Per image and band the number of hits is Poisson(``n_mean``). Each hit is a track of length
@@ -104,14 +116,19 @@ def cosmic_rays(shape, n_mean, length_pix, width_pix, amplitude, worm_fraction, 
     ``amplitude`` (range, e- per pixel). A fraction ``worm_fraction`` are curved 'worms' whose
     direction random-walks along the track. Tracks are drawn as ``n_points`` samples along their
     length, each spread across the width, and splatted bilinearly - all batched.
+
+    With ``into`` (a contiguous [B, C, N, N] image) the deposits, times ``scale`` [B] (e.g.
+    1 / exposure time), are added to it in place - no full-size buffer - and the number of tracks
+    per image [B] (over its bands) is returned instead.
     """
     B, C, N, _ = shape
     dev, dt = like.device, like.dtype
     counts = torch.poisson(torch.full((B * C,), float(n_mean), device=dev, dtype=dt), generator=generator).long()
     T = int(counts.sum())
-    out = torch.zeros(B * C * N * N, device=dev, dtype=dt)
+    tracks = counts.reshape(B, C).sum(1)
+    out = torch.zeros(B * C * N * N, device=dev, dtype=dt) if into is None else into.view(-1)
     if T == 0:
-        return out.reshape(shape)
+        return out.reshape(shape) if into is None else tracks
     owner = torch.repeat_interleave(torch.arange(B * C, device=dev), counts)
     x0 = uniform(0, N - 1, (T,), generator, like)
     y0 = uniform(0, N - 1, (T,), generator, like)
@@ -141,10 +158,13 @@ def cosmic_rays(shape, n_mean, length_pix, width_pix, amplitude, worm_fraction, 
     py = ys[:, :, None] + torch.cos(ang)[:, :, None] * off * width[:, None, None]
     # deposit per sample so that a pixel crossed along the track receives ~amp
     samples_per_pix = 1.0 / step.clamp(min=1e-3) * W / width.clamp(min=1.0)
-    w_sample = (amp / samples_per_pix)[:, None, None].expand_as(px)
+    w_track = amp / samples_per_pix
+    if scale is not None:
+        w_track = w_track * scale[owner // C]
+    w_sample = w_track[:, None, None].expand_as(px)
     idx_img = owner[:, None, None].expand_as(px)
     _splat(out, idx_img.reshape(-1), px.reshape(-1), py.reshape(-1), w_sample.reshape(-1), N)
-    return out.reshape(shape)
+    return out.reshape(shape) if into is None else tracks
 
 
 def _splat(flat, img, x, y, w, N):
@@ -157,9 +177,21 @@ def _splat(flat, img, x, y, w, N):
         flat.index_add_(0, (img * N * N + yi * N + xi)[ok], (w * ww)[ok])
 
 
-def hot_pixels(shape, fraction, amplitude, generator, like):
+def mix_bands(arc, band_src, lens=None, band_lens=None):
+    """Noiseless bands [B, C, N, N] from the PSF-convolved source ``arc`` [B, 1, N, N] and lens
+    light ``lens`` (or None), scaled per band by ``band_src`` / ``band_lens`` [B, C] (pure: one
+    fused pass under ``torch.compile``)."""
+    clean = arc * band_src[:, :, None, None]
+    if lens is not None:
+        clean = clean + lens * band_lens[:, :, None, None]
+    return clean
+
+
+def hot_pixels(shape, fraction, amplitude, generator, like, into=None):
     """Hot-pixel image [e-/s] and mask: each pixel hot with probability ``fraction`` (a binomial
-    number of hot pixels at uniformly random places), level U(amplitude)."""
+    number of hot pixels at uniformly random places), level U(amplitude). With ``into`` (a
+    contiguous image of ``shape``) the levels are added to it in place and the number of hot
+    pixels per image [B] (over its bands) is returned instead."""
     total = math.prod(shape)
     n = torch.tensor(float(total), dtype=torch.float64)
     k = int(torch.binomial(n, torch.tensor(float(fraction), dtype=torch.float64), generator=_cpu(generator)))
@@ -168,8 +200,12 @@ def hot_pixels(shape, fraction, amplitude, generator, like):
         if k > total // 8
         else _distinct_randint(total, k, generator, like.device)
     )
+    level = uniform(*amplitude, (k,), generator, like)
+    if into is not None:
+        into.view(-1).index_add_(0, flat, level)
+        return torch.bincount(flat // math.prod(shape[1:]), minlength=shape[0])
     img = torch.zeros(total, dtype=like.dtype, device=like.device)
-    img[flat] = uniform(*amplitude, (k,), generator, like)
+    img[flat] = level
     hot = torch.zeros(total, dtype=torch.bool, device=like.device)
     hot[flat] = True
     return img.reshape(shape), hot.reshape(shape)

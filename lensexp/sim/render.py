@@ -112,6 +112,7 @@ class Simulator:
         self._sersic_image = torch.compile(_sersic_image, dynamic=False) if compile else _sersic_image
         self._cosmos_grid = _batch_dynamic(_cosmos_grid) if compile else _cosmos_grid
         self._digitise = torch.compile(inst.digitise_counts, dynamic=False) if compile else inst.digitise_counts
+        self._mix = torch.compile(inst.mix_bands, dynamic=False) if compile else inst.mix_bands
 
     # ------------------------------------------------------------------ parameters
     def draw_params(self, n: int, rng: torch.Generator) -> dict:
@@ -227,30 +228,33 @@ class Simulator:
         )
         return self._sersic_image(self.x, self.y, coef, self.npix, self.ss, self.pixscale)
 
-    def _draw_lensed(self, b: int, rng, pool: dict):
+    def _draw_lensed(self, b: int, rng, pool: list):
         """Parameters, lensed source [b, N, N] and mu_F [b], redrawing systems below min_mu.
 
         Candidates come in batches of ``b`` (one tensor shape for compiled kernels); accepted
-        systems beyond ``b`` wait in ``pool`` for the next batch of the same :meth:`sample` call.
+        systems beyond ``b`` wait in ``pool`` (a list of chunks, joined once when taken) for the
+        next batch of the same :meth:`sample` call.
         """
         min_mu = float(self.cfg.source.get("min_mu", 0.0))
         if min_mu <= 0:
             p = self.draw_params(b, rng)
             return (p, *self.render_source(p))
         for _ in range(100):
-            if pool and pool["mu"].shape[0] >= b:
-                take = {k: v[:b] for k, v in pool.items()}
-                rest = {k: v[b:] for k, v in pool.items()}
+            if sum(c["mu"].shape[0] for c in pool) >= b:
+                joined = {k: torch.cat([c[k] for c in pool]) if len(pool) > 1 else pool[0][k] for k in pool[0]}
                 pool.clear()
-                if rest["mu"].shape[0]:
-                    pool.update(rest)
+                if joined["mu"].shape[0] > b:
+                    pool.append({k: v[b:] for k, v in joined.items()})
+                take = {k: v[:b] for k, v in joined.items()}
                 return {k: v for k, v in take.items() if k not in ("src", "mu")}, take["src"], take["mu"]
             p = self.draw_params(b, rng)
             src, mu = self.render_source(p)
-            ok = torch.nonzero(mu >= min_mu).squeeze(1)
-            new = {**{k: v[ok] for k, v in p.items()}, "src": src[ok], "mu": mu[ok]}
-            for k, v in new.items():
-                pool[k] = torch.cat([pool[k], v]) if k in pool else v
+            keep = mu >= min_mu
+            if bool(keep.all()):
+                pool.append({**p, "src": src, "mu": mu})
+            elif bool(keep.any()):
+                ok = torch.nonzero(keep).squeeze(1)
+                pool.append({**{k: v[ok] for k, v in p.items()}, "src": src[ok], "mu": mu[ok]})
         raise ConfigError(
             f"data.source.min_mu = {min_mu} rejects nearly every system under these priors; "
             "lower it or move data.source.offset closer to the lens"
@@ -263,9 +267,8 @@ class Simulator:
         d = lambda lohi, m=B: draw(rng, m, check_range("", lohi), dev, dt)  # noqa: E731
         # convolution is linear: convolve source and lens light once each, then mix the bands
         arc = self.psf.convolve(src[:, None], p["psf_index"])
-        clean = arc * p["band_src"][:, :, None, None]
-        if lens_light is not None:
-            clean = clean + self.psf.convolve(lens_light[:, None], p["psf_index"]) * p["band_lens"][:, :, None, None]
+        lens = None if lens_light is None else self.psf.convolve(lens_light[:, None], p["psf_index"])
+        clean = self._mix(arc, p["band_src"], lens, p.get("band_lens"))
         arc = arc[:, 0]
         t = d(I.exposure_time)[:, None, None, None]
         sky = inst.sky_per_pixel(d(I.sky_mag), float(I.zeropoint), self.pixscale)[:, None, None, None]
@@ -293,10 +296,12 @@ class Simulator:
             if keep_noise_map:
                 meta["noise_var"] = inst.noise_variance(clean, t, sky, read, gain).float()
         if with_artefacts:
-            img = img + d(I.bias, B * self.n_bands).reshape(B, self.n_bands, 1, 1)
+            # in place on the image (a fresh tensor): sparse adds, no full-size artefact buffers
+            img = img.clone() if img is clean else img
+            img += d(I.bias, B * self.n_bands).reshape(B, self.n_bands, 1, 1)
             cr, hp, mk = I.cosmic_rays, I.hot_pixels, I.masks
             if cr.enabled:
-                dep = inst.cosmic_rays(
+                meta["cosmic_rays"] = inst.cosmic_rays(
                     img.shape,
                     float(cr.n_mean),
                     check_range("", cr.length_pix),
@@ -305,18 +310,17 @@ class Simulator:
                     float(cr.worm_fraction),
                     rng,
                     img,
+                    into=img,
+                    scale=1.0 / t.flatten(),
                 )
-                img = img + dep / t
-                meta["cosmic_ray_pixels"] = torch.count_nonzero(dep.reshape(B, -1), dim=1)
             if hp.enabled:
-                hot, hmask = inst.hot_pixels(img.shape, float(hp.fraction), check_range("", hp.amplitude), rng, img)
-                img = img + hot
-                meta["hot_pixels"] = torch.count_nonzero(hmask.reshape(B, -1), dim=1)
+                amp = check_range("", hp.amplitude)
+                meta["hot_pixels"] = inst.hot_pixels(img.shape, float(hp.fraction), amp, rng, img, into=img)
             if mk.enabled:
                 m = inst.circular_masks(
                     arc, check_range("", mk.n), check_range("", mk.radius), self.pixscale, float(mk.keep_arc_flux), rng
                 )
-                img = img.masked_fill(m[:, None], 0.0)
+                img.masked_fill_(m[:, None], 0.0)
                 meta["mask"] = m
         img = inst.normalize(img, str(I.normalize))
         return img, clean, meta
@@ -346,7 +350,7 @@ class Simulator:
         rng = torch.Generator(device=self.device)
         rng.manual_seed(int(seed))
         out: list[SimBatch] = []
-        done, pool = 0, {}
+        done, pool = 0, []
         while done < n:
             b = min(batch_size, n - done)
             out.append(self._one_batch(b, rng, pool, artefacts, noise, keep_clean, keep_noise_map))

@@ -94,7 +94,7 @@ def test_masks_cosmic_rays_hot_pixels_in_simulated_batch():
     b = sim.sample(32, seed=3, keep_clean=True, keep_noise_map=True)
     m = b.meta["mask"]
     assert (b.images[:, 0][m] == 0).all()
-    assert int(b.meta["cosmic_ray_pixels"].sum()) > 0
+    assert int(b.meta["cosmic_rays"].sum()) > 0
     assert int(b.meta["hot_pixels"].sum()) > 0
     assert b.meta["noise_var"].shape == b.images.shape
 
@@ -111,7 +111,7 @@ def test_artefact_switches():
         ],
     )
     b = Simulator(cfg).sample(8, seed=1, keep_clean=True, keep_noise_map=True)
-    assert "mask" not in b.meta and "cosmic_ray_pixels" not in b.meta
+    assert "mask" not in b.meta and "cosmic_rays" not in b.meta
     resid = (b.images - b.clean) / b.meta["noise_var"].sqrt()
     assert float(resid.std()) == pytest.approx(1.0, abs=0.05)
     clean = Simulator(cfg).sample(8, seed=1, noise=False, artefacts=False, keep_clean=True)
@@ -173,3 +173,20 @@ def test_psf_bank_with_empirical_psfs(emp_psf):
     emp = bank.fwhm[torch.from_numpy(kinds == "empirical")]
     # WFC3/UVIS F814W core FWHM is ~0.07-0.1"
     assert 0.05 < float(emp.median()) < 0.12
+
+
+def test_artefacts_added_in_place_equal_the_dense_ones():
+    like, img = torch.zeros(1), torch.rand(40, 2, 48, 48, generator=gen(7))
+    args = ((40, 2, 48, 48), 0.5, (4.0, 30.0), (1.0, 2.0), (300.0, 900.0), 0.3)
+    dep = inst.cosmic_rays(*args, gen(8), like)
+    scale = torch.linspace(1e-3, 2e-3, 40)
+    into = img.clone()
+    tracks = inst.cosmic_rays(*args, gen(8), like, into=into, scale=scale)
+    assert torch.allclose(into, img + dep * scale[:, None, None, None], atol=1e-5)
+    hit = torch.count_nonzero(dep.reshape(40, -1), dim=1) > 0  # tracks start inside the image
+    assert torch.equal(hit, tracks > 0) and (tracks == 0).any() and (tracks >= 2).any()
+    hot, mask = inst.hot_pixels((40, 2, 48, 48), 0.003, (1.0, 5.0), gen(9), like)
+    into = img.clone()
+    n_hot = inst.hot_pixels((40, 2, 48, 48), 0.003, (1.0, 5.0), gen(9), like, into=into)
+    assert torch.allclose(into, img + hot)
+    assert torch.equal(n_hot, torch.count_nonzero(mask.reshape(40, -1), dim=1)) and n_hot.sum() > 0
