@@ -89,3 +89,43 @@ def resolve_device(name) -> str:
 def allocator_env() -> dict:
     """``os.environ`` values to set for child processes (the caller's own settings win)."""
     return {k: os.environ.get(k, v) for k, v in ALLOCATOR_ENV.items()}
+
+
+# torch.compile pays for itself once a run traces this many rays (start-up ~10 s with a warm cache,
+# ~50 s cold, against a 2.6-3.6x faster renderer; benchmarks/shard_throughput.py)
+COMPILE_MIN_RAYS = 2e8
+
+
+def compile_cache_dir() -> Path:
+    """Point inductor's on-disk cache at a persistent folder (``TORCHINDUCTOR_CACHE_DIR`` if set,
+    else ``$XDG_CACHE_HOME/lensexp/inductor``, default ``~/.cache``), so reruns and worker
+    processes load compiled kernels instead of recompiling. Call before kernels are compiled;
+    spawned workers inherit it."""
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "lensexp" / "inductor")
+    path = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:  # read-only home: inductor falls back to its temporary folder
+        pass
+    return path
+
+
+def resolve_compile(setting, n_images: int, npix: int, supersample: int, device: str = "cpu") -> bool:
+    """``compile`` = true / false / auto -> bool. ``auto`` compiles when the run traces at least
+    :data:`COMPILE_MIN_RAYS` rays (``n * (npix * supersample)^2``) and, on CPU, a C++ compiler
+    is on the PATH (inductor needs one)."""
+    if isinstance(setting, bool):
+        return setting
+    s = str(setting).lower()
+    if s in ("true", "false"):
+        return s == "true"
+    if s != "auto":
+        raise ConfigError(f"compile must be true, false or auto, got '{setting}'")
+    if str(device).startswith("cpu"):
+        import shutil
+
+        if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+            return False
+    return n_images * (npix * supersample) ** 2 >= COMPILE_MIN_RAYS

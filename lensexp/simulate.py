@@ -1,7 +1,7 @@
 """Sharded simulator: ``python -m lensexp.simulate`` turns a data preset into WebDataset shards.
 
     python -m lensexp.simulate data=tiny n=2000 workers=2 seed=1 out=shards/tiny
-    python -m lensexp.simulate data=hst n=500000 workers=8 seed=0 out=shards/hst compile=true
+    python -m lensexp.simulate data=hst n=500000 workers=8 seed=0 out=shards/hst
     python -m lensexp.simulate out=shards/tiny verify=true          # check files against manifest
     python -m lensexp.simulate data=tiny n=200 seed=1 format=fits out=DIR   # FITS + truth.csv
 
@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lensexp.errors import ConfigError
 from lensexp.files import temp_path, write_text_atomic
-from lensexp.runtime import allocator_env
+from lensexp.runtime import allocator_env, compile_cache_dir, resolve_compile
 from lensexp.shards import LabelStats, TarShardWriter, json_rows, merge_label_stats, npy_bytes
 from lensexp.sim.priors import LABELS
 
@@ -251,6 +251,12 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 
 # ---------------------------------------------------------------------------- the set
+def use_compile(cfg: DictConfig) -> bool:
+    """The run's ``compile`` setting resolved (``auto``: :func:`lensexp.runtime.resolve_compile`);
+    compiled and eager kernels round differently, so the resolved value is part of the data."""
+    return resolve_compile(cfg.compile, int(cfg.n), int(cfg.data.npix), int(cfg.data.supersample), str(cfg.device))
+
+
 def fingerprint(cfg: DictConfig) -> dict:
     """Everything that determines the bytes of the set (not workers, progress, shard_range)."""
     return {
@@ -261,7 +267,7 @@ def fingerprint(cfg: DictConfig) -> dict:
         "batch_size": int(cfg.batch_size),
         "seed": int(cfg.seed),
         "device": str(cfg.device).split(":")[0],
-        "compile": bool(cfg.compile),
+        "compile": use_compile(cfg),
         "keep_noise_map": bool(cfg.keep_noise_map),
     }
 
@@ -472,6 +478,8 @@ def run(cfg: DictConfig) -> dict | None:
         flush=True,
     )
     if todo:
+        if use_compile(cfg):
+            compile_cache_dir()
         records.update(_write_all(todo, cfg, out, workers, n_todo))
         make_durable(out, todo)
     if all(s.name in records for s in specs):
@@ -505,7 +513,7 @@ def _write_all(todo: list[ShardSpec], cfg: DictConfig, out: Path, workers: int, 
 
     try:
         if workers == 1:
-            _init_worker(data_cfg, str(cfg.device), bool(cfg.compile))
+            _init_worker(data_cfg, str(cfg.device), use_compile(cfg))
             for a in args:
                 tick(_work(a))
         else:
@@ -514,7 +522,7 @@ def _write_all(todo: list[ShardSpec], cfg: DictConfig, out: Path, workers: int, 
             os.environ.update(allocator_env())
             ctx = mp.get_context("spawn")
             with ctx.Pool(
-                workers, initializer=_init_worker, initargs=(data_cfg, str(cfg.device), bool(cfg.compile))
+                workers, initializer=_init_worker, initargs=(data_cfg, str(cfg.device), use_compile(cfg))
             ) as pool:
                 for rec in pool.imap_unordered(_work, args):
                     tick(rec)
@@ -552,7 +560,9 @@ def write_fits_set(cfg: DictConfig) -> dict:
     n = int(cfg.n)
     if n < 1:
         raise ConfigError(f"n must be a positive number of images, got {n}")
-    sim = Simulator(cfg.data, device=str(cfg.device), compile=bool(cfg.compile))
+    if use_compile(cfg):
+        compile_cache_dir()
+    sim = Simulator(cfg.data, device=str(cfg.device), compile=use_compile(cfg))
     b = sim.sample(n, seed=int(cfg.seed), batch_size=int(cfg.batch_size))
     bands = ",".join(str(x.name) for x in cfg.data.bands)
     norm = str(cfg.data.instrument.normalize)

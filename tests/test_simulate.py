@@ -320,3 +320,22 @@ def test_shard_encoding_batched_equals_per_sample():
     spec = ShardSpec("val", 2, 5, 7, 11)
     batch = shard_batch(sim, spec, 4, keep_noise_map=True)
     assert list(encode_batch(spec, batch)) == [encode_sample(s) for s in batch_samples(spec, batch)]
+
+
+def test_compile_auto_follows_the_ray_count(monkeypatch):
+    import shutil
+
+    from lensexp.runtime import resolve_compile
+    from lensexp.simulate import fingerprint, use_compile
+
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+    assert resolve_compile("auto", 2000, 64, 2) is False  # the contract command: eager
+    assert resolve_compile("auto", 500_000, 192, 2) is True
+    assert resolve_compile("auto", 2000, 192, 2) is True  # hst images are 9x the rays
+    assert resolve_compile(False, 10**9, 192, 2) is False and resolve_compile("true", 1, 8, 1) is True
+    with pytest.raises(ConfigError, match="compile must be true, false or auto"):
+        resolve_compile("sometimes", 1, 8, 1)
+    cfg = compose_config("simulate", [*BASE, "n=100000"])
+    assert use_compile(cfg) and fingerprint(cfg)["compile"] is True  # the resolved value is recorded
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no C++ compiler: eager on CPU
+    assert not use_compile(cfg)
