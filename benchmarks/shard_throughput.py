@@ -115,6 +115,7 @@ def main(argv=None):
         t2, mb2 = timed_run(setting, n2, compile, args.workers, args.set)
         ref = max(ref, ref_run(n_ref))
         rate = (n2 - n1) / (t2 - t1)
+        mb_s = (mb2 - mb1) / (t2 - t1)
         startup = t0 - n1 / rate
         report(
             rows,
@@ -124,14 +125,14 @@ def main(argv=None):
                 "workers": args.workers,
                 "compile": compile,
                 "img_s": rate,
-                "MB_s": (mb2 - mb1) / (t2 - t1),
+                "MB_s": mb_s,
                 "startup_s": startup,
                 "lenstronomy_img_s_1core": ref,
                 "ratio": rate / ref,
                 "target": TARGETS[setting],
                 "n": [n1, n2],
             },
-            f"{setting:8s} {npix:3d} px  {rate:7.0f} img/s  {(mb2 - mb1) / (t2 - t1):6.1f} MB/s  start-up {startup:5.1f} s   "
+            f"{setting:8s} {npix:3d} px  {rate:7.0f} img/s  {mb_s:6.1f} MB/s  start-up {startup:5.1f} s   "
             f"lenstronomy {ref:6.1f} img/s (render only)  ratio {rate / ref:5.1f}x   target {TARGETS[setting]}",
         )
     save(rows, args.json)
