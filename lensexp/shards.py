@@ -76,11 +76,8 @@ class TarShardWriter:
         h[124:136] = size
         chk = self._base_sum + sum(raw) + sum(size)
         h[148:156] = b"%06o\0 " % chk
-        self._emit(h)
-        self._emit(data)
         pad = -len(data) % BLOCK
-        if pad:
-            self._emit(_ZEROS[:pad])
+        self._emit(b"".join((h, data, _ZEROS[:pad])))  # one write and one hash update per member
 
     def write(self, sample: dict) -> None:
         key = sample["__key__"]
