@@ -98,9 +98,6 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(1)
-    from lensexp.runtime import compile_cache_dir
-
-    compile_cache_dir()
     compile = not args.eager
     rows = []
     for setting in args.settings:

@@ -99,8 +99,8 @@ COMPILE_MIN_RAYS = 2e8
 def compile_cache_dir() -> Path:
     """Point inductor's on-disk cache at a persistent folder (``TORCHINDUCTOR_CACHE_DIR`` if set,
     else ``$XDG_CACHE_HOME/lensexp/inductor``, default ``~/.cache``), so reruns and worker
-    processes load compiled kernels instead of recompiling. Call before kernels are compiled;
-    spawned workers inherit it."""
+    processes load compiled kernels instead of recompiling (``Simulator(compile=True)`` calls it
+    before its kernels compile)."""
     if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "lensexp" / "inductor")

@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lensexp.errors import ConfigError
 from lensexp.files import temp_path, write_text_atomic
-from lensexp.runtime import allocator_env, compile_cache_dir, resolve_compile
+from lensexp.runtime import allocator_env, resolve_compile
 from lensexp.shards import LabelStats, TarShardWriter, json_rows, merge_label_stats, npy_bytes
 from lensexp.sim.priors import LABELS
 
@@ -163,8 +163,8 @@ def encode_batch(spec: ShardSpec, batch: dict):
 
 
 def shard_samples(sim, spec: ShardSpec, batch_size: int, keep_noise_map: bool = False):
-    """Yield the samples of one shard: the one code path behind written shards and the on-the-fly
-    dataset."""
+    """Yield the samples of one shard as dicts; :func:`shard_batch` is the simulation behind both
+    these (the on-the-fly dataset) and the written shards (:func:`encode_batch`)."""
     yield from batch_samples(spec, shard_batch(sim, spec, batch_size, keep_noise_map))
 
 
@@ -205,7 +205,7 @@ def write_shard(sim, spec: ShardSpec, out: Path, batch_size: int, keep_noise_map
             "labels": stats.to_dict(),
         }
         os.replace(tmp, final)
-        write_text_atomic(final.with_name(final.name + ".json"), json.dumps(record, indent=2, sort_keys=True))
+        _write_json_atomic(final.with_name(final.name + ".json"), record)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         if exc.errno == errno.ENOSPC:
@@ -491,9 +491,7 @@ def run(cfg: DictConfig) -> dict | None:
         flush=True,
     )
     if todo:
-        if use_compile(cfg):
-            compile_cache_dir()
-        records.update(_write_all(todo, cfg, out, workers, n_todo))
+        records.update(_write_all(todo, cfg, out, workers, n_todo, fp["compile"]))
         make_durable(out, todo)
     if all(s.name in records for s in specs):
         man = write_manifests(out, specs, records, fp)
@@ -507,7 +505,7 @@ def run(cfg: DictConfig) -> dict | None:
     return None
 
 
-def _write_all(todo: list[ShardSpec], cfg: DictConfig, out: Path, workers: int, n_images: int) -> dict:
+def _write_all(todo: list[ShardSpec], cfg: DictConfig, out: Path, workers: int, n_images: int, compile: bool) -> dict:
     from tqdm import tqdm
 
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
@@ -526,7 +524,7 @@ def _write_all(todo: list[ShardSpec], cfg: DictConfig, out: Path, workers: int, 
 
     try:
         if workers == 1:
-            _init_worker(data_cfg, str(cfg.device), use_compile(cfg))
+            _init_worker(data_cfg, str(cfg.device), compile)
             for a in args:
                 tick(_work(a))
         else:
@@ -534,9 +532,7 @@ def _write_all(todo: list[ShardSpec], cfg: DictConfig, out: Path, workers: int, 
 
             os.environ.update(allocator_env())
             ctx = mp.get_context("spawn")
-            with ctx.Pool(
-                workers, initializer=_init_worker, initargs=(data_cfg, str(cfg.device), use_compile(cfg))
-            ) as pool:
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(data_cfg, str(cfg.device), compile)) as pool:
                 for rec in pool.imap_unordered(_work, args):
                     tick(rec)
                 pool.close()
@@ -573,8 +569,6 @@ def write_fits_set(cfg: DictConfig) -> dict:
     n = int(cfg.n)
     if n < 1:
         raise ConfigError(f"n must be a positive number of images, got {n}")
-    if use_compile(cfg):
-        compile_cache_dir()
     sim = Simulator(cfg.data, device=str(cfg.device), compile=use_compile(cfg))
     b = sim.sample(n, seed=int(cfg.seed), batch_size=int(cfg.batch_size))
     bands = ",".join(str(x.name) for x in cfg.data.bands)

@@ -161,8 +161,8 @@ class PSFBank:
         return fft_convolve(images, self.kernel_fft[index], k, self.fft_size)
 
 
-# kernel sizes [px] up to which one grouped direct convolution beats the FFT on CPU: measured with
-# benchmarks/psf_routes.py (64 px, batch 256, one core: 9 px direct 27 us/img, FFT 96; 11 px direct
+# kernel sizes [px] up to which one grouped direct convolution beats the FFT on CPU (timed once on
+# 64 px, batch 256, one AVX2 core, 2026-12-02: 9 px direct 27 us/img, FFT 96; 11 px direct
 # 355-490 us/img, FFT 67 - oneDNN's grouped kernels fall off a cliff above 9 px)
 DIRECT_MAX = 9
 

@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lensexp.errors import ConfigError
+from lensexp.runtime import compile_cache_dir
 from lensexp.sim import instrument as inst
 from lensexp.sim import lens as lensmod
 from lensexp.sim.priors import LABELS, check_range, draw
@@ -109,6 +110,8 @@ class Simulator:
             self.galaxies.images = self.galaxies.images.to(self.device, self.dtype)
             self.galaxies.pixscale = self.galaxies.pixscale.to(self.device, self.dtype)
         self.n_bands = len(c.bands)
+        if compile:
+            compile_cache_dir()  # reruns and worker processes load kernels instead of recompiling
         # batches, their Sersic / COSMOS subsets and the last batch of a shard vary in size:
         # batch-dynamic kernels compile once for every size
         self._trace = _batch_dynamic(_trace_sersic) if compile else _trace_sersic

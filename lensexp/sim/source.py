@@ -194,14 +194,6 @@ class GalaxyBank:
         val = F.grid_sample(imgs, grid.unsqueeze(1), mode=mode, padding_mode="zeros", align_corners=False)
         return val[:, 0, 0, :] * (flux / (pix * pix))[:, None]
 
-    def sample_sb(
-        self, x, y, index, center_x, center_y, angle_cos, angle_sin, flip, scale, flux, mode: str = "bilinear"
-    ):
-        """SB [e-/s/arcsec^2] of bank galaxies at source-plane positions x, y [B, P] (arcsec);
-        arguments as in :meth:`grid_coefficients` and :meth:`sample_grid`."""
-        coef = self.grid_coefficients(index, center_x, center_y, angle_cos, angle_sin, flip, scale)
-        return self.sample_grid(source_plane_grid(x, y, coef), index, scale, flux, mode)
-
 
 def source_plane_grid(x, y, coef):
     """``grid_sample`` coordinates [B, P, 2] (stamp at [-1, 1]) of source-plane positions x, y
