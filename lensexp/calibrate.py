@@ -61,22 +61,37 @@ def read_checkpoint(ckpt: str | Path) -> dict:
     return ck
 
 
+KAPPA_MODULE_KEYS = frozenset(
+    {"model", "in_chans", "lr", "weight_decay", "n_mc_val", "input_norm", "kappa_floor", "data_info", "task",
+     "target", "kappa_max"}
+)
+KAPPA_MODEL_KEYS = frozenset(
+    {"backbone", "decoder_channels", "head_channels", "dropout", "dropout_where", "backbone_kwargs", "head_stride"}
+)
+
+
 def load_module(ckpt: str | Path, device: str = "cpu"):
-    """A trained :class:`~lensexp.module.LensModule` from a checkpoint, loaded weights-only, its
-    hyper-parameters allow-listed (:func:`~lensexp.models.check_model_hparams`)."""
+    """A trained module from a checkpoint, loaded weights-only, its hyper-parameters
+    allow-listed (:func:`~lensexp.models.check_model_hparams`): a
+    :class:`~lensexp.module.LensModule` (the eight labels) or, for ``task: kappa`` checkpoints, a
+    :class:`~lensexp.kappa_module.KappaModule` (density maps)."""
     from lensexp.models import check_model_hparams
-    from lensexp.module import LensModule
 
     ck = read_checkpoint(ckpt)
     if "hyper_parameters" not in ck or "state_dict" not in ck:
         raise ConfigError(f"'{ckpt}' lacks hyper_parameters/state_dict: not a lensexp training checkpoint")
     hp = dict(ck["hyper_parameters"])
-    unknown = sorted(set(hp) - LENS_MODULE_KEYS)
+    kappa = hp.get("task") == "kappa"
+    unknown = sorted(set(hp) - (KAPPA_MODULE_KEYS if kappa else LENS_MODULE_KEYS))
     if unknown:
         raise ConfigError(f"checkpoint '{ckpt}': refused hyper-parameter(s) {unknown}")
-    check_model_hparams(hp.get("model"), f"checkpoint '{ckpt}'")
+    check_model_hparams(hp.get("model"), f"checkpoint '{ckpt}'", KAPPA_MODEL_KEYS if kappa else None)
+    if kappa:
+        from lensexp.kappa_module import KappaModule as Module
+    else:
+        from lensexp.module import LensModule as Module
     try:
-        module = LensModule(**hp)
+        module = Module(**hp)
     except ConfigError as exc:
         raise ConfigError(f"checkpoint '{ckpt}': {exc}") from None
     except Exception as exc:  # noqa: BLE001 - settings timm or the module cannot build
@@ -263,6 +278,11 @@ def run(cfg: DictConfig) -> dict:
     set_threads()
     device = resolve_device(cfg.device)
     module = load_module(cfg.ckpt, device)
+    if module.hparams.get("task") == "kappa":
+        raise ConfigError(
+            f"'{cfg.ckpt}' is a density-map checkpoint: its per-pixel coverage is logged in validation and "
+            "measured per mass class by python -m lensexp.lookup"
+        )
     train_cfg = run_config(cfg.ckpt)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -51,8 +51,9 @@ def decode_sample(raw: dict) -> dict:
         "params": params,
         "meta": json.loads(raw["meta.json"]) if "meta.json" in raw else {},
     }
-    if "noise_var.npy" in raw:
-        out["noise_var"] = torch.from_numpy(np.load(io.BytesIO(raw["noise_var.npy"]), allow_pickle=False))
+    for key in ("noise_var", "kappa"):
+        if f"{key}.npy" in raw:
+            out[key] = torch.from_numpy(np.load(io.BytesIO(raw[f"{key}.npy"]), allow_pickle=False))
     return out
 
 
@@ -91,7 +92,9 @@ class OnTheFlyDataset(IterableDataset):
     Runs the same code path as the shard writer: the worker with id ``w`` of ``W`` produces
     shards ``w, w + W, ...`` of ``split`` with :func:`lensexp.simulate.shard_samples`, so with
     the same (config, seed, shard_size, batch_size) its samples are exactly those of the written
-    shards. ``start_shard`` offsets the sequence (e.g. by epoch for fresh data every epoch).
+    shards. ``start_shard`` offsets the sequence; ``epoch`` moves it past everything earlier
+    epochs used (fresh lenses every epoch, and a resumed run continues the sequence); under DDP
+    ``rank`` of ``world`` processes simulate disjoint shards.
     """
 
     def __init__(
@@ -105,8 +108,12 @@ class OnTheFlyDataset(IterableDataset):
         start_shard: int = 0,
         device: str = "cpu",
         compile: bool = False,
+        epoch: int = 0,
+        rank: int = 0,
+        world: int = 1,
     ):
         super().__init__()
+        self.epoch, self.rank, self.world = int(epoch), int(rank), max(int(world), 1)
         self.data_cfg = OmegaConf.to_container(data_cfg, resolve=True) if isinstance(data_cfg, DictConfig) else data_cfg
         self.seed, self.split, self.shard_size, self.batch_size = int(seed), split, int(shard_size), int(batch_size)
         self.epoch_size, self.start_shard, self.device, self.compile = epoch_size, int(start_shard), device, compile
@@ -124,8 +131,10 @@ class OnTheFlyDataset(IterableDataset):
             self._sim = Simulator(OmegaConf.create(self.data_cfg), device=self.device, compile=self.compile)
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        ks = itertools.count(self.start_shard + wid, nw)
         limit = None if self.epoch_size is None else -(-int(self.epoch_size) // nw)
+        streams = nw * self.world
+        per_epoch = 0 if limit is None else streams * -(-limit // self.shard_size)  # shard indices an epoch uses
+        ks = itertools.count(self.start_shard + self.epoch * per_epoch + self.rank * nw + wid, streams)
         produced = 0
         for k in ks:
             spec = ShardSpec(self.split, k, k, self.shard_size, shard_seed(self.seed, self.split, k))
@@ -133,20 +142,27 @@ class OnTheFlyDataset(IterableDataset):
                 if limit is not None and produced >= limit:
                     return
                 produced += 1
-                yield {
+                out = {
                     **s,
                     "image": torch.from_numpy(s["image"]),
                     "labels": torch.tensor([s["params"][n] for n in LABELS], dtype=torch.float32),
                 }
+                if "kappa" in s:
+                    out["kappa"] = torch.from_numpy(s["kappa"])
+                yield out
 
 
 def _collate(samples: list[dict]) -> dict:
-    """Batch sample dicts: stacked ``image`` and ``labels``, keys as a list."""
-    return {
+    """Batch sample dicts: stacked ``image``, ``labels`` (and ``kappa`` maps when the samples
+    carry them), keys as a list."""
+    out = {
         "image": torch.stack([s["image"] for s in samples]),
         "labels": torch.stack([s["labels"] for s in samples]),
         "__key__": [s["__key__"] for s in samples],
     }
+    if "kappa" in samples[0]:
+        out["kappa"] = torch.stack([s["kappa"] for s in samples])
+    return out
 
 
 class LensDataModule(pl.LightningDataModule):
@@ -194,11 +210,12 @@ class LensDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=_collate,
             pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=self.num_workers > 0 and self.source != "on_the_fly",
         )
 
     def _stream(self, split: str, train: bool):
         if self.source == "on_the_fly":
+            tr = self.trainer if train else None
             return OnTheFlyDataset(
                 self.data_cfg,
                 self.seed,
@@ -206,6 +223,9 @@ class LensDataModule(pl.LightningDataModule):
                 shard_size=self.shard_size,
                 batch_size=self.sim_batch_size,
                 epoch_size=self.train_epoch_size if train else self.val_size,
+                epoch=tr.current_epoch if tr is not None else 0,
+                rank=tr.global_rank if tr is not None else 0,
+                world=tr.world_size if tr is not None else 1,
             )
         urls = shard_urls(self.root, split, self.url_template)
         if train:

@@ -74,14 +74,16 @@ SAFE_BACKBONE_KWARGS = frozenset(
 MODEL_KEYS = frozenset({"backbone", "dropout", "dropout_where", "head_hidden", "min_input_size", "backbone_kwargs"})
 
 
-def check_model_hparams(model: dict, source: str) -> dict:
+def check_model_hparams(model: dict, source: str, keys: frozenset | None = None) -> dict:
     """Allow-list the network settings stored in an untrusted checkpoint (``source`` names it):
-    known keys only, a timm backbone name, and only :data:`SAFE_BACKBONE_KWARGS` of plain values."""
+    known keys only (``keys``, default :data:`MODEL_KEYS`), a timm backbone name, and only
+    :data:`SAFE_BACKBONE_KWARGS` of plain values."""
     if not isinstance(model, dict):
         raise ConfigError(f"{source}: model settings are not a mapping")
-    unknown = sorted(set(model) - MODEL_KEYS)
+    keys = MODEL_KEYS if keys is None else keys
+    unknown = sorted(set(model) - keys)
     if unknown:
-        raise ConfigError(f"{source}: refused model setting(s) {unknown} (allowed: {sorted(MODEL_KEYS)})")
+        raise ConfigError(f"{source}: refused model setting(s) {unknown} (allowed: {sorted(keys)})")
     if not isinstance(model.get("backbone"), str):
         raise ConfigError(f"{source}: the backbone must be a timm model name")
     kw = model.get("backbone_kwargs") or {}

@@ -205,20 +205,26 @@ class LensModule(pl.LightningModule):
         return out
 
     def configure_optimizers(self):
-        """AdamW; linear warm-up over 5 % of the steps, then cosine decay to 1 % of ``lr``.
+        return warmup_cosine(self)
 
-        The schedule is a function of the step alone (LambdaLR), so resuming with more epochs
-        stretches it instead of failing.
-        """
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1000
-        warm = max(1, total // 20)
 
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            t = min(1.0, (step - warm) / max(1, total - warm))
-            return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+def warmup_cosine(module: pl.LightningModule) -> dict:
+    """AdamW over ``module``'s parameters (``hparams.lr``, ``hparams.weight_decay``); linear
+    warm-up over 5 % of the steps, then cosine decay to 1 % of ``lr``.
 
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    The schedule is a function of the step alone (LambdaLR), so resuming with more epochs
+    stretches it instead of failing.
+    """
+    hp = module.hparams
+    opt = torch.optim.AdamW(module.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    total = max(int(module.trainer.estimated_stepping_batches), 1) if module._trainer is not None else 1000
+    warm = max(1, total // 20)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = min(1.0, (step - warm) / max(1, total - warm))
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

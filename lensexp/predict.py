@@ -76,12 +76,13 @@ class Predictor:
         if not self.npix or not self.pixscale:
             raise ConfigError("the checkpoint does not record its grid: give npix= and pixscale= (arcsec/px)")
         self.n_mc, self.n_samples, self.seed, self.device = int(n_mc), int(n_samples), int(seed), device
-        self.labels = self.module.labels
+        self.labels = list(getattr(self.module, "labels", []))  # none for density-map checkpoints
+        self.columns = csv_columns(self.labels)
         self.scale = None
         cal_path = (
             Path(ckpt).parent / CAL_FILE if calibration == "auto" else (Path(calibration) if calibration else None)
         )
-        if cal_path is not None and cal_path.is_file():
+        if cal_path is not None and cal_path.is_file() and self.labels:
             cal = json.loads(cal_path.read_text())
             self.scale = torch.tensor([cal["scale"][n] for n in self.labels])
         elif calibration not in ("auto", None, "none"):
@@ -102,6 +103,10 @@ class Predictor:
         """Posterior summaries (mean, std, central intervals) of :meth:`posterior`."""
         phys = self.posterior(images, generator)
         return {"mean": phys.mean(0), "std": phys.std(0), "intervals": metrics.central_intervals(phys)}
+
+    def rows(self, names, images: torch.Tensor, offsets=None, generator=None) -> list[dict]:
+        """CSV rows (``columns``) for a batch of images on the network's grid."""
+        return _rows(names, self.predict_arrays(images, generator), self.labels, offsets)
 
 
 def _rows(names, res, labels, offsets=None) -> list[dict]:
@@ -197,13 +202,20 @@ def run(cfg: DictConfig) -> dict:
         cfg.npix,
         cfg.model_pixscale,
     )
+    kappa_out = cfg.get("kappa_out")
+    if pred.module.hparams.get("task") == "kappa":
+        from lensexp.kappa_predict import KappaPredictor
+
+        pred = KappaPredictor(pred.module, pred.npix, pred.pixscale, int(cfg.n_mc), kappa_out=kappa_out)
+    elif kappa_out:
+        raise ConfigError(f"kappa_out= needs a density-map checkpoint (task=kappa); '{cfg.ckpt}' predicts the labels")
     files = list_inputs(cfg.input)
     tmp, tmp_err = temp_path(out), temp_path(err_path)
     g = torch.Generator().manual_seed(int(cfg.seed))
     n_ok, errors = 0, []
     try:
         with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=csv_columns(pred.labels))
+            w = csv.DictWriter(fh, fieldnames=pred.columns)
             w.writeheader()
             batch, names, offsets = [], [], []
             bs = int(cfg.batch_size)
@@ -217,8 +229,7 @@ def run(cfg: DictConfig) -> dict:
                     errors.append({"name": f.name, "error": str(exc)})
                     log.warning("skipped %s", exc)
                 if len(batch) == bs or (i == len(files) - 1 and batch):
-                    res = pred.predict_arrays(torch.from_numpy(np.stack(batch)), g)
-                    w.writerows(_rows(names, res, pred.labels, offsets))
+                    w.writerows(pred.rows(names, torch.from_numpy(np.stack(batch)), offsets, g))
                     n_ok += len(names)
                     batch, names, offsets = [], [], []
         with open(tmp_err, "w", newline="") as fh:

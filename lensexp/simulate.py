@@ -38,6 +38,7 @@ from lensexp.errors import ConfigError
 from lensexp.files import temp_path, write_text_atomic
 from lensexp.runtime import allocator_env, resolve_compile
 from lensexp.shards import LabelStats, TarShardWriter, json_rows, merge_label_stats, npy_bytes
+from lensexp.sim.mass import COMPONENT_KEYS
 from lensexp.sim.priors import LABELS
 
 SPLITS = ("train", "val", "test")
@@ -56,6 +57,9 @@ META_KEYS = (
     "sky",
     "read_noise",
 )
+
+# the further mass components of density-map presets (data.mass.kind other than sie)
+MASS_META_KEYS = tuple(k for keys in COMPONENT_KEYS.values() for k in keys)
 
 
 @dataclass(frozen=True)
@@ -115,22 +119,25 @@ def plan_shards(n: int, splits, shard_size: int, seed: int) -> list[ShardSpec]:
 # ---------------------------------------------------------------------------- samples
 def shard_batch(sim, spec: ShardSpec, batch_size: int, keep_noise_map: bool = False) -> dict:
     """Simulate one shard: numpy ``images`` [n, C, N, N], ``labels`` [n, 8] (float32), per-image
-    ``meta`` lists (``META_KEYS``) and, when kept, ``noise_var`` [n, C, N, N]."""
+    ``meta`` lists (``META_KEYS``), when kept ``noise_var`` [n, C, N, N] and, for presets with
+    ``data.mass.kappa_map``, ``kappa`` [n, N, N] (convergence at the pixel centres)."""
     b = sim.sample(spec.count, seed=spec.seed, batch_size=batch_size, keep_noise_map=keep_noise_map)
     out = {
         "images": b.images.cpu().numpy(),
         "labels": b.labels.cpu().numpy(),
-        "meta": {k: _as_list(b.meta[k]) for k in META_KEYS if k in b.meta},
+        "meta": {k: _as_list(b.meta[k]) for k in (*META_KEYS, *MASS_META_KEYS) if k in b.meta},
     }
     if keep_noise_map and "noise_var" in b.meta:
         out["noise_var"] = b.meta["noise_var"].cpu().numpy()
+    if "kappa" in b.meta:
+        out["kappa"] = b.meta["kappa"].cpu().numpy()
     return out
 
 
 def batch_samples(spec: ShardSpec, batch: dict):
     """The samples of a :func:`shard_batch` as dicts (``__key__``, arrays, label and meta dicts)."""
     labels = batch["labels"].astype(np.float64).tolist()  # float32 values as Python floats
-    meta, noise = batch["meta"], batch.get("noise_var")
+    meta, noise, kappa = batch["meta"], batch.get("noise_var"), batch.get("kappa")
     for i in range(spec.count):
         s = {
             "__key__": f"{spec.split}-{spec.k:06d}-{i:06d}",
@@ -140,6 +147,8 @@ def batch_samples(spec: ShardSpec, batch: dict):
         }
         if noise is not None:
             s["noise_var"] = noise[i]
+        if kappa is not None:
+            s["kappa"] = kappa[i]
         yield s
 
 
@@ -149,7 +158,7 @@ def encode_batch(spec: ShardSpec, batch: dict):
     labels = batch["labels"].astype(np.float64)
     params = json_rows({k: labels[:, j].tolist() for j, k in enumerate(LABELS)})
     meta = json_rows(batch["meta"]) if batch["meta"] else [b"{}"] * spec.count
-    noise = batch.get("noise_var")
+    noise, kappa = batch.get("noise_var"), batch.get("kappa")
     for i in range(spec.count):
         e = {
             "__key__": f"{spec.split}-{spec.k:06d}-{i:06d}",
@@ -159,6 +168,8 @@ def encode_batch(spec: ShardSpec, batch: dict):
         }
         if noise is not None:
             e["noise_var.npy"] = npy_bytes(noise[i])
+        if kappa is not None:
+            e["kappa.npy"] = npy_bytes(kappa[i])
         yield e
 
 
@@ -554,7 +565,8 @@ def write_fits_set(cfg: DictConfig) -> dict:
     Header: ``PIXSCALE`` [arcsec/px], ``BANDS``; for e-/s images also the noise model
     (``EXPTIME`` [s], ``SKYLEV`` [e-/s/px, subtracted], ``RDNOISE`` [e-], ``GAIN`` [e-/ADU]).
     Extension ``PSF``: the image's PSF kernel (unit sum, image pixels), as real data products
-    ship a PSF model; ``lensexp.fit`` reads both.
+    ship a PSF model; ``lensexp.fit`` reads both. Presets with kappa maps add an extension
+    ``KAPPA`` (the true convergence at the pixel centres), which readers of the image ignore.
     """
     from astropy.io import fits
     from tqdm import tqdm
@@ -592,8 +604,12 @@ def write_fits_set(cfg: DictConfig) -> dict:
             hdu.header["BUNIT"] = ("normalised", f"data.instrument.normalize={norm}")
         psf = fits.ImageHDU(sim.psf.kernels[int(b.meta["psf_index"][i])].numpy(), name="PSF")
         psf.header["FWHM"] = (float(b.meta["psf_fwhm"][i]), "arcsec")
+        hdus = [hdu, psf]
+        if "kappa" in b.meta:
+            hdus.append(fits.ImageHDU(b.meta["kappa"][i].numpy(), name="KAPPA"))
+            hdus[-1].header["PIXSCALE"] = (float(cfg.data.pixscale), "arcsec / pixel")
         tmp = temp_path(out / name)
-        fits.HDUList([hdu, psf]).writeto(tmp, overwrite=True)
+        fits.HDUList(hdus).writeto(tmp, overwrite=True)
         os.replace(tmp, out / name)
         rows.append({"name": name, **{k: float(b.labels[i, j]) for j, k in enumerate(LABELS)}})
     tmp = temp_path(out / "truth.csv")

@@ -18,6 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from lensexp.cli import clean_errors, log
+from lensexp.errors import ConfigError
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -94,9 +95,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         "pixscale": float(cfg.data.pixscale),
         "bands": [str(b.name) for b in cfg.data.bands],
     }
-    model = LensModule(
+    common = dict(
         model=OmegaConf.to_container(cfg.model, resolve=True),
-        loss=str(cfg.loss.name),
         in_chans=len(cfg.data.bands),
         lr=float(cfg.optim.lr),
         weight_decay=float(cfg.optim.weight_decay),
@@ -104,7 +104,26 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         input_norm=str(cfg.input_norm),
         data_info=data_info,
     )
+    task = str(cfg.get("task", "params"))
+    if task == "kappa":
+        from lensexp.kappa_module import KappaModule
+
+        if not (cfg.data.get("mass") or {}).get("kappa_map"):
+            raise ConfigError(
+                "task=kappa needs a data preset with kappa maps (data.mass.kappa_map), "
+                f"e.g. data=kappa; got data={cfg.data.name}"
+            )
+        model = KappaModule(**common, **OmegaConf.to_container(cfg.get("kappa") or {}, resolve=True))
+    elif task == "params":
+        if "decoder_channels" in cfg.model:
+            raise ConfigError("model=kappa_unet is a density-map network: train it with task=kappa data=kappa")
+        model = LensModule(**common, loss=str(cfg.loss.name))
+    else:
+        raise ConfigError(f"task must be 'params' (the eight labels) or 'kappa' (density maps), got '{task}'")
     trainer_kw = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if cfg.datamodule.source == "on_the_fly":
+        # a new loader each epoch: the simulator continues its sequence (fresh lenses every epoch)
+        trainer_kw.setdefault("reload_dataloaders_every_n_epochs", 1)
     if trainer_kw.pop("compile", False):
         model.net = torch.compile(model.net)
     cb = cfg.callbacks.checkpoint

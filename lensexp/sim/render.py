@@ -18,6 +18,7 @@ from lensexp.errors import ConfigError
 from lensexp.runtime import compile_cache_dir
 from lensexp.sim import instrument as inst
 from lensexp.sim import lens as lensmod
+from lensexp.sim import mass as massmod
 from lensexp.sim.priors import LABELS, check_range, draw
 from lensexp.sim.psf import DIRECT_MAX, PSFBank, direct_convolve, fast_fft_size, fft_convolve, kernel_rfft
 from lensexp.sim.source import (
@@ -110,6 +111,9 @@ class Simulator:
             self.galaxies.images = self.galaxies.images.to(self.device, self.dtype)
             self.galaxies.pixscale = self.galaxies.pixscale.to(self.device, self.dtype)
         self.n_bands = len(c.bands)
+        # mass family (data.mass; absent = SIE + shear) and whether samples carry kappa maps
+        self.mass_kind = massmod.check_mass_config(c.get("mass"))
+        self.kappa_map = bool((c.get("mass") or {}).get("kappa_map", False))
         if compile:
             compile_cache_dir()  # reruns and worker processes load kernels instead of recompiling
         # batches, their Sersic / COSMOS subsets and the last batch of a shard vary in size:
@@ -178,7 +182,18 @@ class Simulator:
         p["band_src"] = torch.stack([d(b.source_scale) for b in c.bands], 1)
         p["band_lens"] = torch.stack([d(b.lens_scale) for b in c.bands], 1)
         p["psf_index"] = torch.randint(0, len(self.psf), (n,), generator=rng, device=dev)
+        if self.mass_kind != "sie":
+            p.update(massmod.draw_components(c.mass, self.mass_kind, p, rng))
         return p
+
+    def _lens(self, p: dict) -> tuple:
+        """(SIE + shear coefficients, extra deflection [B, P] or None) of the lenses in ``p``:
+        the main SIE is switched off (theta_E 0) where the family replaces it (``epl``)."""
+        if self.mass_kind == "sie":
+            return _lens_coefficients(p), None
+        extra = massmod.extra_deflection(self.mass_kind, p, self.x, self.y)
+        sie = p if self.mass_kind != "epl" else {**p, "theta_E": torch.zeros_like(p["theta_E"])}
+        return _lens_coefficients(sie), extra
 
     # ------------------------------------------------------------------ rendering
     def render_source(self, p: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +206,7 @@ class Simulator:
         if par.numel():
             sub = p if par.numel() == B else {k: v[par] for k, v in p.items()}
             col = lambda k: sub[k][:, None]  # noqa: E731
-            lens_coef = _lens_coefficients(sub)
+            lens_coef, extra = self._lens(sub)
             amp = sersic_amp_from_flux(col("sersic_flux"), col("src_R"), col("src_n"))
             src_coef = (
                 col("src_x"),
@@ -199,7 +214,8 @@ class Simulator:
                 *sersic_coefficients(amp, col("src_R"), col("src_n"), col("src_e1"), col("src_e2")),
             )
             clumps = (sub["clump_flux"], sub["clump_sigma"], sub["clump_x"], sub["clump_y"])
-            analytic = self._trace(self.x, self.y, lens_coef, src_coef, clumps, self.npix, self.ss, self.pixscale)
+            args = (self.x, self.y, lens_coef, src_coef, clumps, self.npix, self.ss, self.pixscale)
+            analytic = self._trace(*args) if extra is None else _trace_sersic(*args, extra=extra)
             if analytic.shape[0] == B:
                 img = analytic
             else:
@@ -214,7 +230,11 @@ class Simulator:
             sub = {k: v[real] for k, v in p.items()}
             gal = self.galaxies
             coef = gal.grid_coefficients(*(sub[k] for k in GALAXY_KEYS))
-            grid = self._cosmos_grid(self.x, self.y, _lens_coefficients(sub), coef)
+            lens_coef, extra = self._lens(sub)
+            if extra is None:
+                grid = self._cosmos_grid(self.x, self.y, lens_coef, coef)
+            else:
+                grid = _cosmos_grid(self.x, self.y, lens_coef, coef, extra)
             mode = str(self.c.source.cosmos.interpolation)
             sb = gal.sample_grid(grid, sub["gal_index"], sub["gal_scale"], sub["src_flux"], mode)
             img[real] = bin_supersampled(sb, self.npix, self.ss, self.pixscale)
@@ -369,6 +389,11 @@ class Simulator:
         p, src, mu = self._draw_lensed(b, rng, pool)
         images, clean, meta = self._observe(src, self.render_lens_light(p), p, rng, artefacts, noise, keep_noise_map)
         labels = torch.stack([p[k] for k in LABELS[:-1]] + [mu], 1)
+        for k in massmod.COMPONENT_KEYS[self.mass_kind]:
+            meta[k] = p[k]
+        if self.kappa_map:
+            x, y = pixel_grid(self.npix, self.pixscale, 1, torch.float64, self.device)
+            meta["kappa"] = massmod.convergence_map(self.mass_kind, p, x[None], y[None]).float()
         return SimBatch(
             images.float(),
             labels.float(),
@@ -423,6 +448,7 @@ def validate_config(c: DictConfig) -> None:
     for b in c.bands:
         check_range(f"data.bands[{b.name}].source_scale", b.source_scale, 0.0)
         check_range(f"data.bands[{b.name}].lens_scale", b.lens_scale, 0.0)
+    massmod.check_mass_config(c.get("mass"))
     LL = c.lens_light
     if LL.enabled:
         check_range("data.lens_light.mag", LL.mag)
@@ -509,18 +535,22 @@ def _batch_dynamic(fn):
     return call
 
 
-def _cosmos_grid(x, y, lens_coef, gal_coef):
+def _cosmos_grid(x, y, lens_coef, gal_coef, extra=None):
     """Ray-shoot the sub-pixel planes x, y [P] and map them to ``grid_sample`` coordinates of each
     image's galaxy stamp [B, P, 2] (:func:`source.source_plane_grid`) in one pass."""
-    bx, by = _shoot(x, y, lens_coef)
+    bx, by = _shoot(x, y, lens_coef, extra)
     return source_plane_grid(bx, by, gal_coef)
 
 
-def _shoot(x, y, lens_coef):
-    """Source-plane positions (bx, by) [B, P] of the sub-pixel planes x, y [P] (SIE + shear)."""
+def _shoot(x, y, lens_coef, extra=None):
+    """Source-plane positions (bx, by) [B, P] of the sub-pixel planes x, y [P] (SIE + shear,
+    minus an ``extra`` deflection (ax, ay) [B, P] of further mass components when given)."""
     cx, cy, g1, g2, *sie = lens_coef
     ax, ay = lensmod.sie_deflection_rotated(x - cx, y - cy, *sie)
-    return x - ax - (g1 * x + g2 * y), y - ay - (g2 * x - g1 * y)
+    bx, by = x - ax - (g1 * x + g2 * y), y - ay - (g2 * x - g1 * y)
+    if extra is not None:
+        bx, by = bx - extra[0].to(bx.dtype), by - extra[1].to(by.dtype)
+    return bx, by
 
 
 def _sersic_image(x, y, coef, npix, supersample, pixscale):
@@ -532,13 +562,14 @@ def _sersic_image(x, y, coef, npix, supersample, pixscale):
     return (total * (pixscale / supersample) ** 2).reshape(-1, npix, npix)
 
 
-def _trace_sersic(x, y, lens_coef, src_coef, clumps, npix, supersample, pixscale):
+def _trace_sersic(x, y, lens_coef, src_coef, clumps, npix, supersample, pixscale, extra=None):
     """Ray-trace the sub-pixel grid through SIE + shear, evaluate Sérsic + clumps and bin to flux
     per pixel [B, N, N] (e-/s).
 
     ``x, y``: :func:`subpixel_planes` [s*s*N*N]; ``lens_coef``: (cx, cy, g1, g2) +
     :func:`lens.sie_coefficients`, ``src_coef``: (sx, sy) + :func:`source.sersic_coefficients`,
-    each [B, 1]; ``clumps``: (flux, sigma, x, y) [B, K]. The sub-pixel planes are summed in an
+    each [B, 1]; ``clumps``: (flux, sigma, x, y) [B, K]; ``extra``: further deflection (ax, ay)
+    [B, s*s*N*N] on the same planes, or None. The sub-pixel planes are summed in an
     unrolled loop, so ``torch.compile`` emits one pointwise kernel over pixels with no
     intermediate buffers.
     """
@@ -546,8 +577,10 @@ def _trace_sersic(x, y, lens_coef, src_coef, clumps, npix, supersample, pixscale
     planes = supersample * supersample
     xs, ys = x.reshape(planes, 1, -1), y.reshape(planes, 1, -1)
     total = None
+    n = xs.shape[-1]
     for k in range(planes):
-        bx, by = _shoot(xs[k], ys[k], lens_coef)
+        ek = None if extra is None else (extra[0][:, k * n : (k + 1) * n], extra[1][:, k * n : (k + 1) * n])
+        bx, by = _shoot(xs[k], ys[k], lens_coef, ek)
         sb = sersic_sb_rotated(bx - sx, by - sy, *sc)
         if clumps[0].shape[-1] > 0:
             sb = sb + gaussian_clumps_sb(bx, by, *clumps)

@@ -1,0 +1,63 @@
+"""Density maps: the network against the nearest-image look-up, per mass class, timed in one run.
+
+Makes (or reuses) the look-up bank with the contract command
+``python -m lensexp.simulate data=kappa n=20000 seed=11 workers=2 out=BANK``, then runs
+``python -m lensexp.lookup`` on a density-map checkpoint (``experiment=kappa_quickstart``) and
+prints, per class, the mean |kappa error| (kappa clipped at 3, 0.3-2" annulus) of network and
+look-up and their ratio, against the targets of issue 15 (<= 0.04 on the training family, ratio
+<= 0.4 on each unseen class). Results, with the machine, go to ``--out``.
+
+    python benchmarks/kappa_lookup.py --ckpt outputs/runs/kappa_quickstart/checkpoints/last.ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from common import ensure_allocator_env, machine_info
+
+from lensexp.config import compose_config
+from lensexp.lookup import run as lookup
+from lensexp.simulate import MANIFEST
+from lensexp.simulate import run as simulate
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="task=kappa checkpoint")
+    ap.add_argument("--bank", default="shards/kappa_bank")
+    ap.add_argument("--bank-n", type=int, default=20000)
+    ap.add_argument("--n", type=int, default=256, help="test lenses per class")
+    ap.add_argument("--out", default="benchmarks/results/kappa_lookup")
+    args = ap.parse_args(argv)
+    timing = {}
+    if not (Path(args.bank) / MANIFEST).is_file():
+        t0 = time.perf_counter()
+        simulate(
+            compose_config("simulate", ["data=kappa", f"n={args.bank_n}", "seed=11", "workers=2", f"out={args.bank}"])
+        )
+        timing["bank_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rows = lookup(
+        compose_config("lookup", [f"ckpt={args.ckpt}", f"bank={args.bank}", f"out={args.out}", f"n={args.n}"])
+    )
+    timing["lookup_s"] = time.perf_counter() - t0
+    print(f"\n{'class':<12} {'network':>8} {'look-up':>8} {'ratio':>6}  target")
+    for r in rows:
+        target = "<= 0.04 (network)" if r["trained_on"] else "ratio <= 0.4"
+        ok = r["network_kappa_mae"] <= 0.04 if r["trained_on"] else r["ratio"] <= 0.4
+        print(
+            f"{r['class']:<12} {r['network_kappa_mae']:8.4f} {r['lookup_kappa_mae']:8.4f} {r['ratio']:6.2f}  "
+            f"{target}: {'met' if ok else 'NOT met'}"
+        )
+    info = {"ckpt": args.ckpt, "bank": args.bank, "rows": rows, "timing": timing, **machine_info()}
+    Path(args.out, "kappa_lookup.json").write_text(json.dumps(info, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    ensure_allocator_env()
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""Mass profiles beyond the SIE, and the mass families of density-map (kappa) presets.
+
+Profiles, in lenstronomy's conventions (1.14), pure and batched like :mod:`lensexp.sim.lens`:
+
+* :func:`sis_deflection`, :func:`sis_convergence`: singular isothermal sphere (lenstronomy
+  ``SIS``), ``theta_E`` [arcsec], ``kappa = theta_E / (2 r)``.
+* :func:`epl_deflection`, :func:`epl_convergence`: elliptical power law (lenstronomy ``EPL``,
+  Tessore & Metcalf 2015): ``kappa = (3 - gamma) / 2 (theta_E / sqrt(q x'^2 + y'^2 / q))^(gamma-1)``,
+  ``gamma`` the 3-D slope (2 = SIE), ``e1, e2`` as for the SIE.
+
+Families (``data.mass.kind``): ``sie`` (SIE + shear: the training family of ``data=kappa``),
+``sie_pair`` (a second SIE beside the main one), ``sie_subhalo`` (an SIS subhalo near the
+Einstein ring) and ``epl`` (the main lens a power law with a slope away from isothermal). The
+eight labels always describe the main lens (for ``epl`` its theta_E, e1, e2, centre) and the
+shear; the other components travel in the parameter dict under ``m2_*`` / ``sub_*`` / ``epl_gamma``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lensexp.errors import ConfigError
+from lensexp.sim import lens as lensmod
+from lensexp.sim.priors import check_range, draw
+
+MASS_KINDS = ("sie", "sie_pair", "sie_subhalo", "epl")
+# parameters each family adds to the eight labels (kept in the samples' meta)
+COMPONENT_KEYS = {
+    "sie": (),
+    "sie_pair": ("m2_theta_E", "m2_e1", "m2_e2", "m2_center_x", "m2_center_y"),
+    "sie_subhalo": ("sub_theta_E", "sub_center_x", "sub_center_y"),
+    "epl": ("epl_gamma",),
+}
+# most terms of the hypergeometric series (|z| = (1-q)/(1+q) = 0.82 at q = 0.1 needs ~130 for 1e-11)
+_EPL_TERMS = 160
+
+
+def sis_deflection(x, y, theta_E, center_x=0.0, center_y=0.0):
+    """SIS deflection ``theta_E (dx, dy) / r`` [arcsec]; zero at the centre itself."""
+    x, y, theta_E, center_x, center_y = lensmod._as_tensors(x, y, theta_E, center_x, center_y)
+    dx, dy = x - center_x, y - center_y
+    r = torch.sqrt(dx * dx + dy * dy)
+    inv = torch.where(r > 0, theta_E / torch.where(r > 0, r, 1.0), 0.0)
+    return dx * inv, dy * inv
+
+
+def sis_convergence(x, y, theta_E, center_x=0.0, center_y=0.0):
+    """SIS convergence ``theta_E / (2 r)`` (infinite at the centre)."""
+    x, y, theta_E, center_x, center_y = lensmod._as_tensors(x, y, theta_E, center_x, center_y)
+    return theta_E / (2.0 * torch.hypot(x - center_x, y - center_y))
+
+
+def _rotated(x, y, e1, e2, center_x, center_y):
+    q, c, s, _ = lensmod.ellipticity_to_q_cos_sin(e1, e2)
+    dx, dy = x - center_x, y - center_y
+    return q, c, s, c * dx + s * dy, -s * dx + c * dy
+
+
+def epl_deflection(x, y, theta_E, gamma, e1, e2, center_x=0.0, center_y=0.0):
+    """EPL deflection (alpha_x, alpha_y) [arcsec] (lenstronomy ``EPL``).
+
+    In the major-axis frame, with ``Z = q x' + i y'``, ``R = |Z|``, ``b = theta_E sqrt(q)``,
+    ``t = gamma - 1``: ``alpha = 2 / (1 + q) (b / R)^t Z 2F1(1, t/2; 2 - t/2; -(1-q)/(1+q) Z/conj(Z))``
+    (Tessore & Metcalf 2015, eq. 13); the series is summed until the next term is below 1e-13
+    (float64) or 1e-8 (float32) relative, from the flattest lens of the batch.
+    """
+    x, y, theta_E, gamma, e1, e2, center_x, center_y = lensmod._as_tensors(
+        x, y, theta_E, gamma, e1, e2, center_x, center_y
+    )
+    q, c, s, xr, yr = _rotated(x, y, e1, e2, center_x, center_y)
+    t = gamma - 1.0
+    b = theta_E * torch.sqrt(q)
+    R = torch.hypot(q * xr, yr).clamp(min=1e-9)
+    cdt = torch.complex128 if xr.dtype == torch.float64 else torch.complex64
+    unit = torch.complex(q * xr / R, yr / R).to(cdt)  # e^{i phi}
+    z = (-(1.0 - q) / (1.0 + q)).to(cdt) * unit * unit
+    term = torch.ones_like(z)
+    total = torch.ones_like(z)
+    a, cc = t / 2.0, 2.0 - t / 2.0
+    f_max = float(((1.0 - q) / (1.0 + q)).max()) if q.numel() else 0.0
+    tol = 1e-13 if xr.dtype == torch.float64 else 1e-8
+    n_terms = _EPL_TERMS if f_max >= 1 else min(_EPL_TERMS, int(math.log(tol) / math.log(max(f_max, 1e-300))) + 2)
+    for n in range(n_terms):
+        term = term * ((n + a) / (n + cc)).to(cdt) * z
+        total = total + term
+    alpha = (2.0 / (1.0 + q) * (b / R) ** t * R).to(cdt) * unit * total
+    axr, ayr = alpha.real, alpha.imag
+    return c * axr - s * ayr, s * axr + c * ayr
+
+
+def epl_convergence(x, y, theta_E, gamma, e1, e2, center_x=0.0, center_y=0.0):
+    """EPL convergence ``(3 - gamma) / 2 (theta_E / sqrt(q x'^2 + y'^2 / q))^(gamma - 1)``."""
+    x, y, theta_E, gamma, e1, e2, center_x, center_y = lensmod._as_tensors(
+        x, y, theta_E, gamma, e1, e2, center_x, center_y
+    )
+    q, _, _, xr, yr = _rotated(x, y, e1, e2, center_x, center_y)
+    return (3.0 - gamma) / 2.0 * (theta_E / torch.sqrt(q * xr * xr + yr * yr / q)) ** (gamma - 1.0)
+
+
+# ---------------------------------------------------------------------------- families
+def check_mass_config(m) -> str:
+    """Validate ``data.mass`` (may be absent: plain SIE + shear); returns the family name."""
+    if m is None:
+        return "sie"
+    kind = str(m.get("kind", "sie"))
+    if kind not in MASS_KINDS:
+        raise ConfigError(f"data.mass.kind must be one of {MASS_KINDS}, got '{kind}'")
+    if kind == "sie_pair":
+        check_range("data.mass.pair.theta_E_ratio", m.pair.theta_E_ratio, 0.0, strict_low=True)
+        check_range("data.mass.pair.separation", m.pair.separation, 0.0)
+        check_range("data.mass.pair.q", m.pair.q, 0.0, 1.0, strict_low=True)
+    elif kind == "sie_subhalo":
+        check_range("data.mass.subhalo.theta_E", m.subhalo.theta_E, 0.0, strict_low=True)
+        check_range("data.mass.subhalo.radius", m.subhalo.radius, 0.0)
+    elif kind == "epl":
+        check_range("data.mass.epl.gamma_offset", m.epl.gamma_offset, 0.0, 0.9)
+    return kind
+
+
+def draw_components(m, kind: str, p: dict, rng: torch.Generator) -> dict:
+    """Parameters of the non-SIE components of family ``kind`` for the lenses in ``p`` (tensors
+    [n]); distances in units of the main lens's theta_E, angles uniform."""
+    n, dev, dt = p["theta_E"].shape[0], p["theta_E"].device, p["theta_E"].dtype
+    d = lambda lohi: draw(rng, n, check_range("", lohi), dev, dt)  # noqa: E731
+    ang = lambda: 2 * math.pi * torch.rand(n, generator=rng, device=dev, dtype=dt)  # noqa: E731
+    out = {}
+    if kind == "sie_pair":
+        out["m2_theta_E"] = p["theta_E"] * d(m.pair.theta_E_ratio)
+        r, a = p["theta_E"] * d(m.pair.separation), ang()
+        out["m2_center_x"], out["m2_center_y"] = p["center_x"] + r * torch.cos(a), p["center_y"] + r * torch.sin(a)
+        out["m2_e1"], out["m2_e2"] = lensmod.phi_q_to_ellipticity(0.5 * ang(), d(m.pair.q))
+    elif kind == "sie_subhalo":
+        out["sub_theta_E"] = d(m.subhalo.theta_E)
+        r, a = p["theta_E"] * d(m.subhalo.radius), ang()
+        out["sub_center_x"], out["sub_center_y"] = p["center_x"] + r * torch.cos(a), p["center_y"] + r * torch.sin(a)
+    elif kind == "epl":
+        sign = torch.where(torch.rand(n, generator=rng, device=dev) < 0.5, -1.0, 1.0).to(dt)
+        out["epl_gamma"] = 2.0 + sign * d(m.epl.gamma_offset)
+    return out
+
+
+def _col(p: dict, k: str, like: torch.Tensor) -> torch.Tensor:
+    return p[k].to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def extra_deflection(kind: str, p: dict, x: torch.Tensor, y: torch.Tensor):
+    """Deflection [B, P] at positions x, y [1, P] of what family ``kind`` adds to (or, for
+    ``epl``, puts instead of) the main SIE; ``None`` for ``sie``."""
+    if kind == "sie":
+        return None
+    c = lambda k: _col(p, k, x)  # noqa: E731
+    if kind == "sie_pair":
+        return lensmod.sie_deflection(x, y, c("m2_theta_E"), c("m2_e1"), c("m2_e2"), c("m2_center_x"), c("m2_center_y"))
+    if kind == "sie_subhalo":
+        return sis_deflection(x, y, c("sub_theta_E"), c("sub_center_x"), c("sub_center_y"))
+    return epl_deflection(x, y, c("theta_E"), c("epl_gamma"), c("e1"), c("e2"), c("center_x"), c("center_y"))
+
+
+def convergence_map(kind: str, p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Total convergence [B, ...] at positions x, y (e.g. the pixel centres [1, N, N]) of the
+    lenses in ``p`` (family ``kind``; the external shear adds none)."""
+    c = lambda k: _col(p, k, x)  # noqa: E731
+    if kind == "epl":
+        return epl_convergence(x, y, c("theta_E"), c("epl_gamma"), c("e1"), c("e2"), c("center_x"), c("center_y"))
+    kappa = lensmod.sie_convergence(x, y, c("theta_E"), c("e1"), c("e2"), c("center_x"), c("center_y"))
+    if kind == "sie_pair":
+        kappa = kappa + lensmod.sie_convergence(
+            x, y, c("m2_theta_E"), c("m2_e1"), c("m2_e2"), c("m2_center_x"), c("m2_center_y")
+        )
+    elif kind == "sie_subhalo":
+        kappa = kappa + sis_convergence(x, y, c("sub_theta_E"), c("sub_center_x"), c("sub_center_y"))
+    return kappa

@@ -1,0 +1,195 @@
+"""Density maps: shards with kappa.npy, the image-to-image network, map summaries, prediction
+with kappa_out, fresh on-the-fly epochs, and the network against the nearest-image look-up."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from lensexp import kappa_maps
+from lensexp.config import compose_config, load_data_preset
+from lensexp.kappa_net import KappaUNet
+from lensexp.sim import lens as lensmod
+from lensexp.sim.render import pixel_grid
+
+SERSIC = "data.source.kind=sersic"
+
+
+@pytest.mark.parametrize("npix", [64, 50, 75])
+@pytest.mark.parametrize("head_stride", [1, 2])
+def test_decoder_output_has_the_input_grid(npix, head_stride):
+    net = KappaUNet("test_resnet", in_chans=2, head_stride=head_stride, dropout=0.1).eval()
+    out = net(torch.randn(3, 2, npix, npix))
+    assert out.shape == (3, 2, npix, npix) and torch.isfinite(out).all()
+    assert net.n_dropout > 10  # dropout before every weight layer
+
+
+def test_decoder_channels_must_match_the_encoder():
+    from lensexp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="one width per encoder stage"):
+        KappaUNet("test_resnet", in_chans=1, decoder_channels=[32, 16])
+
+
+def test_annulus_error_and_einstein_radius_of_analytic_maps():
+    x, y = pixel_grid(64, 0.1)
+    k = lensmod.sie_convergence(x, y, 1.5, 0.1, -0.05, 0.12, -0.07)[None].float()
+    assert float(kappa_maps.annulus_error(k, k, 0.1)) == 0.0
+    # a uniform offset of 0.02 everywhere is an annulus error of 0.02, except where both clip at 3
+    m = kappa_maps.annulus_mask(64, 0.1)
+    shifted = k + 0.02
+    expect = (shifted.clamp(max=3) - k.clamp(max=3)).abs()[0][m].mean()
+    assert abs(float(kappa_maps.annulus_error(shifted, k, 0.1)) - float(expect)) < 1e-6
+    assert 0.019 < float(expect) <= 0.02
+    # Einstein radius (mean kappa inside = 1) of an SIS sampled at pixel centres: theta_E less the
+    # cusp's unsampled mass (~2.5 % at 1", less for larger radii); centre to a tenth of a pixel
+    for te in (1.0, 1.8):
+        sis = lensmod.sie_convergence(x, y, te, 0.0, 0.0, 0.03, -0.04)[None]
+        r = float(kappa_maps.einstein_radius(sis, 0.1))
+        assert te * 0.96 < r < te * 1.0
+        c = kappa_maps.peak_centre(sis, 0.1)[0]
+        assert abs(float(c[0]) - 0.03) < 0.01 and abs(float(c[1]) + 0.04) < 0.01
+    # a map that never reaches a mean of 1 has no Einstein radius
+    assert torch.isnan(kappa_maps.einstein_radius(torch.full((1, 64, 64), 0.3), 0.1)).all()
+
+
+def test_simulate_writes_kappa_maps_to_shards_and_fits(tmp_path):
+    from lensexp.data import shard_dataset, shard_urls
+    from lensexp.simulate import run as simulate
+
+    cfg = compose_config(
+        "simulate",
+        ["data=kappa", SERSIC, "n=40", "seed=11", "shard_size=20", f"out={tmp_path / 's'}", "progress=false"],
+    )
+    simulate(cfg)
+    s = next(iter(shard_dataset(shard_urls(tmp_path / "s", "train"))))
+    assert s["kappa"].shape == (64, 64) and s["kappa"].dtype == torch.float32
+    x, y = pixel_grid(64, 0.1)
+    lab = s["labels"].double()
+    expect = lensmod.sie_convergence(x, y, *lab[:5])
+    torch.testing.assert_close(s["kappa"].double(), expect, rtol=1e-6, atol=0)
+    from astropy.io import fits
+
+    cfg = compose_config(
+        "simulate", ["data=kappa", SERSIC, "n=3", "seed=2", "format=fits", f"out={tmp_path / 'f'}", "progress=false"]
+    )
+    simulate(cfg)
+    with fits.open(tmp_path / "f" / "lens_000000.fits") as h:
+        assert h["KAPPA"].data.shape == (64, 64) and h["KAPPA"].header["PIXSCALE"] == 0.1
+        assert h[0].data.shape == (64, 64)
+
+
+def test_on_the_fly_epochs_are_fresh_and_resume_continues_the_sequence():
+    from lensexp.data import OnTheFlyDataset
+
+    cfg = load_data_preset("tiny", [SERSIC])
+    kw = dict(seed=0, shard_size=8, batch_size=8, epoch_size=16)
+    keys = lambda ds: [s["__key__"] for s in ds]  # noqa: E731
+    e0 = keys(OnTheFlyDataset(cfg, **kw, epoch=0))
+    e1 = keys(OnTheFlyDataset(cfg, **kw, epoch=1))
+    assert not set(e0) & set(e1)  # fresh lenses every epoch
+    # epoch 1 is exactly what an endless stream makes after epoch 0: a resumed run continues it
+    endless = OnTheFlyDataset(cfg, seed=0, shard_size=8, batch_size=8, epoch_size=32)
+    assert keys(endless) == e0 + e1
+    # DDP ranks simulate disjoint lenses
+    r0 = keys(OnTheFlyDataset(cfg, **kw, epoch=0, rank=0, world=2))
+    r1 = keys(OnTheFlyDataset(cfg, **kw, epoch=0, rank=1, world=2))
+    assert not set(r0) & set(r1)
+
+
+@pytest.fixture(scope="module")
+def kappa_ckpt(tmp_path_factory):
+    """A density-map checkpoint trained for a few steps (on-the-fly Sérsic lenses)."""
+    from lensexp.train import run
+
+    d = tmp_path_factory.mktemp("kappa_run")
+    cfg = compose_config(
+        "train",
+        [
+            "experiment=kappa_quickstart",
+            SERSIC,
+            "datamodule.num_workers=0",
+            "datamodule.batch_size=16",
+            "datamodule.train_epoch_size=64",
+            "datamodule.val_size=32",
+            "datamodule.shard_size=32",
+            "datamodule.sim_batch_size=32",
+            "trainer.max_epochs=2",
+            "logger=csv",
+            "+trainer.enable_progress_bar=false",
+        ],
+    )
+    out = run(cfg, d)
+    assert np.isfinite(out["val/kappa_mae"]) and 0 <= out["val/kappa_cov68"] <= 1
+    return d / "checkpoints" / "last.ckpt"
+
+
+def test_predict_writes_kappa_maps_and_summaries(kappa_ckpt, tmp_path):
+    from astropy.io import fits
+
+    from lensexp.predict import run as predict
+    from lensexp.simulate import run as simulate
+
+    simulate(
+        compose_config(
+            "simulate",
+            ["data=kappa", SERSIC, "n=3", "seed=4", "format=fits", f"out={tmp_path / 'in'}", "progress=false"],
+        )
+    )
+    out, maps = tmp_path / "preds.csv", tmp_path / "maps"
+    predict(
+        compose_config(
+            "predict",
+            [
+                f"ckpt={kappa_ckpt}",
+                f"input={tmp_path / 'in'}",
+                f"out={out}",
+                f"kappa_out={maps}",
+                "n_mc=4",
+                "progress=false",
+            ],
+        )
+    )
+    rows = list(csv.DictReader(open(out)))
+    assert [r["name"] for r in rows] == [f"lens_00000{i}.fits" for i in range(3)]
+    assert {"theta_E", "theta_E_std", "theta_E_lo68", "center_x", "kappa_std_annulus"} <= set(rows[0])
+    for i in range(3):
+        with fits.open(maps / f"lens_00000{i}.fits") as h, fits.open(maps / f"lens_00000{i}_std.fits") as hs:
+            assert h[0].data.shape == (64, 64) and h[0].data.dtype == np.float32 and h[0].header["PIXSCALE"] == 0.1
+            assert np.all(h[0].data > 0) and np.all(hs[0].data >= 0) and hs[0].data.max() > 0
+
+
+def test_predict_refuses_kappa_out_for_a_label_checkpoint(tmp_path):
+    from lensexp.errors import ConfigError
+    from lensexp.predict import run as predict
+    from tests.conftest import train_tiny_checkpoint
+
+    ckpt = train_tiny_checkpoint(tmp_path / "run")
+    with pytest.raises(ConfigError, match="kappa_out= needs a density-map checkpoint"):
+        predict(
+            compose_config(
+                "predict",
+                [f"ckpt={ckpt}", f"input={tmp_path}", f"out={tmp_path / 'p.csv'}", f"kappa_out={tmp_path / 'm'}"],
+            )
+        )
+
+
+def test_lookup_bank_returns_the_map_of_the_nearest_image(tmp_path):
+    from lensexp.lookup import LookupBank
+    from lensexp.simulate import run as simulate
+
+    simulate(
+        compose_config(
+            "simulate", ["data=kappa", SERSIC, "n=60", "seed=11", "shard_size=30", f"out={tmp_path}", "progress=false"]
+        )
+    )
+    bank = LookupBank(tmp_path)
+    assert len(bank) == 60
+    from lensexp.data import shard_dataset, shard_urls
+
+    s = list(shard_dataset(shard_urls(tmp_path, "val")))[2]
+    maps, idx = bank.query(3.7 * s["image"][None])  # any flux unit: per-image normalisation
+    torch.testing.assert_close(maps[0], s["kappa"])
