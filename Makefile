@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export MALLOC_MMAP_THRESHOLD_ ?= 1073741824
 export MALLOC_TRIM_THRESHOLD_ ?= 1073741824
 
-.PHONY: venv quickstart test test-fast bench bench-fit gallery format clean
+.PHONY: venv quickstart kappa test test-fast bench bench-fit gallery format clean
 
 venv: $(BIN)/.installed
 
@@ -22,6 +22,10 @@ quickstart: venv
 	$(BIN)/python -m lensexp.gallery presets=[tiny] n=6 out=outputs/quickstart
 	$(BIN)/python -m lensexp.train experiment=quickstart hydra.run.dir=outputs/runs/quickstart
 	$(BIN)/python -m lensexp.calibrate ckpt=outputs/runs/quickstart/checkpoints/last.ckpt out=outputs/runs/quickstart/calibration
+
+kappa: venv  # density maps: train (<= 15 min on 2 cores), bank, look-up test
+	$(BIN)/python -m lensexp.train experiment=kappa_quickstart hydra.run.dir=outputs/runs/kappa_quickstart
+	$(BIN)/python benchmarks/kappa_lookup.py --ckpt outputs/runs/kappa_quickstart/checkpoints/last.ckpt --out outputs/kappa_lookup
 
 test: venv
 	$(BIN)/python -m pytest -q

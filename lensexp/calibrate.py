@@ -62,8 +62,19 @@ def read_checkpoint(ckpt: str | Path) -> dict:
 
 
 KAPPA_MODULE_KEYS = frozenset(
-    {"model", "in_chans", "lr", "weight_decay", "n_mc_val", "input_norm", "kappa_floor", "data_info", "task",
-     "target", "kappa_max"}
+    {
+        "model",
+        "in_chans",
+        "lr",
+        "weight_decay",
+        "n_mc_val",
+        "input_norm",
+        "kappa_floor",
+        "data_info",
+        "task",
+        "target",
+        "kappa_max",
+    }
 )
 KAPPA_MODEL_KEYS = frozenset(
     {"backbone", "decoder_channels", "head_channels", "dropout", "dropout_where", "backbone_kwargs", "head_stride"}

@@ -138,7 +138,7 @@ def panels(firsts: dict, pixscale: float, path: Path) -> None:
     from matplotlib.colors import LogNorm
 
     n = len(firsts)
-    fig, axes = plt.subplots(n, 4, figsize=(10, 2.6 * n), squeeze=False)
+    fig, axes = plt.subplots(n, 4, figsize=(10.4, 2.6 * n), squeeze=False, layout="constrained")
     half = firsts[next(iter(firsts))]["true"].shape[-1] * pixscale / 2
     ext = (-half, half, -half, half)
     norm = LogNorm(vmin=0.05, vmax=5.0)
@@ -154,11 +154,10 @@ def panels(firsts: dict, pixscale: float, path: Path) -> None:
             err = float(kappa_maps.annulus_error(f[key][None], f["true"][None], pixscale)) if key != "true" else None
             axes[r, c].set_title(f"{key} kappa" + (f"  |err| {err:.3f}" if err is not None else ""), fontsize=9)
         axes[r, 0].set_title(f"{kind}: observed", fontsize=9)
-        fig.colorbar(last, ax=axes[r, 3], fraction=0.046)
+    fig.colorbar(last, ax=axes[:, 1:].ravel().tolist(), fraction=0.03, label="convergence kappa")
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 

@@ -84,6 +84,13 @@ class LensModule(pl.LightningModule):
             self.label_fitted.fill_(True)
             self._fit_buf = []
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A resumed run keeps the label scale it has (the batches it was fitted on are gone, and
+        fresh on-the-fly epochs would refit it on other lenses): it is fixed from here on."""
+        sd = checkpoint.get("state_dict", {})
+        if "label_fitted" in sd:
+            sd["label_fitted"] = torch.tensor(True)
+
     # ---------------------------------------------------------------- forward
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Raw network outputs for images [B, C, H, W] in any flux unit."""

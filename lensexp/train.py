@@ -113,7 +113,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                 "task=kappa needs a data preset with kappa maps (data.mass.kappa_map), "
                 f"e.g. data=kappa; got data={cfg.data.name}"
             )
-        model = KappaModule(**common, **OmegaConf.to_container(cfg.get("kappa") or {}, resolve=True))
+        target = cfg.get("kappa")  # the map target (log / linear), optional
+        model = KappaModule(**common, **(OmegaConf.to_container(target, resolve=True) if target is not None else {}))
     elif task == "params":
         if "decoder_channels" in cfg.model:
             raise ConfigError("model=kappa_unet is a density-map network: train it with task=kappa data=kappa")

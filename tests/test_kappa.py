@@ -44,14 +44,16 @@ def test_annulus_error_and_einstein_radius_of_analytic_maps():
     expect = (shifted.clamp(max=3) - k.clamp(max=3)).abs()[0][m].mean()
     assert abs(float(kappa_maps.annulus_error(shifted, k, 0.1)) - float(expect)) < 1e-6
     assert 0.019 < float(expect) <= 0.02
-    # Einstein radius (mean kappa inside = 1) of an SIS sampled at pixel centres: theta_E less the
-    # cusp's unsampled mass (~2.5 % at 1", less for larger radii); centre to a tenth of a pixel
-    for te in (1.0, 1.8):
-        sis = lensmod.sie_convergence(x, y, te, 0.0, 0.0, 0.03, -0.04)[None]
-        r = float(kappa_maps.einstein_radius(sis, 0.1))
-        assert te * 0.96 < r < te * 1.0
-        c = kappa_maps.peak_centre(sis, 0.1)[0]
-        assert abs(float(c[0]) - 0.03) < 0.01 and abs(float(c[1]) + 0.04) < 0.01
+    # Einstein radius (mean kappa inside = 1) of an SIS sampled at pixel centres: theta_E to within
+    # the cusp's pixel-sampling error (-2.7 % with the cusp between pixels, +1 % near a pixel centre,
+    # at 1" on a 0.1" grid; less for larger radii); the centre to a fifth of a pixel
+    for te, tol in ((1.0, 0.03), (1.8, 0.02)):
+        for cx, cy in ((0.0, 0.0), (0.03, -0.04), (0.05, 0.05)):
+            sis = lensmod.sie_convergence(x, y, te, 0.0, 0.0, cx, cy)[None]
+            r = float(kappa_maps.einstein_radius(sis, 0.1))
+            assert abs(r / te - 1) < tol, (te, cx, cy, r)
+            c = kappa_maps.peak_centre(sis, 0.1)[0]
+            assert abs(float(c[0]) - cx) < 0.02 and abs(float(c[1]) - cy) < 0.02
     # a map that never reaches a mean of 1 has no Einstein radius
     assert torch.isnan(kappa_maps.einstein_radius(torch.full((1, 64, 64), 0.3), 0.1)).all()
 
@@ -158,7 +160,7 @@ def test_predict_writes_kappa_maps_and_summaries(kappa_ckpt, tmp_path):
     assert {"theta_E", "theta_E_std", "theta_E_lo68", "center_x", "kappa_std_annulus"} <= set(rows[0])
     for i in range(3):
         with fits.open(maps / f"lens_00000{i}.fits") as h, fits.open(maps / f"lens_00000{i}_std.fits") as hs:
-            assert h[0].data.shape == (64, 64) and h[0].data.dtype == np.float32 and h[0].header["PIXSCALE"] == 0.1
+            assert h[0].data.shape == (64, 64) and h[0].header["BITPIX"] == -32 and h[0].header["PIXSCALE"] == 0.1
             assert np.all(h[0].data > 0) and np.all(hs[0].data >= 0) and hs[0].data.max() > 0
 
 
@@ -193,3 +195,41 @@ def test_lookup_bank_returns_the_map_of_the_nearest_image(tmp_path):
     s = list(shard_dataset(shard_urls(tmp_path, "val")))[2]
     maps, idx = bank.query(3.7 * s["image"][None])  # any flux unit: per-image normalisation
     torch.testing.assert_close(maps[0], s["kappa"])
+
+
+def test_a_briefly_trained_network_beats_the_lookup_on_a_held_out_class(tmp_path):
+    """The talk's question on a small scale: ~6 000 SIE + shear training lenses (about a minute)
+    against the nearest-image look-up in a 2 000-image bank, on SIE + subhalo lenses that neither
+    ever saw. The network must be clearly better (a look-up cannot place mass it never stored)."""
+    from lensexp.calibrate import load_module
+    from lensexp.kappa_predict import KappaPredictor
+    from lensexp.lookup import LookupBank, class_set, evaluate_class
+    from lensexp.simulate import run as simulate
+    from lensexp.train import run
+
+    over = [SERSIC, "data.instrument.cosmic_rays.enabled=false"]
+    cfg = compose_config(
+        "train",
+        [
+            "experiment=kappa_quickstart",
+            *over,
+            "datamodule.num_workers=0",
+            "datamodule.train_epoch_size=2048",
+            "datamodule.val_size=64",
+            "trainer.max_epochs=3",
+            "logger=csv",
+            "+trainer.enable_progress_bar=false",
+        ],
+    )
+    run(cfg, tmp_path / "run")
+    module = load_module(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    simulate(
+        compose_config(
+            "simulate", ["data=kappa", *over, "n=2000", "seed=11", f"out={tmp_path / 'bank'}", "progress=false"]
+        )
+    )
+    bank = LookupBank(tmp_path / "bank")
+    images, kappa = class_set(cfg.data, "sie_subhalo", 64, seed=2026)
+    net, look, _ = evaluate_class(KappaPredictor(module, 64, 0.1, n_mc=4), bank, images, kappa, 0.1)
+    ratio = float(net["kappa_mae"].mean() / look["kappa_mae"].mean())
+    assert ratio < 0.8, f"network / look-up annulus error {ratio:.2f}"
