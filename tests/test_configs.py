@@ -24,12 +24,13 @@ def test_primary_config_composes(name):
     "name, keys",
     [
         ("fit", ["input", "out", "init", "pixscale", "lens_light", "max_npix", "noise.background_rms"]),
-        ("predict", ["ckpt", "input", "out", "n_mc", "pixscale", "model_pixscale"]),
+        ("predict", ["ckpt", "input", "out", "n_mc", "pixscale", "model_pixscale", "kappa_out"]),
+        ("lookup", ["ckpt", "bank", "out", "classes", "n", "seed", "n_mc"]),
         ("compare_real", ["published", "methods", "peer", "systematic", "out"]),
         ("compare_fit", ["truth", "methods", "reference", "out"]),
         ("simulate", ["data.npix", "n", "seed", "out", "format"]),
         ("calibrate", ["ckpt", "out"]),
-        ("train", ["model.backbone", "loss.name", "data.npix", "logger.wandb.mode"]),
+        ("train", ["model.backbone", "loss.name", "data.npix", "logger.wandb.mode", "task"]),
     ],
 )
 def test_entry_point_configs_hold_their_contract_keys(name, keys):
