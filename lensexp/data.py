@@ -215,17 +215,20 @@ class LensDataModule(pl.LightningDataModule):
 
     def _stream(self, split: str, train: bool):
         if self.source == "on_the_fly":
-            tr = self.trainer if train else None
+            # training: each epoch continues the sequence; evaluation: the same lenses every time.
+            # Under DDP the ranks simulate disjoint shards (evaluation: val_size in all)
+            tr = self.trainer
+            rank, world = (tr.global_rank, tr.world_size) if tr is not None else (0, 1)
             return OnTheFlyDataset(
                 self.data_cfg,
                 self.seed,
                 split=split,
                 shard_size=self.shard_size,
                 batch_size=self.sim_batch_size,
-                epoch_size=self.train_epoch_size if train else self.val_size,
-                epoch=tr.current_epoch if tr is not None else 0,
-                rank=tr.global_rank if tr is not None else 0,
-                world=tr.world_size if tr is not None else 1,
+                epoch_size=self.train_epoch_size if train else -(-self.val_size // world),
+                epoch=tr.current_epoch if tr is not None and train else 0,
+                rank=rank,
+                world=world,
             )
         urls = shard_urls(self.root, split, self.url_template)
         if train:

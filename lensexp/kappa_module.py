@@ -21,7 +21,7 @@ import torch
 from lensexp import kappa_maps
 from lensexp.errors import ConfigError
 from lensexp.kappa_net import KappaUNet
-from lensexp.module import warmup_cosine
+from lensexp.module import gather_lenses, warmup_cosine
 from lensexp.models import set_mc_dropout
 from lensexp.sim.instrument import normalize
 
@@ -137,11 +137,12 @@ class KappaModule(pl.LightningModule):
     def _log_collected(self, prefix: str):
         if not self._collected:
             return
-        cat = {k: torch.cat([c[k] for c in self._collected]) for k in self._collected[0]}
+        # per-lens scores of every rank, so that the means are those of the whole split under DDP
+        cat = {k: gather_lenses(self, torch.cat([c[k] for c in self._collected])) for k in self._collected[0]}
         self._collected = []
         self.last_metrics = {f"{prefix}/{k}": float(v.nanmean()) for k, v in cat.items()}
         for k, v in self.last_metrics.items():
-            self.log(k, v, sync_dist=True)
+            self.log(k, v)
 
     def configure_optimizers(self):
         return warmup_cosine(self)

@@ -154,9 +154,10 @@ class LensModule(pl.LightningModule):
     def _log_collected(self, prefix: str):
         if not self._collected:
             return
-        means = torch.cat([m for m, _, _ in self._collected], 1)
-        stds = torch.cat([s for _, s, _ in self._collected], 1)
-        truth = torch.cat([y for _, _, y in self._collected])
+        # every rank's lenses, so that coverage and RMSE are those of the whole split under DDP
+        means = gather_lenses(self, torch.cat([m for m, _, _ in self._collected], 1), dim=1)
+        stds = gather_lenses(self, torch.cat([s for _, s, _ in self._collected], 1), dim=1)
+        truth = gather_lenses(self, torch.cat([y for _, _, y in self._collected]))
         self._collected = []
         self.last_metrics = self.evaluate(means, stds, truth, prefix)
         n, dt = getattr(self, "_infer", [0, 0.0])
@@ -213,6 +214,22 @@ class LensModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return warmup_cosine(self)
+
+
+def gather_lenses(module: pl.LightningModule, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``t`` with the lenses (along ``dim``) of every DDP rank, in rank order, on the CPU; ``t``
+    itself in a single process. Ranks may hold different numbers of lenses (padded for the
+    collective, the padding dropped)."""
+    trainer = module._trainer
+    if trainer is None or trainer.world_size == 1:
+        return t
+    t = t.movedim(dim, 0).to(module.device)
+    counts = module.all_gather(torch.tensor(t.shape[0], device=module.device)).reshape(-1)
+    pad = int(counts.max()) - t.shape[0]
+    if pad:
+        t = torch.cat([t, t.new_zeros((pad, *t.shape[1:]))])
+    every = module.all_gather(t)  # [world, max, ...]
+    return torch.cat([every[r, : int(n)] for r, n in enumerate(counts)]).movedim(0, dim).cpu()
 
 
 def warmup_cosine(module: pl.LightningModule) -> dict:
