@@ -21,7 +21,7 @@ import torch
 from lensexp import kappa_maps
 from lensexp.errors import ConfigError
 from lensexp.kappa_net import KappaUNet
-from lensexp.module import gather_lenses, warmup_cosine
+from lensexp.module import EvalHooks, gather_lenses, warmup_cosine
 from lensexp.models import set_mc_dropout
 from lensexp.sim.instrument import normalize
 
@@ -29,7 +29,7 @@ TASK = "kappa"
 TARGETS = ("log", "linear")
 
 
-class KappaModule(pl.LightningModule):
+class KappaModule(EvalHooks, pl.LightningModule):
     """``model``: kwargs of :class:`KappaUNet` (backbone, decoder_channels, dropout, ...);
     ``data_info``: the training grid (``npix``, ``pixscale`` [arcsec/px], ``bands``, ``name``)."""
 
@@ -113,12 +113,6 @@ class KappaModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
 
-    def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, batch_idx, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._eval_step(batch, batch_idx, "test")
-
     def _eval_step(self, batch, batch_idx: int, prefix: str):
         kappa = batch["kappa"]
         loss = self.nll(self(batch["image"]), self.to_net(kappa))
@@ -127,12 +121,6 @@ class KappaModule(pl.LightningModule):
         passes = self.predict_mc(batch["image"], self.hparams.n_mc_val)
         samples = self.map_samples(passes, 4, g)
         self._collected.append(evaluate_maps(samples, kappa, self.pixscale, self.mean_map(passes)))
-
-    def on_validation_epoch_end(self):
-        self._log_collected("val")
-
-    def on_test_epoch_end(self):
-        self._log_collected("test")
 
     def _log_collected(self, prefix: str):
         if not self._collected:

@@ -25,7 +25,24 @@ LOG_LABELS = ("mu_F",)
 SHORT = {0.683: "cov68", 0.955: "cov95", 0.997: "cov997"}
 
 
-class LensModule(pl.LightningModule):
+class EvalHooks:
+    """Lightning's validation and test steps routed to ``_eval_step(batch, batch_idx, prefix)``
+    and their epoch ends to ``_log_collected(prefix)`` (shared by the label and map modules)."""
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, batch_idx, "test")
+
+    def on_validation_epoch_end(self):
+        self._log_collected("val")
+
+    def on_test_epoch_end(self):
+        self._log_collected("test")
+
+
+class LensModule(EvalHooks, pl.LightningModule):
     """``model``: kwargs of :class:`~lensexp.models.LensRegressor` (backbone, dropout, ...);
     ``loss``: ``mse``, ``gaussian_nll`` or ``full_cov_nll``; ``in_chans``: bands; ``data_info``:
     the training grid (``npix``, ``pixscale`` [arcsec/px], ``bands``, preset ``name``), kept in the
@@ -128,13 +145,7 @@ class LensModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
 
-    def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._eval_step(batch, "test")
-
-    def _eval_step(self, batch, prefix: str):
+    def _eval_step(self, batch, batch_idx: int, prefix: str):
         y = batch["labels"]
         loss = self.loss_fn(self(batch["image"]), self.to_net(y))
         self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=y.shape[0])
@@ -144,12 +155,6 @@ class LensModule(pl.LightningModule):
         self._infer[0] += y.shape[0] * max(self.hparams.n_mc_val, 1)
         self._infer[1] += time.perf_counter() - t0
         self._collected.append((means.cpu(), stds.cpu(), y.cpu()))
-
-    def on_test_epoch_end(self):
-        self._log_collected("test")
-
-    def on_validation_epoch_end(self):
-        self._log_collected("val")
 
     def _log_collected(self, prefix: str):
         if not self._collected:
