@@ -82,7 +82,9 @@ class Predictor:
         cal_path = (
             Path(ckpt).parent / CAL_FILE if calibration == "auto" else (Path(calibration) if calibration else None)
         )
-        if cal_path is not None and cal_path.is_file() and self.labels:
+        if not self.labels:  # density maps: no label recalibration
+            pass
+        elif cal_path is not None and cal_path.is_file():
             cal = json.loads(cal_path.read_text())
             self.scale = torch.tensor([cal["scale"][n] for n in self.labels])
         elif calibration not in ("auto", None, "none"):
