@@ -35,6 +35,18 @@ def annulus_error(pred: torch.Tensor, truth: torch.Tensor, pixscale: float, annu
     return err[..., m].mean(-1)
 
 
+def map_errors(pred: torch.Tensor, truth: torch.Tensor, pixscale: float, true_radius: torch.Tensor | None = None):
+    """Per-map scores [B] of predicted maps [B, N, N] against true ones: ``kappa_mae``
+    (:func:`annulus_error`) and ``theta_E_frac``, the |fractional error| of the Einstein radius
+    against the true map's (``true_radius`` [B] when already known; NaN where either has none)."""
+    if true_radius is None:
+        true_radius = einstein_radius(truth, pixscale)
+    return {
+        "kappa_mae": annulus_error(pred, truth, pixscale),
+        "theta_E_frac": (einstein_radius(pred, pixscale) / true_radius - 1).abs().float(),
+    }
+
+
 def annulus_coverage(samples: torch.Tensor, truth: torch.Tensor, pixscale: float, level: float, clip=KAPPA_CLIP):
     """Fraction [B] of annulus pixels whose clipped truth lies in the central ``level`` interval of
     the clipped map samples [S, B, N, N]."""

@@ -137,18 +137,21 @@ class KappaModule(EvalHooks, pl.LightningModule):
 
 
 def evaluate_maps(
-    samples: torch.Tensor, kappa: torch.Tensor, pixscale: float, mean: torch.Tensor | None = None
+    samples: torch.Tensor,
+    kappa: torch.Tensor,
+    pixscale: float,
+    mean: torch.Tensor | None = None,
+    true_radius: torch.Tensor | None = None,
 ) -> dict:
     """Per-lens scores [B] of map samples [S, B, N, N] (and their ``mean`` map [B, N, N], by
     default the samples' average) against the true maps [B, N, N]:
     ``kappa_mae`` (annulus error of the mean map), ``kappa_cov68`` / ``kappa_cov95`` (per-pixel
     interval coverage in the annulus) and ``theta_E_frac``, the |fractional error| of the mean
-    map's Einstein radius against the true map's (NaN where either has none in the field)."""
+    map's Einstein radius against the true map's (:func:`lensexp.kappa_maps.map_errors`; NaN where
+    either has none in the field)."""
     mean = samples.mean(0) if mean is None else mean
-    true_r = kappa_maps.einstein_radius(kappa, pixscale)
     return {
-        "kappa_mae": kappa_maps.annulus_error(mean, kappa, pixscale),
+        **kappa_maps.map_errors(mean, kappa, pixscale, true_radius),
         "kappa_cov68": kappa_maps.annulus_coverage(samples, kappa, pixscale, 0.683),
         "kappa_cov95": kappa_maps.annulus_coverage(samples, kappa, pixscale, 0.955),
-        "theta_E_frac": (kappa_maps.einstein_radius(mean, pixscale) / true_r - 1).abs().float(),
     }

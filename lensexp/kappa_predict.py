@@ -20,6 +20,7 @@ import torch
 from lensexp import kappa_maps
 from lensexp.errors import ConfigError
 from lensexp.files import temp_path
+from lensexp.metrics import LEVELS
 
 COLUMNS = [
     "name",
@@ -34,6 +35,7 @@ COLUMNS = [
     "kappa_std_annulus",
 ]
 FITS_SUFFIXES = (".fits.gz", ".fits", ".fit", ".fts")
+INTERVAL_LEVELS = LEVELS[:2]  # 0.683 and 0.955: the theta_E_lo68/hi68 and lo95/hi95 columns
 
 
 def map_stem(name: str) -> str:
@@ -77,7 +79,8 @@ class KappaPredictor:
             samples.reshape(S * B, *samples.shape[2:]), self.pixscale, centre.repeat(S, 1)
         ).reshape(S, B)
         ring = kappa_maps.annulus_mask(self.npix, self.pixscale)
-        qs = torch.tensor([0.1585, 0.8415, 0.0225, 0.9775], dtype=radii.dtype)
+        # central 68.3 / 95.5 % intervals (lo, hi per level), NaN radii left out
+        qs = torch.tensor([(1 + sign * c) / 2 for c in INTERVAL_LEVELS for sign in (-1, 1)], dtype=radii.dtype)
         return {
             "mean": mean,
             "std": std,

@@ -95,14 +95,9 @@ def evaluate_class(pred, bank: LookupBank, images, kappa, pixscale: float, batch
         im, k = images[i : i + batch], kappa[i : i + batch]
         samples, mean = pred.samples(im, g)
         lk, _ = bank.query(im)
-        net.append(evaluate_maps(samples, k, pixscale, mean))
-        true_r = kappa_maps.einstein_radius(k, pixscale)
-        look.append(
-            {
-                "kappa_mae": kappa_maps.annulus_error(lk, k, pixscale),
-                "theta_E_frac": (kappa_maps.einstein_radius(lk, pixscale) / true_r - 1).abs().float(),
-            }
-        )
+        true_r = kappa_maps.einstein_radius(k, pixscale)  # once for both methods
+        net.append(evaluate_maps(samples, k, pixscale, mean, true_r))
+        look.append(kappa_maps.map_errors(lk, k, pixscale, true_r))
         if first is None:
             first = {"image": im[0, 0], "true": k[0], "net": mean[0], "lookup": lk[0]}
     cat = lambda rows: {key: torch.cat([r[key] for r in rows]) for key in rows[0]}  # noqa: E731
