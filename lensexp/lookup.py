@@ -165,6 +165,7 @@ def run(cfg: DictConfig) -> list[dict]:
     from lensexp.runtime import resolve_device, set_threads
 
     set_threads()
+    torch.manual_seed(int(cfg.seed))  # MC dropout draws from torch's global generator: same seed, same table
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     module = load_module(cfg.ckpt, resolve_device(cfg.device))

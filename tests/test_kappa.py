@@ -233,3 +233,17 @@ def test_a_briefly_trained_network_beats_the_lookup_on_a_held_out_class(tmp_path
     net, look, _ = evaluate_class(KappaPredictor(module, 64, 0.1, n_mc=4), bank, images, kappa, 0.1)
     ratio = float(net["kappa_mae"].mean() / look["kappa_mae"].mean())
     assert ratio < 0.8, f"network / look-up annulus error {ratio:.2f}"
+
+
+def test_lookup_command_is_deterministic_by_seed(kappa_ckpt, tmp_path):
+    from lensexp.lookup import run as lookup
+    from lensexp.simulate import run as simulate
+
+    bank = tmp_path / "bank"
+    simulate(compose_config("simulate", ["data=kappa", SERSIC, "n=40", "seed=11", f"out={bank}", "progress=false"]))
+    tables = []
+    for d in ("a", "b"):
+        over = [f"ckpt={kappa_ckpt}", f"bank={bank}", f"out={tmp_path / d}", "n=6", "classes=[sie,sie_pair]", "n_mc=3"]
+        lookup(compose_config("lookup", over))
+        tables.append((tmp_path / d / "per_lens.csv").read_text())
+    assert tables[0] == tables[1] and len(tables[0].splitlines()) == 13
