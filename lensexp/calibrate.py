@@ -3,11 +3,13 @@
 MC-dropout posteriors on a split (the run's test split by default): ``n_mc`` stochastic passes,
 each widened by its aleatoric sigma (Perreault Levasseur et al. 2017). Per label: posterior mean,
 std and central intervals; coverage at 68.3/95.5/99.7 % and the full coverage curve with binomial
-errors; RMSE, bias and the sigma/error ratio. A per-label scale of the predictive spread is fitted
-on the validation split (Gaussian-NLL sigma plus MC spread over-covers), saved beside the
-checkpoint as ``calibration.json`` and applied by ``predict``; the report shows coverage before
-and after. Writes ``DIR/coverage.json`` (``{param: {"0.683": f, ...}}``, after recalibration),
-``DIR/metrics.json``, ``DIR/report.html`` and its PNGs.
+errors; RMSE, bias and the sigma/error ratio. The spread is recalibrated on the validation split
+(Gaussian-NLL sigma plus MC spread over-covers), per image by default (:mod:`lensexp.recalibrate`:
+scales from the posterior std and the image S/N, then one factor per label over the coverage
+curve), saved beside the checkpoint as ``calibration.json`` and applied by ``predict``; the report
+shows coverage before and after, also per S/N bin and source kind. Writes ``DIR/coverage.json``
+(``{param: {"0.683": f, ...}}``, after recalibration), ``DIR/metrics.json``, ``DIR/report.html``
+and its PNGs.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lensexp import metrics
-from lensexp.metrics import coverage_curve, fit_scales, posterior_samples, scaled
+from lensexp.metrics import coverage_curve, posterior_samples
 from lensexp.errors import ConfigError
 
 CAL_FILE = "calibration.json"
@@ -119,6 +122,26 @@ def load_module(ckpt: str | Path, device: str = "cpu"):
     return module.to(device).eval()
 
 
+def write_calibration(path: Path, record: dict) -> None:
+    """``calibration.json`` written whole or not at all (temporary name, then rename)."""
+    from lensexp.files import temp_path
+
+    tmp = temp_path(path)
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(path)
+
+
+def read_calibration(path: Path, labels):
+    """The :class:`~lensexp.recalibrate.Recalibration` saved in ``path``; one line if unusable."""
+    from lensexp.recalibrate import Recalibration
+
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"calibration file '{path}' cannot be read as JSON ({exc})") from None
+    return Recalibration.from_dict(d, labels, f"calibration file '{path}'")
+
+
 def run_config(ckpt: str | Path) -> DictConfig | None:
     """The training config of the run that wrote ``ckpt`` (``RUN/.hydra/config.yaml``), if any."""
     cfg = Path(ckpt).resolve().parent.parent / ".hydra" / "config.yaml"
@@ -126,34 +149,47 @@ def run_config(ckpt: str | Path) -> DictConfig | None:
 
 
 @torch.no_grad()
-def collect(module, loader, n_mc: int, max_lenses: int | None = None, progress: bool = True):
-    """Network-space MC means/stds [n_mc, N, D] and physical truths [N, D] over a loader."""
+def collect(module, loader, n_mc: int, max_lenses: int | None = None, progress: bool = True) -> dict:
+    """Over a loader: network-space MC ``means``/``stds`` [n_mc, N, D], physical ``truth`` [N, D],
+    each image's detection ``snr`` [N] and, when the samples record it, ``is_cosmos`` [N]."""
     from tqdm import tqdm
 
-    ms, ss, ys, n = [], [], [], 0
+    from lensexp.recalibrate import image_snr
+
+    out = {k: [] for k in ("means", "stds", "truth", "snr", "is_cosmos")}
+    n = 0
     dev = module.label_mean.device
     for batch in tqdm(loader, desc="MC dropout", unit="batch", disable=not progress):
         m, s = module.predict_mc(batch["image"].to(dev), n_mc)
-        ms.append(m.cpu())
-        ss.append(s.cpu())
-        ys.append(batch["labels"])
+        out["means"].append(m.cpu())
+        out["stds"].append(s.cpu())
+        out["truth"].append(batch["labels"])
+        out["snr"].append(image_snr(batch["image"]))
+        if "is_cosmos" in batch:
+            out["is_cosmos"].append(batch["is_cosmos"])
         n += batch["labels"].shape[0]
         if max_lenses and n >= max_lenses:
             break
-    if not ys:
+    if not out["truth"]:
         raise ConfigError("the chosen split holds no lenses")
-    means, stds, truth = torch.cat(ms, 1), torch.cat(ss, 1), torch.cat(ys)
+    if len(out["is_cosmos"]) != len(out["truth"]):
+        out.pop("is_cosmos")
+    c = {k: torch.cat(v, 1 if k in ("means", "stds") else 0) for k, v in out.items()}
     if max_lenses:
-        means, stds, truth = means[:, :max_lenses], stds[:, :max_lenses], truth[:max_lenses]
-    return means, stds, truth
+        c = {k: v[:, :max_lenses] if k in ("means", "stds") else v[:max_lenses] for k, v in c.items()}
+    return c
 
 
-def summarise(module, means, stds, truth, scale=None, n_samples: int = 2048) -> dict:
-    """Physical-unit posterior summaries and calibration numbers for one split."""
+def summarise(module, c: dict, cal=None, n_samples: int = 2048) -> dict:
+    """Physical-unit posterior summaries and calibration numbers for one split (``c`` from
+    :func:`collect`), recalibrated by ``cal`` (:class:`~lensexp.recalibrate.Recalibration`) if given."""
+    from lensexp.recalibrate import coverage_by_group
+
+    truth = c["truth"]
     z_truth = module.to_net(truth)
-    samples, centre = posterior_samples(means, stds, n_samples)
-    if scale is not None:
-        samples = scaled(samples, centre, scale)
+    samples, centre = posterior_samples(c["means"], c["stds"], n_samples)
+    if cal is not None:
+        samples = cal.apply(samples, centre, c["snr"])
     phys = module.from_net(samples)
     mean, std = phys.mean(0), phys.std(0)
     iv = metrics.central_intervals(phys, metrics.LEVELS)
@@ -166,6 +202,8 @@ def summarise(module, means, stds, truth, scale=None, n_samples: int = 2048) -> 
         "intervals": iv,
         "coverage": cov,
         "curve": curve,
+        "max_curve_deviation": np.abs(curve - metrics.CURVE[:, None]).max(0),
+        "groups": coverage_by_group(truth, iv, c),
         "rmse": metrics.rmse(mean, truth),
         "bias": err.mean(0),
         "sigma_over_error": std.mean(0) / metrics.rmse(mean, truth).clamp(min=1e-12),
@@ -181,7 +219,11 @@ def _loader_for(cfg: DictConfig, train_cfg: DictConfig | None, split: str):
     if train_cfg is None and cfg.data_root is None and not cfg.on_the_fly:
         raise ConfigError("no run config beside the checkpoint: give data_root=SHARDS or on_the_fly=true")
     data_cfg = train_cfg.data if train_cfg is not None else cfg.data
-    if cfg.on_the_fly:
+    # a run trained on the fly has no shard set: its splits are simulated the same way
+    fly = cfg.on_the_fly or (
+        cfg.data_root is None and train_cfg is not None and train_cfg.datamodule.get("source") == "on_the_fly"
+    )
+    if fly:
         dm = LensDataModule(
             data_cfg,
             source="on_the_fly",
@@ -298,26 +340,24 @@ def run(cfg: DictConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     labels = module.labels
-    scale = None
+    cal = None
     if cfg.recalibrate:
-        vm, vs, vy = collect(
+        from lensexp.recalibrate import Recalibration
+
+        v = collect(
             module, _loader_for(cfg, train_cfg, cfg.recalibrate_split), int(cfg.n_mc), cfg.max_lenses, cfg.progress
         )
-        vsamples, vcentre = posterior_samples(vm, vs)
-        scale = fit_scales(vsamples, vcentre, module.to_net(vy))
-        cal = {
-            "method": "spread_scale",
-            "split": str(cfg.recalibrate_split),
-            "n": int(vy.shape[0]),
-            "scale": {n: float(s) for n, s in zip(labels, scale)},
-        }
-        (Path(cfg.ckpt).parent / CAL_FILE).write_text(json.dumps(cal, indent=2))
-        (out / CAL_FILE).write_text(json.dumps(cal, indent=2))
-    means, stds, truth = collect(
-        module, _loader_for(cfg, train_cfg, cfg.split), int(cfg.n_mc), cfg.max_lenses, cfg.progress
-    )
-    before = summarise(module, means, stds, truth)
-    after = summarise(module, means, stds, truth, scale) if scale is not None else before
+        vsamples, vcentre = posterior_samples(v["means"], v["stds"])
+        cal = Recalibration.fit(
+            labels, vsamples, vcentre, module.to_net(v["truth"]), v["snr"], str(cfg.recalibrate_method)
+        )
+        record = {**cal.to_dict(), "split": str(cfg.recalibrate_split)}
+        write_calibration(Path(cfg.ckpt).parent / CAL_FILE, record)
+        write_calibration(out / CAL_FILE, record)
+    c = collect(module, _loader_for(cfg, train_cfg, cfg.split), int(cfg.n_mc), cfg.max_lenses, cfg.progress)
+    truth = c["truth"]
+    before = summarise(module, c)
+    after = summarise(module, c, cal) if cal is not None else before
     final = after
     coverage = {n: {f"{c:.3f}": float(final["coverage"][c][j]) for c in metrics.LEVELS} for j, n in enumerate(labels)}
     (out / "coverage.json").write_text(json.dumps(coverage, indent=2))
@@ -325,9 +365,11 @@ def run(cfg: DictConfig) -> dict:
         "n_lenses": int(truth.shape[0]),
         "n_mc": int(cfg.n_mc),
         "split": str(cfg.split),
-        "recalibrated": scale is not None,
-        "scale": {n: float(s) for n, s in zip(labels, scale)} if scale is not None else None,
+        "recalibrated": cal is not None,
+        "method": cal.method if cal is not None else None,
+        "scale": {n: float(s) for n, s in zip(labels, cal.factor)} if cal is not None else None,
         "binomial_sigma": {f"{c:.3f}": metrics.binomial_sigma(c, int(truth.shape[0])) for c in metrics.LEVELS},
+        "groups": {"before": before["groups"], "after": after["groups"]},
         "per_label": {},
     }
     for j, n in enumerate(labels):
@@ -338,9 +380,11 @@ def run(cfg: DictConfig) -> dict:
             "sigma_over_error": float(final["sigma_over_error"][j]),
             "coverage_before": {f"{c:.3f}": float(before["coverage"][c][j]) for c in metrics.LEVELS},
             "coverage_after": {f"{c:.3f}": float(after["coverage"][c][j]) for c in metrics.LEVELS},
+            "max_curve_deviation_before": float(before["max_curve_deviation"][j]),
+            "max_curve_deviation_after": float(after["max_curve_deviation"][j]),
         }
     (out / "metrics.json").write_text(json.dumps(m, indent=2))
-    write_report(out, labels, before, after if scale is not None else None, m, str(cfg.ckpt))
+    write_report(out, labels, before, after if cal is not None else None, m, str(cfg.ckpt))
     if cfg.wandb.mode != "disabled":
         log_wandb(cfg, out, m)
     print(f"wrote {out / 'report.html'}, coverage.json, metrics.json ({truth.shape[0]} lenses, {cfg.n_mc} MC passes)")

@@ -153,8 +153,8 @@ class OnTheFlyDataset(IterableDataset):
 
 
 def _collate(samples: list[dict]) -> dict:
-    """Batch sample dicts: stacked ``image``, ``labels`` (and ``kappa`` maps when the samples
-    carry them), keys as a list."""
+    """Batch sample dicts: stacked ``image``, ``labels`` (and ``kappa`` maps and the source kind
+    ``is_cosmos`` when the samples carry them), keys as a list."""
     out = {
         "image": torch.stack([s["image"] for s in samples]),
         "labels": torch.stack([s["labels"] for s in samples]),
@@ -162,6 +162,8 @@ def _collate(samples: list[dict]) -> dict:
     }
     if "kappa" in samples[0]:
         out["kappa"] = torch.stack([s["kappa"] for s in samples])
+    if all("is_cosmos" in s.get("meta", {}) for s in samples):  # source kind, for coverage per kind
+        out["is_cosmos"] = torch.tensor([bool(s["meta"]["is_cosmos"]) for s in samples])
     return out
 
 

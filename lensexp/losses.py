@@ -7,6 +7,9 @@ prediction share one definition:
 * :class:`MSELoss` - outputs the mean only (no aleatoric uncertainty).
 * :class:`GaussianNLL` - diagonal Gaussian; outputs mean and ``log sigma`` (Perreault Levasseur
   et al. 2017: ``sum_k (y_k - mu_k)^2 / (2 sigma_k^2) + log sigma_k``).
+* :class:`BetaNLL` - the same Gaussian, each label's term weighted by ``sigma^(2 beta)`` (held
+  constant in the gradient; Seitzer et al. 2022, beta = 0.5): hard labels keep their gradient
+  instead of being explained away by a large sigma, while the optimal sigma is unchanged.
 * :class:`FullCovNLL` - full-covariance Gaussian; outputs mean and the Cholesky factor ``L`` of
   the covariance (diagonal through ``exp``), ``Sigma = L L^T``.
 
@@ -67,6 +70,22 @@ class GaussianNLL:
         return mu + sigma * eps
 
 
+class BetaNLL(GaussianNLL):
+    """beta-NLL (Seitzer et al. 2022): the Gaussian NLL per label times ``sigma^(2 beta)``
+    (detached). With ``beta = 0`` it is :class:`GaussianNLL`, with 1 the mean's gradient is the
+    MSE's; 0.5 lets e1, e2, centre and shear be learned while sigma still fits the residuals.
+    Same outputs and predictive distribution as :class:`GaussianNLL`."""
+
+    name = "beta_nll"
+    beta = 0.5
+
+    def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        mu, log_sigma = self.split(out)
+        z2 = ((y - mu) * torch.exp(-log_sigma)) ** 2
+        weight = torch.exp(2.0 * self.beta * log_sigma.detach())
+        return (weight * (0.5 * z2 + log_sigma + 0.5 * math.log(2 * math.pi))).sum(-1).mean()
+
+
 class FullCovNLL:
     """Full-covariance Gaussian NLL; outputs ``[mu (D), L (D (D + 1) / 2)]``.
 
@@ -110,11 +129,11 @@ class FullCovNLL:
         return mu + (L @ eps.unsqueeze(-1)).squeeze(-1)
 
 
-LOSSES = {cls.name: cls for cls in (MSELoss, GaussianNLL, FullCovNLL)}
+LOSSES = {cls.name: cls for cls in (MSELoss, GaussianNLL, BetaNLL, FullCovNLL)}
 
 
 def get_loss(name: str):
-    """The loss called ``name`` (``mse``, ``gaussian_nll`` or ``full_cov_nll``)."""
+    """The loss called ``name`` (``mse``, ``gaussian_nll``, ``beta_nll`` or ``full_cov_nll``)."""
     from lensexp.errors import ConfigError
 
     if name not in LOSSES:

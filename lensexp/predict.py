@@ -22,7 +22,6 @@ cosmic rays, or a mask FITS (nonzero = masked), as Hezaveh et al. 2017 did for r
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import replace
 import logging
 import os
@@ -33,6 +32,7 @@ import torch
 from omegaconf import DictConfig
 
 from lensexp import metrics
+from lensexp.recalibrate import image_snr
 from lensexp.errors import ConfigError
 from lensexp.files import check_writable, clean_stale, temp_path
 from lensexp.inputs import LensFiles, list_inputs, load, to_grid
@@ -64,7 +64,7 @@ class Predictor:
         npix: int | None = None,
         pixscale: float | None = None,
     ):
-        from lensexp.calibrate import CAL_FILE, load_module, run_config
+        from lensexp.calibrate import CAL_FILE, load_module, read_calibration, run_config
 
         self.module = load_module(ckpt, device)
         info = self.module.hparams.get("data_info")
@@ -78,15 +78,14 @@ class Predictor:
         self.n_mc, self.n_samples, self.seed, self.device = int(n_mc), int(n_samples), int(seed), device
         self.labels = list(getattr(self.module, "labels", []))  # none for density-map checkpoints
         self.columns = csv_columns(self.labels)
-        self.scale = None
+        self.calibration = None
         cal_path = (
             Path(ckpt).parent / CAL_FILE if calibration == "auto" else (Path(calibration) if calibration else None)
         )
         if not self.labels:  # density maps: no label recalibration
             pass
         elif cal_path is not None and cal_path.is_file():
-            cal = json.loads(cal_path.read_text())
-            self.scale = torch.tensor([cal["scale"][n] for n in self.labels])
+            self.calibration = read_calibration(cal_path, self.labels)
         elif calibration not in ("auto", None, "none"):
             raise ConfigError(f"calibration file not found: '{calibration}'")
 
@@ -97,8 +96,8 @@ class Predictor:
         means, stds = self.module.predict_mc(images.to(self.device), self.n_mc)
         g = generator or torch.Generator().manual_seed(self.seed)
         samples, centre = metrics.posterior_samples(means.cpu(), stds.cpu(), self.n_samples, g)
-        if self.scale is not None:
-            samples = metrics.scaled(samples, centre, self.scale)
+        if self.calibration is not None:
+            samples = self.calibration.apply(samples, centre, image_snr(images))
         return self.module.from_net(samples.to(self.module.label_mean.device)).cpu()
 
     def predict_arrays(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict:

@@ -4,6 +4,8 @@
   the predictions in bins of the truth (Hezaveh et al. 2017, Fig. 1 style).
 * ``coverage_curve.png``: empirical against nominal coverage over 1-99 %, with a binomial band,
   before and after recalibration.
+* ``coverage_by_snr.png``: coverage of the 68.3 % interval per image S/N bin and label, before
+  and after recalibration (beside a table per S/N bin and source kind).
 * ``mu_F_uncertainty.png``: predicted 68.3 % uncertainty of mu_F against true mu_F, points coloured
   by the smallest of the 68.3/95.5/99.7 % intervals holding the truth (Perreault Levasseur et al.
   2017, Fig. 1 style).
@@ -124,6 +126,41 @@ def mu_f_uncertainty(labels, summary, path: Path) -> None:
     plt.close(fig)
 
 
+def coverage_by_snr(labels, groups: dict, path: Path, level: str = "0.683") -> None:
+    """Coverage of the ``level`` interval per S/N bin, per label, before (dashed) and after."""
+    plt = _plt()
+    bins = list(groups["after"].get("snr", {}))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = np.arange(len(bins))
+    for j, name in enumerate(labels):
+        for key, ls in (("before", "--"), ("after", "-")):
+            g = groups[key].get("snr", {})
+            y = [g[b]["coverage"][level][j] if b in g else np.nan for b in bins]
+            ax.plot(x, y, ls, marker="o", ms=3, color=f"C{j}", label=name if key == "after" else None)
+    ax.axhline(float(level), color="k", lw=1)
+    ax.set_xticks(x, [f"{b}\n(n={groups['after']['snr'][b]['n']})" for b in bins], fontsize=7)
+    ax.set_xlabel("image detection S/N")
+    ax.set_ylabel(f"coverage of the {float(level) * 100:.1f} % interval")
+    ax.legend(fontsize=7, ncol=4)
+    ax.set_title("dashed: before recalibration, solid: after", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def group_rows(labels, groups: dict, level: str = "0.683") -> str:
+    """HTML rows: coverage of the ``level`` interval per group (S/N bin, source kind), before → after."""
+    rows = []
+    for kind, title in (("snr", "S/N"), ("source", "source")):
+        for name, g in groups["after"].get(kind, {}).items():
+            b = groups["before"][kind][name]["coverage"][level]
+            a = g["coverage"][level]
+            cells = "".join(f"<td>{b[j]:.2f} → <b>{a[j]:.2f}</b></td>" for j in range(len(labels)))
+            rows.append(f"<tr><td>{title} {html.escape(name)}</td><td>{g['n']}</td>{cells}</tr>")
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in labels)
+    return f"<table><tr><th>group</th><th>n</th>{head}</tr>{''.join(rows)}</table>"
+
+
 def _b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
@@ -143,6 +180,14 @@ def write_report(out: Path, labels, before, after, m: dict, ckpt: str) -> list[P
             lambda p: coverage_curves(labels, before, after, m["n_lenses"], p),
         ),
     ]
+    if m.get("groups", {}).get("after", {}).get("snr"):
+        figs.append(
+            (
+                "coverage_by_snr.png",
+                "Coverage of the 68.3 % interval per image S/N bin",
+                lambda p: coverage_by_snr(labels, m["groups"], p),
+            )
+        )
     if "mu_F" in labels:
         figs.append(
             (
@@ -176,8 +221,9 @@ def write_report(out: Path, labels, before, after, m: dict, ckpt: str) -> list[P
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}img{{max-width:100%}}figure{{margin:2em 0}}</style>
 </head><body><h1>Calibration report</h1>
 <p>Checkpoint <code>{html.escape(ckpt)}</code>; split <b>{html.escape(m["split"])}</b>, {m["n_lenses"]} lenses,
-{m["n_mc"]} MC-dropout passes each widened by its aleatoric σ. Recalibration (per-label spread scale
-fitted on the validation split): <b>{"applied" if m["recalibrated"] else "not applied"}</b>.</p>
+{m["n_mc"]} MC-dropout passes each widened by its aleatoric σ. Recalibration
+({html.escape(str(m.get("method") or "global"))}: spread scales fitted on the validation split):
+<b>{"applied" if m["recalibrated"] else "not applied"}</b>.</p>
 <p>How to read it: a calibrated model puts 68.3 / 95.5 / 99.7 % of the true values inside its
 68.3 / 95.5 / 99.7 % intervals. Binomial standard errors for {m["n_lenses"]} lenses:
 {sig["0.683"]:.3f}, {sig["0.955"]:.3f}, {sig["0.997"]:.3f}. Coverage above nominal means the
@@ -185,6 +231,10 @@ intervals are too wide (under-confident), below nominal too narrow. σ/error is 
 predicted standard deviation over the RMSE (≈1 when honest).</p>
 <table><tr><th>label</th><th>RMSE</th><th>bias</th><th>median |error|</th><th>σ/error</th>
 <th>68.3 % before → after</th><th>95.5 %</th><th>99.7 %</th><th>scale</th></tr>
-{"".join(rows)}</table>{imgs}</body></html>"""
+{"".join(rows)}</table>
+<h2>Coverage of the 68.3 % interval per image S/N and source kind (before → after)</h2>
+<p>Honest intervals hold about 68 % of the truths in every group, not only on average; S/N is
+the detection signal-to-noise of the image (lensexp/recalibrate.py: image_snr).</p>
+{group_rows(labels, m["groups"]) if m.get("groups") else ""}{imgs}</body></html>"""
     (out / "report.html").write_text(page)
     return paths

@@ -65,17 +65,28 @@ def test_report_from_a_trained_run(trained, tmp_path):
     m = run(cfg)
     cov = json.loads((tmp_path / "coverage.json").read_text())
     assert set(cov) == {"theta_E", "e1", "e2", "center_x", "center_y", "gamma1", "gamma2", "mu_F"}
-    assert all(set(v) == {"0.683", "0.955", "0.997"} and all(0 <= x <= 1 for x in v.values()) for v in cov.values())
-    assert m["recalibrated"] and m["n_lenses"] == 48
-    assert json.loads((tmp_path / "metrics.json").read_text())["per_label"]["theta_E"]["rmse"] > 0
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    # coverage.json is the recalibrated coverage, in 1/48 steps (a fraction of the 48 lenses)
+    for name, v in cov.items():
+        assert v == saved["per_label"][name]["coverage_after"]
+        assert all(abs(x * 48 - round(x * 48)) < 1e-4 for x in v.values())
+    assert m["recalibrated"] and m["n_lenses"] == 48 and m["method"] == "conditional"
+    assert saved["per_label"]["theta_E"]["rmse"] > 0
+    # coverage per image S/N bin, before and after: the bins partition the lenses
+    for key in ("before", "after"):
+        snr = saved["groups"][key]["snr"]
+        assert snr and sum(g["n"] for g in snr.values()) <= 48
+        assert all(len(g["coverage"]["0.683"]) == 8 for g in snr.values())
     html = (tmp_path / "report.html").read_text()
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert pngs == ["coverage_curve.png", "mu_F_uncertainty.png", "true_vs_pred.png"]
+    assert pngs == ["coverage_by_snr.png", "coverage_curve.png", "mu_F_uncertainty.png", "true_vs_pred.png"]
     for p in pngs:
         assert f'href="{p}"' in html and (tmp_path / p).stat().st_size > 5000
-    assert len(re.findall(r"data:image/png;base64,", html)) == 3  # self-contained
+    assert len(re.findall(r"data:image/png;base64,", html)) == 4  # self-contained
+    assert "per image S/N and source kind" in html and re.search(r"<td>S/N (\d|&gt;)", html)
     assert list((tmp_path / "wandb").glob("offline-run-*"))  # logged to W&B offline
     cal = json.loads((trained.parent / "calibration.json").read_text())
+    assert cal["method"] == "conditional" and set(cal["coef"]) == set(cov)
     assert set(cal["scale"]) == set(cov) and all(v > 0 for v in cal["scale"].values())
 
 

@@ -9,7 +9,7 @@ import torch
 from torch.distributions import MultivariateNormal, Normal
 
 from lensexp.errors import ConfigError
-from lensexp.losses import FullCovNLL, GaussianNLL, MSELoss, get_loss
+from lensexp.losses import BetaNLL, FullCovNLL, GaussianNLL, MSELoss, get_loss
 from lensexp.metrics import (
     LEVELS,
     binomial_sigma,
@@ -57,6 +57,25 @@ def test_full_cov_nll_matches_multivariate_normal():
     torch.testing.assert_close(s, torch.sqrt(torch.diagonal(cov, dim1=-2, dim2=-1)))
     samples = loss.sample(out, 20000, torch.Generator().manual_seed(1))
     torch.testing.assert_close(samples.std(0), s, rtol=0.03, atol=0.0)
+
+
+def test_beta_nll_reweights_the_mean_gradient_and_keeps_the_optimal_sigma():
+    mu = torch.tensor([[0.0, 0.0]], requires_grad=True)
+    log_sigma = torch.tensor([[math.log(0.5), math.log(2.0)]], requires_grad=True)
+    y = torch.tensor([[1.0, 1.0]])
+    loss = get_loss("beta_nll")
+    assert isinstance(loss, BetaNLL) and loss.n_outputs(8) == 16
+    loss(torch.cat([mu, log_sigma], -1), y).backward()
+    # d/dmu = -(y - mu) / sigma^2 * sigma^(2 beta) = -(y - mu) / sigma for beta = 1/2
+    torch.testing.assert_close(mu.grad, -torch.tensor([[1 / 0.5, 1 / 2.0]]))
+    # d/dlog sigma = sigma (1 - r^2 / sigma^2): zero at sigma = |r|, as for the plain NLL
+    torch.testing.assert_close(log_sigma.grad, torch.tensor([[0.5 * (1 - 4.0), 2.0 * (1 - 0.25)]]))
+    # beta = 0 is the Gaussian NLL
+    zero = BetaNLL()
+    zero.beta = 0.0
+    out = torch.randn(4, 16)
+    yy = torch.randn(4, 8)
+    torch.testing.assert_close(zero(out, yy), GaussianNLL()(out, yy))
 
 
 def test_get_loss():

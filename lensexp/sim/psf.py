@@ -34,6 +34,18 @@ def _galsim_profile(kind: str, fwhm: float, moffat_beta: float):
     raise ConfigError(f"unknown PSF kind '{kind}'; choose one of {PROFILES + ('empirical',)}")
 
 
+def _betas(beta, n: int) -> list[float]:
+    """Moffat beta per kernel: one value, or a range [low, high] spread over ``n`` kernels in a
+    scrambled order (so that beta does not follow the FWHM)."""
+    if isinstance(beta, (int, float)):
+        return [float(beta)] * max(n, 1)
+    lo, hi = (float(v) for v in beta)
+    if not 1.0 < lo <= hi:
+        raise ConfigError(f"psf.moffat_beta must be > 1 (a value or a range low <= high), got [{lo}, {hi}]")
+    vals = np.linspace(lo, hi, max(n, 1))
+    return [float(v) for v in vals[np.random.default_rng(0).permutation(len(vals))]]
+
+
 def draw_kernel(kind: str, fwhm_arcsec: float, pixscale: float, size: int, moffat_beta: float = 3.5) -> np.ndarray:
     """Draw one pixel-integrated PSF kernel [size, size] of unit sum with GalSim."""
     if not fwhm_arcsec > 0:
@@ -105,8 +117,9 @@ class PSFBank:
 
     @classmethod
     def from_config(cls, cfg, pixscale: float, npix: int) -> PSFBank:
-        """Build from a ``psf`` config: ``kind`` (gaussian|moffat|airy|empirical|mix), ``fwhm``
-        range [arcsec], ``n_kernels``, ``size`` [px], ``moffat_beta``, and ``empirical``
+        """Build from a ``psf`` config: ``kind`` (gaussian|moffat|airy|empirical|mix|analytic),
+        ``fwhm`` range [arcsec], ``n_kernels``, ``size`` [px], ``moffat_beta`` (a value or a range
+        [low, high] spread over the kernels), and ``empirical``
         (``file``, ``pixscale``) used by ``kind: empirical`` or, with ``empirical_fraction``, by mix.
         """
         kind = str(cfg.kind)
@@ -114,14 +127,16 @@ class PSFBank:
         if size < 3 or size % 2 == 0:
             raise ConfigError(f"psf.size must be an odd number of pixels >= 3, got {size}")
         kernels, fwhms, kinds = [], [], []
-        if kind in PROFILES or kind == "mix":
+        if kind in PROFILES or kind in ("mix", "analytic"):
             lo, hi = (float(v) for v in cfg.fwhm)
             if not (0 < lo <= hi):
                 raise ConfigError(f"psf.fwhm must be a range 0 < low <= high in arcsec, got [{lo}, {hi}]")
             n = int(cfg.n_kernels)
-            profile = "gaussian" if kind == "mix" else kind
-            for f in np.linspace(lo, hi, n) if n > 1 else [lo]:
-                kernels.append(draw_kernel(profile, float(f), pixscale, size, float(cfg.get("moffat_beta", 3.5))))
+            betas = _betas(cfg.get("moffat_beta", 3.5), n)
+            for i, f in enumerate(np.linspace(lo, hi, n) if n > 1 else [lo]):
+                # analytic: Gaussian, Moffat and Airy kernels in turn across the FWHM range
+                profile = {"mix": "gaussian", "analytic": PROFILES[i % 3]}.get(kind, kind)
+                kernels.append(draw_kernel(profile, float(f), pixscale, size, betas[i]))
                 fwhms.append(float(f))
                 kinds.append(profile)
         if kind in ("empirical", "mix"):
@@ -140,7 +155,7 @@ class PSFBank:
             fwhms.extend(float(f) for f in ef)
             kinds.extend(["empirical"] * len(ek))
         if not kernels:
-            raise ConfigError(f"unknown psf.kind '{kind}'; choose one of {PROFILES + ('empirical', 'mix')}")
+            raise ConfigError(f"unknown psf.kind '{kind}'; choose one of {PROFILES + ('empirical', 'mix', 'analytic')}")
         return cls(torch.from_numpy(np.stack(kernels)), torch.tensor(fwhms, dtype=torch.float32), npix, kinds)
 
     def to(self, device):

@@ -7,10 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from scipy import ndimage, signal
 
 from lensexp.config import load_data_preset
 from lensexp.sim import instrument as inst
+from lensexp.errors import ConfigError
 from lensexp.sim.psf import PSFBank, direct_convolve, draw_kernel, fft_convolve, kernel_rfft, measure_fwhm
 from lensexp.sim.render import Simulator
 
@@ -162,6 +164,27 @@ def test_galsim_kernels_have_requested_fwhm(kind):
     k = draw_kernel(kind, 0.6, 0.05, 41)
     assert k.sum() == pytest.approx(1.0, abs=1e-6)
     assert measure_fwhm(k, 0.05) == pytest.approx(0.6, rel=0.12)
+
+
+def test_analytic_psf_bank_mixes_profiles_and_moffat_betas():
+    cfg = load_data_preset("tiny_broad").psf
+    bank = PSFBank.from_config(cfg, 0.1, 64)
+    kinds = np.array(bank.kind)
+    assert len(kinds) == 48 and {k: int((kinds == k).sum()) for k in ("gaussian", "moffat", "airy")} == {
+        "gaussian": 16,
+        "moffat": 16,
+        "airy": 16,
+    }
+    np.testing.assert_allclose(bank.kernels.sum((1, 2)).numpy(), 1.0, atol=1e-5)
+    # the Moffat kernels carry different betas: at one FWHM a low beta has broader wings
+    lo = draw_kernel("moffat", 0.25, 0.1, 13, 2.0)
+    hi = draw_kernel("moffat", 0.25, 0.1, 13, 4.5)
+    ring = np.hypot(*np.meshgrid(np.arange(13) - 6, np.arange(13) - 6)) >= 4
+    assert lo[ring].sum() > 2 * hi[ring].sum()
+    wings = [float(bank.kernels[i][torch.from_numpy(ring)].sum()) for i in np.flatnonzero(kinds == "moffat")]
+    assert np.ptp(wings) > 0.01  # not one beta for all
+    with pytest.raises(ConfigError, match="moffat_beta"):
+        PSFBank.from_config(OmegaConf.merge(cfg, {"moffat_beta": [0.5, 3.0]}), 0.1, 64)
 
 
 def test_psf_bank_with_empirical_psfs(emp_psf):

@@ -1,0 +1,79 @@
+"""The outside-style check: lenstronomy-made lenses through a checkpoint and its recalibration."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lensexp.calibrate import load_module, run
+from lensexp.config import compose_config
+from lensexp.metrics import posterior_samples
+from lensexp.paths import PROJECT_ROOT
+from lensexp.recalibrate import Recalibration, image_snr
+from tests.conftest import train_tiny_checkpoint
+
+pytest.importorskip("lenstronomy")
+sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
+from outside_coverage import evaluate, table_rows  # noqa: E402
+from outside_sets import make_set, moffat_kernel  # noqa: E402
+
+
+def test_outside_sets_follow_the_conventions():
+    bright, faint = make_set("bright_rings", 12, 0), make_set("faint_arcs", 12, 0)
+    assert bright["images"].shape == (12, 1, 64, 64) and bright["images"].dtype == np.float32
+    # the faint set is fainter to the detector, not only by its stated magnitudes
+    assert float(image_snr(torch.from_numpy(faint["images"])).median()) < 0.5 * float(
+        image_snr(torch.from_numpy(bright["images"])).median()
+    )
+    # labels: e1, e2 from phi and q (e <= 1/3 for q >= 0.5), shear inside its range, mu_F > 1
+    lab = bright["labels"]
+    assert np.all(np.hypot(lab[:, 1], lab[:, 2]) < 0.43) and np.all(np.abs(lab[:, 5:7]) <= 0.08)
+    assert np.all(lab[:, 7] > 1.0)
+    # the Moffat kernel's FWHM is the one asked for (half maximum at the stated radius)
+    k = moffat_kernel(0.3, 3.0, size=41, pixscale=0.01, sub=1)
+    row = k[20] / k[20, 20]
+    assert abs(np.interp(0.5, row[20:][::-1], np.arange(21)[::-1]) * 0.01 * 2 - 0.3) < 0.015
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    ckpt = train_tiny_checkpoint(tmp_path_factory.mktemp("run"))
+    cfg = compose_config(
+        "calibrate",
+        [
+            f"ckpt={ckpt}",
+            f"out={ckpt.parent / 'cal'}",
+            "on_the_fly=true",
+            "data.source.kind=sersic",
+            "max_lenses=64",
+            "n_mc=4",
+            "batch_size=32",
+            "progress=false",
+            "wandb.mode=disabled",
+        ],
+    )
+    run(cfg)
+    return ckpt
+
+
+def test_recalibration_is_applied_per_image_on_outside_lenses(calibrated):
+    module = load_module(calibrated)
+    cal = Recalibration.from_dict(json.loads((calibrated.parent / "calibration.json").read_text()), module.labels)
+    d = make_set("faint_arcs", 24, 1)
+    images, truth = torch.from_numpy(d["images"]), torch.from_numpy(d["labels"])
+    res = evaluate(module, images, truth, cal, n_mc=4)
+    before, after = res["before"], res["after"]
+    # each lens's spread is multiplied by its own scale (S/N and posterior std), per label
+    samples, _ = posterior_samples(res["c"]["means"], res["c"]["stds"], 2048)
+    expect = cal.scales(samples, res["c"]["snr"]) * torch.from_numpy(cal.factor)
+    # (physical = affine of network units, except mu_F, learned as log mu_F)
+    ratio = (after["std"] / before["std"]).double()
+    torch.testing.assert_close(ratio[:, :7], expect[:, :7], rtol=1e-4, atol=1e-6)
+    assert cal.method == "conditional" and float(expect.std(0).max()) > 1e-3  # not one scale for all
+    rows = table_rows("faint_arcs", module.labels, res)
+    assert rows["n"] == 24 and set(rows["labels"]) == set(module.labels)
+    assert sum(g["n"] for g in after["groups"]["snr"].values()) <= 24
