@@ -61,8 +61,8 @@ def snr_bin_labels(edges=SNR_EDGES) -> list[str]:
 
 def _features(std: torch.Tensor, snr: torch.Tensor) -> np.ndarray:
     """[B, D, 2] features: log posterior std per label, log S/N per image."""
-    ls = torch.log(std.clamp(min=1e-12)).double().numpy()
-    lsnr = np.log(np.clip(snr.double().numpy(), 1.0, None))
+    ls = torch.log(std.detach().cpu().clamp(min=1e-12)).double().numpy()
+    lsnr = np.log(np.clip(snr.detach().cpu().double().numpy(), 1.0, None))
     return np.stack([ls, np.broadcast_to(lsnr[:, None], ls.shape)], -1)
 
 
@@ -118,7 +118,7 @@ class Recalibration:
         s = self.scales(samples, snr)
         if with_factor:
             s = s * torch.from_numpy(self.factor)
-        return centre + (samples - centre) * s.to(samples.dtype)
+        return centre + (samples - centre) * s.to(samples.device, samples.dtype)
 
     def to_dict(self) -> dict:
         out = {

@@ -622,13 +622,9 @@ def write_fits_set(cfg: DictConfig) -> dict:
     return {"count": n, "files": [r["name"] for r in rows]}
 
 
-def main_entry(cfg: DictConfig) -> None:
-    run(cfg)
-
-
 if __name__ == "__main__":
     import hydra
 
     from lensexp.cli import clean_errors
 
-    hydra.main(config_path="../conf", config_name="simulate", version_base="1.3")(clean_errors(main_entry))()
+    hydra.main(config_path="../conf", config_name="simulate", version_base="1.3")(clean_errors(run))()

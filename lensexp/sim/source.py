@@ -56,13 +56,6 @@ def sersic_sb_rotated(dx, dy, c, s, q, inv_q, log_amp_b, b, half_inv_n, log_r_n,
     return torch.exp(log_amp_b - b * torch.exp(torch.log(R2) * half_inv_n + log_r_n))
 
 
-def sersic_sb(x, y, amp, R_sersic, n, e1, e2, center_x, center_y, smoothing=1e-5):
-    """Elliptical Sérsic SB [e-/s/arcsec^2] at (x, y) [arcsec]; arguments broadcast."""
-    return sersic_sb_rotated(
-        x - center_x, y - center_y, *sersic_coefficients(amp, R_sersic, n, e1, e2), smoothing=smoothing
-    )
-
-
 def gaussian_clumps_sb(x, y, flux, sigma, center_x, center_y):
     """Sum of circular Gaussian clumps: ``flux, sigma, center_*`` are [B, K]; x, y [B, P] or [P].
 
