@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from lensexp import metrics
 from lensexp.metrics import coverage_curve, posterior_samples
 from lensexp.errors import ConfigError
+from lensexp.files import write_text_atomic
 
 CAL_FILE = "calibration.json"
 
@@ -120,15 +121,6 @@ def load_module(ckpt: str | Path, device: str = "cpu"):
             f"checkpoint '{ckpt}': its weights do not fit the network its settings describe ({first})"
         ) from None
     return module.to(device).eval()
-
-
-def write_calibration(path: Path, record: dict) -> None:
-    """``calibration.json`` written whole or not at all (temporary name, then rename)."""
-    from lensexp.files import temp_path
-
-    tmp = temp_path(path)
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)
 
 
 def read_calibration(path: Path, labels):
@@ -352,8 +344,8 @@ def run(cfg: DictConfig) -> dict:
             labels, vsamples, vcentre, module.to_net(v["truth"]), v["snr"], str(cfg.recalibrate_method)
         )
         record = {**cal.to_dict(), "split": str(cfg.recalibrate_split)}
-        write_calibration(Path(cfg.ckpt).parent / CAL_FILE, record)
-        write_calibration(out / CAL_FILE, record)
+        for path in (Path(cfg.ckpt).parent / CAL_FILE, out / CAL_FILE):
+            write_text_atomic(path, json.dumps(record, indent=2))
     c = collect(module, _loader_for(cfg, train_cfg, cfg.split), int(cfg.n_mc), cfg.max_lenses, cfg.progress)
     truth = c["truth"]
     before = summarise(module, c)

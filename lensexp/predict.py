@@ -97,7 +97,8 @@ class Predictor:
         g = generator or torch.Generator().manual_seed(self.seed)
         samples, centre = metrics.posterior_samples(means.cpu(), stds.cpu(), self.n_samples, g)
         if self.calibration is not None:
-            samples = self.calibration.apply(samples, centre, image_snr(images))
+            snr = image_snr(images) if self.calibration.method == "conditional" else None
+            samples = self.calibration.apply(samples, centre, snr)
         return self.module.from_net(samples.to(self.module.label_mean.device)).cpu()
 
     def predict_arrays(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict:

@@ -104,7 +104,7 @@ class Recalibration:
         return cal
 
     def scales(self, samples, snr) -> torch.Tensor:
-        """Spread scale [B, D] of each image and label."""
+        """Spread scale [B, D] of each image and label (``snr`` is read by ``conditional`` only)."""
         b, d = samples.shape[1], samples.shape[2]
         s = torch.ones(b, d, dtype=torch.float64)
         if self.method == "conditional" and self.coef is not None:
