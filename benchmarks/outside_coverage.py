@@ -34,7 +34,7 @@ def evaluate(module, images, truth, cal, n_mc: int = 16, batch: int = 64, seed: 
     return {"before": summarise(module, c), "after": summarise(module, c, cal) if cal is not None else None, "c": c}
 
 
-def table_rows(name: str, labels, res: dict) -> dict:
+def table_rows(labels, res: dict) -> dict:
     """Plain numbers per label for one set."""
     out = {"n": int(res["before"]["n"]), "snr_median": float(res["c"]["snr"].median()), "labels": {}}
     for j, lab in enumerate(labels):
@@ -99,7 +99,7 @@ def main() -> None:
         d = make_set(name, args.n, args.seed)
         t1 = time.perf_counter()
         res = evaluate(module, torch.from_numpy(d["images"]), torch.from_numpy(d["labels"]), cal, args.n_mc)
-        results["sets"][name] = table_rows(name, module.labels, res)
+        results["sets"][name] = table_rows(module.labels, res)
         r = results["sets"][name]["labels"]
         print(
             f"{name}: made in {t1 - t0:.0f} s, evaluated in {time.perf_counter() - t1:.0f} s; theta_E RMSE "

@@ -71,7 +71,7 @@ def posterior_samples(means, stds, n_samples: int = 2048, seed: int | torch.Gene
 
 
 def scaled(samples, centre, scale):
-    """Samples with their spread about ``centre`` multiplied by ``scale`` [D]."""
+    """Samples with their spread about ``centre`` multiplied by ``scale`` ([D], or [B, D] per image)."""
     return centre + (samples - centre) * torch.as_tensor(scale, dtype=samples.dtype)
 
 

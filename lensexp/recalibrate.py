@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from lensexp.errors import ConfigError
-from lensexp.metrics import fit_scales
+from lensexp.metrics import fit_scales, scaled
 
 METHODS = ("conditional", "global")
 FEATURES = ("log_std", "log_snr")
@@ -118,7 +118,7 @@ class Recalibration:
         s = self.scales(samples, snr)
         if with_factor:
             s = s * torch.from_numpy(self.factor)
-        return centre + (samples - centre) * s.to(samples.device, samples.dtype)
+        return scaled(samples, centre, s.to(samples.device))
 
     def to_dict(self) -> dict:
         out = {
@@ -136,7 +136,8 @@ class Recalibration:
     def from_dict(cls, d: dict, labels, source: str = "calibration") -> Recalibration:
         """From ``calibration.json`` (also the earlier one-scale ``spread_scale`` files)."""
         try:
-            method = {"spread_scale": "global"}.get(d.get("method", "global"), d.get("method", "global"))
+            method = d.get("method", "global")
+            method = "global" if method == "spread_scale" else method  # the earlier one-scale files
             factor = [float(d["scale"][n]) for n in labels]
             coef = lo = hi = None
             if method == "conditional":

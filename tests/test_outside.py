@@ -74,6 +74,6 @@ def test_recalibration_is_applied_per_image_on_outside_lenses(calibrated):
     ratio = (after["std"] / before["std"]).double()
     torch.testing.assert_close(ratio[:, :7], expect[:, :7], rtol=1e-4, atol=1e-6)
     assert cal.method == "conditional" and float(expect.std(0).max()) > 1e-3  # not one scale for all
-    rows = table_rows("faint_arcs", module.labels, res)
+    rows = table_rows(module.labels, res)
     assert rows["n"] == 24 and set(rows["labels"]) == set(module.labels)
     assert sum(g["n"] for g in after["groups"]["snr"].values()) <= 24
