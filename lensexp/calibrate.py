@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lensexp import metrics
-from lensexp.metrics import coverage_curve, posterior_samples
+from lensexp.metrics import coverage_curve
 from lensexp.errors import ConfigError
 from lensexp.files import write_text_atomic
 
@@ -85,11 +85,55 @@ KAPPA_MODEL_KEYS = frozenset(
 )
 
 
+def resolve_ckpt(ckpt: str | Path) -> Path:
+    """``ckpt`` itself, or for a run folder its ``checkpoints/ensemble.json`` (an ensemble run)
+    or else its ``checkpoints/last.ckpt``."""
+    from lensexp.ensemble import MANIFEST
+
+    p = Path(str(ckpt))
+    if not p.is_dir():
+        return p
+    for cand in (p / "checkpoints" / MANIFEST, p / "checkpoints" / "last.ckpt"):
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"'{ckpt}' is a folder without checkpoints/{MANIFEST} or checkpoints/last.ckpt")
+
+
+def check_loss_hparam(loss, source: str):
+    """Allow-list a checkpoint's loss setting: a loss name, or a flow's plain settings."""
+    from lensexp.flow import FLOW_KEYS
+
+    if isinstance(loss, str):
+        return loss
+    plain = (int, float, str)
+    if (
+        not isinstance(loss, dict)
+        or loss.get("name") != "flow_nll"
+        or set(loss) - FLOW_KEYS - {"name"}
+        or not all(isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, int) for x in v)) for v in loss.values())
+    ):
+        raise ConfigError(f"{source}: refused loss setting {loss!r} (a loss name or flow_nll settings {sorted(FLOW_KEYS)})")
+    return loss
+
+
 def load_module(ckpt: str | Path, device: str = "cpu"):
     """A trained module from a checkpoint, loaded weights-only, its hyper-parameters
     allow-listed (:func:`~lensexp.models.check_model_hparams`): a
     :class:`~lensexp.module.LensModule` (the eight labels) or, for ``task: kappa`` checkpoints, a
-    :class:`~lensexp.kappa_module.KappaModule` (density maps)."""
+    :class:`~lensexp.kappa_module.KappaModule` (density maps); for an ``ensemble.json`` (or a run
+    folder holding one) an :class:`~lensexp.ensemble.Ensemble` of its members."""
+    from lensexp.ensemble import MANIFEST, Ensemble, read_manifest
+
+    ckpt = resolve_ckpt(ckpt)
+    if ckpt.name == MANIFEST:
+        members = [load_module(p, device) for p in read_manifest(ckpt)]
+        if any(m.hparams.get("task") == "kappa" for m in members):
+            raise ConfigError(f"'{ckpt}': ensembles of density-map networks are not supported")
+        return Ensemble(members, f"ensemble '{ckpt}'")
+    return _load_one(ckpt, device)
+
+
+def _load_one(ckpt: Path, device: str):
     from lensexp.models import check_model_hparams
 
     ck = read_checkpoint(ckpt)
@@ -101,6 +145,8 @@ def load_module(ckpt: str | Path, device: str = "cpu"):
     if unknown:
         raise ConfigError(f"checkpoint '{ckpt}': refused hyper-parameter(s) {unknown}")
     check_model_hparams(hp.get("model"), f"checkpoint '{ckpt}'", KAPPA_MODEL_KEYS if kappa else None)
+    if not kappa and "loss" in hp:
+        check_loss_hparam(hp["loss"], f"checkpoint '{ckpt}'")
     if kappa:
         from lensexp.kappa_module import KappaModule as Module
     else:
@@ -136,25 +182,34 @@ def read_calibration(path: Path, labels):
 
 def run_config(ckpt: str | Path) -> DictConfig | None:
     """The training config of the run that wrote ``ckpt`` (``RUN/.hydra/config.yaml``), if any."""
-    cfg = Path(ckpt).resolve().parent.parent / ".hydra" / "config.yaml"
+    cfg = resolve_ckpt(ckpt).resolve().parent.parent / ".hydra" / "config.yaml"
     return OmegaConf.load(cfg) if cfg.is_file() else None
 
 
 @torch.no_grad()
-def collect(module, loader, n_mc: int, max_lenses: int | None = None, progress: bool = True) -> dict:
-    """Over a loader: network-space MC ``means``/``stds`` [n_mc, N, D], physical ``truth`` [N, D],
-    each image's detection ``snr`` [N] and, when the samples record it, ``is_cosmos`` [N]."""
+def collect(
+    module, loader, n_mc: int, max_lenses: int | None = None, progress: bool = True, n_samples: int = 2048, seed: int = 0
+) -> dict:
+    """Over a loader, from the posterior-samples interface (``module.posterior``: MC dropout,
+    ensemble or flow alike): network-space ``samples`` [S, N, D] and ``centre`` [N, D], physical
+    ``truth`` [N, D], each image's detection ``snr`` [N], when the samples record it
+    ``is_cosmos`` [N], and ``seconds_per_lens`` of posterior sampling."""
+    import time
+
     from tqdm import tqdm
 
     from lensexp.recalibrate import image_snr
 
-    out = {k: [] for k in ("means", "stds", "truth", "snr", "is_cosmos")}
-    n = 0
+    out = {k: [] for k in ("samples", "centre", "truth", "snr", "is_cosmos")}
+    n, busy = 0, 0.0
+    g = torch.Generator().manual_seed(int(seed))
     dev = module.label_mean.device
-    for batch in tqdm(loader, desc="MC dropout", unit="batch", disable=not progress):
-        m, s = module.predict_mc(batch["image"].to(dev), n_mc)
-        out["means"].append(m.cpu())
-        out["stds"].append(s.cpu())
+    for batch in tqdm(loader, desc="posterior", unit="batch", disable=not progress):
+        t0 = time.perf_counter()
+        s, c = module.posterior(batch["image"].to(dev), n_mc, n_samples, g)
+        busy += time.perf_counter() - t0
+        out["samples"].append(s)
+        out["centre"].append(c)
         out["truth"].append(batch["labels"])
         out["snr"].append(image_snr(batch["image"]))
         if "is_cosmos" in batch:
@@ -166,20 +221,21 @@ def collect(module, loader, n_mc: int, max_lenses: int | None = None, progress: 
         raise ConfigError("the chosen split holds no lenses")
     if len(out["is_cosmos"]) != len(out["truth"]):
         out.pop("is_cosmos")
-    c = {k: torch.cat(v, 1 if k in ("means", "stds") else 0) for k, v in out.items()}
+    c = {k: torch.cat(v, 1 if k == "samples" else 0) for k, v in out.items()}
     if max_lenses:
-        c = {k: v[:, :max_lenses] if k in ("means", "stds") else v[:max_lenses] for k, v in c.items()}
+        c = {k: v[:, :max_lenses] if k == "samples" else v[:max_lenses] for k, v in c.items()}
+    c["seconds_per_lens"] = busy / max(n, 1)
     return c
 
 
-def summarise(module, c: dict, cal=None, n_samples: int = 2048) -> dict:
+def summarise(module, c: dict, cal=None) -> dict:
     """Physical-unit posterior summaries and calibration numbers for one split (``c`` from
     :func:`collect`), recalibrated by ``cal`` (:class:`~lensexp.recalibrate.Recalibration`) if given."""
     from lensexp.recalibrate import coverage_by_group
 
     truth = c["truth"]
     z_truth = module.to_net(truth)
-    samples, centre = posterior_samples(c["means"], c["stds"], n_samples)
+    samples, centre = c["samples"], c["centre"]
     if cal is not None:
         samples = cal.apply(samples, centre, c["snr"])
     phys = module.from_net(samples)
@@ -203,6 +259,15 @@ def summarise(module, c: dict, cal=None, n_samples: int = 2048) -> dict:
         "truth": truth,
         "n": truth.shape[0],
     }
+
+
+def uncertainty_method(module) -> str:
+    """``ensemble``, ``flow``, ``mc_dropout`` (Gaussian head with active dropout) or ``gaussian``."""
+    if hasattr(module, "members"):
+        return f"ensemble of {len(module.members)} ({uncertainty_method(module.members[0])})"
+    if not hasattr(module.loss_fn, "mean_std"):
+        return "flow" + (" + mc_dropout" if module.mc_passes(2) > 1 else "")
+    return "mc_dropout" if module.mc_passes(2) > 1 else str(module.loss_fn.name)
 
 
 def _loader_for(cfg: DictConfig, train_cfg: DictConfig | None, split: str):
@@ -332,21 +397,22 @@ def run(cfg: DictConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     labels = module.labels
+    sampling = dict(
+        n_mc=int(cfg.n_mc), max_lenses=cfg.max_lenses, progress=cfg.progress, n_samples=int(cfg.n_samples), seed=int(cfg.seed)
+    )
     cal = None
     if cfg.recalibrate:
         from lensexp.recalibrate import Recalibration
 
-        v = collect(
-            module, _loader_for(cfg, train_cfg, cfg.recalibrate_split), int(cfg.n_mc), cfg.max_lenses, cfg.progress
-        )
-        vsamples, vcentre = posterior_samples(v["means"], v["stds"])
+        v = collect(module, _loader_for(cfg, train_cfg, cfg.recalibrate_split), **sampling)
         cal = Recalibration.fit(
-            labels, vsamples, vcentre, module.to_net(v["truth"]), v["snr"], str(cfg.recalibrate_method)
+            labels, v["samples"], v["centre"], module.to_net(v["truth"]), v["snr"], str(cfg.recalibrate_method)
         )
+        del v
         record = {**cal.to_dict(), "split": str(cfg.recalibrate_split)}
-        for path in (Path(cfg.ckpt).parent / CAL_FILE, out / CAL_FILE):
+        for path in (resolve_ckpt(cfg.ckpt).parent / CAL_FILE, out / CAL_FILE):
             write_text_atomic(path, json.dumps(record, indent=2))
-    c = collect(module, _loader_for(cfg, train_cfg, cfg.split), int(cfg.n_mc), cfg.max_lenses, cfg.progress)
+    c = collect(module, _loader_for(cfg, train_cfg, cfg.split), **sampling)
     truth = c["truth"]
     before = summarise(module, c)
     after = summarise(module, c, cal) if cal is not None else before
@@ -356,6 +422,10 @@ def run(cfg: DictConfig) -> dict:
     m = {
         "n_lenses": int(truth.shape[0]),
         "n_mc": int(cfg.n_mc),
+        "passes": int(module.mc_passes(int(cfg.n_mc))),
+        "n_samples": int(cfg.n_samples),
+        "uncertainty": uncertainty_method(module),
+        "predict_seconds_per_lens": float(c["seconds_per_lens"]),
         "split": str(cfg.split),
         "recalibrated": cal is not None,
         "method": cal.method if cal is not None else None,

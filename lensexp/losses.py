@@ -12,6 +12,9 @@ prediction share one definition:
   instead of being explained away by a large sigma, while the optimal sigma is unchanged.
 * :class:`FullCovNLL` - full-covariance Gaussian; outputs mean and the Cholesky factor ``L`` of
   the covariance (diagonal through ``exp``), ``Sigma = L L^T``.
+* :class:`~lensexp.flow.FlowNLL` - a conditional normalizing flow over all labels (neural
+  posterior estimation); outputs a context vector, has weights of its own (an ``nn.Module``) and
+  no closed-form mean: it is sampled.
 
 Labels are in normalised units (zero mean, unit spread per label) inside the network.
 """
@@ -133,10 +136,22 @@ class FullCovNLL:
 LOSSES = {cls.name: cls for cls in (MSELoss, GaussianNLL, BetaNLL, FullCovNLL)}
 
 
-def get_loss(name: str):
-    """The loss called ``name`` (``mse``, ``gaussian_nll``, ``beta_nll`` or ``full_cov_nll``)."""
+def get_loss(spec, n_labels: int = 8):
+    """The loss ``spec`` names: ``mse``, ``gaussian_nll``, ``beta_nll``, ``full_cov_nll`` (a name),
+    or a mapping ``{name: flow_nll, ...settings}`` (:class:`~lensexp.flow.FlowNLL` over
+    ``n_labels`` labels; the others take no settings)."""
     from lensexp.errors import ConfigError
 
-    if name not in LOSSES:
-        raise ConfigError(f"unknown loss '{name}'; choose one of {sorted(LOSSES)}")
-    return LOSSES[name]()
+    settings = {}
+    if isinstance(spec, dict):
+        settings = {k: v for k, v in spec.items() if k != "name"}
+        spec = spec.get("name")
+    if spec == "flow_nll":
+        from lensexp.flow import FlowNLL
+
+        return FlowNLL(n_labels, **settings)
+    if spec not in LOSSES:
+        raise ConfigError(f"unknown loss '{spec}'; choose one of {sorted([*LOSSES, 'flow_nll'])}")
+    if settings:
+        raise ConfigError(f"loss '{spec}' takes no settings, got {sorted(settings)}")
+    return LOSSES[spec]()

@@ -17,12 +17,13 @@ import torch
 
 from lensexp import metrics
 from lensexp.losses import get_loss
-from lensexp.models import LensRegressor, set_mc_dropout
+from lensexp.models import LensRegressor, MCDropout, set_mc_dropout
 from lensexp.sim.instrument import normalize
 from lensexp.sim.priors import LABELS
 
 LOG_LABELS = ("mu_F",)
 SHORT = {0.683: "cov68", 0.955: "cov95", 0.997: "cov997"}
+VAL_SAMPLES = 1024  # posterior samples per lens in validation metrics
 
 
 class EvalHooks:
@@ -44,14 +45,15 @@ class EvalHooks:
 
 class LensModule(EvalHooks, pl.LightningModule):
     """``model``: kwargs of :class:`~lensexp.models.LensRegressor` (backbone, dropout, ...);
-    ``loss``: ``mse``, ``gaussian_nll`` or ``full_cov_nll``; ``in_chans``: bands; ``data_info``:
+    ``loss``: a name (``mse``, ``gaussian_nll``, ``beta_nll``, ``full_cov_nll``) or a mapping
+    (``{name: flow_nll, ...}``, :mod:`lensexp.flow`); ``in_chans``: bands; ``data_info``:
     the training grid (``npix``, ``pixscale`` [arcsec/px], ``bands``, preset ``name``), kept in the
     checkpoint so that prediction can check its inputs."""
 
     def __init__(
         self,
         model: dict,
-        loss: str = "gaussian_nll",
+        loss: str | dict = "gaussian_nll",
         in_chans: int = 1,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
@@ -64,7 +66,7 @@ class LensModule(EvalHooks, pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.labels = list(labels)
-        self.loss_fn = get_loss(loss)
+        self.loss_fn = get_loss(loss, len(self.labels))  # an nn.Module (flow): its weights train and save
         self.net = LensRegressor(in_chans=in_chans, n_outputs=self.loss_fn.n_outputs(len(self.labels)), **model)
         d = len(self.labels)
         self.register_buffer("label_mean", torch.zeros(d))
@@ -113,18 +115,46 @@ class LensModule(EvalHooks, pl.LightningModule):
         """Raw network outputs for images [B, C, H, W] in any flux unit."""
         return self.net(normalize(images, self.hparams.input_norm))
 
+    def mc_passes(self, n_mc: int) -> int:
+        """Stochastic passes worth running: ``n_mc``, or 1 when no dropout is active (all equal)."""
+        return max(int(n_mc), 1) if any(m.p > 0 for m in self.modules() if isinstance(m, MCDropout)) else 1
+
     @torch.no_grad()
-    def predict_mc(self, images: torch.Tensor, n_mc: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """MC-dropout passes: network-space means and sigmas [n_mc, B, D]."""
+    def mc_outputs(self, images: torch.Tensor, n_mc: int) -> list[torch.Tensor]:
+        """Raw outputs of :meth:`mc_passes` MC-dropout forward passes (eval mode, dropout on)."""
         was = self.training
         self.eval()
-        set_mc_dropout(self, n_mc > 1)
+        n = self.mc_passes(n_mc)
+        set_mc_dropout(self, n > 1)
         try:
-            outs = [self.loss_fn.mean_std(self(images)) for _ in range(max(n_mc, 1))]
+            return [self(images) for _ in range(n)]
         finally:
             set_mc_dropout(self, False)
             self.train(was)
+
+    @torch.no_grad()
+    def predict_mc(self, images: torch.Tensor, n_mc: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """MC-dropout passes of a Gaussian head: network-space means and sigmas [passes, B, D]."""
+        outs = [self.loss_fn.mean_std(o) for o in self.mc_outputs(images, n_mc)]
         return torch.stack([m for m, _ in outs]), torch.stack([s for _, s in outs])
+
+    @torch.no_grad()
+    def posterior(self, images: torch.Tensor, n_mc: int, n_samples: int, generator=None):
+        """The posterior-samples interface shared by every uncertainty method: samples
+        [S, B, D] and their centre [B, D], network units, on the CPU, for images [B, C, H, W].
+
+        Gaussian heads: the mixture over MC-dropout passes of each pass's Gaussian (Perreault
+        Levasseur et al. 2017), centred on the mean of the pass means. Flow heads: ``n_samples /
+        passes`` flow samples per pass, centred on their mean. ``generator``: a CPU generator or
+        an int seed."""
+        if hasattr(self.loss_fn, "mean_std"):
+            means, stds = self.predict_mc(images, n_mc)
+            return metrics.posterior_samples(means.cpu(), stds.cpu(), n_samples, generator or 0)
+        g = generator if isinstance(generator, torch.Generator) else torch.Generator().manual_seed(int(generator or 0))
+        outs = self.mc_outputs(images, n_mc)
+        per = max(1, n_samples // len(outs))
+        s = torch.cat([self.loss_fn.sample(o, per, g) for o in outs]).cpu()
+        return s, s.mean(0)
 
     # ---------------------------------------------------------------- steps
     def on_train_start(self):
@@ -150,21 +180,22 @@ class LensModule(EvalHooks, pl.LightningModule):
         loss = self.loss_fn(self(batch["image"]), self.to_net(y))
         self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=y.shape[0])
         t0 = time.perf_counter()
-        means, stds = self.predict_mc(batch["image"], self.hparams.n_mc_val)
+        g = torch.Generator().manual_seed(batch_idx)
+        samples, centre = self.posterior(batch["image"], self.hparams.n_mc_val, VAL_SAMPLES, g)
         self._infer = getattr(self, "_infer", [0, 0.0])
-        self._infer[0] += y.shape[0] * max(self.hparams.n_mc_val, 1)
+        self._infer[0] += y.shape[0] * self.mc_passes(self.hparams.n_mc_val)
         self._infer[1] += time.perf_counter() - t0
-        self._collected.append((means.cpu(), stds.cpu(), y.cpu()))
+        self._collected.append((samples, centre, y.cpu()))
 
     def _log_collected(self, prefix: str):
         if not self._collected:
             return
         # every rank's lenses, so that coverage and RMSE are those of the whole split under DDP
-        means = gather_lenses(self, torch.cat([m for m, _, _ in self._collected], 1), dim=1)
-        stds = gather_lenses(self, torch.cat([s for _, s, _ in self._collected], 1), dim=1)
+        samples = gather_lenses(self, torch.cat([s for s, _, _ in self._collected], 1), dim=1)
+        centre = gather_lenses(self, torch.cat([c for _, c, _ in self._collected]))
         truth = gather_lenses(self, torch.cat([y for _, _, y in self._collected]))
         self._collected = []
-        self.last_metrics = self.evaluate(means, stds, truth, prefix)
+        self.last_metrics = self.evaluate(samples, centre, truth, prefix)
         n, dt = getattr(self, "_infer", [0, 0.0])
         if dt > 0:  # single forward passes per second (each MC pass counts once)
             self.last_metrics[f"{prefix}/infer_img_per_s"] = n / dt
@@ -189,11 +220,11 @@ class LensModule(EvalHooks, pl.LightningModule):
         ]
         loggers[0].log_table(key="val/summary", columns=cols, data=rows)
 
-    def evaluate(self, means: torch.Tensor, stds: torch.Tensor, truth: torch.Tensor, prefix: str = "val") -> dict:
-        """RMSE / median error in physical units and coverage per label, from MC passes."""
+    def evaluate(self, samples: torch.Tensor, centre: torch.Tensor, truth: torch.Tensor, prefix: str = "val") -> dict:
+        """RMSE / median error in physical units and coverage per label, from posterior samples
+        [S, N, D] and centres [N, D] (network units, :meth:`posterior`)."""
         dev = self.label_mean.device
         z_truth = self.to_net(truth.to(dev)).cpu()
-        samples, centre = metrics.posterior_samples(means, stds, 2048)
         cov = metrics.coverage(z_truth, metrics.central_intervals(samples))
         pred = self.from_net(centre.to(dev)).cpu()
         rmse, med = metrics.rmse(pred, truth), metrics.median_abs_error(pred, truth)

@@ -64,8 +64,9 @@ class Predictor:
         npix: int | None = None,
         pixscale: float | None = None,
     ):
-        from lensexp.calibrate import CAL_FILE, load_module, read_calibration, run_config
+        from lensexp.calibrate import CAL_FILE, load_module, read_calibration, resolve_ckpt, run_config
 
+        ckpt = resolve_ckpt(ckpt)
         self.module = load_module(ckpt, device)
         info = self.module.hparams.get("data_info")
         if info is None:  # older checkpoints: the run's config
@@ -93,9 +94,8 @@ class Predictor:
     def posterior(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Recalibrated posterior samples [n_samples, B, labels] (physical units) for images
         [B, C, npix, npix] in any flux unit."""
-        means, stds = self.module.predict_mc(images.to(self.device), self.n_mc)
         g = generator or torch.Generator().manual_seed(self.seed)
-        samples, centre = metrics.posterior_samples(means.cpu(), stds.cpu(), self.n_samples, g)
+        samples, centre = self.module.posterior(images.to(self.device), self.n_mc, self.n_samples, g)
         if self.calibration is not None:
             snr = image_snr(images) if self.calibration.method == "conditional" else None
             samples = self.calibration.apply(samples, centre, snr)

@@ -3,6 +3,8 @@
     python -m lensexp.train experiment=quickstart hydra.run.dir=outputs/runs/quickstart
     python -m lensexp.train model=inception_v4 data=hst trainer=gpu
     python -m lensexp.train -m model=resnet18,efficientnet_b0 model.dropout=0.05,0.1
+    python -m lensexp.train experiment=quickstart uq=ensemble     # 4 seeded members, one run's budget
+    python -m lensexp.train experiment=quickstart uq=flow         # normalizing-flow posterior head
 
 A run directory RUN holds ``checkpoints/last.ckpt`` (and the best by validation loss),
 ``.hydra/config.yaml``, ``csv/`` metrics and an offline W&B run under ``wandb/``. Rerunning with
@@ -11,7 +13,9 @@ the same ``hydra.run.dir`` resumes from ``last.ckpt`` exactly (or give ``ckpt_pa
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 
 import hydra
@@ -118,7 +122,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     elif task == "params":
         if "decoder_channels" in cfg.model:
             raise ConfigError("model=kappa_unet is a density-map network: train it with task=kappa data=kappa")
-        model = LensModule(**common, loss=str(cfg.loss.name))
+        model = LensModule(**common, loss=loss_spec(cfg.loss))
     else:
         raise ConfigError(f"task must be 'params' (the eight labels) or 'kappa' (density maps), got '{task}'")
     trainer_kw = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -146,7 +150,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     if ckpt is not None:
         read_checkpoint(ckpt)  # weights-only; a bad or code-running file is one line, before any work
     try:
+        t0 = time.perf_counter()
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+        record_cost(run_dir, time.perf_counter() - t0, trainer.global_step, int(cfg.datamodule.batch_size))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.test_after:
             best = callbacks[1].best_model_path  # empty in fast_dev_run: test the weights in memory
@@ -160,12 +166,82 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     return metrics
 
 
+def loss_spec(loss_cfg: DictConfig):
+    """The loss as LensModule takes it: its name, or the whole mapping when it has settings (a flow)."""
+    d = OmegaConf.to_container(loss_cfg, resolve=True)
+    return d["name"] if set(d) == {"name"} else d
+
+
+COST_FILE = "train_cost.json"
+
+
+def record_cost(run_dir: Path, seconds: float, steps: int, batch_size: int) -> None:
+    """Add this fit's wall time to ``RUN/train_cost.json`` (kept over resumes): seconds, steps,
+    training images seen."""
+    from lensexp.files import write_text_atomic
+
+    path = Path(run_dir) / COST_FILE
+    prev = json.loads(path.read_text()) if path.is_file() else {}
+    rec = {"seconds": float(prev.get("seconds", 0.0)) + seconds, "steps": int(steps), "images": int(steps) * batch_size}
+    write_text_atomic(path, json.dumps(rec, indent=2) + "\n")
+
+
+def read_cost(run_dir: Path) -> dict:
+    """Training cost of a run (summed over an ensemble's members): seconds, images."""
+    paths = [Path(run_dir) / COST_FILE, *sorted(Path(run_dir).glob(f"members/*/{COST_FILE}"))]
+    recs = [json.loads(p.read_text()) for p in paths if p.is_file()]
+    return {k: sum(r.get(k, 0) for r in recs) for k in ("seconds", "images")} if recs else {}
+
+
+def split_time(max_time, n: int):
+    """A ``DD:HH:MM:SS`` limit divided by ``n`` (None stays None)."""
+    if not max_time:
+        return max_time
+    parts = [int(x) for x in str(max_time).split(":")]
+    secs = sum(v * m for v, m in zip(reversed(parts), (1, 60, 3600, 86400))) // n
+    return f"{secs // 86400:02d}:{secs // 3600 % 24:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}"
+
+
+def run_ensemble(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Deep ensemble: ``ensemble.n`` members, seeds ``seed + k``, each a whole training run in
+    ``RUN/members/<k>`` (resumable; a finished member is skipped), then ``RUN/checkpoints/ensemble.json``.
+    With ``ensemble.split_budget`` each member gets ``1/n`` of the images per epoch and of
+    ``trainer.max_time`` (the ensemble costs what one run does)."""
+    from lensexp.ensemble import write_manifest
+
+    run_dir, n = Path(run_dir), int(cfg.ensemble.n)
+    members, metrics = [], {}
+    for k in range(n):
+        mdir = run_dir / "members" / str(k)
+        members.append(mdir / "checkpoints" / "last.ckpt")
+        if (mdir / "DONE").is_file():
+            log.info("ensemble member %d/%d already trained", k + 1, n)
+            continue
+        mcfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        mcfg.seed = int(cfg.seed) + k
+        mcfg.ensemble.n = 1
+        if cfg.ensemble.split_budget:
+            mcfg.datamodule.train_epoch_size = max(1, int(cfg.datamodule.train_epoch_size) // n)
+            if "max_time" in mcfg.trainer:
+                mcfg.trainer.max_time = split_time(mcfg.trainer.max_time, n)
+        log.info("ensemble member %d/%d (seed %d) in %s", k + 1, n, mcfg.seed, mdir)
+        metrics = run(mcfg, mdir)
+        (mdir / "DONE").write_text("trained\n")
+    path = write_manifest(run_dir, members)
+    log.info("ensemble of %d written to %s", n, path)
+    return metrics
+
+
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 @clean_errors
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
-    out = run(cfg, HydraConfig.get().runtime.output_dir)
+    run_dir = HydraConfig.get().runtime.output_dir
+    n = int(cfg.get("ensemble", {}).get("n", 1))
+    if n < 1:
+        raise ConfigError(f"ensemble.n must be >= 1, got {n}")
+    out = run_ensemble(cfg, run_dir) if n > 1 else run(cfg, run_dir)
     return out.get(str(cfg.optimized_metric))
 
 
