@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export MALLOC_MMAP_THRESHOLD_ ?= 1073741824
 export MALLOC_TRIM_THRESHOLD_ ?= 1073741824
 
-.PHONY: venv quickstart kappa test test-fast bench bench-fit gallery format clean
+.PHONY: venv quickstart kappa uncertainty test test-fast bench bench-fit gallery format clean
 
 venv: $(BIN)/.installed
 
@@ -36,6 +36,14 @@ test-fast: venv
 bench: venv
 	$(BIN)/python benchmarks/sim_speed.py
 	$(BIN)/python benchmarks/shard_throughput.py --compile
+
+UQ := outputs/multirun/uncertainty
+uncertainty: venv  # MC dropout, deep ensemble, flow at an equal budget on the quickstart shards, calibrated on 5 000 + 5 000 fresh lenses
+	test -f shards/tiny_broad/manifest.json || $(BIN)/python -m lensexp.simulate data=tiny_broad n=100000 'splits={train:96000,val:2000,test:2000}' workers=2 seed=1 out=shards/tiny_broad overwrite=true progress=false
+	$(BIN)/python -m lensexp.train -m experiment=uncertainty uq=mc_dropout,ensemble,flow hydra.sweep.dir=$(UQ) +trainer.enable_progress_bar=false
+	$(BIN)/python -m lensexp.simulate data=tiny_broad n=10000 'splits={train:0,val:5000,test:5000}' workers=2 seed=7 out=shards/tiny_broad_eval overwrite=true progress=false
+	for r in $(UQ)/0 $(UQ)/1 $(UQ)/2; do $(BIN)/python -m lensexp.calibrate ckpt=$$r out=$$r/calibration data_root=shards/tiny_broad_eval n_mc=16 n_samples=1024 progress=false wandb.mode=disabled || exit 1; done
+	$(BIN)/python -m lensexp.compare runs=$(UQ) out=outputs/uncertainty
 
 bench-fit: venv  # needs the quickstart checkpoint
 	$(BIN)/python benchmarks/fit_vs_cnn.py --ckpt outputs/runs/quickstart/checkpoints/last.ckpt

@@ -444,6 +444,8 @@ def run(cfg: DictConfig) -> dict:
             "coverage_after": {f"{c:.3f}": float(after["coverage"][c][j]) for c in metrics.LEVELS},
             "max_curve_deviation_before": float(before["max_curve_deviation"][j]),
             "max_curve_deviation_after": float(after["max_curve_deviation"][j]),
+            "curve_before": [round(float(x), 5) for x in before["curve"][:, j]],  # at metrics.CURVE levels
+            "curve_after": [round(float(x), 5) for x in after["curve"][:, j]],
         }
     (out / "metrics.json").write_text(json.dumps(m, indent=2))
     write_report(out, labels, before, after if cal is not None else None, m, str(cfg.ckpt))

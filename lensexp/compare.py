@@ -6,7 +6,9 @@ backbone, dropout, loss, parameter count, training and inference images/s, and p
 validation RMSE, median absolute error and coverage at 68.3/95.5/99.7 % before and after
 recalibration (spread scales fitted on half of the validation lenses, coverage on the other
 half); plus ``accuracy_vs_speed.png`` and ``coverage_vs_dropout.png``. Works offline from local
-files; ``runs=wandb:ENTITY/PROJECT`` reads a W&B project instead (needs a login).
+files; ``runs=wandb:ENTITY/PROJECT`` reads a W&B project instead (needs a login). Runs that hold a
+calibration report (``RUN/calibration/metrics.json``) also make the uncertainty-methods table
+``OUT/uncertainty.*`` (:mod:`lensexp.compare_uq`).
 """
 
 from __future__ import annotations
@@ -194,8 +196,20 @@ def run(cfg: DictConfig) -> list[dict]:
     if src.startswith("wandb:"):
         rows = wandb_rows(src[len("wandb:") :])
     else:
+        from lensexp.compare_uq import find_calibrated, uq_row, write
+
         root = Path(src)
-        rows = [run_row(r, root) for r in find_runs(root)]
+        calibrated = find_calibrated(root)
+        if calibrated:  # uncertainty methods: from each run's calibration report
+            uq = [uq_row(r, root) for r in calibrated]
+            write(uq, Path(cfg.out))
+            print(f"wrote {Path(cfg.out) / 'uncertainty.csv'}, .md, .html ({len(uq)} calibrated runs)")
+        try:
+            rows = [run_row(r, root) for r in find_runs(root)]
+        except ConfigError:
+            if calibrated:
+                return uq
+            raise
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     plots(rows, out)

@@ -15,6 +15,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from lensexp.calibrate import load_module
 from lensexp.calibrate import run as calibrate
@@ -188,6 +189,8 @@ def uq_runs(tmp_path_factory):
     run_ensemble(ens, root / "ensemble")
     flow = compose_config("train", [*FAST, "trainer.max_epochs=1", "uq=flow", "loss.transforms=2", "loss.hidden=[32]"])
     run(flow, root / "flow")
+    for name, cfg in (("ensemble", ens), ("flow", flow)):  # what Hydra leaves in a run folder
+        OmegaConf.save(cfg, root / name / ".hydra" / "config.yaml")
     return root
 
 
@@ -207,14 +210,22 @@ def test_ensemble_run_splits_the_budget_and_resumes(uq_runs):
     assert [p.stat().st_mtime_ns for p in members] == before
 
 
+def calibrate_run(run):
+    """Calibrate a test run into RUN/calibration (on the fly, as the run was trained), once."""
+    path = run / "calibration" / "metrics.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    over = ["max_lenses=16", "n_mc=2", "n_samples=128", "progress=false", "wandb.mode=disabled"]
+    return calibrate(compose_config("calibrate", [f"ckpt={run}", f"out={run / 'calibration'}", *over]))
+
+
 @pytest.mark.parametrize("method", ["ensemble", "flow"])
 def test_calibrate_and_predict_take_every_method(uq_runs, method, tmp_path):
     from lensexp.predict import run as predict
     from lensexp.simulate import run as simulate
 
     run = uq_runs / method
-    over = ["on_the_fly=true", "data.source.kind=sersic", "max_lenses=16", "n_mc=2", "n_samples=128"]
-    m = calibrate(compose_config("calibrate", [f"ckpt={run}", f"out={tmp_path / 'cal'}", *over, "progress=false"]))
+    m = calibrate_run(run)
     assert m["n_lenses"] == 16 and m["uncertainty"].startswith(method)
     assert m["predict_seconds_per_lens"] > 0 and (run / "checkpoints" / "calibration.json").is_file()
     simulate(
@@ -233,3 +244,23 @@ def test_calibrate_and_predict_take_every_method(uq_runs, method, tmp_path):
     for r in rows:
         lo, mid, hi = (float(r[k]) for k in ("theta_E_lo68", "theta_E", "theta_E_hi68"))
         assert lo < hi and float(r["mu_F"]) > 0 and np.isfinite(mid)
+
+
+def test_compare_tables_the_methods(uq_runs, tmp_path):
+    from lensexp.compare import run as compare
+
+    for method in ("ensemble", "flow"):
+        calibrate_run(uq_runs / method)
+    rows = compare(compose_config("compare", [f"runs={uq_runs}", f"out={tmp_path}"]))
+    by = {r["run"]: r for r in rows}
+    assert set(by) == {"ensemble", "flow"}
+    assert by["ensemble"]["method"].startswith("ensemble of 2") and by["flow"]["method"] == "flow"
+    assert by["ensemble"]["train_images"] == 16 and by["ensemble"]["train_s"] > 0
+    for r in rows:  # the worst label's deviation, named
+        dev = [r[f"max_dev_after/{n}"] for n in LABELS]
+        assert r["max_dev_after"] == max(dev) and r["worst_label_after"] == LABELS[int(np.argmax(dev))]
+    table = list(csv.DictReader(open(tmp_path / "uncertainty.csv")))
+    assert len(table) == 2 and "cov95_before/mu_F" in table[0]
+    assert "Uncertainty methods" in (tmp_path / "uncertainty.html").read_text()
+    for png in ("uncertainty_curves.png", "uncertainty_by_snr.png"):
+        assert (tmp_path / png).stat().st_size > 5000
