@@ -97,7 +97,7 @@ class Predictor:
         g = generator or torch.Generator().manual_seed(self.seed)
         samples, centre = self.module.posterior(images.to(self.device), self.n_mc, self.n_samples, g)
         if self.calibration is not None:
-            snr = image_snr(images) if self.calibration.method == "conditional" else None
+            snr = image_snr(images) if self.calibration.method != "global" else None
             samples = self.calibration.apply(samples, centre, snr)
         return self.module.from_net(samples.to(self.module.label_mean.device)).cpu()
 

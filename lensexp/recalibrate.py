@@ -23,9 +23,11 @@ import numpy as np
 import torch
 
 from lensexp.errors import ConfigError
-from lensexp.metrics import fit_scales, scaled
+from lensexp.metrics import CURVE, coverage_curve, fit_scales, scaled
 
-METHODS = ("conditional", "global")
+METHODS = ("auto", "conditional", "global")
+CHOICES = ("none", "global", "conditional")  # what ``auto`` picks from, per label, simplest first
+AUTO_MARGIN = 0.002  # a more complex choice must lower the cross-validated mean |coverage - nominal| this much
 FEATURES = ("log_std", "log_snr")
 SNR_EDGES = (0.0, 30.0, 100.0, 300.0, 1000.0, math.inf)  # detection S/N bins of the report (log-spaced)
 
@@ -78,13 +80,16 @@ class Recalibration:
         self.coef = None if coef is None else np.asarray(coef, float)  # [D, 1 + len(FEATURES)]
         self.lo = None if lo is None else np.asarray(lo, float)  # [D, F] clip range
         self.hi = None if hi is None else np.asarray(hi, float)
+        self.choice: list[str] | None = None  # per label, for method auto (CHOICES)
 
     @classmethod
     def fit(cls, labels, samples, centre, z_truth, snr, method: str = "conditional") -> Recalibration:
-        """Fit on a calibration split: mixture ``samples`` [S, N, D] and ``centre`` [N, D]
+        """Fit on a calibration split: posterior ``samples`` [S, N, D] and ``centre`` [N, D]
         (network units), truths ``z_truth`` [N, D] (network units), ``snr`` [N]."""
         from sklearn.linear_model import GammaRegressor
 
+        if method == "auto":
+            return cls._fit_auto(labels, samples, centre, z_truth, snr)
         cal = cls(labels, method, n=z_truth.shape[0])
         if method == "conditional":
             std = samples.std(0)
@@ -103,11 +108,45 @@ class Recalibration:
         cal.factor = fit_scales(samples, centre, z_truth)
         return cal
 
+    @classmethod
+    def _fit_auto(cls, labels, samples, centre, z_truth, snr) -> Recalibration:
+        """Per label, the simplest of no recalibration, one scale, or the conditional model that
+        is best in 2-fold cross-validation on the calibration split (even/odd lenses), scored by
+        the mean |coverage - nominal| over the 1-99 % curve (a more complex choice must win by
+        :data:`AUTO_MARGIN`); then refitted on the whole split. A posterior already calibrated
+        (a flow, say) is left alone instead of being fitted to noise."""
+        n = z_truth.shape[0]
+        idx = torch.arange(n)
+        folds = [(idx % 2 == 0, idx % 2 == 1), (idx % 2 == 1, idx % 2 == 0)]
+        score = {c: np.zeros(z_truth.shape[1]) for c in CHOICES}
+        for a, b in folds:
+            for c in CHOICES:
+                sb = samples[:, b]
+                if c != "none":
+                    sb = cls.fit(labels, samples[:, a], centre[a], z_truth[a], snr[a], c).apply(sb, centre[b], snr[b])
+                score[c] += np.abs(coverage_curve(sb, z_truth[b]) - CURVE[:, None]).mean(0) / len(folds)
+        choice = []
+        for j in range(z_truth.shape[1]):
+            best = "none"
+            for c in CHOICES[1:]:
+                if score[c][j] < score[best][j] - AUTO_MARGIN:
+                    best = c
+            choice.append(best)
+        full = cls.fit(labels, samples, centre, z_truth, snr, "conditional")
+        glob = cls.fit(labels, samples, centre, z_truth, snr, "global")
+        cond = np.array([c == "conditional" for c in choice])
+        cal = cls(labels, "auto", n=n)
+        cal.choice = choice
+        cal.coef = np.where(cond[:, None], full.coef, 0.0)  # zero coefficients: scale 1
+        cal.lo, cal.hi = full.lo, full.hi
+        cal.factor = np.where(cond, full.factor, np.where([c == "global" for c in choice], glob.factor, 1.0))
+        return cal
+
     def scales(self, samples, snr) -> torch.Tensor:
         """Spread scale [B, D] of each image and label (``snr`` is read by ``conditional`` only)."""
         b, d = samples.shape[1], samples.shape[2]
         s = torch.ones(b, d, dtype=torch.float64)
-        if self.method == "conditional" and self.coef is not None:
+        if self.method in ("conditional", "auto") and self.coef is not None:
             f = np.clip(_features(samples.std(0), snr), self.lo, self.hi)
             logvar = self.coef[:, 0] + np.einsum("bdf,df->bd", f, self.coef[:, 1:])
             s = torch.from_numpy(np.exp(0.5 * np.clip(logvar, -20.0, 20.0)))
@@ -126,6 +165,8 @@ class Recalibration:
             "n": self.n,
             "scale": {n: float(s) for n, s in zip(self.labels, self.factor)},
         }
+        if self.choice is not None:
+            out["choice"] = dict(zip(self.labels, self.choice))
         if self.coef is not None:
             out["features"] = list(FEATURES)
             for key, arr in (("coef", self.coef), ("lo", self.lo), ("hi", self.hi)):
@@ -140,13 +181,16 @@ class Recalibration:
             method = "global" if method == "spread_scale" else method  # the earlier one-scale files
             factor = [float(d["scale"][n]) for n in labels]
             coef = lo = hi = None
-            if method == "conditional":
+            if method in ("conditional", "auto"):
                 if list(d.get("features", [])) != list(FEATURES):
                     raise ConfigError(f"{source}: features {d.get('features')} are not {list(FEATURES)}")
                 coef, lo, hi = ([[float(v) for v in d[k][n]] for n in labels] for k in ("coef", "lo", "hi"))
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{source}: not a lensexp calibration for labels {list(labels)} ({exc})") from None
         cal = cls(labels, method, factor, coef, lo, hi, d.get("n", 0))
+        if method == "auto":
+            choice = d.get("choice") or {}
+            cal.choice = [str(choice.get(n, "conditional")) for n in labels]
         if not np.all(np.isfinite(cal.factor)) or (cal.coef is not None and not np.all(np.isfinite(cal.coef))):
             raise ConfigError(f"{source}: non-finite calibration values")
         return cal

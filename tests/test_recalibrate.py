@@ -53,6 +53,33 @@ def test_conditional_recalibration_is_honest_per_snr_bin_where_one_scale_is_not(
     assert cond.coef[0, 2] < -1.5 and abs(cond.coef[1, 2]) < 0.3
 
 
+def test_auto_recalibration_leaves_calibrated_labels_alone():
+    # label a: calibrated already; b: sigma 2x too small everywhere; c: errors grow at low S/N
+    labels = ["a", "b", "c"]
+
+    def lenses(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        snr = torch.exp(torch.empty(n).uniform_(np.log(8.0), np.log(300.0), generator=g))
+        mu = torch.randn(n, 3, generator=g)
+        s_pred = torch.full((n, 3), 0.3)
+        s_true = torch.stack([torch.full((n,), 0.3), torch.full((n,), 0.6), 0.05 * 40.0 / snr], 1)
+        truth = mu + s_true * torch.randn(n, 3, generator=g)
+        return (*posterior_samples(mu.expand(4, n, 3).clone(), s_pred.expand(4, n, 3).clone()), truth, snr)
+
+    samples, centre, truth, snr = lenses(6000, 5)
+    cal = Recalibration.fit(labels, samples, centre, truth, snr, "auto")
+    assert cal.choice == ["none", "global", "conditional"]
+    assert cal.factor[0] == 1.0 and not cal.coef[0].any() and 1.7 < cal.factor[1] < 2.3
+    back = Recalibration.from_dict(json.loads(json.dumps(cal.to_dict())), labels)
+    assert back.choice == cal.choice
+    ts, tc, tt, tsnr = lenses(6000, 6)  # fresh lenses: every label honest on the whole curve
+    torch.testing.assert_close(back.apply(ts, tc, tsnr), cal.apply(ts, tc, tsnr))
+    curve = metrics.coverage_curve(cal.apply(ts, tc, tsnr), tt)
+    assert np.abs(curve - metrics.CURVE[:, None]).max() < 0.03
+    # left alone, label a keeps its samples exactly
+    torch.testing.assert_close(cal.apply(ts, tc, tsnr)[..., 0], ts[..., 0])
+
+
 def test_recalibration_round_trips_through_json_and_reads_old_files():
     labels = ["a", "b"]
     means, stds, truth, snr = _predictor(800, 3)
