@@ -191,8 +191,10 @@ def plots(rows: list[dict], out: Path) -> None:
 
 
 def run(cfg: DictConfig) -> list[dict]:
-    """Build the comparison of ``cfg.runs`` into ``cfg.out``."""
+    """Build the comparison of ``cfg.runs`` into ``cfg.out``; returns the uncertainty-methods rows
+    when calibrated runs are found, else the architecture rows."""
     src = str(cfg.runs)
+    uq: list[dict] = []  # the uncertainty-methods rows, returned when there are any
     if src.startswith("wandb:"):
         rows = wandb_rows(src[len("wandb:") :])
     else:
@@ -207,7 +209,7 @@ def run(cfg: DictConfig) -> list[dict]:
         try:
             rows = [run_row(r, root) for r in find_runs(root)]
         except ConfigError:
-            if calibrated:
+            if uq:
                 return uq
             raise
     out = Path(cfg.out)
@@ -215,7 +217,7 @@ def run(cfg: DictConfig) -> list[dict]:
     plots(rows, out)
     write_tables(rows, out)
     print(f"wrote {out / 'comparison.csv'}, .md, .html ({len(rows)} runs)")
-    return rows
+    return uq or rows
 
 
 if __name__ == "__main__":

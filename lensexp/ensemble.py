@@ -114,14 +114,15 @@ class Ensemble:
         return all(torch.equal(getattr(m, k).cpu(), getattr(first, k).cpu()) for k in ("label_mean", "label_std", "is_log"))
 
     @torch.no_grad()
-    def posterior(self, images: torch.Tensor, n_mc: int, n_samples: int, generator=None):
-        """Samples [S, B, D] (first member's network units, CPU) and centre [B, D] of the mixture."""
+    def posterior(self, images: torch.Tensor, n_mc: int, n_samples: int, generator=None, common: bool = False):
+        """Samples [S, B, D] (first member's network units, CPU) and centre [B, D] of the mixture
+        (``common`` as in :meth:`LensModule.posterior`)."""
         g = generator if isinstance(generator, torch.Generator) else torch.Generator().manual_seed(int(generator or 0))
         per = max(1, n_samples // len(self.members))
         dev = self.label_mean.device
         samples, centres = [], []
         for m in self.members:
-            s, c = m.posterior(images.to(m.label_mean.device), n_mc, per, g)
+            s, c = m.posterior(images.to(m.label_mean.device), n_mc, per, g, common)
             if not self._same_units(m):  # member units -> physical -> first member's (affine per label)
                 s, c = (self.to_net(m.from_net(t.to(dev))).cpu() for t in (s, c))
             samples.append(s)

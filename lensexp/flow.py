@@ -71,7 +71,11 @@ class FlowNLL(nn.Module):
     def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return -self.log_prob(out, y).mean()
 
-    def sample(self, out: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` posterior samples [n, B, D] (network units) per context in ``out`` [B, C]."""
-        u = torch.randn((n, out.shape[0], self.d), generator=generator, dtype=out.dtype)
+    def sample(
+        self, out: torch.Tensor, n: int, generator: torch.Generator | None = None, common: bool = False
+    ) -> torch.Tensor:
+        """``n`` posterior samples [n, B, D] (network units) per context in ``out`` [B, C];
+        ``common``: the same base draws for every context (see :func:`metrics.mixture_samples`)."""
+        b = out.shape[0]
+        u = torch.randn((n, 1 if common else b, self.d), generator=generator, dtype=out.dtype).expand(n, b, self.d).contiguous()
         return self.flow(out).transform.inv(u.to(out.device))

@@ -18,12 +18,18 @@ CURVE = np.round(np.linspace(0.01, 0.99, 99), 2)  # nominal levels of the covera
 SCALES = np.exp(np.linspace(np.log(0.1), np.log(10.0), 161))  # spread scales tried by fit_scales
 
 
-def mixture_samples(means: torch.Tensor, stds: torch.Tensor, per_pass: int = 16, generator=None) -> torch.Tensor:
+def mixture_samples(
+    means: torch.Tensor, stds: torch.Tensor, per_pass: int = 16, generator=None, common: bool = False
+) -> torch.Tensor:
     """Samples [T * per_pass, B, D] of the mixture of ``N(means[t], stds[t]^2)`` over passes ``t``.
 
     ``means``, ``stds``: [T, B, D] from T MC-dropout passes (``stds`` zero for an MSE model).
+    ``common``: every lens uses the same standard-normal draws (common random numbers), so a
+    lens's samples do not depend on its batch or DDP rank.
     """
-    eps = torch.randn((per_pass, *means.shape), generator=generator, dtype=means.dtype, device=means.device)
+    t, b, d = means.shape
+    shape = (per_pass, t, 1, d) if common else (per_pass, t, b, d)
+    eps = torch.randn(shape, generator=generator, dtype=means.dtype, device=means.device)
     return (means.unsqueeze(0) + stds.unsqueeze(0) * eps).reshape(-1, *means.shape[1:])
 
 
@@ -61,12 +67,13 @@ def median_abs_error(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return (pred - truth).abs().median(0).values
 
 
-def posterior_samples(means, stds, n_samples: int = 2048, seed: int | torch.Generator = 0):
+def posterior_samples(means, stds, n_samples: int = 2048, seed: int | torch.Generator = 0, common: bool = False):
     """Mixture samples [S, N, D] (network space) and their centre (mean of the MC means) [N, D].
 
-    ``seed``: an int or a generator to draw from (a stream over many batches)."""
+    ``seed``: an int or a generator to draw from (a stream over many batches); ``common``: as in
+    :func:`mixture_samples`."""
     g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
-    samples = mixture_samples(means, stds, per_pass=max(1, n_samples // means.shape[0]), generator=g)
+    samples = mixture_samples(means, stds, per_pass=max(1, n_samples // means.shape[0]), generator=g, common=common)
     return samples, means.mean(0)
 
 

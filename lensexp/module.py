@@ -139,21 +139,22 @@ class LensModule(EvalHooks, pl.LightningModule):
         return torch.stack([m for m, _ in outs]), torch.stack([s for _, s in outs])
 
     @torch.no_grad()
-    def posterior(self, images: torch.Tensor, n_mc: int, n_samples: int, generator=None):
+    def posterior(self, images: torch.Tensor, n_mc: int, n_samples: int, generator=None, common: bool = False):
         """The posterior-samples interface shared by every uncertainty method: samples
         [S, B, D] and their centre [B, D], network units, on the CPU, for images [B, C, H, W].
 
         Gaussian heads: the mixture over MC-dropout passes of each pass's Gaussian (Perreault
         Levasseur et al. 2017), centred on the mean of the pass means. Flow heads: ``n_samples /
         passes`` flow samples per pass, centred on their mean. ``generator``: a CPU generator or
-        an int seed."""
+        an int seed; ``common``: the same random draws for every lens (validation uses this, so
+        its metrics do not depend on batching or the number of DDP ranks)."""
         if hasattr(self.loss_fn, "mean_std"):
             means, stds = self.predict_mc(images, n_mc)
-            return metrics.posterior_samples(means.cpu(), stds.cpu(), n_samples, generator or 0)
+            return metrics.posterior_samples(means.cpu(), stds.cpu(), n_samples, generator or 0, common)
         g = generator if isinstance(generator, torch.Generator) else torch.Generator().manual_seed(int(generator or 0))
         outs = self.mc_outputs(images, n_mc)
         per = max(1, n_samples // len(outs))
-        s = torch.cat([self.loss_fn.sample(o, per, g) for o in outs]).cpu()
+        s = torch.cat([self.loss_fn.sample(o, per, g, common) for o in outs]).cpu()
         return s, s.mean(0)
 
     # ---------------------------------------------------------------- steps
@@ -180,8 +181,7 @@ class LensModule(EvalHooks, pl.LightningModule):
         loss = self.loss_fn(self(batch["image"]), self.to_net(y))
         self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=y.shape[0])
         t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(batch_idx)
-        samples, centre = self.posterior(batch["image"], self.hparams.n_mc_val, VAL_SAMPLES, g)
+        samples, centre = self.posterior(batch["image"], self.hparams.n_mc_val, VAL_SAMPLES, 0, common=True)
         self._infer = getattr(self, "_infer", [0, 0.0])
         self._infer[0] += y.shape[0] * self.mc_passes(self.hparams.n_mc_val)
         self._infer[1] += time.perf_counter() - t0

@@ -70,7 +70,7 @@ def test_report_from_a_trained_run(trained, tmp_path):
     for name, v in cov.items():
         assert v == saved["per_label"][name]["coverage_after"]
         assert all(abs(x * 48 - round(x * 48)) < 1e-4 for x in v.values())
-    assert m["recalibrated"] and m["n_lenses"] == 48 and m["method"] == "conditional"
+    assert m["recalibrated"] and m["n_lenses"] == 48 and m["method"] == "auto"
     assert saved["per_label"]["theta_E"]["rmse"] > 0
     # coverage per image S/N bin, before and after: the bins partition the lenses
     for key in ("before", "after"):
@@ -86,7 +86,9 @@ def test_report_from_a_trained_run(trained, tmp_path):
     assert "per image S/N and source kind" in html and re.search(r"<td>S/N (\d|&gt;)", html)
     assert list((tmp_path / "wandb").glob("offline-run-*"))  # logged to W&B offline
     cal = json.loads((trained.parent / "calibration.json").read_text())
-    assert cal["method"] == "conditional" and set(cal["coef"]) == set(cov)
+    # the default (auto) picks, per label, none / one scale / the conditional model
+    assert cal["method"] == "auto" and set(cal["coef"]) == set(cov) and set(cal["choice"]) == set(cov)
+    assert set(cal["choice"].values()) <= {"none", "global", "conditional"}
     assert set(cal["scale"]) == set(cov) and all(v > 0 for v in cal["scale"].values())
 
 

@@ -11,7 +11,6 @@ import torch
 
 from lensexp.calibrate import load_module, run
 from lensexp.config import compose_config
-from lensexp.metrics import posterior_samples
 from lensexp.paths import PROJECT_ROOT
 from lensexp.recalibrate import Recalibration, image_snr
 from tests.conftest import train_tiny_checkpoint
@@ -54,6 +53,7 @@ def calibrated(tmp_path_factory):
             "batch_size=32",
             "progress=false",
             "wandb.mode=disabled",
+            "recalibrate_method=conditional",
         ],
     )
     run(cfg)
@@ -68,7 +68,7 @@ def test_recalibration_is_applied_per_image_on_outside_lenses(calibrated):
     res = evaluate(module, images, truth, cal, n_mc=4)
     before, after = res["before"], res["after"]
     # each lens's spread is multiplied by its own scale (S/N and posterior std), per label
-    samples, _ = posterior_samples(res["c"]["means"], res["c"]["stds"], 2048)
+    samples = res["c"]["samples"]
     expect = cal.scales(samples, res["c"]["snr"]) * torch.from_numpy(cal.factor)
     # (physical = affine of network units, except mu_F, learned as log mu_F)
     ratio = (after["std"] / before["std"]).double()

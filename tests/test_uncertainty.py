@@ -190,6 +190,7 @@ def uq_runs(tmp_path_factory):
     flow = compose_config("train", [*FAST, "trainer.max_epochs=1", "uq=flow", "loss.transforms=2", "loss.hidden=[32]"])
     run(flow, root / "flow")
     for name, cfg in (("ensemble", ens), ("flow", flow)):  # what Hydra leaves in a run folder
+        (root / name / ".hydra").mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, root / name / ".hydra" / "config.yaml")
     return root
 
