@@ -110,9 +110,14 @@ def check_loss_hparam(loss, source: str):
         not isinstance(loss, dict)
         or loss.get("name") != "flow_nll"
         or set(loss) - FLOW_KEYS - {"name"}
-        or not all(isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, int) for x in v)) for v in loss.values())
+        or not all(
+            isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, int) for x in v))
+            for v in loss.values()
+        )
     ):
-        raise ConfigError(f"{source}: refused loss setting {loss!r} (a loss name or flow_nll settings {sorted(FLOW_KEYS)})")
+        raise ConfigError(
+            f"{source}: refused loss setting {loss!r} (a loss name or flow_nll settings {sorted(FLOW_KEYS)})"
+        )
     return loss
 
 
@@ -188,7 +193,13 @@ def run_config(ckpt: str | Path) -> DictConfig | None:
 
 @torch.no_grad()
 def collect(
-    module, loader, n_mc: int, max_lenses: int | None = None, progress: bool = True, n_samples: int = 2048, seed: int = 0
+    module,
+    loader,
+    n_mc: int,
+    max_lenses: int | None = None,
+    progress: bool = True,
+    n_samples: int = 2048,
+    seed: int = 0,
 ) -> dict:
     """Over a loader, from the posterior-samples interface (``module.posterior``: MC dropout,
     ensemble or flow alike): network-space ``samples`` [S, N, D] and ``centre`` [N, D], physical
@@ -398,7 +409,11 @@ def run(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     labels = module.labels
     sampling = dict(
-        n_mc=int(cfg.n_mc), max_lenses=cfg.max_lenses, progress=cfg.progress, n_samples=int(cfg.n_samples), seed=int(cfg.seed)
+        n_mc=int(cfg.n_mc),
+        max_lenses=cfg.max_lenses,
+        progress=cfg.progress,
+        n_samples=int(cfg.n_samples),
+        seed=int(cfg.seed),
     )
     cal = None
     if cfg.recalibrate:

@@ -169,4 +169,3 @@ def write(rows: list[dict], out: Path) -> None:
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-

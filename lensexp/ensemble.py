@@ -111,7 +111,9 @@ class Ensemble:
 
     def _same_units(self, m) -> bool:
         first = self.members[0]
-        return all(torch.equal(getattr(m, k).cpu(), getattr(first, k).cpu()) for k in ("label_mean", "label_std", "is_log"))
+        return all(
+            torch.equal(getattr(m, k).cpu(), getattr(first, k).cpu()) for k in ("label_mean", "label_std", "is_log")
+        )
 
     @torch.no_grad()
     def posterior(self, images: torch.Tensor, n_mc: int, n_samples: int, generator=None, common: bool = False):

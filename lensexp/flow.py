@@ -77,5 +77,9 @@ class FlowNLL(nn.Module):
         """``n`` posterior samples [n, B, D] (network units) per context in ``out`` [B, C];
         ``common``: the same base draws for every context (see :func:`metrics.mixture_samples`)."""
         b = out.shape[0]
-        u = torch.randn((n, 1 if common else b, self.d), generator=generator, dtype=out.dtype).expand(n, b, self.d).contiguous()
+        u = (
+            torch.randn((n, 1 if common else b, self.d), generator=generator, dtype=out.dtype)
+            .expand(n, b, self.d)
+            .contiguous()
+        )
         return self.flow(out).transform.inv(u.to(out.device))
