@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from lensexp.errors import ConfigError
+from lensexp.metrics import as_generator
 
 MANIFEST = "ensemble.json"
 MAX_MEMBERS = 64
@@ -119,7 +120,7 @@ class Ensemble:
     def posterior(self, images: torch.Tensor, n_mc: int, n_samples: int, generator=None, common: bool = False):
         """Samples [S, B, D] (first member's network units, CPU) and centre [B, D] of the mixture
         (``common`` as in :meth:`LensModule.posterior`)."""
-        g = generator if isinstance(generator, torch.Generator) else torch.Generator().manual_seed(int(generator or 0))
+        g = as_generator(generator)
         per = max(1, n_samples // len(self.members))
         dev = self.label_mean.device
         samples, centres = [], []

@@ -67,12 +67,18 @@ def median_abs_error(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return (pred - truth).abs().median(0).values
 
 
+def as_generator(seed: int | torch.Generator | None) -> torch.Generator:
+    """``seed`` itself when it is a generator (a stream over many batches), else a CPU generator
+    seeded with it (None: 0)."""
+    return seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed or 0))
+
+
 def posterior_samples(means, stds, n_samples: int = 2048, seed: int | torch.Generator = 0, common: bool = False):
     """Mixture samples [S, N, D] (network space) and their centre (mean of the MC means) [N, D].
 
     ``seed``: an int or a generator to draw from (a stream over many batches); ``common``: as in
     :func:`mixture_samples`."""
-    g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
+    g = as_generator(seed)
     samples = mixture_samples(means, stds, per_pass=max(1, n_samples // means.shape[0]), generator=g, common=common)
     return samples, means.mean(0)
 

@@ -148,10 +148,10 @@ class LensModule(EvalHooks, pl.LightningModule):
         passes`` flow samples per pass, centred on their mean. ``generator``: a CPU generator or
         an int seed; ``common``: the same random draws for every lens (validation uses this, so
         its metrics do not depend on batching or the number of DDP ranks)."""
+        g = metrics.as_generator(generator)
         if hasattr(self.loss_fn, "mean_std"):
             means, stds = self.predict_mc(images, n_mc)
-            return metrics.posterior_samples(means.cpu(), stds.cpu(), n_samples, generator or 0, common)
-        g = generator if isinstance(generator, torch.Generator) else torch.Generator().manual_seed(int(generator or 0))
+            return metrics.posterior_samples(means.cpu(), stds.cpu(), n_samples, g, common)
         outs = self.mc_outputs(images, n_mc)
         per = max(1, n_samples // len(outs))
         s = torch.cat([self.loss_fn.sample(o, per, g, common) for o in outs]).cpu()
