@@ -485,7 +485,7 @@ def run(cfg: DictConfig) -> dict | None:
     workers = int(cfg.workers)
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
-    from lensexp.sim.render import validate_config
+    from lensexp.sim.schema import validate_config
 
     validate_config(cfg.data)  # before anything is written: a bad setting leaves no record behind
     specs = plan_shards(int(cfg.n), cfg.splits, int(cfg.shard_size), int(cfg.seed))

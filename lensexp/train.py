@@ -86,7 +86,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     from lensexp.calibrate import read_checkpoint
     from lensexp.runtime import set_threads
 
-    from lensexp.sim.render import validate_config
+    from lensexp.sim.schema import validate_config
 
     run_dir = Path(run_dir)
     validate_config(cfg.data)

@@ -24,7 +24,7 @@ from lensexp.fit import (
     run,
 )
 from lensexp.sim.psf import draw_kernel
-from lensexp.sim.render import render_sersic, render_unlensed_sersic
+from lensexp.sim.trace import render_sersic, render_unlensed_sersic
 from lensexp.simulate import run as simulate
 from tests.conftest import train_tiny_checkpoint
 

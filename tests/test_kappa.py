@@ -13,7 +13,7 @@ from lensexp import kappa_maps
 from lensexp.config import compose_config, load_data_preset
 from lensexp.kappa_net import KappaUNet
 from lensexp.sim import lens as lensmod
-from lensexp.sim.render import pixel_grid
+from lensexp.sim.trace import pixel_grid
 
 SERSIC = "data.source.kind=sersic"
 

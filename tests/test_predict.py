@@ -123,7 +123,7 @@ def _two_band(n=20, seed=0):
     sim = Simulator(cfg)
     p = sim.draw_params(n, torch.Generator().manual_seed(seed))
     src, _ = sim.render_source(p)
-    img, _, _ = sim._observe(src, sim.render_lens_light(p), p, torch.Generator().manual_seed(seed + 1), False, True)
+    img, _, _ = sim.observe(src, sim.render_lens_light(p), p, torch.Generator().manual_seed(seed + 1), False, True)
     return img.numpy(), sim.psf.convolve(src[:, None], p["psf_index"])[:, 0].numpy()
 
 

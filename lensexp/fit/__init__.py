@@ -3,7 +3,7 @@
 The classic baseline the network is measured against. Each image is fitted with SIE + external
 shear, an elliptical Sérsic source (and, with ``lens_light=true``, a Sérsic lens light on the lens
 centre) through the simulator's own differentiable forward model (supersampled ray tracing and
-PSF convolution, :func:`lensexp.sim.render.render_sersic`), maximising the likelihood of the
+PSF convolution, :func:`lensexp.sim.trace.render_sersic`), maximising the likelihood of the
 pixels under the image noise model with torch autograd:
 
 1. **Starts**: ``init=prior`` draws ``n_starts`` mass models from the data preset's priors;

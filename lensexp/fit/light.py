@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from lensexp.fit.model import LensModel, Observation, ParamSpace, light_names, rho, solve_amplitudes
-from lensexp.sim.render import pixel_grid
+from lensexp.sim.trace import pixel_grid
 
 
 def weighted_median(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from lensexp.sim.priors import LABELS
-from lensexp.sim.render import render_sersic, render_unlensed_sersic
+from lensexp.sim.trace import render_sersic, render_unlensed_sersic
 from lensexp.sim.source import sersic_total_flux
 
 MASS = LABELS[:-1]

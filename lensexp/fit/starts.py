@@ -9,8 +9,8 @@ from omegaconf import DictConfig
 
 from lensexp.fit.model import MASS, LensModel, Observation, ParamSpace
 from lensexp.sim import lens as lensmod
-from lensexp.sim.priors import check_range, draw
-from lensexp.sim.render import pixel_grid
+from lensexp.sim.ranges import check_range, draw
+from lensexp.sim.trace import pixel_grid
 
 
 def init_source(

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from lensexp.sim.ranges import check_range, draw
+
 
 def mag_to_flux(mag, zeropoint):
     """AB magnitude -> flux [e-/s] for a zero point [mag giving 1 e-/s]."""
@@ -287,3 +289,90 @@ def normalize(images, method: str = "none", quantile: float = 0.99, eps: float =
     else:
         raise ValueError(f"normalize must be one of none, peak, std, quantile; got '{method}'")
     return images / (s.clamp(min=eps)[:, None, None, None])
+
+
+def observe(
+    I,
+    src,
+    lens_light,
+    p: dict,
+    psf,
+    rng,
+    pixscale: float,
+    with_artefacts: bool = True,
+    with_noise: bool = True,
+    keep_noise_map: bool = False,
+    mix=None,
+    digitise=None,
+):
+    """The detector stage: PSF, bands, noise, artefacts and normalisation of one batch.
+
+    ``I``: the ``data.instrument`` config (checked, plain or DictConfig); ``src``, ``lens_light``:
+    lensed source and lens light [B, N, N] (e-/s, no PSF; lens light may be None); ``p``: the
+    drawn parameters (``psf_index``, ``band_src``, ``band_lens``, ...); ``psf``: a
+    :class:`psf.PSFBank`; ``mix``/``digitise`` replace :func:`mix_bands`/:func:`digitise_counts`
+    (e.g. by compiled forms). Returns (images [B, C, N, N], clean [B, C, N, N], meta).
+    """
+    mix = mix or mix_bands
+    B, dev, dt = src.shape[0], src.device, src.dtype
+    d = lambda lohi, m=B: draw(rng, m, check_range("", lohi), dev, dt)  # noqa: E731
+    # convolution is linear: convolve source and lens light once each, then mix the bands
+    arc = psf.convolve(src[:, None], p["psf_index"])
+    lens = None if lens_light is None else psf.convolve(lens_light[:, None], p["psf_index"])
+    clean = mix(arc, p["band_src"], lens, p.get("band_lens"))
+    arc = arc[:, 0]
+    n_bands = clean.shape[1]
+    t = d(I.exposure_time)[:, None, None, None]
+    sky = sky_per_pixel(d(I.sky_mag), float(I.zeropoint), pixscale)[:, None, None, None]
+    read = d(I.read_noise)[:, None, None, None]
+    gain = float(I.gain)
+    meta = {
+        "psf_fwhm": psf.fwhm[p["psf_index"]],
+        "psf_index": p["psf_index"],
+        "is_cosmos": p["is_cosmos"],
+        "gal_index": p["gal_index"],
+        "src_mag": p["src_mag"],
+        "src_x": p["src_x"],
+        "src_y": p["src_y"],
+        "exposure_time": t.flatten(),
+        "sky": sky.flatten(),
+        "read_noise": read.flatten(),
+    }
+    img = clean
+    if with_noise and I.noise:
+        noisy = add_noise(clean, t, sky, read, gain, rng, str(I.poisson), digitise)
+        if I.correlated_noise.enabled:
+            fw = float(d(I.correlated_noise.fwhm_pix, 1)[0])
+            noisy = clean + correlate_noise(noisy - clean, fw)
+        img = noisy
+        if keep_noise_map:
+            meta["noise_var"] = noise_variance(clean, t, sky, read, gain).float()
+    if with_artefacts:
+        # in place on the image (a fresh tensor): sparse adds, no full-size artefact buffers
+        img = img.clone() if img is clean else img
+        img += d(I.bias, B * n_bands).reshape(B, n_bands, 1, 1)
+        cr, hp, mk = I.cosmic_rays, I.hot_pixels, I.masks
+        if cr.enabled:
+            meta["cosmic_rays"] = cosmic_rays(
+                img.shape,
+                float(cr.n_mean),
+                check_range("", cr.length_pix),
+                check_range("", cr.width_pix),
+                check_range("", cr.amplitude),
+                float(cr.worm_fraction),
+                rng,
+                img,
+                into=img,
+                scale=1.0 / t.flatten(),
+            )
+        if hp.enabled:
+            amp = check_range("", hp.amplitude)
+            meta["hot_pixels"] = hot_pixels(img.shape, float(hp.fraction), amp, rng, img, into=img)
+        if mk.enabled:
+            m = circular_masks(
+                arc, check_range("", mk.n), check_range("", mk.radius), pixscale, float(mk.keep_arc_flux), rng
+            )
+            img.masked_fill_(m[:, None], 0.0)
+            meta["mask"] = m
+    img = normalize(img, str(I.normalize))
+    return img, clean, meta

@@ -23,7 +23,7 @@ import torch
 
 from lensexp.errors import ConfigError
 from lensexp.sim import lens as lensmod
-from lensexp.sim.priors import check_range, draw
+from lensexp.sim.ranges import check_range, draw
 
 MASS_KINDS = ("sie", "sie_pair", "sie_subhalo", "epl")
 # parameters each family adds to the eight labels (kept in the samples' meta)

@@ -1,7 +1,7 @@
-"""Checked parameter ranges and draws from them.
+"""The priors: parameters of every system drawn from a checked ``data`` preset.
 
-A range is a ``[low, high]`` pair; draws are uniform. :func:`check_range` turns an impossible
-range (empty, reversed, outside the physical domain) into one :class:`ConfigError` naming it.
+:func:`draw_params` returns a dict of tensors [n] (or [n, K]) in the units of the preset
+(arcsec, AB mag, e-/s); ``LABELS`` is the network's label order (``../shared/conventions.md``).
 """
 
 from __future__ import annotations
@@ -10,32 +10,83 @@ import math
 
 import torch
 
-from lensexp.errors import ConfigError
+from lensexp.sim import lens as lensmod
+from lensexp.sim import mass as massmod
+from lensexp.sim.instrument import mag_to_flux
+from lensexp.sim.ranges import check_range, draw
 
 LABELS = ("theta_E", "e1", "e2", "center_x", "center_y", "gamma1", "gamma2", "mu_F")
 
 
-def check_range(
-    name: str, value, lo_bound: float = -math.inf, hi_bound: float = math.inf, strict_low: bool = False
-) -> tuple[float, float]:
-    """Validate ``value`` as a [low, high] range inside [lo_bound, hi_bound]; return floats."""
-    try:
-        lo, hi = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a [low, high] range of numbers, got {value!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
-        raise ConfigError(f"{name} is an empty range: [{lo}, {hi}] (need finite low <= high)")
-    if lo < lo_bound or hi > hi_bound or (strict_low and lo <= lo_bound):
-        op = ">" if strict_low else ">="
-        raise ConfigError(
-            f"{name} = [{lo}, {hi}] is outside its domain (values must be {op} {lo_bound}"
-            f"{'' if math.isinf(hi_bound) else f' and <= {hi_bound}'})"
-        )
-    return lo, hi
+def draw_params(
+    c,
+    n: int,
+    rng: torch.Generator,
+    n_galaxies: int,
+    n_psf: int,
+    mass_kind: str = "sie",
+    device=None,
+    dtype=torch.float64,
+) -> dict:
+    """Lens, source, lens-light, band and PSF parameters of ``n`` systems.
 
-
-def draw(rng: torch.Generator, n: int, lohi, device=None, dtype=torch.float64) -> torch.Tensor:
-    """``n`` uniform draws in [low, high] with generator ``rng``."""
-    lo, hi = lohi
-    u = torch.rand(n, generator=rng, device=device, dtype=dtype)
-    return lo + (hi - lo) * u
+    ``c``: the checked ``data`` config (attribute access); ``n_galaxies``/``n_psf``: sizes of the
+    COSMOS and PSF banks the indices point into; ``mass_kind``: the mass family
+    (:func:`mass.check_mass_config`). The order of the draws is part of the data's identity.
+    """
+    dev, dt = device, dtype
+    d = lambda lohi, m=n: draw(rng, m, check_range("", lohi), dev, dt)  # noqa: E731
+    L, S = c.lens, c.source
+    p = {"theta_E": d(L.theta_E)}
+    q, phi = d(L.q), d(L.phi)
+    p["e1"], p["e2"] = lensmod.phi_q_to_ellipticity(phi, q)
+    p["center_x"], p["center_y"] = d(L.center), d(L.center)
+    p["gamma1"], p["gamma2"] = d(L.gamma), d(L.gamma)
+    # source position: uniform in area in an annulus of radii offset * theta_E
+    lo, hi = check_range("", S.offset)
+    r = p["theta_E"] * torch.sqrt(lo * lo + (hi * hi - lo * lo) * torch.rand(n, generator=rng, device=dev, dtype=dt))
+    t = 2 * math.pi * torch.rand(n, generator=rng, device=dev, dtype=dt)
+    p["src_x"] = p["center_x"] + r * torch.cos(t)
+    p["src_y"] = p["center_y"] + r * torch.sin(t)
+    p["src_mag"] = d(S.mag)
+    p["src_flux"] = mag_to_flux(p["src_mag"], float(c.instrument.zeropoint))
+    kind = str(S.kind)
+    frac = {"sersic": 0.0, "cosmos": 1.0, "mix": float(S.cosmos_fraction)}[kind]
+    p["is_cosmos"] = torch.rand(n, generator=rng, device=dev) < frac
+    # Sersic + clumps
+    p["src_R"], p["src_n"] = d(S.sersic.R_sersic), d(S.sersic.n)
+    sq, sphi = d(S.sersic.q), d((0.0, math.pi))
+    p["src_e1"], p["src_e2"] = lensmod.phi_q_to_ellipticity(sphi, sq)
+    kmin, kmax = (int(v) for v in S.clumps.n)
+    p["clump_n"] = torch.randint(kmin, kmax + 1, (n,), generator=rng, device=dev)
+    K = kmax
+    w = torch.rand(n, K, generator=rng, device=dev, dtype=dt)
+    w = w * (torch.arange(K, device=dev)[None] < p["clump_n"][:, None])
+    cf = d(S.clumps.flux_fraction) * (p["clump_n"] > 0)
+    p["clump_flux"] = p["src_flux"][:, None] * cf[:, None] * w / w.sum(1, keepdim=True).clamp(min=1e-12)
+    p["sersic_flux"] = p["src_flux"] * (1 - cf)
+    spread = float(S.clumps.spread) * p["src_R"][:, None]
+    p["clump_x"] = p["src_x"][:, None] + spread * torch.randn(n, K, generator=rng, device=dev, dtype=dt)
+    p["clump_y"] = p["src_y"][:, None] + spread * torch.randn(n, K, generator=rng, device=dev, dtype=dt)
+    p["clump_sigma"] = d(S.clumps.sigma, n * K).reshape(n, K)
+    # COSMOS
+    G = n_galaxies
+    p["gal_index"] = torch.randint(0, G, (n,), generator=rng, device=dev)
+    ang = 2 * math.pi * torch.rand(n, generator=rng, device=dev, dtype=dt)
+    p["gal_cos"], p["gal_sin"] = torch.cos(ang), torch.sin(ang)
+    p["gal_flip"] = torch.rand(n, generator=rng, device=dev) < 0.5
+    p["gal_scale"] = d(S.cosmos.scale)
+    # lens light (aligned with the mass, axis ratio jittered)
+    LL = c.lens_light
+    if LL.enabled:
+        ql = (q + float(LL.q_jitter) * (2 * torch.rand(n, generator=rng, device=dev, dtype=dt) - 1)).clamp(0.2, 1.0)
+        p["ll_e1"], p["ll_e2"] = lensmod.phi_q_to_ellipticity(phi, ql)
+        p["ll_flux"] = mag_to_flux(d(LL.mag), float(c.instrument.zeropoint))
+        p["ll_R"], p["ll_n"] = d(LL.R_sersic), d(LL.n)
+    # colours
+    p["band_src"] = torch.stack([d(b.source_scale) for b in c.bands], 1)
+    p["band_lens"] = torch.stack([d(b.lens_scale) for b in c.bands], 1)
+    p["psf_index"] = torch.randint(0, n_psf, (n,), generator=rng, device=dev)
+    if mass_kind != "sie":
+        p.update(massmod.draw_components(c.mass, mass_kind, p, rng))
+    return p

@@ -9,7 +9,8 @@ import torch
 from lensexp.config import load_data_preset
 from lensexp.sim import lens as lensmod
 from lensexp.sim import mass
-from lensexp.sim.render import Simulator, _lens_coefficients, _shoot, pixel_grid
+from lensexp.sim.render import Simulator
+from lensexp.sim.trace import lens_coefficients, pixel_grid, shoot
 
 lenstronomy = pytest.importorskip("lenstronomy")
 from lenstronomy.LensModel.lens_model import LensModel  # noqa: E402
@@ -103,7 +104,7 @@ def test_ray_shooting_of_each_family_matches_lenstronomy(kind):
     p = {k: v.double() if v.is_floating_point() else v for k, v in sim.draw_params(3, rng).items()}
     x, y = torch.tensor(X)[None], torch.tensor(Y)[None]
     sie = p if kind != "epl" else {**p, "theta_E": torch.zeros_like(p["theta_E"])}
-    bx, by = _shoot(x, y, _lens_coefficients(sie), mass.extra_deflection(kind, p, x, y))
+    bx, by = shoot(x, y, lens_coefficients(sie), mass.extra_deflection(kind, p, x, y))
     lab = torch.stack([p[k] for k in ("theta_E", "e1", "e2", "center_x", "center_y", "gamma1", "gamma2")], 1).numpy()
     for i in range(3):
         models, kws = _lenstronomy_model(kind, lab, p, i)

@@ -8,7 +8,8 @@ import torch
 
 from lensexp.config import load_data_preset
 from lensexp.sim.psf import draw_kernel
-from lensexp.sim.render import Simulator, pixel_grid, render_sersic
+from lensexp.sim.render import Simulator
+from lensexp.sim.trace import pixel_grid, render_sersic
 from lensexp.sim.source import sersic_total_flux
 
 pytest.importorskip("lenstronomy")
@@ -158,7 +159,7 @@ def test_two_band_colours_and_lens_light():
     p = sim.draw_params(6, torch.Generator().manual_seed(0))
     src, _ = sim.render_source(p)
     ll = sim.render_lens_light(p)
-    img, clean, _ = sim._observe(src, ll, p, torch.Generator().manual_seed(1), False, False)
+    img, clean, _ = sim.observe(src, ll, p, torch.Generator().manual_seed(1), False, False)
     assert img.shape == (6, 2, 64, 64) and torch.equal(img, clean)
     ps = sim.psf.convolve(src[:, None], p["psf_index"])[:, 0]
     pl = sim.psf.convolve(ll[:, None], p["psf_index"])[:, 0]
@@ -173,7 +174,7 @@ def test_two_band_colours_and_lens_light():
 
 
 def test_magnification_map_matches_lenstronomy():
-    from lensexp.sim.render import magnification_map
+    from lensexp.sim.trace import magnification_map
 
     mu = magnification_map(LENS, 16, 0.25)[0].numpy()
     x, y = pixel_grid(16, 0.25, 1)
