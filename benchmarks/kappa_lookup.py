@@ -21,7 +21,7 @@ from common import ensure_allocator_env, machine_info
 
 from lensexp.config import compose_config
 from lensexp.lookup import run as lookup
-from lensexp.simulate import MANIFEST
+from lensexp.shard_set import MANIFEST
 from lensexp.simulate import run as simulate
 
 

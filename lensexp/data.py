@@ -19,7 +19,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from lensexp.errors import ConfigError
 from lensexp.sim.priors import LABELS
-from lensexp.simulate import MANIFEST, ShardSpec, shard_samples, shard_seed
+from lensexp.shard_set import MANIFEST, ShardSpec, shard_seed
+from lensexp.simulate import shard_samples
 
 
 def shard_urls(root: str | Path, split: str, url_template: str | None = None) -> list[str]:

@@ -40,7 +40,7 @@ class LookupBank:
         from sklearn.neighbors import NearestNeighbors
 
         from lensexp.data import shard_dataset, shard_urls
-        from lensexp.simulate import SPLITS
+        from lensexp.shard_set import SPLITS
 
         urls = []
         for split in SPLITS:

@@ -21,7 +21,8 @@ from lensexp.data import OnTheFlyDataset, shard_dataset, shard_urls
 from lensexp.errors import ConfigError
 from lensexp.paths import PROJECT_ROOT
 from lensexp.sim.render import Simulator
-from lensexp.simulate import plan_shards, run, split_counts, verify_set
+from lensexp.shard_set import plan_shards, split_counts, verify_set
+from lensexp.simulate import run
 
 # Sérsic sources keep these tests independent of ../shared/data
 BASE = ["data=tiny", "data.source.kind=sersic", "progress=false", "batch_size=32"]
@@ -230,13 +231,13 @@ def test_configs_compose(tmp_path):
 def test_disk_full_is_reported_and_leaves_no_partial_file(tmp_path, monkeypatch):
     import errno
 
-    import lensexp.simulate as simulate
+    import lensexp.shard_set as shard_set
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     # a delayed write error surfaces at the final fsync: the run's shards go, no manifest
-    monkeypatch.setattr(simulate.os, "fsync", full)
+    monkeypatch.setattr(shard_set.os, "fsync", full)
     with pytest.raises(ConfigError, match="disk full"):
         run(cfg_for(tmp_path, "n=20", "shard_size=10"))
     assert not list(tmp_path.glob("*/shard-*")) and not list(tmp_path.glob("*/.shard-*"))
@@ -314,7 +315,8 @@ def test_shard_bytes_are_plain_ustar_as_tarfile_writes_them():
 
 def test_shard_encoding_batched_equals_per_sample():
     from lensexp.shards import encode_sample
-    from lensexp.simulate import ShardSpec, batch_samples, encode_batch, shard_batch
+    from lensexp.shard_set import ShardSpec
+    from lensexp.simulate import batch_samples, encode_batch, shard_batch
 
     sim = Simulator(compose_config("simulate", BASE).data)
     spec = ShardSpec("val", 2, 5, 7, 11)
