@@ -23,7 +23,8 @@ import torch
 from common import ensure_allocator_env, machine_info
 from outside_sets import SETS, make_set
 
-from lensexp.calibrate import CAL_FILE, collect, load_module, read_calibration, summarise
+from lensexp.calibrate import CAL_FILE, collect, read_calibration, summarise
+from lensexp.checkpoints import load_module
 
 
 def evaluate(module, images, truth, cal, n_mc: int = 16, batch: int = 64, seed: int = 0) -> dict:

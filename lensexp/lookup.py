@@ -159,7 +159,7 @@ def panels(firsts: dict, pixscale: float, path: Path) -> None:
 
 def run(cfg: DictConfig) -> list[dict]:
     """Network against look-up per mass class; writes the tables and the figure into ``cfg.out``."""
-    from lensexp.calibrate import load_module, run_config
+    from lensexp.checkpoints import load_module, run_config
     from lensexp.config import load_data_preset
     from lensexp.kappa_predict import KappaPredictor
     from lensexp.runtime import resolve_device, set_threads

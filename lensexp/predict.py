@@ -64,7 +64,8 @@ class Predictor:
         npix: int | None = None,
         pixscale: float | None = None,
     ):
-        from lensexp.calibrate import CAL_FILE, load_module, read_calibration, resolve_ckpt, run_config
+        from lensexp.calibrate import CAL_FILE, read_calibration
+        from lensexp.checkpoints import load_module, resolve_ckpt, run_config
 
         ckpt = resolve_ckpt(ckpt)
         self.module = load_module(ckpt, device)

@@ -83,7 +83,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     from lensexp.data import LensDataModule
     from lensexp.module import LensModule
 
-    from lensexp.calibrate import read_checkpoint
+    from lensexp.checkpoints import read_checkpoint
     from lensexp.runtime import set_threads
 
     from lensexp.sim.schema import validate_config

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lensexp import metrics
-from lensexp.calibrate import load_module, run
+from lensexp.calibrate import run
+from lensexp.checkpoints import load_module
 from lensexp.metrics import coverage_curve, fit_scales, posterior_samples, scaled
 from lensexp.config import compose_config
 from lensexp.errors import ConfigError

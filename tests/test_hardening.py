@@ -227,7 +227,7 @@ def test_simulate_failed_then_fixed_rerun(tmp_path):
 
 # 7. tracebacks where one line is due
 def test_checkpoint_of_another_shape_is_one_line(ckpt, tmp_path):
-    from lensexp.calibrate import load_module
+    from lensexp.checkpoints import load_module
 
     ck = torch.load(ckpt, map_location="cpu", weights_only=True)
     ck["hyper_parameters"]["model"]["head_hidden"] = 64  # the stored weights are for 128
@@ -269,7 +269,7 @@ def test_code_running_checkpoint_on_training_resume_is_one_line(tmp_path):
 
 # 8. checkpoint hyper-parameters are allow-listed before they reach timm
 def test_planted_backbone_kwargs_refused(ckpt, tmp_path):
-    from lensexp.calibrate import load_module
+    from lensexp.checkpoints import load_module
 
     ck = torch.load(ckpt, map_location="cpu", weights_only=True)
     ck["hyper_parameters"]["model"]["backbone_kwargs"] = {"checkpoint_path": str(tmp_path / "planted.pth")}

@@ -201,7 +201,7 @@ def test_a_briefly_trained_network_beats_the_lookup_on_a_held_out_class(tmp_path
     """The talk's question on a small scale: ~6 000 SIE + shear training lenses (about a minute)
     against the nearest-image look-up in a 2 000-image bank, on SIE + subhalo lenses that neither
     ever saw. The network must be clearly better (a look-up cannot place mass it never stored)."""
-    from lensexp.calibrate import load_module
+    from lensexp.checkpoints import load_module
     from lensexp.kappa_predict import KappaPredictor
     from lensexp.lookup import LookupBank, class_set, evaluate_class
     from lensexp.simulate import run as simulate

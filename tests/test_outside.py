@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from lensexp.calibrate import load_module, run
+from lensexp.calibrate import run
+from lensexp.checkpoints import load_module
 from lensexp.config import compose_config
 from lensexp.paths import PROJECT_ROOT
 from lensexp.recalibrate import Recalibration, image_snr

@@ -17,7 +17,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lensexp.calibrate import load_module
+from lensexp.checkpoints import load_module
 from lensexp.calibrate import run as calibrate
 from lensexp.config import compose_config
 from lensexp.ensemble import Ensemble, read_manifest
