@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 from common import items_per_s, report, save
-from omegaconf import OmegaConf
 
 from lensexp.config import compose_config
-from lensexp.module import LensModule
+from lensexp.build import lens_module
 from lensexp.predict import Predictor
 
 CASES = {"tiny": ("tiny", 64, 0.1), "hst": ("inception_v4", 192, 0.04)}
@@ -30,9 +29,7 @@ N_LENSES = 170_000
 def lenses_per_s(case: str, n_mc: int, batch: int, n_batches: int, device: str) -> float:
     model, npix, pix = CASES[case]
     cfg = compose_config("train", [f"model={model}"])
-    module = LensModule(
-        model=OmegaConf.to_container(cfg.model, resolve=True), data_info={"npix": npix, "pixscale": pix}
-    )
+    module = lens_module(cfg.model, cfg.loss, data_info={"npix": npix, "pixscale": pix})
     with tempfile.TemporaryDirectory() as d:
         ck = Path(d) / "m.ckpt"
         torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, ck)

@@ -17,8 +17,7 @@ import torch
 from common import items_per_s, report, save
 
 from lensexp.config import compose_config
-from lensexp.losses import get_loss
-from lensexp.models import LensRegressor
+from lensexp.build import build_loss, build_net
 
 SIZES = {"tiny": (64, 1), "hst": (192, 2)}
 
@@ -26,8 +25,8 @@ SIZES = {"tiny": (64, 1), "hst": (192, 2)}
 def step_rate(model_name: str, size: str, batch: int, steps: int, device: str, amp: bool) -> float:
     npix, bands = SIZES[size]
     cfg = compose_config("train", [f"model={model_name}", f"data={size}"])
-    loss = get_loss("gaussian_nll")
-    net = LensRegressor(in_chans=bands, n_outputs=loss.n_outputs(8), **cfg.model).to(device).train()
+    loss = build_loss("gaussian_nll")
+    net = build_net(cfg.model, bands, loss.n_outputs(8)).to(device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     x = torch.randn(batch, bands, npix, npix, device=device)
     y = torch.randn(batch, 8, device=device)

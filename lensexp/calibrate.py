@@ -64,7 +64,7 @@ def collect(
     out = {k: [] for k in ("samples", "centre", "truth", "snr", "is_cosmos")}
     n, busy = 0, 0.0
     g = torch.Generator().manual_seed(int(seed))
-    dev = module.label_mean.device
+    dev = module.device
     for batch in tqdm(loader, desc="posterior", unit="batch", disable=not progress):
         t0 = time.perf_counter()
         s, c = module.posterior(batch["image"].to(dev), n_mc, n_samples, g)

@@ -17,20 +17,18 @@ from omegaconf import DictConfig, OmegaConf
 from lensexp.errors import ConfigError
 
 
-LENS_MODULE_KEYS = frozenset(
-    {
-        "model",
-        "loss",
-        "in_chans",
-        "lr",
-        "weight_decay",
-        "n_mc_val",
-        "input_norm",
-        "label_fit_batches",
-        "labels",
-        "data_info",
-    }
-)
+# training settings of each module kind; the rest of a checkpoint's hyper-parameters is its
+# ``spec`` (what rebuilds the network, loss and label scaler: lensexp.build), checked there
+SETTINGS = {
+    "params": frozenset({"lr", "weight_decay", "n_mc_val", "input_norm", "data_info"}),
+    "kappa": frozenset(
+        {"lr", "weight_decay", "n_mc_val", "input_norm", "data_info", "kappa_floor", "task", "target", "kappa_max"}
+    ),
+}
+SPEC_KEYS = {
+    "params": frozenset({"model", "loss", "in_chans", "labels", "label_fit_batches"}),
+    "kappa": frozenset({"model", "in_chans"}),
+}
 
 
 def read_checkpoint(ckpt: str | Path) -> dict:
@@ -53,28 +51,6 @@ def read_checkpoint(ckpt: str | Path) -> dict:
     return ck
 
 
-KAPPA_MODULE_KEYS = frozenset(
-    {
-        "model",
-        "in_chans",
-        "lr",
-        "weight_decay",
-        "n_mc_val",
-        "input_norm",
-        "kappa_floor",
-        "data_info",
-        "task",
-        "target",
-        "kappa_max",
-    }
-)
-
-
-KAPPA_MODEL_KEYS = frozenset(
-    {"backbone", "decoder_channels", "head_channels", "dropout", "dropout_where", "backbone_kwargs", "head_stride"}
-)
-
-
 def resolve_ckpt(ckpt: str | Path) -> Path:
     """``ckpt`` itself, or for a run folder its ``checkpoints/ensemble.json`` (an ensemble run)
     or else its ``checkpoints/last.ckpt``."""
@@ -89,31 +65,9 @@ def resolve_ckpt(ckpt: str | Path) -> Path:
     raise ConfigError(f"'{ckpt}' is a folder without checkpoints/{MANIFEST} or checkpoints/last.ckpt")
 
 
-def check_loss_hparam(loss, source: str):
-    """Allow-list a checkpoint's loss setting: a loss name, or a flow's plain settings."""
-    from lensexp.flow import FLOW_KEYS
-
-    if isinstance(loss, str):
-        return loss
-    plain = (int, float, str)
-    if (
-        not isinstance(loss, dict)
-        or loss.get("name") != "flow_nll"
-        or set(loss) - FLOW_KEYS - {"name"}
-        or not all(
-            isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, int) for x in v))
-            for v in loss.values()
-        )
-    ):
-        raise ConfigError(
-            f"{source}: refused loss setting {loss!r} (a loss name or flow_nll settings {sorted(FLOW_KEYS)})"
-        )
-    return loss
-
-
 def load_module(ckpt: str | Path, device: str = "cpu"):
     """A trained module from a checkpoint, loaded weights-only, its hyper-parameters
-    allow-listed (:func:`~lensexp.models.check_model_hparams`): a
+    allow-listed (:func:`split_hparams`, :func:`lensexp.build.check_spec`): a
     :class:`~lensexp.module.LensModule` (the eight labels) or, for ``task: kappa`` checkpoints, a
     :class:`~lensexp.kappa_module.KappaModule` (density maps); for an ``ensemble.json`` (or a run
     folder holding one) an :class:`~lensexp.ensemble.Ensemble` of its members."""
@@ -129,39 +83,48 @@ def load_module(ckpt: str | Path, device: str = "cpu"):
 
 
 def _load_one(ckpt: Path, device: str):
-    from lensexp.models import check_model_hparams
+    from lensexp import build
+    from lensexp.labels import upgrade_state_dict
 
     ck = read_checkpoint(ckpt)
     if "hyper_parameters" not in ck or "state_dict" not in ck:
         raise ConfigError(f"'{ckpt}' lacks hyper_parameters/state_dict: not a lensexp training checkpoint")
-    hp = dict(ck["hyper_parameters"])
-    kappa = hp.get("task") == "kappa"
-    unknown = sorted(set(hp) - (KAPPA_MODULE_KEYS if kappa else LENS_MODULE_KEYS))
-    if unknown:
-        raise ConfigError(f"checkpoint '{ckpt}': refused hyper-parameter(s) {unknown}")
-    check_model_hparams(hp.get("model"), f"checkpoint '{ckpt}'", KAPPA_MODEL_KEYS if kappa else None)
-    if not kappa and "loss" in hp:
-        check_loss_hparam(hp["loss"], f"checkpoint '{ckpt}'")
-    if kappa:
-        from lensexp.kappa_module import KappaModule as Module
-    else:
-        from lensexp.module import LensModule as Module
+    source = f"checkpoint '{ckpt}'"
+    settings, spec = split_hparams(dict(ck["hyper_parameters"]), source)
     try:
-        module = Module(**hp)
+        if settings.get("task") == "kappa":
+            module = build.kappa_module(**spec, source=source, **settings)
+        else:
+            module = build.lens_module(**spec, source=source, **settings)
     except ConfigError as exc:
-        raise ConfigError(f"checkpoint '{ckpt}': {exc}") from None
+        msg = str(exc)
+        raise ConfigError(msg if msg.startswith(source) else f"{source}: {msg}") from None
     except Exception as exc:  # noqa: BLE001 - settings timm or the module cannot build
-        raise ConfigError(
-            f"checkpoint '{ckpt}': its settings do not build a network ({type(exc).__name__}: {exc})"
-        ) from None
+        raise ConfigError(f"{source}: its settings do not build a network ({type(exc).__name__}: {exc})") from None
     try:
-        module.load_state_dict(ck["state_dict"])
+        module.load_state_dict(upgrade_state_dict(dict(ck["state_dict"])))
     except RuntimeError as exc:
         first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc).splitlines()[0])
-        raise ConfigError(
-            f"checkpoint '{ckpt}': its weights do not fit the network its settings describe ({first})"
-        ) from None
+        raise ConfigError(f"{source}: its weights do not fit the network its settings describe ({first})") from None
     return module.to(device).eval()
+
+
+def split_hparams(hp: dict, source: str) -> tuple[dict, dict]:
+    """A checkpoint's hyper-parameters as (training settings, spec), both allow-listed by key;
+    checkpoints written before ``spec`` existed keep its keys at the top level."""
+    kind = "kappa" if hp.get("task") == "kappa" else "params"
+    spec = hp.pop("spec", None)
+    if spec is None:
+        spec = {k: hp.pop(k) for k in SPEC_KEYS[kind] if k in hp}
+    unknown = sorted(set(hp) - SETTINGS[kind])
+    if unknown:
+        raise ConfigError(f"{source}: refused hyper-parameter(s) {unknown}")
+    if not isinstance(spec, dict) or set(spec) - SPEC_KEYS[kind] or "model" not in spec:
+        raise ConfigError(f"{source}: refused spec {spec!r} (keys {sorted(SPEC_KEYS[kind])})")
+    labels = spec.get("labels")
+    if labels is not None and not (isinstance(labels, (list, tuple)) and all(isinstance(x, str) for x in labels)):
+        raise ConfigError(f"{source}: labels must be a list of names, got {labels!r}")
+    return hp, spec
 
 
 def run_config(ckpt: str | Path) -> DictConfig | None:

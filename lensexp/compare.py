@@ -20,6 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from lensexp.build import loss_name
 from lensexp.errors import ConfigError
 from lensexp.sim.priors import LABELS
 
@@ -79,7 +80,7 @@ def run_row(run_dir: Path, root: Path) -> dict:
         "backbone": cfg.model.backbone,
         "dropout": float(cfg.model.dropout),
         "dropout_where": cfg.model.dropout_where,
-        "loss": cfg.loss.name,
+        "loss": loss_name(cfg.loss),
         "data": cfg.data.name,
         "params": m.get("model/params"),
         "train_img_per_s": m.get("train/img_per_s"),

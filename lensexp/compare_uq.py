@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
+from lensexp.build import loss_name
+
 LEVELS = ("0.683", "0.955", "0.997")
 TAGS = {"0.683": "68", "0.955": "95", "0.997": "997"}
 META = (
@@ -71,7 +73,7 @@ def uq_row(run_dir: Path, root: Path) -> dict:
     row = {
         "run": str(run_dir.relative_to(root)) if run_dir != root else run_dir.name,
         "method": m.get("uncertainty") or "mc_dropout",
-        "loss": cfg.loss.name,
+        "loss": loss_name(cfg.loss),
         "dropout": float(cfg.model.dropout),
         "members": int(cfg.get("ensemble", {}).get("n", 1)),
         "n_test": m["n_lenses"],

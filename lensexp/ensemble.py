@@ -77,19 +77,23 @@ class Ensemble:
             if list(m.labels) != list(first.labels):
                 raise ConfigError(f"{source}: member {k} predicts {m.labels}, member 0 {first.labels}")
             a, b = dict(m.hparams.get("data_info") or {}), dict(first.hparams.get("data_info") or {})
-            if (a.get("npix"), a.get("pixscale"), m.hparams.get("in_chans")) != (
+            if (a.get("npix"), a.get("pixscale"), m.in_chans) != (
                 b.get("npix"),
                 b.get("pixscale"),
-                first.hparams.get("in_chans"),
+                first.in_chans,
             ):
                 raise ConfigError(f"{source}: member {k} was trained on another grid or band count than member 0")
         self.members, self.labels = list(members), list(first.labels)
-        self.hparams = copy.copy(first.hparams)  # Lightning's attribute dict: hparams.in_chans etc.
+        self.hparams = copy.copy(first.hparams)  # Lightning's attribute dict: hparams.data_info etc.
         self.hparams["ensemble"] = len(members)
 
     @property
-    def label_mean(self) -> torch.Tensor:
-        return self.members[0].label_mean
+    def device(self) -> torch.device:
+        return self.members[0].device
+
+    @property
+    def in_chans(self) -> int:
+        return self.members[0].in_chans
 
     def to_net(self, y: torch.Tensor) -> torch.Tensor:
         return self.members[0].to_net(y)
@@ -110,23 +114,18 @@ class Ensemble:
             m.to(device)
         return self
 
-    def _same_units(self, m) -> bool:
-        first = self.members[0]
-        return all(
-            torch.equal(getattr(m, k).cpu(), getattr(first, k).cpu()) for k in ("label_mean", "label_std", "is_log")
-        )
-
     @torch.no_grad()
     def posterior(self, images: torch.Tensor, n_mc: int, n_samples: int, generator=None, common: bool = False):
         """Samples [S, B, D] (first member's network units, CPU) and centre [B, D] of the mixture
         (``common`` as in :meth:`LensModule.posterior`)."""
         g = as_generator(generator)
         per = max(1, n_samples // len(self.members))
-        dev = self.label_mean.device
+        dev = self.device
         samples, centres = [], []
         for m in self.members:
-            s, c = m.posterior(images.to(m.label_mean.device), n_mc, per, g, common)
-            if not self._same_units(m):  # member units -> physical -> first member's (affine per label)
+            s, c = m.posterior(images.to(m.device), n_mc, per, g, common)
+            # member units -> physical -> first member's (affine per label)
+            if not m.scaler.same_units(self.members[0].scaler):
                 s, c = (self.to_net(m.from_net(t.to(dev))).cpu() for t in (s, c))
             samples.append(s)
             centres.append(c)

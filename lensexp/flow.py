@@ -18,11 +18,10 @@ from torch import nn
 from lensexp.errors import ConfigError
 
 FLOWS = ("nsf", "maf")
-FLOW_KEYS = frozenset({"flow", "transforms", "hidden", "context", "bins", "passes"})
 
 
 class FlowNLL(nn.Module):
-    """Conditional flow over ``d`` standardised labels; network outputs are its ``context``
+    """Conditional flow over ``n_labels`` standardised labels; network outputs are its ``context``
     vector. ``transforms``: autoregressive layers; ``hidden``: widths of each layer's MLP;
     ``bins``: spline bins (``nsf`` only); ``passes``: sequential passes to invert each layer
     (2: coupling-like, sampling ~4x faster than fully autoregressive ``passes = d``)."""
@@ -31,7 +30,7 @@ class FlowNLL(nn.Module):
 
     def __init__(
         self,
-        d: int,
+        n_labels: int = 8,
         flow: str = "nsf",
         transforms: int = 3,
         hidden=(128, 128),
@@ -42,6 +41,7 @@ class FlowNLL(nn.Module):
         super().__init__()
         import zuko
 
+        d = int(n_labels)
         if flow not in FLOWS:
             raise ConfigError(f"loss.flow must be one of {FLOWS}, got '{flow}'")
         if int(transforms) < 1 or int(context) < 1 or int(bins) < 2 or not hidden or not 1 <= int(passes) <= d:

@@ -20,7 +20,8 @@ import torch
 
 from lensexp import kappa_maps
 from lensexp.errors import ConfigError
-from lensexp.kappa_net import KappaUNet
+from torch import nn
+
 from lensexp.module import EvalHooks, gather_lenses, warmup_cosine
 from lensexp.models import set_mc_dropout
 from lensexp.sim.instrument import normalize
@@ -30,13 +31,14 @@ TARGETS = ("log", "linear")
 
 
 class KappaModule(EvalHooks, pl.LightningModule):
-    """``model``: kwargs of :class:`KappaUNet` (backbone, decoder_channels, dropout, ...);
-    ``data_info``: the training grid (``npix``, ``pixscale`` [arcsec/px], ``bands``, ``name``)."""
+    """``net``: images -> [B, 2, N, N] per-pixel mean and log sigma of the target
+    (:class:`~lensexp.kappa_net.KappaUNet`); ``data_info``: the training grid (``npix``, ``pixscale`` [arcsec/px],
+    ``bands``, ``name``); ``spec``: the settings that rebuild ``net``
+    (:func:`lensexp.build.kappa_module`, stored in the checkpoint)."""
 
     def __init__(
         self,
-        model: dict,
-        in_chans: int = 1,
+        net: nn.Module,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         n_mc_val: int = 4,
@@ -46,13 +48,19 @@ class KappaModule(EvalHooks, pl.LightningModule):
         task: str = TASK,
         target: str = "log",
         kappa_max: float = 10.0,
+        spec: dict | None = None,
     ):
         super().__init__()
         if target not in TARGETS:
             raise ConfigError(f"kappa target must be one of {TARGETS}, got '{target}'")
-        self.save_hyperparameters()
-        self.net = KappaUNet(in_chans=in_chans, **model)
+        self.save_hyperparameters(ignore=["net"])
+        self.net = net
         self._collected: list[dict] = []
+
+    @property
+    def in_chans(self) -> int:
+        """Bands the network takes (its spec)."""
+        return int((self.hparams.get("spec") or {}).get("in_chans", 1))
 
     @property
     def pixscale(self) -> float:

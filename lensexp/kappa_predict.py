@@ -53,7 +53,7 @@ class KappaPredictor:
     def __init__(self, module, npix: int, pixscale: float, n_mc: int = 8, per_pass: int = 4, kappa_out=None):
         self.module, self.npix, self.pixscale = module, int(npix), float(pixscale)
         self.n_mc, self.per_pass = int(n_mc), int(per_pass)
-        self.in_chans = int(module.hparams.in_chans)
+        self.in_chans = module.in_chans
         self.columns = list(COLUMNS)
         self.out = Path(kappa_out) if kappa_out else None
         if self.out is not None:

@@ -28,7 +28,17 @@ import torch
 LOG_SIGMA_MIN, LOG_SIGMA_MAX = -9.0, 5.0  # keeps exp(-2 log sigma) finite in float32
 
 
-class MSELoss:
+class Loss:
+    """Base of the losses: ``name`` registers it (:data:`LOSSES`, checkpoints store the
+    ``_target_``); the builder supplies ``n_labels`` (:func:`lensexp.build.build_loss`)."""
+
+    name = ""
+
+    def __init__(self, n_labels: int = 8):
+        self.n_labels = int(n_labels)
+
+
+class MSELoss(Loss):
     """Mean squared error; predictive std is zero (no aleatoric term)."""
 
     name = "mse"
@@ -46,7 +56,7 @@ class MSELoss:
         return out.unsqueeze(0).expand(n, *out.shape)
 
 
-class GaussianNLL:
+class GaussianNLL(Loss):
     """Diagonal Gaussian negative log-likelihood; outputs ``[mu (D), log sigma (D)]``."""
 
     name = "gaussian_nll"
@@ -90,7 +100,7 @@ class BetaNLL(GaussianNLL):
         return (weight * (0.5 * z2 + log_sigma + 0.5 * math.log(2 * math.pi))).sum(-1).mean()
 
 
-class FullCovNLL:
+class FullCovNLL(Loss):
     """Full-covariance Gaussian NLL; outputs ``[mu (D), L (D (D + 1) / 2)]``.
 
     ``L`` is lower triangular, filled row by row (``torch.tril_indices``); its diagonal is
@@ -134,24 +144,3 @@ class FullCovNLL:
 
 
 LOSSES = {cls.name: cls for cls in (MSELoss, GaussianNLL, BetaNLL, FullCovNLL)}
-
-
-def get_loss(spec, n_labels: int = 8):
-    """The loss ``spec`` names: ``mse``, ``gaussian_nll``, ``beta_nll``, ``full_cov_nll`` (a name),
-    or a mapping ``{name: flow_nll, ...settings}`` (:class:`~lensexp.flow.FlowNLL` over
-    ``n_labels`` labels; the others take no settings)."""
-    from lensexp.errors import ConfigError
-
-    settings = {}
-    if isinstance(spec, dict):
-        settings = {k: v for k, v in spec.items() if k != "name"}
-        spec = spec.get("name")
-    if spec == "flow_nll":
-        from lensexp.flow import FlowNLL
-
-        return FlowNLL(n_labels, **settings)
-    if spec not in LOSSES:
-        raise ConfigError(f"unknown loss '{spec}'; choose one of {sorted([*LOSSES, 'flow_nll'])}")
-    if settings:
-        raise ConfigError(f"loss '{spec}' takes no settings, got {sorted(settings)}")
-    return LOSSES[spec]()

@@ -110,3 +110,33 @@ def fit_scales(samples, centre, z_truth, levels=CURVE) -> np.ndarray:
         better = err < best
         best[better], out[better] = err[better], s
     return out
+
+
+SHORT = {0.683: "cov68", 0.955: "cov95", 0.997: "cov997"}  # metric names of the LEVELS
+
+
+def validation_metrics(model, samples: torch.Tensor, centre: torch.Tensor, truth: torch.Tensor, prefix="val") -> dict:
+    """Per label: RMSE and median error of the centre (physical units) and coverage at
+    ``LEVELS``, before and after one spread scale per label (fitted on the even-numbered lenses,
+    scored on the odd ones), as ``{prefix}/{metric}/{label}``. ``samples`` [S, N, D] and
+    ``centre`` [N, D] are in network units (``model.posterior``), ``truth`` [N, D] physical;
+    ``model`` gives ``labels``, ``to_net`` and ``from_net``."""
+    z_truth = model.to_net(truth.to(model.device)).cpu()
+    cov = coverage(z_truth, central_intervals(samples))
+    pred = model.from_net(centre.to(model.device)).cpu()
+    err_rms, med = rmse(pred, truth), median_abs_error(pred, truth)
+    out = {}
+    for j, name in enumerate(model.labels):
+        out[f"{prefix}/rmse/{name}"] = float(err_rms[j])
+        out[f"{prefix}/median_abs/{name}"] = float(med[j])
+        for c, v in cov.items():
+            out[f"{prefix}/{SHORT[c]}/{name}"] = float(v[j])
+    out[f"{prefix}/coverage_error"] = float(coverage_error(cov).mean())
+    if truth.shape[0] >= 4:
+        fit = fit_scales(samples[:, 0::2], centre[0::2], z_truth[0::2])
+        cal = coverage(z_truth[1::2], central_intervals(scaled(samples[:, 1::2], centre[1::2], fit)))
+        for j, name in enumerate(model.labels):
+            for c, v in cal.items():
+                out[f"{prefix}/cal_{SHORT[c]}/{name}"] = float(v[j])
+        out[f"{prefix}/cal_coverage_error"] = float(coverage_error(cal).mean())
+    return out

@@ -66,37 +66,6 @@ def set_mc_dropout(model: nn.Module, on: bool = True) -> int:
     return n
 
 
-# what a checkpoint from someone else may pass to timm: shape and regularisation settings only
-# (never paths, pretrained-weight or download settings, or anything that runs code)
-SAFE_BACKBONE_KWARGS = frozenset(
-    {"drop_rate", "drop_path_rate", "img_size", "patch_size", "global_pool", "output_stride", "act_layer", "depth"}
-)
-MODEL_KEYS = frozenset({"backbone", "dropout", "dropout_where", "head_hidden", "min_input_size", "backbone_kwargs"})
-
-
-def check_model_hparams(model: dict, source: str, keys: frozenset | None = None) -> dict:
-    """Allow-list the network settings stored in an untrusted checkpoint (``source`` names it):
-    known keys only (``keys``, default :data:`MODEL_KEYS`), a timm backbone name, and only
-    :data:`SAFE_BACKBONE_KWARGS` of plain values."""
-    if not isinstance(model, dict):
-        raise ConfigError(f"{source}: model settings are not a mapping")
-    keys = MODEL_KEYS if keys is None else keys
-    unknown = sorted(set(model) - keys)
-    if unknown:
-        raise ConfigError(f"{source}: refused model setting(s) {unknown} (allowed: {sorted(keys)})")
-    if not isinstance(model.get("backbone"), str):
-        raise ConfigError(f"{source}: the backbone must be a timm model name")
-    kw = model.get("backbone_kwargs") or {}
-    if not isinstance(kw, dict):
-        raise ConfigError(f"{source}: backbone_kwargs is not a mapping")
-    bad = sorted(k for k, v in kw.items() if k not in SAFE_BACKBONE_KWARGS or not isinstance(v, (int, float, str)))
-    if bad:
-        raise ConfigError(
-            f"{source}: refused backbone_kwargs {bad}; a checkpoint may set only {sorted(SAFE_BACKBONE_KWARGS)}"
-        )
-    return model
-
-
 class LensRegressor(nn.Module):
     """timm backbone (``num_classes=0``, ``in_chans`` = bands, never pretrained: no downloads) and
     a two-layer head giving ``n_outputs`` numbers (the loss decides their meaning).

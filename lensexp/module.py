@@ -1,10 +1,11 @@
-"""Lightning module: network, loss, label normalisation and MC-dropout validation metrics.
+"""Lightning module for the eight labels: training steps and MC-dropout validation metrics.
 
-Labels are standardised inside the network (``mu_F`` through its logarithm) with a mean and
-standard deviation fitted on the first training batches and stored as buffers, so that a
-checkpoint predicts in physical units. Inputs are normalised per image (flux units drop out).
-Validation runs ``n_mc_val`` MC-dropout passes, each widened by its aleatoric sigma, and logs per
-label RMSE, median absolute error and coverage of the 68.3/95.5/99.7 % central intervals.
+``LensModule`` receives its network, loss and :class:`~lensexp.labels.LabelScaler` (built from
+config or checkpoint by :mod:`lensexp.build`) and keeps only the steps, the posterior-samples
+interface and the metrics. Inputs are normalised per image (flux units drop out). Validation
+runs ``n_mc_val`` MC-dropout passes, each widened by its aleatoric sigma, and logs per label
+RMSE, median absolute error and coverage of the 68.3/95.5/99.7 % central intervals
+(:func:`lensexp.metrics.validation_metrics`), gathered over all DDP ranks.
 """
 
 from __future__ import annotations
@@ -15,14 +16,13 @@ import time
 import pytorch_lightning as pl
 import torch
 
-from lensexp import metrics
-from lensexp.losses import get_loss
-from lensexp.models import LensRegressor, MCDropout, set_mc_dropout
-from lensexp.sim.instrument import normalize
-from lensexp.sim.priors import LABELS
+from torch import nn
 
-LOG_LABELS = ("mu_F",)
-SHORT = {0.683: "cov68", 0.955: "cov95", 0.997: "cov997"}
+from lensexp import metrics
+from lensexp.labels import LabelScaler, upgrade_state_dict
+from lensexp.models import MCDropout, set_mc_dropout
+from lensexp.sim.instrument import normalize
+
 VAL_SAMPLES = 1024  # posterior samples per lens in validation metrics
 
 
@@ -44,71 +44,56 @@ class EvalHooks:
 
 
 class LensModule(EvalHooks, pl.LightningModule):
-    """``model``: kwargs of :class:`~lensexp.models.LensRegressor` (backbone, dropout, ...);
-    ``loss``: a name (``mse``, ``gaussian_nll``, ``beta_nll``, ``full_cov_nll``) or a mapping
-    (``{name: flow_nll, ...}``, :mod:`lensexp.flow`); ``in_chans``: bands; ``data_info``:
-    the training grid (``npix``, ``pixscale`` [arcsec/px], ``bands``, preset ``name``), kept in the
-    checkpoint so that prediction can check its inputs."""
+    """The training steps and validation metrics of a label network.
+
+    ``net``: images [B, C, H, W] -> raw outputs (e.g. :class:`~lensexp.models.LensRegressor`);
+    ``loss``: the loss and predictive distribution of those outputs (:mod:`lensexp.losses`,
+    :class:`~lensexp.flow.FlowNLL`); ``scaler``: the label transform
+    (:class:`~lensexp.labels.LabelScaler`); ``data_info``: the training grid (``npix``,
+    ``pixscale`` [arcsec/px], ``bands``, preset ``name``), kept in the checkpoint so that
+    prediction can check its inputs; ``spec``: the settings that rebuild ``net``, ``loss`` and
+    ``scaler`` (:func:`lensexp.build.lens_module`, stored in the checkpoint)."""
 
     def __init__(
         self,
-        model: dict,
-        loss: str | dict = "gaussian_nll",
-        in_chans: int = 1,
+        net: nn.Module,
+        loss,
+        scaler: LabelScaler | None = None,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         n_mc_val: int = 8,
         input_norm: str = "quantile",
-        label_fit_batches: int = 8,
-        labels: tuple = LABELS,
         data_info: dict | None = None,
+        spec: dict | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
-        self.labels = list(labels)
-        self.loss_fn = get_loss(loss, len(self.labels))  # an nn.Module (flow): its weights train and save
-        self.net = LensRegressor(in_chans=in_chans, n_outputs=self.loss_fn.n_outputs(len(self.labels)), **model)
-        d = len(self.labels)
-        self.register_buffer("label_mean", torch.zeros(d))
-        self.register_buffer("label_std", torch.ones(d))
-        self.register_buffer("label_fitted", torch.tensor(False))
-        self.register_buffer("is_log", torch.tensor([n in LOG_LABELS for n in self.labels]))
-        self._fit_buf: list[torch.Tensor] = []
+        self.save_hyperparameters(ignore=["net", "loss", "scaler"])
+        self.net = net
+        self.loss_fn = loss  # an nn.Module (flow) has weights that train and save
+        self.scaler = scaler if scaler is not None else LabelScaler()
+        self.labels = list(self.scaler.labels)
         self._collected: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._infer = [0, 0.0]  # validation forward passes and their seconds
 
-    # ---------------------------------------------------------------- label transform
-    def _log_labels(self, y: torch.Tensor) -> torch.Tensor:
-        """Physical labels with the ``LOG_LABELS`` (mu_F) replaced by their logarithm."""
-        return torch.where(self.is_log, torch.log(y.clamp(min=1e-6)), y)
+    @property
+    def in_chans(self) -> int:
+        """Bands the network takes (its spec)."""
+        return int((self.hparams.get("spec") or {}).get("in_chans", 1))
 
     def to_net(self, y: torch.Tensor) -> torch.Tensor:
-        """Physical labels [B, D] -> standardised network space."""
-        return (self._log_labels(y) - self.label_mean) / self.label_std
+        """Physical labels [B, D] -> standardised network space (:class:`LabelScaler`)."""
+        return self.scaler.to_net(y)
 
     def from_net(self, z: torch.Tensor) -> torch.Tensor:
-        """Network space -> physical labels (inverse of :meth:`to_net`, elementwise monotone)."""
-        y = z * self.label_std + self.label_mean
-        return torch.where(self.is_log, torch.exp(y), y)
-
-    def _update_label_scale(self, y: torch.Tensor) -> None:
-        """Fit mean/std on the first ``label_fit_batches`` training batches (refined each step)."""
-        if bool(self.label_fitted):
-            return
-        self._fit_buf.append(y.detach())
-        ys = self._log_labels(torch.cat(self._fit_buf))
-        self.label_mean.copy_(ys.mean(0))
-        if ys.shape[0] > 1:
-            self.label_std.copy_(ys.std(0).clamp(min=1e-6))
-        if len(self._fit_buf) >= self.hparams.label_fit_batches:
-            self.label_fitted.fill_(True)
-            self._fit_buf = []
+        """Network space -> physical labels."""
+        return self.scaler.from_net(z)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A resumed run keeps the label scale it has (the batches it was fitted on are gone, and
         fresh on-the-fly epochs would refit it on other lenses): it is fixed from here on."""
-        sd = checkpoint.get("state_dict", {})
-        if "label_fitted" in sd:
-            sd["label_fitted"] = torch.tensor(True)
+        sd = upgrade_state_dict(checkpoint.get("state_dict", {}))
+        if "scaler.label_fitted" in sd:
+            sd["scaler.label_fitted"] = torch.tensor(True)
 
     # ---------------------------------------------------------------- forward
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -158,20 +143,8 @@ class LensModule(EvalHooks, pl.LightningModule):
         return s, s.mean(0)
 
     # ---------------------------------------------------------------- steps
-    def on_train_start(self):
-        self.log("model/params", float(sum(p.numel() for p in self.net.parameters())), rank_zero_only=True)
-
-    def on_train_epoch_start(self):
-        self._epoch_t0, self._epoch_n = time.perf_counter(), 0
-
-    def on_train_epoch_end(self):
-        dt = time.perf_counter() - getattr(self, "_epoch_t0", time.perf_counter())
-        if dt > 0 and getattr(self, "_epoch_n", 0):
-            self.log("train/img_per_s", self._epoch_n / dt)
-
     def training_step(self, batch, batch_idx):
-        self._epoch_n = getattr(self, "_epoch_n", 0) + batch["image"].shape[0]
-        self._update_label_scale(batch["labels"])
+        self.scaler.update(batch["labels"])
         loss = self.loss_fn(self(batch["image"]), self.to_net(batch["labels"]))
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
@@ -182,7 +155,6 @@ class LensModule(EvalHooks, pl.LightningModule):
         self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=y.shape[0])
         t0 = time.perf_counter()
         samples, centre = self.posterior(batch["image"], self.hparams.n_mc_val, VAL_SAMPLES, 0, common=True)
-        self._infer = getattr(self, "_infer", [0, 0.0])
         self._infer[0] += y.shape[0] * self.mc_passes(self.hparams.n_mc_val)
         self._infer[1] += time.perf_counter() - t0
         self._collected.append((samples, centre, y.cpu()))
@@ -195,58 +167,13 @@ class LensModule(EvalHooks, pl.LightningModule):
         centre = gather_lenses(self, torch.cat([c for _, c, _ in self._collected]))
         truth = gather_lenses(self, torch.cat([y for _, _, y in self._collected]))
         self._collected = []
-        self.last_metrics = self.evaluate(samples, centre, truth, prefix)
-        n, dt = getattr(self, "_infer", [0, 0.0])
+        self.last_metrics = metrics.validation_metrics(self, samples, centre, truth, prefix)
+        n, dt = self._infer
         if dt > 0:  # single forward passes per second (each MC pass counts once)
             self.last_metrics[f"{prefix}/infer_img_per_s"] = n / dt
         self._infer = [0, 0.0]
         for k, v in self.last_metrics.items():
             self.log(k, v)
-
-    def on_fit_end(self):
-        """A W&B summary table (per label: RMSE, median error, coverage) when W&B logs this run."""
-        from pytorch_lightning.loggers import WandbLogger
-
-        m = getattr(self, "last_metrics", None)
-        loggers = [
-            lg for lg in (self.trainer.loggers if self._trainer is not None else []) if isinstance(lg, WandbLogger)
-        ]
-        if not m or not loggers:
-            return
-        cols = ["label", "rmse", "median_abs", *SHORT.values()]
-        rows = [
-            [n, m[f"val/rmse/{n}"], m[f"val/median_abs/{n}"], *(m[f"val/{c}/{n}"] for c in SHORT.values())]
-            for n in self.labels
-        ]
-        loggers[0].log_table(key="val/summary", columns=cols, data=rows)
-
-    def evaluate(self, samples: torch.Tensor, centre: torch.Tensor, truth: torch.Tensor, prefix: str = "val") -> dict:
-        """RMSE / median error in physical units and coverage per label, from posterior samples
-        [S, N, D] and centres [N, D] (network units, :meth:`posterior`)."""
-        dev = self.label_mean.device
-        z_truth = self.to_net(truth.to(dev)).cpu()
-        cov = metrics.coverage(z_truth, metrics.central_intervals(samples))
-        pred = self.from_net(centre.to(dev)).cpu()
-        rmse, med = metrics.rmse(pred, truth), metrics.median_abs_error(pred, truth)
-        out = {}
-        for j, name in enumerate(self.labels):
-            out[f"{prefix}/rmse/{name}"] = float(rmse[j])
-            out[f"{prefix}/median_abs/{name}"] = float(med[j])
-            for c, v in cov.items():
-                out[f"{prefix}/{SHORT[c]}/{name}"] = float(v[j])
-        err = metrics.coverage_error(cov)
-        out[f"{prefix}/coverage_error"] = float(err.mean())
-        # after recalibration: spread scales fitted on even-numbered lenses, coverage on odd ones
-        if truth.shape[0] >= 4:
-            fit = metrics.fit_scales(samples[:, 0::2], centre[0::2], z_truth[0::2])
-            cal = metrics.coverage(
-                z_truth[1::2], metrics.central_intervals(metrics.scaled(samples[:, 1::2], centre[1::2], fit))
-            )
-            for j, name in enumerate(self.labels):
-                for c, v in cal.items():
-                    out[f"{prefix}/cal_{SHORT[c]}/{name}"] = float(v[j])
-            out[f"{prefix}/cal_coverage_error"] = float(metrics.coverage_error(cal).mean())
-        return out
 
     def configure_optimizers(self):
         return warmup_cosine(self)

@@ -100,7 +100,7 @@ class Predictor:
         if self.calibration is not None:
             snr = image_snr(images) if self.calibration.method != "global" else None
             samples = self.calibration.apply(samples, centre, snr)
-        return self.module.from_net(samples.to(self.module.label_mean.device)).cpu()
+        return self.module.from_net(samples.to(self.module.device)).cpu()
 
     def predict_arrays(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         """Posterior summaries (mean, std, central intervals) of :meth:`posterior`."""
@@ -174,8 +174,8 @@ def prepare(lens: LensFiles, pred: Predictor, cfg: DictConfig) -> tuple[np.ndarr
 def network_input(data, pred: Predictor, masks) -> tuple[np.ndarray, tuple]:
     """A validated lens (:class:`~lensexp.inputs.LensData`) on the network's grid with masks
     applied: (image [C, npix, npix], centre offset (dx, dy) arcsec), or :class:`BadInput`."""
-    if data.image.shape[0] != pred.module.hparams.in_chans:
-        raise BadInput(f"{data.name}: {data.image.shape[0]} band(s) but the model takes {pred.module.hparams.in_chans}")
+    if data.image.shape[0] != pred.module.in_chans:
+        raise BadInput(f"{data.name}: {data.image.shape[0]} band(s) but the model takes {pred.module.in_chans}")
     grid = to_grid(data, pred.npix, pred.pixscale)
     img = grid.image
     img[:, stamp_mask(img, pred.pixscale, masks) | grid.bad] = 0.0

@@ -14,7 +14,6 @@ the same ``hydra.run.dir`` resumes from ``last.ckpt`` exactly (or give ``ckpt_pa
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -25,67 +24,15 @@ from lensexp.cli import clean_errors, log
 from lensexp.errors import ConfigError
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
-    """CSV logger and/or W&B logger (offline by default; checkpoints uploaded only online)."""
-    from pytorch_lightning.loggers import CSVLogger, WandbLogger
-
-    loggers = []
-    if cfg.logger.csv:
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
-    wb = cfg.logger.wandb
-    if wb.enabled and wb.mode != "disabled":
-        os.environ.setdefault("WANDB_SILENT", "true")
-        loggers.append(
-            WandbLogger(
-                id=wandb_run_id(run_dir),
-                resume="allow",
-                save_dir=str(run_dir),
-                project=wb.project,
-                entity=wb.entity,
-                group=wb.group,
-                tags=list(wb.tags),
-                mode=wb.mode,
-                log_model=wb.mode == "online",
-                config=OmegaConf.to_container(cfg, resolve=True),
-            )
-        )
-    return loggers
-
-
-WANDB_ID_FILE = "wandb_run_id.txt"
-
-
-def wandb_run_id(run_dir: Path) -> str:
-    """The W&B run id of this run folder (``RUN/wandb_run_id.txt``, made on the first start), so
-    that a resumed run continues the same W&B run instead of starting a second one."""
-    from lensexp.files import write_text_atomic
-
-    path = Path(run_dir) / WANDB_ID_FILE
-    if path.is_file():
-        rid = path.read_text().strip()
-        if rid.isalnum() and 0 < len(rid) <= 64:
-            return rid
-    import secrets
-    import string
-
-    rid = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, rid + "\n")
-    return rid
-
-
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Fit (and optionally test) the configured model; returns the final logged metrics."""
     import pytorch_lightning as pl
     import torch
-    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    from lensexp.data import LensDataModule
-    from lensexp.module import LensModule
-
+    from lensexp.callbacks import build_callbacks, build_loggers
     from lensexp.checkpoints import read_checkpoint
+    from lensexp.data import LensDataModule
     from lensexp.runtime import set_threads
-
     from lensexp.sim.schema import validate_config
 
     run_dir = Path(run_dir)
@@ -93,55 +40,18 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     set_threads()
     pl.seed_everything(int(cfg.seed), workers=True)
     dm = LensDataModule(cfg.data, **cfg.datamodule, seed=int(cfg.seed))
-    data_info = {
-        "name": str(cfg.data.name),
-        "npix": int(cfg.data.npix),
-        "pixscale": float(cfg.data.pixscale),
-        "bands": [str(b.name) for b in cfg.data.bands],
-    }
-    common = dict(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
-        in_chans=len(cfg.data.bands),
-        lr=float(cfg.optim.lr),
-        weight_decay=float(cfg.optim.weight_decay),
-        n_mc_val=int(cfg.n_mc_val),
-        input_norm=str(cfg.input_norm),
-        data_info=data_info,
-    )
-    task = str(cfg.get("task", "params"))
-    if task == "kappa":
-        from lensexp.kappa_module import KappaModule
-
-        if not (cfg.data.get("mass") or {}).get("kappa_map"):
-            raise ConfigError(
-                "task=kappa needs a data preset with kappa maps (data.mass.kappa_map), "
-                f"e.g. data=kappa; got data={cfg.data.name}"
-            )
-        target = cfg.get("kappa")  # the map target (log / linear), optional
-        model = KappaModule(**common, **(OmegaConf.to_container(target, resolve=True) if target is not None else {}))
-    elif task == "params":
-        if "decoder_channels" in cfg.model:
-            raise ConfigError("model=kappa_unet is a density-map network: train it with task=kappa data=kappa")
-        model = LensModule(**common, loss=loss_spec(cfg.loss))
-    else:
-        raise ConfigError(f"task must be 'params' (the eight labels) or 'kappa' (density maps), got '{task}'")
+    model = build_module(cfg)
     trainer_kw = OmegaConf.to_container(cfg.trainer, resolve=True)
     if cfg.datamodule.source == "on_the_fly":
         # a new loader each epoch: the simulator continues its sequence (fresh lenses every epoch)
         trainer_kw.setdefault("reload_dataloaders_every_n_epochs", 1)
     if trainer_kw.pop("compile", False):
         model.net = torch.compile(model.net)
-    cb = cfg.callbacks.checkpoint
-    ckpt_dir = str(run_dir / "checkpoints")
-    callbacks = [
-        # last.ckpt after every epoch (exact resume), best by the monitored metric beside it
-        ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False),
-        ModelCheckpoint(dirpath=ckpt_dir, monitor=cb.monitor, save_top_k=cb.save_top_k, filename="best-{epoch:03d}"),
-    ]
     loggers = build_loggers(cfg, run_dir)
-    if cfg.callbacks.lr_monitor and loggers:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
-    trainer = pl.Trainer(**trainer_kw, logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir))
+    callbacks = build_callbacks(cfg.callbacks, str(run_dir / "checkpoints"), bool(loggers))
+    trainer = pl.Trainer(
+        **trainer_kw, logger=loggers or False, callbacks=list(callbacks.values()), default_root_dir=str(run_dir)
+    )
     ckpt = cfg.ckpt_path
     last = run_dir / "checkpoints" / "last.ckpt"
     if ckpt is None and last.exists():
@@ -155,7 +65,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         record_cost(run_dir, time.perf_counter() - t0, trainer.global_step, int(cfg.datamodule.batch_size))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.test_after:
-            best = callbacks[1].best_model_path  # empty in fast_dev_run: test the weights in memory
+            best = getattr(callbacks.get("checkpoint"), "best_model_path", "")  # empty in fast_dev_run: test in memory
             trainer.test(model, datamodule=dm, ckpt_path=best or None)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     finally:
@@ -166,10 +76,39 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     return metrics
 
 
-def loss_spec(loss_cfg: DictConfig):
-    """The loss as LensModule takes it: its name, or the whole mapping when it has settings (a flow)."""
-    d = OmegaConf.to_container(loss_cfg, resolve=True)
-    return d["name"] if set(d) == {"name"} else d
+def build_module(cfg: DictConfig):
+    """The LightningModule of ``cfg.task``: the network (``cfg.model``, ``_target_``), loss
+    (``cfg.loss``) and training settings, through :mod:`lensexp.build`."""
+    from lensexp import build
+
+    settings = dict(
+        lr=float(cfg.optim.lr),
+        weight_decay=float(cfg.optim.weight_decay),
+        n_mc_val=int(cfg.n_mc_val),
+        input_norm=str(cfg.input_norm),
+        data_info={
+            "name": str(cfg.data.name),
+            "npix": int(cfg.data.npix),
+            "pixscale": float(cfg.data.pixscale),
+            "bands": [str(b.name) for b in cfg.data.bands],
+        },
+    )
+    task, in_chans = str(cfg.get("task", "params")), len(cfg.data.bands)
+    target = str(cfg.model.get("_target_", build.REGRESSOR))
+    if task == "kappa":
+        if not (cfg.data.get("mass") or {}).get("kappa_map"):
+            raise ConfigError(
+                "task=kappa needs a data preset with kappa maps (data.mass.kappa_map), "
+                f"e.g. data=kappa; got data={cfg.data.name}"
+            )
+        extra = cfg.get("kappa")  # the map target (log / linear), optional
+        settings.update(OmegaConf.to_container(extra, resolve=True) if extra is not None else {})
+        return build.kappa_module(cfg.model, in_chans, **settings)
+    if task != "params":
+        raise ConfigError(f"task must be 'params' (the eight labels) or 'kappa' (density maps), got '{task}'")
+    if target == build.KAPPA_NET:
+        raise ConfigError("model=kappa_unet is a density-map network: train it with task=kappa data=kappa")
+    return build.lens_module(cfg.model, cfg.loss, in_chans, **settings)
 
 
 COST_FILE = "train_cost.json"

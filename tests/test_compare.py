@@ -40,7 +40,7 @@ def test_sweep_commands_compose(path):
     assert spec["metric"]["goal"] in ("minimize", "maximize")
     for args in agent_args(spec):
         cfg = compose_config("train", args)
-        assert cfg.model.backbone and cfg.loss.name
+        assert cfg.model.backbone and cfg.loss._target_
     assert SWEEPS and any("coverage" in yaml.safe_load(p.read_text())["metric"]["name"] for p in SWEEPS)
 
 

@@ -30,7 +30,7 @@ def test_primary_config_composes(name):
         ("compare_fit", ["truth", "methods", "reference", "out"]),
         ("simulate", ["data.npix", "n", "seed", "out", "format"]),
         ("calibrate", ["ckpt", "out"]),
-        ("train", ["model.backbone", "loss.name", "data.npix", "logger.wandb.mode", "task"]),
+        ("train", ["model.backbone", "loss._target_", "data.npix", "logger.wandb.mode", "task"]),
     ],
 )
 def test_entry_point_configs_hold_their_contract_keys(name, keys):

@@ -9,7 +9,7 @@ import torch
 
 from lensexp.config import compose_config
 from lensexp.data import LensDataModule
-from lensexp.module import LensModule
+from lensexp.build import lens_module
 from lensexp.simulate import run as simulate
 
 
@@ -29,7 +29,7 @@ def test_two_process_ddp_validation_equals_one_process(tmp_path):
     cfg = compose_config("simulate", [*over, f"out={tmp_path}", "progress=false"])
     simulate(cfg)
     torch.manual_seed(0)
-    module = LensModule(model={"backbone": "test_resnet", "dropout": 0.1, "head_hidden": 16}, n_mc_val=1)
+    module = lens_module({"backbone": "test_resnet", "dropout": 0.1, "head_hidden": 16}, "gaussian_nll", n_mc_val=1)
     dm = LensDataModule(cfg.data, source="shards", root=str(tmp_path), batch_size=8)
     one = _validate(module, dm, 1)
     two = _validate(module, dm, 2)  # each rank reads one of the two val shards

@@ -4,6 +4,7 @@ as a careful user and as an adversary would (each failed on the code before the 
 from __future__ import annotations
 
 import csv
+import copy
 import os
 import subprocess
 import sys
@@ -230,7 +231,7 @@ def test_checkpoint_of_another_shape_is_one_line(ckpt, tmp_path):
     from lensexp.checkpoints import load_module
 
     ck = torch.load(ckpt, map_location="cpu", weights_only=True)
-    ck["hyper_parameters"]["model"]["head_hidden"] = 64  # the stored weights are for 128
+    ck["hyper_parameters"]["spec"]["model"]["head_hidden"] = 64  # the stored weights are for 128
     bad = tmp_path / "other_shape.ckpt"
     torch.save(ck, bad)
     with pytest.raises(ConfigError, match=r"weights do not fit the network its settings describe \(size mismatch"):
@@ -272,12 +273,12 @@ def test_planted_backbone_kwargs_refused(ckpt, tmp_path):
     from lensexp.checkpoints import load_module
 
     ck = torch.load(ckpt, map_location="cpu", weights_only=True)
-    ck["hyper_parameters"]["model"]["backbone_kwargs"] = {"checkpoint_path": str(tmp_path / "planted.pth")}
+    ck["hyper_parameters"]["spec"]["model"]["backbone_kwargs"] = {"checkpoint_path": str(tmp_path / "planted.pth")}
     bad = tmp_path / "planted.ckpt"
     torch.save(ck, bad)
     with pytest.raises(ConfigError, match=r"refused backbone_kwargs \['checkpoint_path'\]"):
         load_module(bad)
-    ck["hyper_parameters"]["model"]["backbone_kwargs"] = {}
+    ck["hyper_parameters"]["spec"]["model"]["backbone_kwargs"] = {}
     ck["hyper_parameters"]["evil"] = 1
     torch.save(ck, bad)
     with pytest.raises(ConfigError, match=r"refused hyper-parameter\(s\) \['evil'\]"):
@@ -286,7 +287,7 @@ def test_planted_backbone_kwargs_refused(ckpt, tmp_path):
 
 # 9. resume continues the W&B run; temporary files of killed runs are removed by the next run
 def test_wandb_run_id_reused_on_resume(tmp_path):
-    from lensexp.train import WANDB_ID_FILE, build_loggers
+    from lensexp.callbacks import WANDB_ID_FILE, build_loggers
 
     cfg = compose_config("train", ["logger=wandb", "logger.wandb.mode=offline"])
     first = [lg for lg in build_loggers(cfg, tmp_path) if type(lg).__name__ == "WandbLogger"][0]
@@ -330,3 +331,41 @@ def test_threads_follow_cpu_affinity():
         env=env,
     )
     assert "LENSEXP_THREADS must be a positive integer" in bad.stderr
+
+
+def test_planted_targets_are_refused(ckpt, tmp_path):
+    """A checkpoint's ``_target_`` may only name a lensexp network or loss class."""
+    from lensexp.checkpoints import load_module
+
+    ck = torch.load(ckpt, map_location="cpu", weights_only=True)
+    bad = tmp_path / "planted_target.ckpt"
+    for where, target, msg in (
+        ("model", "os.system", "refused network class 'os.system'"),
+        ("model", "lensexp.files.write_text_atomic", "refused network class"),
+        ("loss", "subprocess.run", "refused loss setting"),
+    ):
+        c = copy.deepcopy(ck)
+        spec = c["hyper_parameters"]["spec"]
+        spec[where] = {**spec[where], "_target_": target} if where == "model" else {"_target_": target}
+        torch.save(c, bad)
+        with pytest.raises(ConfigError, match=msg):
+            load_module(bad)
+
+
+def test_checkpoints_from_before_the_spec_layout_still_load(ckpt, tmp_path):
+    """Checkpoints written before ``spec`` (flat hyper-parameters, a loss name, the label
+    buffers at the top level) load into the same module and predict the same numbers."""
+    from lensexp.checkpoints import load_module
+
+    ck = torch.load(ckpt, map_location="cpu", weights_only=True)
+    hp = dict(ck["hyper_parameters"])
+    spec = hp.pop("spec")
+    model = {k: v for k, v in spec["model"].items() if k != "_target_"}
+    old_hp = {**hp, **spec, "model": model, "loss": "gaussian_nll"}
+    old_sd = {k.removeprefix("scaler."): v for k, v in ck["state_dict"].items()}
+    assert "label_mean" in old_sd and "scaler.label_mean" not in old_sd
+    torch.save({"hyper_parameters": old_hp, "state_dict": old_sd}, tmp_path / "old.ckpt")
+    new, old = load_module(ckpt), load_module(tmp_path / "old.ckpt")
+    x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(old(x), new(x), rtol=0, atol=0)
+    torch.testing.assert_close(old.from_net(torch.zeros(1, 8)), new.from_net(torch.zeros(1, 8)), rtol=0, atol=0)

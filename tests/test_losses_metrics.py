@@ -9,7 +9,8 @@ import torch
 from torch.distributions import MultivariateNormal, Normal
 
 from lensexp.errors import ConfigError
-from lensexp.losses import BetaNLL, FullCovNLL, GaussianNLL, MSELoss, get_loss
+from lensexp.build import build_loss
+from lensexp.losses import BetaNLL, FullCovNLL, GaussianNLL, MSELoss
 from lensexp.metrics import (
     LEVELS,
     binomial_sigma,
@@ -63,7 +64,7 @@ def test_beta_nll_reweights_the_mean_gradient_and_keeps_the_optimal_sigma():
     mu = torch.tensor([[0.0, 0.0]], requires_grad=True)
     log_sigma = torch.tensor([[math.log(0.5), math.log(2.0)]], requires_grad=True)
     y = torch.tensor([[1.0, 1.0]])
-    loss = get_loss("beta_nll")
+    loss = build_loss("beta_nll")
     assert isinstance(loss, BetaNLL) and loss.n_outputs(8) == 16
     loss(torch.cat([mu, log_sigma], -1), y).backward()
     # d/dmu = -(y - mu) / sigma^2 * sigma^(2 beta) = -(y - mu) / sigma for beta = 1/2
@@ -78,10 +79,13 @@ def test_beta_nll_reweights_the_mean_gradient_and_keeps_the_optimal_sigma():
     torch.testing.assert_close(zero(out, yy), GaussianNLL()(out, yy))
 
 
-def test_get_loss():
-    assert isinstance(get_loss("gaussian_nll"), GaussianNLL)
+def test_build_loss_from_a_name_or_a_target():
+    assert isinstance(build_loss("gaussian_nll"), GaussianNLL)
+    assert isinstance(build_loss({"_target_": "lensexp.losses.FullCovNLL"}), FullCovNLL)
     with pytest.raises(ConfigError, match="unknown loss 'l1'"):
-        get_loss("l1")
+        build_loss("l1")
+    with pytest.raises(ConfigError, match="unknown loss 'os.system'"):
+        build_loss({"_target_": "os.system"})
 
 
 def _predictor(n, d, scale_sigma, passes=8):

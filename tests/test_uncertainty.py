@@ -23,7 +23,7 @@ from lensexp.config import compose_config
 from lensexp.ensemble import Ensemble, read_manifest
 from lensexp.errors import ConfigError
 from lensexp.flow import FlowNLL
-from lensexp.module import LensModule
+from lensexp.build import lens_module
 from lensexp.sim.priors import LABELS
 from lensexp.train import run_ensemble
 from tests.test_train import FAST
@@ -38,10 +38,11 @@ def pinned(loss="gaussian_nll", dropout=0.1, means=MEANS, seed=0):
     """An untrained module whose label transform maps network units to ``means`` with a tiny
     spread (1e-3 per network unit), so physical samples must sit at ``means``."""
     torch.manual_seed(seed)
-    m = LensModule(model={**TINY, "dropout": dropout}, loss=loss, data_info={"npix": 32, "pixscale": 0.1})
-    m.label_mean.copy_(torch.where(m.is_log, torch.log(means), means))
-    m.label_std.fill_(1e-3)
-    m.label_fitted.fill_(True)
+    m = lens_module({**TINY, "dropout": dropout}, loss, data_info={"npix": 32, "pixscale": 0.1})
+    s = m.scaler
+    s.label_mean.copy_(torch.where(s.is_log, torch.log(means), means))
+    s.label_std.fill_(1e-3)
+    s.label_fitted.fill_(True)
     return m.eval()
 
 
@@ -169,7 +170,10 @@ def test_checkpoint_loss_settings_are_allow_listed(tmp_path):
     m = pinned(FLOW, 0.0)
     hp = dict(m.hparams)
     for bad in ({**FLOW, "target": "os.system"}, {"name": "flow_nll", "hidden": ["x"]}, {"name": "other"}):
-        torch.save({"hyper_parameters": {**hp, "loss": bad}, "state_dict": m.state_dict()}, tmp_path / "b.ckpt")
+        torch.save(
+            {"hyper_parameters": {**hp, "spec": {**hp["spec"], "loss": bad}}, "state_dict": m.state_dict()},
+            tmp_path / "b.ckpt",
+        )
         with pytest.raises(ConfigError, match="refused loss setting"):
             load_module(tmp_path / "b.ckpt")
     torch.save({"hyper_parameters": hp, "state_dict": m.state_dict()}, tmp_path / "ok.ckpt")

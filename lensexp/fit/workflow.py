@@ -216,7 +216,7 @@ def _network_input(item: dict, pred, cfg):
     from lensexp.predict import network_input
 
     lens = item["lens"]
-    if pred.module.hparams.in_chans == 1 and lens.image.shape[0] != 1:
+    if pred.module.in_chans == 1 and lens.image.shape[0] != 1:
         lens = replace(lens, image=item["raw"])
     return network_input(lens, pred, cfg.masks)
 

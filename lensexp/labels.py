@@ -1,0 +1,72 @@
+"""The label transform between physical units and the network's standardised space.
+
+:class:`LabelScaler` is an ``nn.Module`` whose buffers travel in every checkpoint, so that a
+trained network predicts in physical units: ``mu_F`` through its logarithm, then per label a mean
+and standard deviation fitted on the first training batches. Training, calibration, prediction
+and ensembles all go through :meth:`LabelScaler.to_net` / :meth:`LabelScaler.from_net`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lensexp.sim.priors import LABELS
+
+LOG_LABELS = ("mu_F",)
+BUFFERS = ("label_mean", "label_std", "label_fitted", "is_log")
+
+
+class LabelScaler(nn.Module):
+    """``labels``: names in the network's output order; ``fit_batches``: training batches the
+    mean/std are fitted on (refined at each of them, then fixed)."""
+
+    def __init__(self, labels=LABELS, fit_batches: int = 8):
+        super().__init__()
+        self.labels = list(labels)
+        self.fit_batches = int(fit_batches)
+        d = len(self.labels)
+        self.register_buffer("label_mean", torch.zeros(d))
+        self.register_buffer("label_std", torch.ones(d))
+        self.register_buffer("label_fitted", torch.tensor(False))
+        self.register_buffer("is_log", torch.tensor([n in LOG_LABELS for n in self.labels]))
+        self._fit_buf: list[torch.Tensor] = []
+
+    def log_labels(self, y: torch.Tensor) -> torch.Tensor:
+        """Physical labels with the ``LOG_LABELS`` (mu_F) replaced by their logarithm."""
+        return torch.where(self.is_log, torch.log(y.clamp(min=1e-6)), y)
+
+    def to_net(self, y: torch.Tensor) -> torch.Tensor:
+        """Physical labels [B, D] -> standardised network space."""
+        return (self.log_labels(y) - self.label_mean) / self.label_std
+
+    def from_net(self, z: torch.Tensor) -> torch.Tensor:
+        """Network space -> physical labels (inverse of :meth:`to_net`, elementwise monotone)."""
+        y = z * self.label_std + self.label_mean
+        return torch.where(self.is_log, torch.exp(y), y)
+
+    def update(self, y: torch.Tensor) -> None:
+        """Fit mean/std on the first ``fit_batches`` training batches (refined each step)."""
+        if bool(self.label_fitted):
+            return
+        self._fit_buf.append(y.detach())
+        ys = self.log_labels(torch.cat(self._fit_buf))
+        self.label_mean.copy_(ys.mean(0))
+        if ys.shape[0] > 1:
+            self.label_std.copy_(ys.std(0).clamp(min=1e-6))
+        if len(self._fit_buf) >= self.fit_batches:
+            self.label_fitted.fill_(True)
+            self._fit_buf = []
+
+    def same_units(self, other: LabelScaler) -> bool:
+        """Whether ``other`` maps labels to the same network space."""
+        return all(torch.equal(getattr(self, k).cpu(), getattr(other, k).cpu()) for k in BUFFERS if k != "label_fitted")
+
+
+def upgrade_state_dict(sd: dict, prefix: str = "scaler.") -> dict:
+    """A module state dict from before the scaler was its own module (buffers ``label_mean``...
+    at the top level) with those buffers moved under ``prefix``; others unchanged."""
+    for k in BUFFERS:
+        if k in sd and prefix + k not in sd:
+            sd[prefix + k] = sd.pop(k)
+    return sd
