@@ -116,15 +116,13 @@ class KappaModule(EvalHooks, pl.LightningModule):
         return mu.mean(0)
 
     # ---------------------------------------------------------------- steps
-    def training_step(self, batch, batch_idx):
-        loss = self.nll(self(batch["image"]), self.to_net(batch["kappa"]))
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
-        return loss
+    def batch_loss(self, batch, train: bool) -> torch.Tensor:
+        """Per-pixel Gaussian NLL of the batch's maps."""
+        return self.nll(self(batch["image"]), self.to_net(batch["kappa"]))
 
     def _eval_step(self, batch, batch_idx: int, prefix: str):
         kappa = batch["kappa"]
-        loss = self.nll(self(batch["image"]), self.to_net(kappa))
-        self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=kappa.shape[0], sync_dist=True)
+        self._eval_loss(batch, prefix)
         g = torch.Generator(device=kappa.device).manual_seed(batch_idx)
         passes = self.predict_mc(batch["image"], self.hparams.n_mc_val)
         samples = self.map_samples(passes, 4, g)

@@ -27,8 +27,19 @@ VAL_SAMPLES = 1024  # posterior samples per lens in validation metrics
 
 
 class EvalHooks:
-    """Lightning's validation and test steps routed to ``_eval_step(batch, batch_idx, prefix)``
-    and their epoch ends to ``_log_collected(prefix)`` (shared by the label and map modules)."""
+    """Lightning's steps shared by the label and map modules: ``batch_loss(batch, train)`` gives
+    the loss of a batch (logged as ``train/loss``, ``val/loss``, ``test/loss``); validation and
+    test steps go on to ``_eval_step(batch, batch_idx, prefix)`` and their epoch ends to
+    ``_log_collected(prefix)``."""
+
+    def training_step(self, batch, batch_idx):
+        loss = self.batch_loss(batch, train=True)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def _eval_loss(self, batch, prefix: str) -> None:
+        loss = self.batch_loss(batch, train=False)
+        self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0], sync_dist=True)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, batch_idx, "val")
@@ -143,16 +154,15 @@ class LensModule(EvalHooks, pl.LightningModule):
         return s, s.mean(0)
 
     # ---------------------------------------------------------------- steps
-    def training_step(self, batch, batch_idx):
-        self.scaler.update(batch["labels"])
-        loss = self.loss_fn(self(batch["image"]), self.to_net(batch["labels"]))
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
-        return loss
+    def batch_loss(self, batch, train: bool) -> torch.Tensor:
+        """The loss of a batch; while training, the label scale is fitted on its first batches."""
+        if train:
+            self.scaler.update(batch["labels"])
+        return self.loss_fn(self(batch["image"]), self.to_net(batch["labels"]))
 
     def _eval_step(self, batch, batch_idx: int, prefix: str):
         y = batch["labels"]
-        loss = self.loss_fn(self(batch["image"]), self.to_net(y))
-        self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=y.shape[0])
+        self._eval_loss(batch, prefix)
         t0 = time.perf_counter()
         samples, centre = self.posterior(batch["image"], self.hparams.n_mc_val, VAL_SAMPLES, 0, common=True)
         self._infer[0] += y.shape[0] * self.mc_passes(self.hparams.n_mc_val)

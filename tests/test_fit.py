@@ -24,7 +24,7 @@ from lensexp.fit import (
     run,
 )
 from lensexp.sim.psf import draw_kernel
-from lensexp.sim.trace import render_sersic, render_unlensed_sersic
+from lensexp.sim.trace import render_sersic
 from lensexp.simulate import run as simulate
 from tests.conftest import train_tiny_checkpoint
 
@@ -84,7 +84,7 @@ def test_noiseless_fit_started_near_truth_recovers_every_parameter():
     assert res["chi2"] < 1e-6 and res["n_out"] == 0
     # mu_F of the fitted model: the lensed flux over the intrinsic flux, checked by a 4x finer render
     fine = render_sersic(LENS, SRC, NPIX, PIX, 8).sum()
-    wide = render_unlensed_sersic(SRC, 512, PIX / 2, 2).sum()
+    wide = render_sersic(None, SRC, 512, PIX / 2, 2).sum()
     assert float(res["p"]["mu_F"]) == pytest.approx(float(fine / wide), rel=2e-3)
 
 
@@ -93,7 +93,7 @@ def test_lens_light_is_fitted_too():
     light = dict(
         amp=3.0, R_sersic=0.8, n_sersic=3.0, e1=0.05, e2=-0.1, center_x=LENS["center_x"], center_y=LENS["center_y"]
     )
-    img = render_sersic(LENS, SRC, NPIX, PIX, 2, psf) + render_unlensed_sersic(light, NPIX, PIX, 2, psf)
+    img = render_sersic(LENS, SRC, NPIX, PIX, 2, psf) + render_sersic(None, light, NPIX, PIX, 2, psf)
     start = truth_vector() + 0.01
     res = fit_batch(
         observation(img, psf),
@@ -412,7 +412,8 @@ def test_psf_from_a_fits_file_resampled_to_the_image(fits_set, tmp_path, emp_psf
 def test_two_band_cube_with_lens_light_is_cleaned_by_ica_then_fitted(tmp_path):
     psf = psf_kernel()
     arcs = render_sersic(LENS, SRC, NPIX, PIX, 2, psf)[0]
-    light = render_unlensed_sersic(
+    light = render_sersic(
+        None,
         dict(
             amp=2.0, R_sersic=0.8, n_sersic=3.0, e1=0.05, e2=-0.1, center_x=LENS["center_x"], center_y=LENS["center_y"]
         ),
@@ -453,7 +454,7 @@ def bright_elliptical_lens(npix=64, pix=0.05, seed=0):
         dict(amp=30.0, R_sersic=1.2, n_sersic=4.0, e1=0.08, e2=-0.04, center_x=0.03, center_y=-0.02),
         dict(amp=40.0, R_sersic=0.15, n_sersic=1.0, e1=0.08, e2=-0.04, center_x=0.03, center_y=-0.02),
     ]
-    img = render_sersic(lens, src, npix, pix, 2, psf) + sum(render_unlensed_sersic(c, npix, pix, 2, psf) for c in light)
+    img = render_sersic(lens, src, npix, pix, 2, psf) + sum(render_sersic(None, c, npix, pix, 2, psf) for c in light)
     sigma = 0.02 * float(img[0].max()) / 40
     noisy = img + sigma * torch.randn(img.shape, generator=torch.Generator().manual_seed(seed), dtype=img.dtype)
     obs = Observation(

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from lensexp.sim.priors import LABELS
-from lensexp.sim.trace import render_sersic, render_unlensed_sersic
+from lensexp.sim.trace import render_sersic
 from lensexp.sim.source import sersic_total_flux
 
 MASS = LABELS[:-1]
@@ -106,7 +106,7 @@ class LensModel:
         out = []
         for prefix in ("ll_", "ll2_")[: self.n_light]:
             light = _unit_sersic(p, prefix, p["ll_x"], p["ll_y"])
-            out.append(render_unlensed_sersic(light, self.npix, self.pixscale, self.ss, psf, p["ll_x"].dtype))
+            out.append(render_sersic(None, light, self.npix, self.pixscale, self.ss, psf, p["ll_x"].dtype))
         return torch.stack(out, 1)
 
     def templates(self, p: dict, psf: torch.Tensor | None) -> torch.Tensor:

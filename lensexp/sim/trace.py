@@ -142,7 +142,7 @@ def magnification_map(lens: dict, npix: int, pixscale: float, dtype=torch.float6
 
 
 def render_sersic(
-    lens: dict,
+    lens: dict | None,
     source: dict,
     npix: int,
     pixscale: float,
@@ -155,8 +155,15 @@ def render_sersic(
     ``lens``: ``theta_E, e1, e2, center_x, center_y, gamma1, gamma2`` (floats or tensors [B]);
     ``source``: lenstronomy ``SERSIC_ELLIPSE`` keywords ``amp, R_sersic, n_sersic, e1, e2,
     center_x, center_y``. ``psf_kernel`` [k, k] or [B, k, k] (unit sum) convolves in 'same' mode
-    as lenstronomy does. The building block of the simulator and of maximum-likelihood fits.
+    as lenstronomy does. ``lens=None``: the Sérsic seen directly (e.g. the lens light). The
+    building block of the simulator and of maximum-likelihood fits.
     """
+    if lens is None:
+        coef = _source_coefficients(source, dtype)
+        B = max(v.shape[0] for v in coef)
+        x, y = subpixel_planes(npix, pixscale, supersample, dtype, coef[0].device)
+        img = sersic_image(x, y, tuple(t.expand(B, 1) for t in coef), npix, supersample, pixscale)
+        return convolve_psf(img, psf_kernel)
 
     def col(v):
         return torch.as_tensor(v, dtype=dtype).reshape(-1, 1)
@@ -172,23 +179,6 @@ def render_sersic(
     img = trace_sersic(
         x.reshape(1, -1), y.reshape(1, -1), lens_coef, src_coef, (empty,) * 4, npix, supersample, pixscale
     )
-    return convolve_psf(img, psf_kernel)
-
-
-def render_unlensed_sersic(
-    source: dict,
-    npix: int,
-    pixscale: float,
-    supersample: int = 2,
-    psf_kernel: torch.Tensor | None = None,
-    dtype=torch.float64,
-) -> torch.Tensor:
-    """Noiseless image [B, N, N] (e-/s per pixel) of an elliptical Sérsic seen directly (e.g. the
-    lens light); ``source`` and ``psf_kernel`` as in :func:`render_sersic`."""
-    coef = _source_coefficients(source, dtype)
-    B = max(v.shape[0] for v in coef)
-    x, y = subpixel_planes(npix, pixscale, supersample, dtype, coef[0].device)
-    img = sersic_image(x, y, tuple(t.expand(B, 1) for t in coef), npix, supersample, pixscale)
     return convolve_psf(img, psf_kernel)
 
 
