@@ -1,16 +1,201 @@
 """Checks of a ``data`` config (a preset from ``conf/data``) before anything is drawn.
 
-Each problem raises one :class:`ConfigError` naming the key, e.g. ``data.lens.q = [0.0, 1.0] is
-outside its domain``.
+Two layers, each problem one :class:`ConfigError` naming the key:
+
+* the structured schema (:class:`DataSchema`, OmegaConf structured config from dataclasses):
+  every key a preset may hold and its type (``data.npix=abc``: "data.npix must be a number, got
+  'abc'"; a key added with ``+data.lens.thetaE=...``: "data.lens.thetaE is not a setting");
+* :func:`validate_config`: physical domains of the values (``data.lens.q = [0.0, 1.0] is
+  outside its domain``), through :func:`lensexp.sim.ranges.check_range`.
 """
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 
 from lensexp.errors import ConfigError
 from lensexp.sim import mass as massmod
 from lensexp.sim.ranges import check_range
+
+Range = list[float]  # [low, high]; draws are uniform
+
+
+@dataclass
+class Band:
+    name: str = MISSING
+    source_scale: Range = MISSING  # multiplier of the source flux in this band
+    lens_scale: Range = MISSING  # multiplier of the lens-light flux
+
+
+@dataclass
+class Lens:  # SIE + external shear priors
+    theta_E: Range = MISSING  # arcsec
+    q: Range = MISSING
+    phi: Range = MISSING  # rad
+    center: Range = MISSING  # arcsec
+    gamma: Range = MISSING
+
+
+@dataclass
+class Sersic:
+    R_sersic: Range = MISSING  # arcsec
+    n: Range = MISSING
+    q: Range = MISSING
+
+
+@dataclass
+class Clumps:
+    n: Range = MISSING  # integer range
+    sigma: Range = MISSING  # arcsec
+    flux_fraction: Range = MISSING
+    spread: float = MISSING  # in units of R_sersic
+
+
+@dataclass
+class Cosmos:
+    catalog: str = MISSING  # GalSim RealGalaxyCatalog FITS
+    max_galaxies: int | None = None
+    stamp: int = MISSING  # px
+    scale: Range = MISSING
+    interpolation: str = "bilinear"
+
+
+@dataclass
+class Source:
+    kind: str = MISSING
+    cosmos_fraction: float = MISSING
+    mag: Range = MISSING  # AB
+    offset: Range = MISSING  # in units of theta_E
+    min_mu: float = 0.0
+    sersic: Sersic = field(default_factory=Sersic)
+    clumps: Clumps = field(default_factory=Clumps)
+    cosmos: Cosmos = field(default_factory=Cosmos)
+
+
+@dataclass
+class LensLight:
+    enabled: bool = MISSING
+    mag: Range = MISSING
+    R_sersic: Range = MISSING
+    n: Range = MISSING
+    q_jitter: float = MISSING
+
+
+@dataclass
+class EmpiricalPSF:
+    file: str = MISSING
+    pixscale: float = MISSING  # arcsec/px of the cube
+
+
+@dataclass
+class PSF:
+    kind: str = MISSING
+    fwhm: Range = MISSING  # arcsec
+    n_kernels: int = MISSING
+    size: int = MISSING  # px
+    moffat_beta: Any = 3.5  # a value or a range
+    empirical_fraction: float = 0.5
+    empirical: EmpiricalPSF = field(default_factory=EmpiricalPSF)
+
+
+@dataclass
+class CorrelatedNoise:
+    enabled: bool = False
+    fwhm_pix: Range = field(default_factory=lambda: [1.0, 1.0])
+
+
+@dataclass
+class CosmicRays:
+    enabled: bool = False
+    n_mean: float = 0.0
+    length_pix: Range = field(default_factory=lambda: [1.0, 1.0])
+    width_pix: Range = field(default_factory=lambda: [1.0, 1.0])
+    amplitude: Range = field(default_factory=lambda: [0.0, 0.0])
+    worm_fraction: float = 0.0
+
+
+@dataclass
+class HotPixels:
+    enabled: bool = False
+    fraction: float = 0.0
+    amplitude: Range = field(default_factory=lambda: [0.0, 0.0])
+
+
+@dataclass
+class Masks:
+    enabled: bool = False
+    n: Range = field(default_factory=lambda: [0, 0])
+    radius: Range = field(default_factory=lambda: [0.1, 0.1])  # arcsec
+    keep_arc_flux: float = 1.0
+
+
+@dataclass
+class Instrument:
+    exposure_time: Range = MISSING  # s
+    sky_mag: Range = MISSING  # mag / arcsec^2
+    zeropoint: float = MISSING  # AB mag for 1 e-/s
+    read_noise: Range = MISSING  # e- rms
+    gain: float = MISSING  # e- / ADU
+    poisson: str = "exact"
+    noise: bool = True
+    bias: Range = field(default_factory=lambda: [0.0, 0.0])  # e-/s/px
+    correlated_noise: CorrelatedNoise = field(default_factory=CorrelatedNoise)
+    cosmic_rays: CosmicRays = field(default_factory=CosmicRays)
+    hot_pixels: HotPixels = field(default_factory=HotPixels)
+    masks: Masks = field(default_factory=Masks)
+    normalize: str = "none"
+
+
+@dataclass
+class DataSchema:
+    """Every setting of a data preset and its type (ranges checked by :func:`validate_config`)."""
+
+    name: str = MISSING
+    npix: int = MISSING  # px per side
+    pixscale: float = MISSING  # arcsec/px
+    supersample: int = MISSING  # rays per pixel per axis
+    dtype: str = "float32"
+    bands: list[Band] = MISSING
+    labels: list[str] = MISSING
+    lens: Lens = field(default_factory=Lens)
+    source: Source = field(default_factory=Source)
+    lens_light: LensLight = field(default_factory=LensLight)
+    psf: PSF = field(default_factory=PSF)
+    instrument: Instrument = field(default_factory=Instrument)
+    mass: Any | None = None  # density-map families (lensexp/sim/mass.py checks them)
+
+
+def check_schema(c: DictConfig) -> None:
+    """Types and key names of a data config against :class:`DataSchema` (the config itself is
+    not changed); one :class:`ConfigError` naming the key."""
+    try:
+        OmegaConf.merge(OmegaConf.structured(DataSchema), c)
+    except ConfigKeyError as exc:
+        key = getattr(exc, "full_key", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"data.{key} is not a setting of a data preset (see conf/data/tiny.yaml)") from None
+    except ValidationError as exc:
+        key, value = str(getattr(exc, "full_key", "")), getattr(exc, "value", None)
+        expected = str(exc).splitlines()[0]
+        if "Integer" in expected:
+            try:
+                float(value)
+                what = "a whole number"
+            except (TypeError, ValueError):
+                what = "a number"
+        elif "Float" in expected:
+            what = "a number"
+        elif "bool" in expected.lower():
+            what = "true or false"
+        elif "ListConfig" in expected:
+            what = "a list ([low, high] for a range)"
+        else:
+            raise ConfigError(f"data.{key} has the wrong type ({expected.rstrip('.')})") from None
+        raise ConfigError(f"data.{key} must be {what}, got {value!r}") from None
+
 
 SOURCE_KINDS = ("sersic", "cosmos", "mix")
 
@@ -21,14 +206,7 @@ def validate_config(c: DictConfig) -> None:
     for key in ("npix", "pixscale", "supersample", "bands", "lens", "source", "psf", "instrument"):
         if key not in c:
             raise ConfigError(f"data config lacks '{key}'")
-    for key, kind in (("npix", int), ("supersample", int), ("pixscale", float), ("instrument.gain", float)):
-        v = OmegaConf.select(c, key)
-        try:
-            kind(v)
-        except (TypeError, ValueError):
-            raise ConfigError(f"data.{key} must be a number, got {v!r}") from None
-        if kind is int and float(v) != int(v):
-            raise ConfigError(f"data.{key} must be a whole number, got {v!r}")
+    check_schema(c)
     if int(c.npix) < 8:
         raise ConfigError(f"data.npix must be >= 8 pixels, got {c.npix}")
     if not float(c.pixscale) > 0:

@@ -39,6 +39,12 @@ def build(*overrides, preset="tiny"):
         ("data.npix=4", ["data.npix"]),
         ("data.instrument.normalize=zscore", ["normalize", "zscore"]),
         ("data.lens.theta_E=oops", ["data.lens.theta_E", "range"]),
+        # the structured schema (lensexp/sim/schema.py: DataSchema): types and key names
+        ("data.npix=3.5", ["data.npix must be a whole number, got 3.5"]),
+        ("data.lens.theta_E=[a,1]", ["data.lens.theta_E[0] must be a number, got 'a'"]),
+        ("data.instrument.noise=maybe", ["data.instrument.noise must be true or false"]),
+        ("data.bands=3", ["data.bands must be a list"]),
+        ("+data.lens.thetaE=1.0", ["data.lens.thetaE is not a setting"]),
     ],
 )
 def test_bad_option_names_itself(override, words):
