@@ -31,6 +31,12 @@ def _octal(value: int, width: int) -> bytes:
     return b"%0*o\0" % (width - 1, value)
 
 
+def _octal_digits(values: np.ndarray, width: int) -> np.ndarray:
+    """ASCII octal digits [len(values), width] (zero-padded) of non-negative integers."""
+    shifts = 3 * np.arange(width - 1, -1, -1, dtype=np.int64)
+    return ((values[:, None] >> shifts) & 7).astype(np.uint8) + ord("0")
+
+
 def _header_template(user: str, group: str) -> bytearray:
     """A ustar header with everything but name, size and checksum filled in."""
     h = bytearray(BLOCK)
@@ -84,6 +90,35 @@ class TarShardWriter:
         for ext, data in sample.items():
             if ext != "__key__":
                 self.add(f"{key}.{ext}", data)
+
+    def add_many(self, names: list[str], datas: list[bytes]) -> None:
+        """Members ``names[i]`` holding ``datas[i]``, in order: the same bytes as :meth:`add` for
+        each, with the headers built by numpy for all at once and one write and one hash update
+        for the lot (the per-member Python cost of :meth:`add` was a third of shard writing)."""
+        m = len(names)
+        if m == 0:
+            return
+        raw = [n.encode("ascii") for n in names]
+        longest = max(map(len, raw))
+        if longest >= _MAX_NAME:
+            bad = next(n for n in names if len(n.encode("ascii")) >= _MAX_NAME)
+            raise ValueError(f"tar member name too long for ustar ({longest} bytes): {bad}")
+        h = np.empty((m, BLOCK), np.uint8)
+        h[:] = np.frombuffer(bytes(self._template), np.uint8)
+        name_block = np.frombuffer(b"".join(r.ljust(_MAX_NAME, b"\0") for r in raw), np.uint8).reshape(m, _MAX_NAME)
+        h[:, :_MAX_NAME] = name_block
+        sizes = np.fromiter(map(len, datas), np.int64, m)
+        h[:, 124:135] = _octal_digits(sizes, 11)  # 11 digits and a NUL, as _octal(size, 12)
+        h[:, 135] = 0
+        chk = self._base_sum + name_block.sum(1, dtype=np.int64) + h[:, 124:136].sum(1, dtype=np.int64)
+        h[:, 148:154] = _octal_digits(chk, 6)
+        h[:, 154] = 0
+        h[:, 155] = 32
+        pads = -sizes % BLOCK
+        parts = []
+        for i in range(m):
+            parts += (h[i].tobytes(), datas[i], _ZEROS[: pads[i]])
+        self._emit(b"".join(parts))
 
     def close(self) -> tuple[str, int]:
         end = 2 * BLOCK

@@ -50,6 +50,7 @@ from lensexp.shards import LabelStats, TarShardWriter, json_rows, npy_bytes
 from lensexp.sim.mass import COMPONENT_KEYS
 from lensexp.sim.priors import LABELS
 
+WRITE_CHUNK = 256  # tar members joined per write
 # per-image extras stored beside the labels (meta.json)
 META_KEYS = (
     "psf_fwhm",
@@ -154,8 +155,15 @@ def write_shard(sim, spec: ShardSpec, out: Path, batch_size: int, keep_noise_map
     try:
         with open(tmp, "wb", buffering=1 << 20) as fh:
             tw = TarShardWriter(fh)
+            names, datas = [], []
             for s in encode_batch(spec, batch):
-                tw.write(s)
+                key = s.pop("__key__")
+                names += [f"{key}.{ext}" for ext in s]
+                datas += s.values()
+                if len(datas) >= WRITE_CHUNK:  # bounded memory for large images
+                    tw.add_many(names, datas)
+                    names, datas = [], []
+            tw.add_many(names, datas)
             sha, nbytes = tw.close()
             fh.flush()
             start_writeback(fh.fileno())
