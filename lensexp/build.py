@@ -37,19 +37,22 @@ def target_path(cls) -> str:
 
 
 def resolve_target(target, kind: str, source: str):
-    """The class ``target`` names, if it is a lensexp ``kind`` ('network' or 'loss')."""
+    """The class ``target`` names if it is a ``kind`` ('network': an ``nn.Module``; 'loss': a
+    class with ``n_outputs``); from a checkpoint (``source`` other than the user's config) it must
+    also live in ``lensexp``, so a file from someone else cannot name any other code."""
     mod, _, name = str(target).rpartition(".")
     cls = None
-    if mod == "lensexp" or mod.startswith("lensexp."):
+    if source == CONFIG or mod == "lensexp" or mod.startswith("lensexp."):
         try:
-            cls = getattr(importlib.import_module(mod), name, None)
+            cls = getattr(importlib.import_module(mod), name, None) if mod else None
         except ImportError:
             cls = None
     ok = inspect.isclass(cls) and (
         issubclass(cls, nn.Module) if kind == "network" else callable(getattr(cls, "n_outputs", None))
     )
     if not ok:
-        raise ConfigError(f"{source}: refused {kind} class '{target}' (a lensexp {kind} class is expected)")
+        where = "" if source == CONFIG else "lensexp "
+        raise ConfigError(f"{source}: refused {kind} class '{target}' (a {where}{kind} class is expected)")
     return cls
 
 
@@ -70,10 +73,10 @@ def check_spec(cls, settings: dict, kind: str, source: str) -> dict:
                 raise ConfigError(
                     f"{source}: refused backbone_kwargs {bad}; a checkpoint may set only {sorted(SAFE_BACKBONE_KWARGS)}"
                 )
+        elif k == "backbone" and not isinstance(v, str):
+            raise ConfigError(f"{source}: the backbone must be a timm model name")
         elif not (isinstance(v, PLAIN) or (isinstance(v, (list, tuple)) and all(isinstance(x, NUMBER) for x in v))):
             raise ConfigError(f"{source}: refused {label} {k}={v!r} (plain numbers and names only)")
-    if kind == "network" and not isinstance(settings.get("backbone"), str):
-        raise ConfigError(f"{source}: the backbone must be a timm model name")
     return settings
 
 
@@ -88,7 +91,7 @@ def _plain(spec) -> dict:
 
     spec = OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else spec
     if not isinstance(spec, dict):
-        raise ConfigError(f"model settings are not a mapping: {spec!r}")
+        raise ConfigError(f"network or loss settings are not a mapping: {spec!r}")
     return {k: v for k, v in spec.items() if k != "_partial_"}
 
 

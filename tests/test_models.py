@@ -56,3 +56,43 @@ def test_small_inputs_are_resized_for_inception():
     m = LensRegressor("inception_v4", 1, 8, dropout=0.1, min_input_size=75)
     with torch.no_grad():
         assert m.eval()(torch.randn(1, 1, 64, 64)).shape == (1, 8)
+
+
+class PoolHead(torch.nn.Module):
+    """A network from outside lensexp: global pooling and one linear layer (the test of 'a new
+    head is a class plus a YAML file')."""
+
+    def __init__(self, in_chans: int, n_outputs: int, width: int = 4):
+        super().__init__()
+        self.proj = torch.nn.Conv2d(in_chans, width, 3, padding=1)
+        self.out = torch.nn.Linear(width, n_outputs)
+
+    def forward(self, x):
+        return self.out(self.proj(x).mean((-2, -1)))
+
+
+def test_a_new_network_is_a_class_and_a_target(tmp_path):
+    """``model._target_`` picks any network class for training; loading the checkpoint of one
+    that lives outside lensexp is refused (checkpoints may only name lensexp classes)."""
+    from lensexp.checkpoints import load_module
+    from lensexp.config import compose_config
+    from lensexp.train import run
+
+    over = [
+        "data.source.kind=sersic",
+        "datamodule.source=on_the_fly",
+        "datamodule.train_epoch_size=16",
+        "datamodule.val_size=8",
+        "datamodule.batch_size=8",
+        "trainer.max_epochs=1",
+        "logger=csv",
+        "n_mc_val=1",
+    ]
+    cfg = compose_config("train", over)
+    cfg.model = {"_target_": "tests.test_models.PoolHead", "width": 6}  # what conf/model/pool_head.yaml would hold
+    run(cfg, tmp_path)
+    ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ck["hyper_parameters"]["spec"]["model"] == {"_target_": "tests.test_models.PoolHead", "width": 6}
+    assert ck["state_dict"]["net.proj.weight"].shape == (6, 1, 3, 3)
+    with pytest.raises(ConfigError, match="refused network class 'tests.test_models.PoolHead'"):
+        load_module(tmp_path / "checkpoints" / "last.ckpt")
