@@ -58,11 +58,6 @@ class KappaModule(EvalHooks, pl.LightningModule):
         self._collected: list[dict] = []
 
     @property
-    def in_chans(self) -> int:
-        """Bands the network takes (its spec)."""
-        return int((self.hparams.get("spec") or {}).get("in_chans", 1))
-
-    @property
     def pixscale(self) -> float:
         return float((self.hparams.data_info or {}).get("pixscale", 0.1))
 

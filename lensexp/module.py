@@ -32,6 +32,11 @@ class EvalHooks:
     test steps go on to ``_eval_step(batch, batch_idx, prefix)`` and their epoch ends to
     ``_log_collected(prefix)``."""
 
+    @property
+    def in_chans(self) -> int:
+        """Bands the network takes (its spec)."""
+        return int((self.hparams.get("spec") or {}).get("in_chans", 1))
+
     def training_step(self, batch, batch_idx):
         loss = self.batch_loss(batch, train=True)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
@@ -85,11 +90,6 @@ class LensModule(EvalHooks, pl.LightningModule):
         self.labels = list(self.scaler.labels)
         self._collected: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._infer = [0, 0.0]  # validation forward passes and their seconds
-
-    @property
-    def in_chans(self) -> int:
-        """Bands the network takes (its spec)."""
-        return int((self.hparams.get("spec") or {}).get("in_chans", 1))
 
     def to_net(self, y: torch.Tensor) -> torch.Tensor:
         """Physical labels [B, D] -> standardised network space (:class:`LabelScaler`)."""
