@@ -12,10 +12,14 @@ log = logging.getLogger("lensexp")
 
 
 def clean_errors(fn):
-    """Turn a :class:`ConfigError` (or a missing file) into one ``error: ...`` line and exit 2."""
+    """Turn a :class:`ConfigError` (or a missing file) into one ``error: ...`` line and exit 2;
+    the glibc allocator is tuned first (:func:`lensexp.runtime.tune_allocator`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from lensexp.runtime import tune_allocator
+
+        tune_allocator()
         try:
             return fn(*args, **kwargs)
         except (ConfigError, FileNotFoundError) as exc:

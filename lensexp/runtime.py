@@ -86,6 +86,27 @@ def resolve_device(name) -> str:
     return name
 
 
+def tune_allocator() -> bool:
+    """Apply :data:`ALLOCATOR_ENV` to this process through glibc's ``mallopt`` (the environment
+    variables only act at process start): large tensors then reuse mapped memory instead of a
+    fresh ``mmap`` + page faults per allocation (a SLACS fit: 131 -> 66 s, system time 111 -> 1.4 s).
+    Settings already in the environment win. Returns False where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+        return False
+    codes = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_MMAP_THRESHOLD_": -3}  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+    ok = True
+    for key, value in ALLOCATOR_ENV.items():
+        if key not in os.environ:
+            ok &= bool(mallopt(codes[key], int(value)))
+    return ok
+
+
 def allocator_env() -> dict:
     """``os.environ`` values to set for child processes (the caller's own settings win)."""
     return {k: os.environ.get(k, v) for k, v in ALLOCATOR_ENV.items()}

@@ -37,6 +37,7 @@ class FitSettings:
     outlier_sigma: float | None = 10.0
     laplace: bool = False
     light_steps: int = 0  # > 0 (with lens light): fit the light alone first (lensexp.fit.light)
+    adam_supersample: int | None = None  # rays per pixel per axis while exploring; None = the model's
     ring_start: bool = False  # with light_steps: mass starts from the residual ring, not the given ones
 
 
@@ -53,9 +54,11 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
     dt = obs.data.dtype
     dev = obs.data.device
     light = None
+    # exploration (light-only fit, Adam over every start) may trace fewer rays; ranking and polish use `model`
+    coarse = LensModel(model.npix, model.pixscale, fs.adam_supersample or model.ss, model.n_light)
     if model.lens_light and fs.light_steps > 0:
         o1 = obs.to(fs.adam_dtype)
-        light = fit_light(o1, space.to(fs.adam_dtype), model, fs.light_steps, fs.adam_lr, fs.outlier_sigma)
+        light = fit_light(o1, space.to(fs.adam_dtype), coarse, fs.light_steps, fs.adam_lr, fs.outlier_sigma)
         light = {**light, "p": light["p"].to(dt), "image": light["image"].to(dt)}
         if fs.ring_start:
             starts = ring_starts(obs, light, model, S, rngs)
@@ -74,7 +77,7 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
     n_mass = len(MASS)
     for step in range(fs.adam_steps):
         opt.zero_grad(set_to_none=True)
-        loss = _profiled_loss(s1.to_p(u), o1, idx, w, d, s1, model, fs.outlier_sigma)
+        loss = _profiled_loss(s1.to_p(u), o1, idx, w, d, s1, coarse, fs.outlier_sigma)
         loss.sum().backward()
         u.grad.nan_to_num_(0.0, 0.0, 0.0)
         if step < fs.source_steps:  # first fit the light to the starting mass model

@@ -85,6 +85,7 @@ def check_config(cfg: DictConfig) -> None:
         ("lbfgs.polish", 1),
         ("lbfgs.irls_rounds", 1),
         ("adam.light_steps", 0),
+        ("adam.supersample", 0),
         ("max_npix", 16),
     )
     for key, lo in ints:
@@ -139,6 +140,7 @@ def run(cfg: DictConfig) -> dict:
         outlier_sigma=float(cfg.outlier_sigma) if cfg.outlier_sigma else None,
         laplace=bool(cfg.laplace),
         light_steps=int(cfg.adam.light_steps) if lens_light else 0,
+        adam_supersample=int(cfg.adam.supersample) if cfg.adam.supersample else None,
         ring_start=bool(cfg.ring_start) and cfg.init == "prior",
     )
     cols = columns(lens_light, fs.laplace)
