@@ -62,11 +62,14 @@ def truth_vector():
     return torch.tensor([[LENS[k] for k in MASS]], dtype=torch.float64)
 
 
-def test_noiseless_fit_started_near_truth_recovers_every_parameter():
+@pytest.mark.parametrize("explore_ss", [None, 1])
+def test_noiseless_fit_started_near_truth_recovers_every_parameter(explore_ss):
+    """Exact recovery also when the exploration traces one ray per pixel (``adam.supersample=1``,
+    the CLI default): the polish at the model's supersampling removes its bias."""
     psf = psf_kernel()
     img = render_sersic(LENS, SRC, NPIX, PIX, 2, psf)
     start = truth_vector() + 0.02 * torch.tensor([[1, -1, 1, -1, 1, -1, 1.0]], dtype=torch.float64)
-    fs = FitSettings(adam_steps=150, lbfgs_iters=150, polish=1)
+    fs = FitSettings(adam_steps=150, lbfgs_iters=150, polish=1, adam_supersample=explore_ss)
     res = fit_batch(
         observation(img, psf),
         start[:, None],
@@ -86,6 +89,25 @@ def test_noiseless_fit_started_near_truth_recovers_every_parameter():
     fine = render_sersic(LENS, SRC, NPIX, PIX, 8).sum()
     wide = render_sersic(None, SRC, 512, PIX / 2, 2).sum()
     assert float(res["p"]["mu_F"]) == pytest.approx(float(fine / wide), rel=2e-3)
+
+
+def test_exploration_cut_out_keeps_every_pixel_centre():
+    """Adam explores a centred cut-out (``adam.half_width``): its pixels are the full grid's inner
+    pixels at the same sky positions, so a model rendered on it equals the full model's centre."""
+    from lensexp.fit.optimise import explore_npix
+
+    psf = psf_kernel()
+    full = render_sersic(LENS, SRC, NPIX, PIX, 2, None)
+    obs = observation(full, psf)
+    model = LensModel(NPIX, PIX, 2, False)
+    assert explore_npix(model, None) == NPIX and explore_npix(model, 100.0) == NPIX
+    n = explore_npix(model, 2.05)  # 41 px rounded up to the grid's parity
+    assert n == 42
+    cut = obs.crop(n)
+    assert cut.data.shape[-1] == n and cut.use.shape == cut.data.shape
+    assert torch.equal(cut.data[0], full[0, 11:53, 11:53])
+    small = render_sersic(LENS, SRC, n, PIX, 2, None)
+    assert torch.allclose(small, cut.data, rtol=1e-12, atol=1e-12)
 
 
 def test_lens_light_is_fitted_too():
@@ -318,6 +340,9 @@ def test_bad_input_messages(fits_set, tmp_path):
         (["init=truth"], "init=truth needs truth="),
         (["init=truth", "truth=/nonexistent/truth.csv"], "truth file not found"),
         (["n_starts=0"], "n_starts must be >= 1"),
+        (["adam.supersample=-1"], "adam.supersample must be >= 0"),
+        (["shear_max=0"], "shear_max must be in"),
+        (["adam.half_width=-1"], "adam.half_width must be > 0"),
         (["adam.dtype=float16"], "adam.dtype must be float32 or float64"),
         (["psf=/nonexistent/psf.fits"], "psf file not found"),
         (["psf_fwhm=-1"], "psf_fwhm must be > 0"),

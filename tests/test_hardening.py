@@ -369,3 +369,28 @@ def test_checkpoints_from_before_the_spec_layout_still_load(ckpt, tmp_path):
     x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(old(x), new(x), rtol=0, atol=0)
     torch.testing.assert_close(old.from_net(torch.zeros(1, 8)), new.from_net(torch.zeros(1, 8)), rtol=0, atol=0)
+
+
+def test_allocator_is_tuned_in_process_so_large_buffers_are_reused():
+    """``tune_allocator`` (called by every entry point) makes glibc keep large freed buffers: 40
+    allocations of 16 MB then fault their pages in once, not 40 times (the fit's system time
+    fell from 111 s to 1.4 s on a SLACS lens)."""
+    code = (
+        "import resource, sys, numpy as np\n"
+        "from lensexp.runtime import tune_allocator\n"
+        "ok = tune_allocator() if sys.argv[1] == '1' else True\n"
+        "f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(40):\n"
+        "    a = np.ones(2_000_000); del a\n"
+        "print(ok, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    faults = {}
+    for tuned in ("0", "1"):
+        out = subprocess.run(
+            [sys.executable, "-c", code, tuned], capture_output=True, text=True, cwd=PROJECT_ROOT, env=env
+        )
+        ok, n = out.stdout.split()
+        assert ok == "True", out.stderr
+        faults[tuned] = int(n)
+    assert faults["1"] * 5 < faults["0"], faults

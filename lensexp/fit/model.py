@@ -42,10 +42,13 @@ class ParamSpace:
     hi: torch.Tensor
 
     @classmethod
-    def for_grid(cls, npix: int, pixscale: float, n_light: int, dtype=torch.float64) -> ParamSpace:
+    def for_grid(
+        cls, npix: int, pixscale: float, n_light: int, dtype=torch.float64, shear_max: float = 0.3
+    ) -> ParamSpace:
         """Bounds for an ``npix`` grid of ``pixscale`` arcsec/px (field of view ``F``): theta_E in
         [0.05", F/2], |e| components < 0.7 (q > 0.18), lens (and lens-light) centre within F/8 of
-        the cut-out's centre (0.8" at 64 x 0.1"), |gamma| < 0.3, source in the field, R_sersic in
+        the cut-out's centre (0.8" at 64 x 0.1"), |gamma1|, |gamma2| < ``shear_max`` (the CLI
+        takes it from the data preset's shear prior), source in the field, R_sersic in
         [pixscale/4, F/4], n in [0.3, 6]; lens light R in [pixscale/2, F/2], n in [0.5, 8]."""
         fov = npix * pixscale
         b = {
@@ -54,8 +57,8 @@ class ParamSpace:
             "e2": (-0.7, 0.7),
             "center_x": (-fov / 8, fov / 8),
             "center_y": (-fov / 8, fov / 8),
-            "gamma1": (-0.3, 0.3),
-            "gamma2": (-0.3, 0.3),
+            "gamma1": (-shear_max, shear_max),
+            "gamma2": (-shear_max, shear_max),
             "src_R": (pixscale / 4, fov / 4),
             "src_n": (0.3, 6.0),
             "src_e1": (-0.7, 0.7),
@@ -182,6 +185,17 @@ class Observation:
                 for t in (self.data, self.use, self.psf, self.bg_var, self.inv_t)
             )
         )
+
+    def crop(self, n: int) -> Observation:
+        """The centred ``n`` x ``n`` cut-out (``n`` of the grid's parity, so the pixel-grid centre
+        and every pixel centre stay where they were)."""
+        N = self.data.shape[-1]
+        k = (N - n) // 2
+        if k <= 0:
+            return self
+        sl = (slice(None), slice(k, N - k), slice(k, N - k))
+        bg = self.bg_var[sl] if self.bg_var.ndim == 3 else self.bg_var
+        return Observation(self.data[sl], self.use[sl], self.psf, bg, self.inv_t)
 
     def weights(self) -> torch.Tensor:
         """Inverse variance from the data themselves (fixed; for the Adam stage)."""

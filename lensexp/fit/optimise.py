@@ -38,6 +38,7 @@ class FitSettings:
     laplace: bool = False
     light_steps: int = 0  # > 0 (with lens light): fit the light alone first (lensexp.fit.light)
     adam_supersample: int | None = None  # rays per pixel per axis while exploring; None = the model's
+    adam_half_width: float | None = None  # arcsec: explore and rank starts on the centred cut-out of this half-width
     ring_start: bool = False  # with light_steps: mass starts from the residual ring, not the given ones
 
 
@@ -68,8 +69,15 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
     jitter = torch.cat([2 * torch.rand(S, 4, generator=r, dtype=dt) - 1 for r in rngs]).to(dev)
     p0 = init_source(space, p0.clamp(space.lo, space.hi), obs, idx, model, jitter, light)
 
-    # stage 1: Adam over every start at once (in fs.adam_dtype), amplitudes profiled, data-based variance
-    o1, s1 = obs.to(fs.adam_dtype), space.to(fs.adam_dtype)
+    # stage 1: Adam over every start at once (in fs.adam_dtype), amplitudes profiled, data-based variance,
+    # on the cut-out where the arcs are (the light outside it was fitted above and is refitted in stage 2)
+    # (never tighter than 1.6 x the typical theta_E start, so arcs of wide lenses stay inside)
+    half = fs.adam_half_width and max(fs.adam_half_width, 1.6 * float(starts[..., 0].median(1).values.max()))
+    n_c = explore_npix(model, half)
+    ocut = obs.crop(n_c)
+    coarse = LensModel(n_c, model.pixscale, coarse.ss, model.n_light)
+    fine = LensModel(n_c, model.pixscale, model.ss, model.n_light)
+    o1, s1 = ocut.to(fs.adam_dtype), space.to(fs.adam_dtype)
     u = s1.to_u(p0.to(fs.adam_dtype)).requires_grad_(True)
     opt = torch.optim.Adam([u], lr=fs.adam_lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(fs.adam_steps, 1), eta_min=fs.adam_lr / 20)
@@ -86,7 +94,7 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
         sched.step()
     with torch.no_grad():
         p1 = s1.to_p(u).to(dt).clamp(space.lo, space.hi)
-        loss1 = _profiled_loss(p1, obs, idx, obs.weights()[idx], obs.data[idx], space, model, fs.outlier_sigma)
+        loss1 = _profiled_loss(p1, ocut, idx, ocut.weights()[idx], ocut.data[idx], space, fine, fs.outlier_sigma)
     loss1 = torch.where(torch.isfinite(loss1), loss1, torch.full_like(loss1, math.inf)).reshape(B, S)
     order = loss1.argsort(1)
     shared = (time.perf_counter() - t0) / B
@@ -108,6 +116,16 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
             best["p"]["mu_F"] = model.mu_F({k: v[None] for k, v in best["p"].items()})[0]
         results.append(best)
     return results
+
+
+def explore_npix(model: LensModel, half_width: float | None) -> int:
+    """Side [px] of the centred cut-out explored by Adam: ``2 half_width / pixscale`` rounded up
+    to the grid's parity, at most the grid (``None``: the whole grid)."""
+    if not half_width:
+        return model.npix
+    n = math.ceil(2 * half_width / model.pixscale)
+    n += (model.npix - n) % 2
+    return min(n, model.npix)
 
 
 def _profiled_loss(p, obs, idx, w, d, space, model, outlier_sigma):
@@ -133,7 +151,8 @@ def _polish(p_start, obs, b, space, model, fs):
     """L-BFGS from one start, amplitudes free, by iteratively reweighted fits: each round
     minimises the robust chi-square with the pixel variance of the previous round's model held
     fixed (the model's own noise, ``Observation.variance``), so a noiseless image is fitted
-    exactly and the estimate is unbiased for noisy ones. Returns parameters, amplitudes and
+    exactly and the estimate is unbiased for noisy ones; one round when the variance does not
+    depend on the model (a noise map without a Poisson term). Returns parameters, amplitudes and
     :func:`likelihood_terms` with the final model's variance."""
     d, use, sl = obs.data[b : b + 1], obs.use[b : b + 1], slice(b, b + 1)
     with torch.no_grad():
@@ -142,7 +161,9 @@ def _polish(p_start, obs, b, space, model, fs):
         var = obs.variance((amps[None, :, None, None] * T).sum(1), sl)
     u = space.to_u(p_start).clone().requires_grad_(True)
     la = torch.log(amps.clamp(min=1e-30)).clone().requires_grad_(True)
-    for _ in range(fs.irls_rounds):
+    # a variance without the model's Poisson term (noise maps, inv_t = 0) is fixed: one round is the fit
+    rounds = fs.irls_rounds if float(obs.inv_t[b]) > 0 else 1
+    for _ in range(rounds):
         w = use / var
         opt = torch.optim.LBFGS(
             [u, la],

@@ -90,6 +90,8 @@ def check_config(cfg: DictConfig) -> None:
     )
     for key, lo in ints:
         v = OmegaConf.select(cfg, key)
+        if v is None and key == "adam.supersample":
+            continue
         if int(v) < lo:
             raise ConfigError(f"{key} must be >= {lo}, got {v}")
     if cfg.psf and not resolve_path(cfg.psf).is_file():
@@ -98,6 +100,10 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"psf_fwhm must be > 0 arcsec, got {cfg.psf_fwhm}")
     if int(cfg.lens_light_components) not in (1, 2):
         raise ConfigError(f"lens_light_components must be 1 or 2, got {cfg.lens_light_components}")
+    if cfg.adam.half_width is not None and not float(cfg.adam.half_width) > 0:
+        raise ConfigError(f"adam.half_width must be > 0 arcsec (or null: the whole image), got {cfg.adam.half_width}")
+    if cfg.shear_max is not None and not 0 < float(cfg.shear_max) <= 0.5:
+        raise ConfigError(f"shear_max must be in (0, 0.5], got {cfg.shear_max}")
     if cfg.supersample is not None and int(cfg.supersample) < 1:
         raise ConfigError(f"supersample must be >= 1, got {cfg.supersample}")
     for key in ("dtype", "adam.dtype"):
@@ -141,6 +147,7 @@ def run(cfg: DictConfig) -> dict:
         laplace=bool(cfg.laplace),
         light_steps=int(cfg.adam.light_steps) if lens_light else 0,
         adam_supersample=int(cfg.adam.supersample) if cfg.adam.supersample else None,
+        adam_half_width=float(cfg.adam.half_width) if cfg.adam.half_width else None,
         ring_start=bool(cfg.ring_start) and cfg.init == "prior",
     )
     cols = columns(lens_light, fs.laplace)
@@ -239,7 +246,7 @@ def _fit_safely(group: list[dict], errors: list, *args) -> list[dict]:
 def _fit_group(group: list[dict], cfg, fs, pred, truth, ss, lens_light, dtype, device) -> list[dict]:
     """Fit loaded files sharing one grid; returns their CSV rows."""
     n, scale = group[0]["data"].shape[-1], group[0]["scale"]
-    space = ParamSpace.for_grid(n, scale, lens_light, dtype).to(device=device)
+    space = ParamSpace.for_grid(n, scale, lens_light, dtype, shear_max(cfg)).to(device=device)
     model = LensModel(n, scale, ss, lens_light)
     stack = lambda key: torch.from_numpy(np.stack([g[key] for g in group]))  # noqa: E731
     obs = Observation(
@@ -265,6 +272,16 @@ def _fit_group(group: list[dict], cfg, fs, pred, truth, ss, lens_light, dtype, d
                 m = _component_model(p, res["amps"], obs, b, space, model)[0]
             residual_png(obs.data[b], m, res["var"], obs.use[b], g["name"], rows[-1], Path(cfg.save_plots))
     return rows
+
+
+def shear_max(cfg: DictConfig) -> float:
+    """Bound on each shear component: ``shear_max`` or, by default, the data preset's shear prior
+    (the fit and the simulations that train the networks then share one prior; external shears
+    of isolated lens galaxies are small, ~0.02-0.1, so a free |gamma| up to 0.3 mostly absorbs
+    source and lens-light structure the model lacks)."""
+    if cfg.shear_max is not None:
+        return float(cfg.shear_max)
+    return float(max(abs(float(v)) for v in cfg.data.lens.gamma))
 
 
 def _bg_stack(group: list[dict], dtype) -> torch.Tensor:
