@@ -16,12 +16,13 @@ from lensexp.fit.model import LensModel, Observation, ParamSpace, light_names, r
 from lensexp.sim.trace import pixel_grid
 
 
-def weighted_median(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Per image [B] the weighted median of ``values`` [B, N, N] under ``weights`` >= 0 [B, N, N]."""
+def weighted_median(values: torch.Tensor, weights: torch.Tensor, q: float = 0.5) -> torch.Tensor:
+    """Per image [B] the weighted median (``q`` quantile) of ``values`` [B, N, N] under ``weights``
+    >= 0 [B, N, N]."""
     v, w = values.flatten(1), weights.flatten(1)
     order = v.argsort(1)
     cum = torch.gather(w, 1, order).cumsum(1)
-    k = (cum / cum[:, -1:].clamp(min=1e-30) < 0.5).sum(1).clamp(max=v.shape[1] - 1)
+    k = (cum / cum[:, -1:].clamp(min=1e-30) < q).sum(1).clamp(max=v.shape[1] - 1)
     return torch.gather(v, 1, order)[torch.arange(len(v)), k]
 
 
@@ -90,10 +91,12 @@ def fit_light(obs: Observation, space: ParamSpace, model: LensModel, steps: int,
     return {"p": p.detach(), "image": image, "names": names}
 
 
-def ring_theta_E(obs: Observation, light: dict, model: LensModel, min_radius: float = 0.3) -> torch.Tensor:
-    """theta_E starts [B]: flux-weighted median radius, around the light centre, of the residual
-    pixels above 3 sigma between ``min_radius`` arcsec and the field's edge (the arcs); the
-    field's quarter when there are none."""
+def ring_theta_E(
+    obs: Observation, light: dict, model: LensModel, min_radius: float = 0.3, quantile: float | torch.Tensor = 0.5
+) -> torch.Tensor:
+    """theta_E starts [B] (or [B, Q] for ``Q`` quantiles): flux-weighted median (quantile) radius,
+    around the light centre, of the residual pixels above 3 sigma between ``min_radius`` arcsec
+    and the field's edge (the arcs); the field's quarter when there are none."""
     x, y = pixel_grid(model.npix, model.pixscale, 1, obs.data.dtype, obs.data.device)
     fov = model.npix * model.pixscale
     p = dict(zip(light["names"], light["p"].unbind(1)))
@@ -102,16 +105,22 @@ def ring_theta_E(obs: Observation, light: dict, model: LensModel, min_radius: fl
     z = resid * torch.sqrt(obs.weights())
     sel = (z > 3) & obs.use & (r > max(min_radius, 3 * model.pixscale)) & (r < fov / 2 - 2 * model.pixscale)
     wt = torch.where(sel, resid, torch.zeros_like(resid))
-    theta = weighted_median(r, wt)
-    return torch.where(wt.sum((1, 2)) > 0, theta, torch.full_like(theta, fov / 4))
+    qs = torch.as_tensor(quantile, dtype=r.dtype).reshape(-1)
+    theta = torch.stack([weighted_median(r, wt, float(q)) for q in qs], -1)
+    theta = torch.where(wt.sum((1, 2))[:, None] > 0, theta, torch.full_like(theta, fov / 4))
+    return theta if torch.is_tensor(quantile) else theta[:, 0]
 
 
 def ring_starts(obs: Observation, light: dict, model: LensModel, n_starts: int, rngs) -> torch.Tensor:
-    """Mass starts [B, S, 7]: the ring's theta_E, the light's centre and (damped) ellipticity and no
-    shear first, then ``S - 1`` jittered copies (theta_E x exp(N(0, 0.15)), e +- 0.1, centre
-    +- 0.03", shear +- 0.05)."""
+    """Mass starts [B, S, 7]: the ring's theta_E (median radius of the residual flux), the light's
+    centre and (damped) ellipticity and no shear first, then ``S - 1`` jittered copies (e +- 0.1,
+    centre +- 0.03", shear +- 0.05) whose theta_E run over the quantiles 0.15-0.85 of the residual
+    flux's radii (x exp(N(0, 0.1))): arcs, counter-images and light-model residuals sit at
+    different radii, and the median alone can fall between them."""
     p = dict(zip(light["names"], light["p"].unbind(1)))
-    theta = ring_theta_E(obs, light, model)
+    qs = torch.linspace(0.15, 0.85, max(n_starts - 1, 1), dtype=obs.data.dtype)
+    radii = ring_theta_E(obs, light, model, quantile=torch.cat([torch.tensor([0.5], dtype=qs.dtype), qs]))
+    theta = radii[:, 0]
     base = torch.stack(
         [
             theta,
@@ -128,7 +137,7 @@ def ring_starts(obs: Observation, light: dict, model: LensModel, n_starts: int, 
     for b, g in enumerate(rngs):
         n = torch.randn(max(n_starts - 1, 0), 7, generator=g, dtype=base.dtype).to(base.device)
         jit = base[b].expand(len(n), 7).clone()
-        jit[:, 0] = jit[:, 0] * torch.exp(0.15 * n[:, 0])
+        jit[:, 0] = radii[b, 1 : len(n) + 1] * torch.exp(0.1 * n[:, 0])
         jit[:, 1:3] += 0.1 * n[:, 1:3]
         jit[:, 3:5] += 0.03 * n[:, 3:5]
         jit[:, 5:7] = 0.05 * torch.tanh(n[:, 5:7])
