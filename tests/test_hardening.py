@@ -372,16 +372,16 @@ def test_checkpoints_from_before_the_spec_layout_still_load(ckpt, tmp_path):
 
 
 def test_allocator_is_tuned_in_process_so_large_buffers_are_reused():
-    """``tune_allocator`` (called by every entry point) makes glibc keep large freed buffers: 40
-    allocations of 16 MB then fault their pages in once, not 40 times (the fit's system time
-    fell from 111 s to 1.4 s on a SLACS lens)."""
+    """``tune_allocator`` (called by every entry point) makes glibc keep large freed buffers: 20
+    allocations of 64 MB (above glibc's largest dynamic mmap threshold, 32 MB) then fault their
+    pages in once, not 20 times (the fit's system time fell from 111 s to 1.4 s on a SLACS lens)."""
     code = (
         "import resource, sys, numpy as np\n"
         "from lensexp.runtime import tune_allocator\n"
         "ok = tune_allocator() if sys.argv[1] == '1' else True\n"
         "f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "for _ in range(40):\n"
-        "    a = np.ones(2_000_000); del a\n"
+        "for _ in range(20):\n"
+        "    a = np.ones(8_000_000); del a\n"
         "print(ok, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
