@@ -110,6 +110,16 @@ def test_exploration_cut_out_keeps_every_pixel_centre():
     assert torch.allclose(small, cut.data, rtol=1e-12, atol=1e-12)
 
 
+def test_polish_takes_distinct_rings_first():
+    from lensexp.fit.optimise import distinct_starts
+
+    theta = [1.00, 1.01, 1.30, 0.99, 0.70]
+    assert distinct_starts([0, 1, 3, 2, 4], theta, 2) == [0, 2]  # 1 and 3 are the same ring as 0
+    assert distinct_starts([0, 1, 3, 2, 4], theta, 3) == [0, 2, 4]
+    assert distinct_starts([0, 1], theta, 2) == [0, 1]  # no distinct one left: loss order
+    assert distinct_starts([3, 0], theta, 1) == [3]
+
+
 def test_lens_light_is_fitted_too():
     psf = psf_kernel()
     light = dict(

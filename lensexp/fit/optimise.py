@@ -103,7 +103,7 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
     for b in range(B):
         t1 = time.perf_counter()
         best = None
-        for j in order[b, : max(1, fs.polish)].tolist():
+        for j in distinct_starts(order[b].tolist(), p1[b * S : (b + 1) * S, 0].tolist(), max(1, fs.polish)):
             res = _polish(p1[b * S + j], obs, b, space, model, fs)
             res["start"] = j
             if best is None or res["nll"] < best["nll"]:
@@ -116,6 +116,19 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
             best["p"]["mu_F"] = model.mu_F({k: v[None] for k, v in best["p"].items()})[0]
         results.append(best)
     return results
+
+
+def distinct_starts(order: list[int], theta_E: list[float], k: int, min_sep: float = 0.05) -> list[int]:
+    """``k`` starts to polish, best first (``order``: by exploration loss): the best, then the next
+    best whose theta_E differs by more than ``min_sep`` (relative) from every one taken, so the
+    polish samples different rings rather than one basin twice; filled up in loss order when
+    there are fewer distinct ones."""
+    picked: list[int] = []
+    for j in order:
+        if len(picked) < k and all(abs(theta_E[j] / theta_E[i] - 1) > min_sep for i in picked):
+            picked.append(j)
+    picked += [j for j in order if j not in picked][: k - len(picked)]
+    return picked
 
 
 def explore_npix(model: LensModel, half_width: float | None) -> int:
