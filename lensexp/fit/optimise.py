@@ -56,10 +56,11 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
     dev = obs.data.device
     light = None
     # exploration (light-only fit, Adam over every start) may trace fewer rays; ranking and polish use `model`
-    coarse = LensModel(model.npix, model.pixscale, fs.adam_supersample or model.ss, model.n_light)
+    ss_explore = fs.adam_supersample or model.ss
     if model.lens_light and fs.light_steps > 0:
         o1 = obs.to(fs.adam_dtype)
-        light = fit_light(o1, space.to(fs.adam_dtype), coarse, fs.light_steps, fs.adam_lr, fs.outlier_sigma)
+        whole = LensModel(model.npix, model.pixscale, ss_explore, model.n_light)
+        light = fit_light(o1, space.to(fs.adam_dtype), whole, fs.light_steps, fs.adam_lr, fs.outlier_sigma)
         light = {**light, "p": light["p"].to(dt), "image": light["image"].to(dt)}
         if fs.ring_start:
             starts = ring_starts(obs, light, model, S, rngs)
@@ -75,7 +76,7 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
     half = fs.adam_half_width and max(fs.adam_half_width, 1.6 * float(starts[..., 0].median(1).values.max()))
     n_c = explore_npix(model, half)
     ocut = obs.crop(n_c)
-    coarse = LensModel(n_c, model.pixscale, coarse.ss, model.n_light)
+    coarse = LensModel(n_c, model.pixscale, ss_explore, model.n_light)
     fine = LensModel(n_c, model.pixscale, model.ss, model.n_light)
     o1, s1 = ocut.to(fs.adam_dtype), space.to(fs.adam_dtype)
     u = s1.to_u(p0.to(fs.adam_dtype)).requires_grad_(True)
