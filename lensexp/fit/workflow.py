@@ -85,13 +85,10 @@ def check_config(cfg: DictConfig) -> None:
         ("lbfgs.polish", 1),
         ("lbfgs.irls_rounds", 1),
         ("adam.light_steps", 0),
-        ("adam.supersample", 0),
         ("max_npix", 16),
     )
     for key, lo in ints:
         v = OmegaConf.select(cfg, key)
-        if v is None and key == "adam.supersample":
-            continue
         if int(v) < lo:
             raise ConfigError(f"{key} must be >= {lo}, got {v}")
     if cfg.psf and not resolve_path(cfg.psf).is_file():
@@ -100,6 +97,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"psf_fwhm must be > 0 arcsec, got {cfg.psf_fwhm}")
     if int(cfg.lens_light_components) not in (1, 2):
         raise ConfigError(f"lens_light_components must be 1 or 2, got {cfg.lens_light_components}")
+    if cfg.adam.supersample is not None and int(cfg.adam.supersample) < 0:  # 0 / null: the model's supersampling
+        raise ConfigError(f"adam.supersample must be >= 0, got {cfg.adam.supersample}")
     if cfg.adam.half_width is not None and not float(cfg.adam.half_width) > 0:
         raise ConfigError(f"adam.half_width must be > 0 arcsec (or null: the whole image), got {cfg.adam.half_width}")
     if cfg.shear_max is not None and not 0 < float(cfg.shear_max) <= 0.5:
