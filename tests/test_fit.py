@@ -141,6 +141,40 @@ def test_lens_light_is_fitted_too():
     assert float(res["amps"][1]) == pytest.approx(3.0, rel=1e-3)
 
 
+def test_center_prior_pulls_the_mass_towards_the_light_and_enters_the_nll():
+    """Gaussian prior on mass centre - light centre: 0.5 (0.3^2 + 0.4^2) / 0.1^2 = 12.5 by hand;
+    a fit whose true mass sits 0.2" from the light ends nearer the light, and its -ln posterior
+    is the likelihood's plus the prior's."""
+    from lensexp.fit.optimise import center_penalty
+
+    p = {"center_x": torch.tensor(0.3), "center_y": torch.tensor(-0.4), "ll_x": torch.tensor(0.0), "ll_y": torch.tensor(0.0)}
+    assert float(center_penalty(p, 0.1)) == pytest.approx(12.5)
+    assert center_penalty(p, None) == 0.0 and center_penalty({"center_x": 0.3, "center_y": 0.1}, 0.1) == 0.0
+    psf = psf_kernel()
+    light = dict(amp=3.0, R_sersic=0.8, n_sersic=3.0, e1=0.05, e2=-0.1, center_x=LENS["center_x"] - 0.2, center_y=LENS["center_y"])
+    img = render_sersic(LENS, SRC, NPIX, PIX, 2, psf) + render_sersic(None, light, NPIX, PIX, 2, psf)
+    # noisy, so that the data do not pin the centre to 1e-6"
+    img = img + torch.randn(img.shape, generator=torch.Generator().manual_seed(3), dtype=img.dtype) * 0.2
+    obs = observation(img, psf)
+    offsets = {}
+    for sigma in (None, 0.02):
+        res = fit_batch(
+            obs,
+            (truth_vector() + 0.01)[:, None],
+            ParamSpace.for_grid(NPIX, PIX, True),
+            LensModel(NPIX, PIX, 2, True),
+            FitSettings(adam_steps=100, lbfgs_iters=200, polish=1, irls_rounds=1, center_sigma=sigma),
+            [torch.Generator().manual_seed(0)],
+        )[0]
+        offsets[sigma] = float(res["p"]["center_x"] - res["p"]["ll_x"])
+        m = (res["amps"][:, None, None] * LensModel(NPIX, PIX, 2, True).templates(
+            {k: v[None] for k, v in res["p"].items()}, psf[None])[0]).sum(0)
+        lik = likelihood_terms(m[None], img, obs.use, res["var"][None], 10.0)["nll"]
+        assert res["nll"] == pytest.approx(float(lik[0]) + float(center_penalty(res["p"], sigma)), rel=1e-9)
+    assert offsets[None] == pytest.approx(0.2, abs=0.01)
+    assert offsets[0.02] < offsets[None] - 0.02
+
+
 def test_chi2_at_truth_is_the_number_of_pixels():
     """E[chi^2] = N for the noise model: 16 images of 4096 pixels give chi^2/N = 1 +- 0.0055."""
     psf = psf_kernel()
@@ -352,6 +386,7 @@ def test_bad_input_messages(fits_set, tmp_path):
         (["n_starts=0"], "n_starts must be >= 1"),
         (["adam.supersample=-1"], "adam.supersample must be >= 0"),
         (["shear_max=0"], "shear_max must be in"),
+        (["center_prior=-0.1"], "center_prior must be > 0"),
         (["adam.half_width=-1"], "adam.half_width must be > 0"),
         (["adam.dtype=float16"], "adam.dtype must be float32 or float64"),
         (["psf=/nonexistent/psf.fits"], "psf file not found"),

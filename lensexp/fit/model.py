@@ -43,16 +43,28 @@ class ParamSpace:
 
     @classmethod
     def for_grid(
-        cls, npix: int, pixscale: float, n_light: int, dtype=torch.float64, shear_max: float = 0.3
+        cls,
+        npix: int,
+        pixscale: float,
+        n_light: int,
+        dtype=torch.float64,
+        shear_max: float = 0.3,
+        theta_E_range: tuple[float, float] | None = None,
     ) -> ParamSpace:
         """Bounds for an ``npix`` grid of ``pixscale`` arcsec/px (field of view ``F``): theta_E in
-        [0.05", F/2], |e| components < 0.7 (q > 0.18), lens (and lens-light) centre within F/8 of
+        [0.05", F/2] (within ``theta_E_range`` when given: the CLI takes the data preset's prior),
+        |e| components < 0.7 (q > 0.18), lens (and lens-light) centre within F/8 of
         the cut-out's centre (0.8" at 64 x 0.1"), |gamma1|, |gamma2| < ``shear_max`` (the CLI
         takes it from the data preset's shear prior), source in the field, R_sersic in
         [pixscale/4, F/4], n in [0.3, 6]; lens light R in [pixscale/2, F/2], n in [0.5, 8]."""
         fov = npix * pixscale
+        t_lo, t_hi = 0.05, fov / 2
+        if theta_E_range is not None:
+            t_lo, t_hi = max(t_lo, float(theta_E_range[0])), min(t_hi, float(theta_E_range[1]))
+            if not t_lo < t_hi:
+                raise ValueError(f"theta_E range {tuple(theta_E_range)} leaves nothing inside [0.05, {fov / 2:.3g}] arcsec")
         b = {
-            "theta_E": (0.05, fov / 2),
+            "theta_E": (t_lo, t_hi),
             "e1": (-0.7, 0.7),
             "e2": (-0.7, 0.7),
             "center_x": (-fov / 8, fov / 8),

@@ -40,6 +40,17 @@ class FitSettings:
     adam_supersample: int | None = None  # rays per pixel per axis while exploring; None = the model's
     adam_half_width: float | None = None  # arcsec: explore and rank starts on the centred cut-out of this half-width
     ring_start: bool = False  # with light_steps: mass starts from the residual ring, not the given ones
+    center_sigma: float | None = None  # arcsec: Gaussian prior on mass centre - light centre (with lens light)
+
+
+def center_penalty(p: dict, sigma: float | None):
+    """``-ln`` of a Gaussian prior of width ``sigma`` [arcsec] on the offset between the mass
+    centre and the lens light's centre (0 without lens light or prior): an elliptical's light
+    traces the stellar mass that dominates inside theta_E, so the mass centre does not wander
+    onto an arc or a neighbour. Shape of ``p``'s entries (``[M]`` or scalar)."""
+    if not sigma or "ll_x" not in p:
+        return 0.0
+    return 0.5 * ((p["center_x"] - p["ll_x"]) ** 2 + (p["center_y"] - p["ll_y"]) ** 2) / sigma**2
 
 
 def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: LensModel, fs: FitSettings, rngs):
@@ -86,7 +97,7 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
     n_mass = len(MASS)
     for step in range(fs.adam_steps):
         opt.zero_grad(set_to_none=True)
-        loss = _profiled_loss(s1.to_p(u), o1, idx, w, d, s1, coarse, fs.outlier_sigma)
+        loss = _profiled_loss(s1.to_p(u), o1, idx, w, d, s1, coarse, fs.outlier_sigma, fs.center_sigma)
         loss.sum().backward()
         u.grad.nan_to_num_(0.0, 0.0, 0.0)
         if step < fs.source_steps:  # first fit the light to the starting mass model
@@ -95,7 +106,9 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
         sched.step()
     with torch.no_grad():
         p1 = s1.to_p(u).to(dt).clamp(space.lo, space.hi)
-        loss1 = _profiled_loss(p1, ocut, idx, ocut.weights()[idx], ocut.data[idx], space, fine, fs.outlier_sigma)
+        loss1 = _profiled_loss(
+            p1, ocut, idx, ocut.weights()[idx], ocut.data[idx], space, fine, fs.outlier_sigma, fs.center_sigma
+        )
     loss1 = torch.where(torch.isfinite(loss1), loss1, torch.full_like(loss1, math.inf)).reshape(B, S)
     order = loss1.argsort(1)
     shared = (time.perf_counter() - t0) / B
@@ -110,7 +123,7 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
             if best is None or res["nll"] < best["nll"]:
                 best = res
         if fs.laplace:
-            best["std"] = _laplace(best, obs, b, space, model, fs.outlier_sigma)
+            best["std"] = _laplace(best, obs, b, space, model, fs.outlier_sigma, fs.center_sigma)
         best["dof"] = max(best["n_pix"] - len(space.names) - model.K, 1)
         best["seconds"] = shared + time.perf_counter() - t1
         with torch.no_grad():
@@ -142,17 +155,19 @@ def explore_npix(model: LensModel, half_width: float | None) -> int:
     return min(n, model.npix)
 
 
-def _profiled_loss(p, obs, idx, w, d, space, model, outlier_sigma):
+def _profiled_loss(p, obs, idx, w, d, space, model, outlier_sigma, center_sigma=None):
     """Stage-1 loss [M]: robust chi-square with data-based weights ``w``, amplitudes solved by
-    weighted least squares (outliers of the current model down-weighted, as in IRLS)."""
-    T = model.templates(space.as_dict(p), obs.psf[idx])
+    weighted least squares (outliers of the current model down-weighted, as in IRLS), plus the
+    centre prior (:func:`center_penalty`)."""
+    pd = space.as_dict(p)
+    T = model.templates(pd, obs.psf[idx])
     amps = solve_amplitudes(T, d, w)
     z2 = w * (d - (amps[:, :, None, None] * T).sum(1)) ** 2
     if outlier_sigma:
         inlier = torch.exp(-0.5 * z2.detach() + rho(z2.detach(), outlier_sigma))  # P(inlier | z)
         amps = solve_amplitudes(T, d, w * inlier)
         z2 = w * (d - (amps[:, :, None, None] * T).sum(1)) ** 2
-    return (rho(z2, outlier_sigma) * (w > 0)).sum((1, 2))
+    return (rho(z2, outlier_sigma) * (w > 0)).sum((1, 2)) + center_penalty(pd, center_sigma)
 
 
 def _component_model(p, amps, obs, b, space, model):
@@ -193,6 +208,7 @@ def _polish(p_start, obs, b, space, model, fs):
             opt.zero_grad(set_to_none=True)
             m = _component_model(space.to_p(u), torch.exp(la), obs, b, space, model)
             loss = (rho(w * (d - m) ** 2, fs.outlier_sigma) * use).sum()
+            loss = loss + center_penalty(space.as_dict(space.to_p(u)), fs.center_sigma)
             if not torch.isfinite(loss):
                 return torch.tensor(1e300, dtype=loss.dtype, device=loss.device)
             loss.backward()
@@ -206,23 +222,27 @@ def _polish(p_start, obs, b, space, model, fs):
             var = obs.variance(m, sl)
     with torch.no_grad():
         terms = likelihood_terms(m, d, use, var, fs.outlier_sigma)
+        p_fit = space.as_dict(space.to_p(u).detach())
+        terms["nll"] = terms["nll"] + center_penalty(p_fit, fs.center_sigma)  # -ln posterior: ranks the polished starts
     return {
-        "p": space.as_dict(space.to_p(u).detach()),
+        "p": p_fit,
         "amps": torch.exp(la).detach(),
         **{k: (float(v[0]) if v.is_floating_point() else int(v[0])) for k, v in terms.items()},
         "var": var[0],
     }
 
 
-def _laplace(res, obs, b, space, model, outlier_sigma) -> dict:
+def _laplace(res, obs, b, space, model, outlier_sigma, center_sigma=None) -> dict:
     """Laplace approximation: std of each physical parameter (amplitudes included) from the
-    inverse Hessian of the fitted loss at the optimum, pixel variance held at the model's."""
+    inverse Hessian of the fitted loss (centre prior included) at the optimum, pixel variance
+    held at the model's."""
     x0 = torch.cat([torch.stack([res["p"][n] for n in space.names]), res["amps"]]).detach()
     P, d, use = len(space.names), obs.data[b : b + 1], obs.use[b : b + 1]
     w = use / res["var"]
 
     def f(x):
-        return (rho(w * (d - _component_model(x[:P], x[P:], obs, b, space, model)) ** 2, outlier_sigma) * use).sum()
+        chi = (rho(w * (d - _component_model(x[:P], x[P:], obs, b, space, model)) ** 2, outlier_sigma) * use).sum()
+        return chi + center_penalty(space.as_dict(x[:P]), center_sigma)
 
     H = torch.autograd.functional.hessian(f, x0)
     try:

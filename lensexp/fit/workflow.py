@@ -103,6 +103,12 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"adam.half_width must be > 0 arcsec (or null: the whole image), got {cfg.adam.half_width}")
     if cfg.shear_max is not None and not 0 < float(cfg.shear_max) <= 0.5:
         raise ConfigError(f"shear_max must be in (0, 0.5], got {cfg.shear_max}")
+    if cfg.theta_E_range is not None:
+        r = list(cfg.theta_E_range)
+        if len(r) != 2 or not 0 < float(r[0]) < float(r[1]):
+            raise ConfigError(f"theta_E_range must be [low, high] arcsec with 0 < low < high, got {r}")
+    if cfg.center_prior is not None and not float(cfg.center_prior) > 0:
+        raise ConfigError(f"center_prior must be > 0 arcsec (or null: no prior), got {cfg.center_prior}")
     if cfg.supersample is not None and int(cfg.supersample) < 1:
         raise ConfigError(f"supersample must be >= 1, got {cfg.supersample}")
     for key in ("dtype", "adam.dtype"):
@@ -148,6 +154,7 @@ def run(cfg: DictConfig) -> dict:
         adam_supersample=int(cfg.adam.supersample) if cfg.adam.supersample else None,
         adam_half_width=float(cfg.adam.half_width) if cfg.adam.half_width else None,
         ring_start=bool(cfg.ring_start) and cfg.init == "prior",
+        center_sigma=float(cfg.center_prior) if cfg.center_prior else None,
     )
     cols = columns(lens_light, fs.laplace)
     done = _resume(partial, cols) if cfg.resume else set()
@@ -245,7 +252,7 @@ def _fit_safely(group: list[dict], errors: list, *args) -> list[dict]:
 def _fit_group(group: list[dict], cfg, fs, pred, truth, ss, lens_light, dtype, device) -> list[dict]:
     """Fit loaded files sharing one grid; returns their CSV rows."""
     n, scale = group[0]["data"].shape[-1], group[0]["scale"]
-    space = ParamSpace.for_grid(n, scale, lens_light, dtype, shear_max(cfg)).to(device=device)
+    space = ParamSpace.for_grid(n, scale, lens_light, dtype, shear_max(cfg), theta_E_range(cfg)).to(device=device)
     model = LensModel(n, scale, ss, lens_light)
     stack = lambda key: torch.from_numpy(np.stack([g[key] for g in group]))  # noqa: E731
     obs = Observation(
@@ -281,6 +288,15 @@ def shear_max(cfg: DictConfig) -> float:
     if cfg.shear_max is not None:
         return float(cfg.shear_max)
     return float(max(abs(float(v)) for v in cfg.data.lens.gamma))
+
+
+def theta_E_range(cfg: DictConfig) -> tuple[float, float]:
+    """Box of theta_E [arcsec]: ``theta_E_range`` or, by default, the data preset's prior
+    (``data.lens.theta_E``), the range the networks are trained on; galaxy-scale lenses stay
+    inside it, while a free theta_E of several arcsec lets a large source fit lens-light
+    residuals as one giant ring."""
+    r = cfg.theta_E_range if cfg.theta_E_range is not None else cfg.data.lens.theta_E
+    return float(r[0]), float(r[1])
 
 
 def _bg_stack(group: list[dict], dtype) -> torch.Tensor:
