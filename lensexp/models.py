@@ -19,7 +19,6 @@ from lensexp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 DROPOUT_WHERE = ("all", "head", "none")
-POOLS = ("avg", "moments")
 
 
 class MCDropout(nn.Module):
@@ -67,39 +66,12 @@ def set_mc_dropout(model: nn.Module, on: bool = True) -> int:
     return n
 
 
-class MomentPool(nn.Module):
-    """Per-channel spatial moments of a feature map [B, C, h, w] -> [B, 6 C]: the mean, the
-    centroid (x, y) and the second central moments (xx, yy, xy) of each channel's non-negative
-    response, positions in units of the map's half-width (-1..1).
-
-    Global average pooling keeps *what* a feature saw but not *where*; a lens's centre is the
-    centroid of its ring or arcs and its ellipticity their second moments, which this pooling
-    hands to the head directly (the features stay translation-equivariant up to it).
-    """
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        B, C, h, w = f.shape
-        f = F.relu(f)
-        ys = torch.linspace(-1.0, 1.0, h, device=f.device, dtype=f.dtype) if h > 1 else f.new_zeros(1)
-        xs = torch.linspace(-1.0, 1.0, w, device=f.device, dtype=f.dtype) if w > 1 else f.new_zeros(1)
-        m0 = f.sum((2, 3))
-        p = f / (m0[..., None, None] + 1e-6)
-        px, py = p.sum(2), p.sum(3)  # marginals [B, C, w], [B, C, h]
-        cx, cy = (px * xs).sum(-1), (py * ys).sum(-1)
-        dx, dy = xs - cx[..., None], ys - cy[..., None]
-        xx, yy = (px * dx * dx).sum(-1), (py * dy * dy).sum(-1)
-        xy = (p * dy[..., :, None] * dx[..., None, :]).sum((2, 3))
-        return torch.cat([m0 / (h * w), cx, cy, xx, yy, xy], dim=1)
-
-
 class LensRegressor(nn.Module):
     """timm backbone (``num_classes=0``, ``in_chans`` = bands, never pretrained: no downloads) and
     a two-layer head giving ``n_outputs`` numbers (the loss decides their meaning).
 
     Inputs smaller than ``min_input_size`` pixels (e.g. 75 for Inception-v4) are resized up
-    bilinearly; a note is logged once. ``pool``: ``avg`` (timm's global pooling) or ``moments``
-    (:class:`MomentPool` on the backbone's last feature map; pair it with a finer
-    ``backbone_kwargs.output_stride`` so that the map has more than a few pixels).
+    bilinearly; a note is logged once.
     """
 
     def __init__(
@@ -112,30 +84,21 @@ class LensRegressor(nn.Module):
         head_hidden: int = 256,
         min_input_size: int | None = None,
         backbone_kwargs: dict | None = None,
-        pool: str = "avg",
     ):
         super().__init__()
         import timm
 
         if dropout_where not in DROPOUT_WHERE:
             raise ConfigError(f"model.dropout_where must be one of {DROPOUT_WHERE}, got '{dropout_where}'")
-        if pool not in POOLS:
-            raise ConfigError(f"model.pool must be one of {POOLS}, got '{pool}'")
-        kwargs = dict(backbone_kwargs or {})
-        if pool != "avg":
-            kwargs["global_pool"] = ""
         try:
             self.backbone = timm.create_model(
-                backbone, pretrained=False, num_classes=0, in_chans=int(in_chans), **kwargs
+                backbone, pretrained=False, num_classes=0, in_chans=int(in_chans), **dict(backbone_kwargs or {})
             )
         except RuntimeError as exc:
             if "Unknown model" in str(exc):
                 raise ConfigError(f"unknown timm backbone '{backbone}' (see timm.list_models())") from exc
             raise
         feat = self.backbone.num_features
-        self.pool = MomentPool() if pool == "moments" else None
-        if self.pool is not None:
-            feat *= 6
         self.head = nn.Sequential(nn.Linear(feat, head_hidden), nn.GELU(), nn.Linear(head_hidden, n_outputs))
         self.min_input_size = int(min_input_size) if min_input_size else None
         self._noted = False
@@ -151,5 +114,4 @@ class LensRegressor(nn.Module):
                 log.info("input %s px resized to %d px for this backbone", tuple(x.shape[-2:]), self.min_input_size)
                 self._noted = True
             x = F.interpolate(x, size=(self.min_input_size, self.min_input_size), mode="bilinear", align_corners=False)
-        f = self.backbone(x)
-        return self.head(self.pool(f) if self.pool is not None else f)
+        return self.head(self.backbone(x))
