@@ -175,6 +175,19 @@ def test_center_prior_pulls_the_mass_towards_the_light_and_enters_the_nll():
     assert offsets[0.02] < offsets[None] - 0.02
 
 
+def test_theta_E_is_boxed_by_the_data_preset_prior_unless_given(tmp_path):
+    from lensexp.fit.workflow import theta_E_range
+
+    cfg = compose_config("fit", ["input=x", "data=tiny"])
+    assert theta_E_range(cfg) == (0.3, 2.2)  # conf/data/tiny.yaml lens.theta_E
+    assert theta_E_range(compose_config("fit", ["input=x", "theta_E_range=[0.5,4]"])) == (0.5, 4.0)
+    space = ParamSpace.for_grid(NPIX, PIX, 0, theta_E_range=(0.3, 9.0))
+    i = space.names.index("theta_E")
+    assert (float(space.lo[i]), float(space.hi[i])) == pytest.approx((0.3, NPIX * PIX / 2))  # the grid's F/2 wins
+    with pytest.raises(ValueError, match="leaves nothing"):
+        ParamSpace.for_grid(NPIX, PIX, 0, theta_E_range=(4.0, 9.0))
+
+
 def test_chi2_at_truth_is_the_number_of_pixels():
     """E[chi^2] = N for the noise model: 16 images of 4096 pixels give chi^2/N = 1 +- 0.0055."""
     psf = psf_kernel()
@@ -387,6 +400,7 @@ def test_bad_input_messages(fits_set, tmp_path):
         (["adam.supersample=-1"], "adam.supersample must be >= 0"),
         (["shear_max=0"], "shear_max must be in"),
         (["center_prior=-0.1"], "center_prior must be > 0"),
+        (["theta_E_range=[2.0,1.0]"], "theta_E_range must be"),
         (["adam.half_width=-1"], "adam.half_width must be > 0"),
         (["adam.dtype=float16"], "adam.dtype must be float32 or float64"),
         (["psf=/nonexistent/psf.fits"], "psf file not found"),
