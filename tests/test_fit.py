@@ -188,6 +188,17 @@ def test_theta_E_is_boxed_by_the_data_preset_prior_unless_given(tmp_path):
         ParamSpace.for_grid(NPIX, PIX, 0, theta_E_range=(4.0, 9.0))
 
 
+def test_search_budget_defaults_to_more_starts_with_lens_light():
+    from lensexp.fit.workflow import resolve_search
+
+    c = resolve_search(compose_config("fit", ["input=x"]))
+    assert (c.n_starts, c.lbfgs.polish) == (8, 2)
+    c = resolve_search(compose_config("fit", ["input=x", "lens_light=true"]))
+    assert (c.n_starts, c.lbfgs.polish) == (16, 3)
+    c = resolve_search(compose_config("fit", ["input=x", "lens_light=true", "n_starts=5", "lbfgs.polish=1"]))
+    assert (c.n_starts, c.lbfgs.polish) == (5, 1)
+
+
 def test_chi2_at_truth_is_the_number_of_pixels():
     """E[chi^2] = N for the noise model: 16 images of 4096 pixels give chi^2/N = 1 +- 0.0055."""
     psf = psf_kernel()
