@@ -19,6 +19,10 @@ pixels under the image noise model with torch autograd:
 4. Optionally (``laplace=true``) the Laplace approximation: the inverse Hessian of ``-ln L`` in
    physical parameters gives ``p_std``.
 
+Priors: parameters live in boxes; theta_E and each shear component are bounded by the data
+preset's prior (``theta_E_range``, ``shear_max``), and with lens light a Gaussian of width
+``center_prior`` ties the mass centre to the light's; ``nll`` is then the ``-ln`` posterior.
+
 The likelihood is Gaussian plus a flat outlier term beyond ``outlier_sigma`` (cosmic rays, hot
 pixels, source knots a Sérsic lacks; :func:`rho`), so every fit of a file is scored on the same
 pixels and ``nll`` compares across runs and starting modes. ``chi2_dof`` is over the inliers.
