@@ -147,11 +147,24 @@ def test_center_prior_pulls_the_mass_towards_the_light_and_enters_the_nll():
     is the likelihood's plus the prior's."""
     from lensexp.fit.optimise import center_penalty
 
-    p = {"center_x": torch.tensor(0.3), "center_y": torch.tensor(-0.4), "ll_x": torch.tensor(0.0), "ll_y": torch.tensor(0.0)}
+    p = {
+        "center_x": torch.tensor(0.3),
+        "center_y": torch.tensor(-0.4),
+        "ll_x": torch.tensor(0.0),
+        "ll_y": torch.tensor(0.0),
+    }
     assert float(center_penalty(p, 0.1)) == pytest.approx(12.5)
     assert center_penalty(p, None) == 0.0 and center_penalty({"center_x": 0.3, "center_y": 0.1}, 0.1) == 0.0
     psf = psf_kernel()
-    light = dict(amp=3.0, R_sersic=0.8, n_sersic=3.0, e1=0.05, e2=-0.1, center_x=LENS["center_x"] - 0.2, center_y=LENS["center_y"])
+    light = dict(
+        amp=3.0,
+        R_sersic=0.8,
+        n_sersic=3.0,
+        e1=0.05,
+        e2=-0.1,
+        center_x=LENS["center_x"] - 0.2,
+        center_y=LENS["center_y"],
+    )
     img = render_sersic(LENS, SRC, NPIX, PIX, 2, psf) + render_sersic(None, light, NPIX, PIX, 2, psf)
     # noisy, so that the data do not pin the centre to 1e-6"
     img = img + torch.randn(img.shape, generator=torch.Generator().manual_seed(3), dtype=img.dtype) * 0.2
@@ -167,8 +180,10 @@ def test_center_prior_pulls_the_mass_towards_the_light_and_enters_the_nll():
             [torch.Generator().manual_seed(0)],
         )[0]
         offsets[sigma] = float(res["p"]["center_x"] - res["p"]["ll_x"])
-        m = (res["amps"][:, None, None] * LensModel(NPIX, PIX, 2, True).templates(
-            {k: v[None] for k, v in res["p"].items()}, psf[None])[0]).sum(0)
+        m = (
+            res["amps"][:, None, None]
+            * LensModel(NPIX, PIX, 2, True).templates({k: v[None] for k, v in res["p"].items()}, psf[None])[0]
+        ).sum(0)
         lik = likelihood_terms(m[None], img, obs.use, res["var"][None], 10.0)["nll"]
         assert res["nll"] == pytest.approx(float(lik[0]) + float(center_penalty(res["p"], sigma)), rel=1e-9)
     assert offsets[None] == pytest.approx(0.2, abs=0.01)

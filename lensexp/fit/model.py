@@ -62,7 +62,9 @@ class ParamSpace:
         if theta_E_range is not None:
             t_lo, t_hi = max(t_lo, float(theta_E_range[0])), min(t_hi, float(theta_E_range[1]))
             if not t_lo < t_hi:
-                raise ValueError(f"theta_E range {tuple(theta_E_range)} leaves nothing inside [0.05, {fov / 2:.3g}] arcsec")
+                raise ValueError(
+                    f"theta_E range {tuple(theta_E_range)} leaves nothing inside [0.05, {fov / 2:.3g}] arcsec"
+                )
         b = {
             "theta_E": (t_lo, t_hi),
             "e1": (-0.7, 0.7),

@@ -176,6 +176,15 @@ def _component_model(p, amps, obs, b, space, model):
     return (amps[None, :, None, None] * T).sum(1)
 
 
+def _lens_loss(p, amps, w, obs, b, space, model, outlier_sigma, center_sigma):
+    """``-ln`` posterior of lens ``b`` for physical parameters p [P] and amplitudes [K] with the
+    pixel weights ``w`` held fixed: robust chi-square plus the centre prior (what the polish
+    minimises and the Laplace approximation differentiates)."""
+    d, use = obs.data[b : b + 1], obs.use[b : b + 1]
+    chi = (rho(w * (d - _component_model(p, amps, obs, b, space, model)) ** 2, outlier_sigma) * use).sum()
+    return chi + center_penalty(space.as_dict(p), center_sigma)
+
+
 def _polish(p_start, obs, b, space, model, fs):
     """L-BFGS from one start, amplitudes free, by iteratively reweighted fits: each round
     minimises the robust chi-square with the pixel variance of the previous round's model held
@@ -206,9 +215,7 @@ def _polish(p_start, obs, b, space, model, fs):
 
         def closure(opt=opt, w=w):
             opt.zero_grad(set_to_none=True)
-            m = _component_model(space.to_p(u), torch.exp(la), obs, b, space, model)
-            loss = (rho(w * (d - m) ** 2, fs.outlier_sigma) * use).sum()
-            loss = loss + center_penalty(space.as_dict(space.to_p(u)), fs.center_sigma)
+            loss = _lens_loss(space.to_p(u), torch.exp(la), w, obs, b, space, model, fs.outlier_sigma, fs.center_sigma)
             if not torch.isfinite(loss):
                 return torch.tensor(1e300, dtype=loss.dtype, device=loss.device)
             loss.backward()
@@ -237,13 +244,8 @@ def _laplace(res, obs, b, space, model, outlier_sigma, center_sigma=None) -> dic
     inverse Hessian of the fitted loss (centre prior included) at the optimum, pixel variance
     held at the model's."""
     x0 = torch.cat([torch.stack([res["p"][n] for n in space.names]), res["amps"]]).detach()
-    P, d, use = len(space.names), obs.data[b : b + 1], obs.use[b : b + 1]
-    w = use / res["var"]
-
-    def f(x):
-        chi = (rho(w * (d - _component_model(x[:P], x[P:], obs, b, space, model)) ** 2, outlier_sigma) * use).sum()
-        return chi + center_penalty(space.as_dict(x[:P]), center_sigma)
-
+    P, w = len(space.names), obs.use[b : b + 1] / res["var"]
+    f = lambda x: _lens_loss(x[:P], x[P:], w, obs, b, space, model, outlier_sigma, center_sigma)  # noqa: E731
     H = torch.autograd.functional.hessian(f, x0)
     try:
         std = torch.cholesky_inverse(torch.linalg.cholesky(H)).diagonal().sqrt()
