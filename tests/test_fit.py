@@ -203,6 +203,39 @@ def test_theta_E_is_boxed_by_the_data_preset_prior_unless_given(tmp_path):
         ParamSpace.for_grid(NPIX, PIX, 0, theta_E_range=(4.0, 9.0))
 
 
+def test_source_radius_box_on_request():
+    from lensexp.fit.workflow import source_R_max
+
+    assert source_R_max(compose_config("fit", ["input=x"])) is None
+    assert source_R_max(compose_config("fit", ["input=x", "source_R_max=1.5"])) == 1.5
+    i = ParamSpace.for_grid(NPIX, PIX, 2).names.index("src_R")
+    assert float(ParamSpace.for_grid(NPIX, PIX, 2).hi[i]) == pytest.approx(NPIX * PIX / 4)  # no bound: F/4
+    assert float(ParamSpace.for_grid(NPIX, PIX, 2, src_R_max=0.6).hi[i]) == pytest.approx(0.6)
+    assert float(ParamSpace.for_grid(NPIX, PIX, 2, src_R_max=9.0).hi[i]) == pytest.approx(NPIX * PIX / 4)
+    with pytest.raises(ValueError, match="below a quarter pixel"):
+        ParamSpace.for_grid(NPIX, PIX, 2, src_R_max=0.01)
+
+
+def test_fit_figure_zooms_on_the_ring_with_the_lens_light_subtracted(tmp_path):
+    import matplotlib.image
+
+    from lensexp.fit.plots import fit_figure
+
+    lens = {k: LENS[k] for k in ("theta_E", "center_x", "center_y")}
+    src = render_sersic(LENS, SRC, NPIX, PIX, 1, psf_kernel())[0]
+    light = render_sersic(None, {**SRC, "R_sersic": 0.8, "center_x": 0.05, "center_y": -0.03}, NPIX, PIX, 1)[0]
+    T = torch.stack([src / src.sum(), light / light.sum()])
+    amps = torch.tensor([float(src.sum()), float(light.sum())], dtype=T.dtype)
+    use = torch.ones(NPIX, NPIX, dtype=torch.bool)
+    use[:5] = False  # masked rows stay blank
+    var = torch.full((NPIX, NPIX), BG_VAR, dtype=T.dtype)
+    two = fit_figure(src + light, T, amps, var, use, PIX, "two.fits", {**lens, "chi2_dof": 1.0}, tmp_path)
+    one = fit_figure(src, T[:1], amps[:1], var, use, PIX, "one", {**lens, "chi2_dof": 1.0}, tmp_path)
+    assert (two.name, one.name) == ("two_fit.png", "one_fit.png")
+    h2, h1 = matplotlib.image.imread(two).shape[0], matplotlib.image.imread(one).shape[0]
+    assert h2 == pytest.approx(2 * h1, rel=0.02)  # the zoom row with lens light, one row without
+
+
 def test_search_budget_defaults_to_more_starts_with_lens_light():
     from lensexp.fit.workflow import resolve_search
 
@@ -426,6 +459,7 @@ def test_bad_input_messages(fits_set, tmp_path):
         (["adam.supersample=-1"], "adam.supersample must be >= 0"),
         (["shear_max=0"], "shear_max must be in"),
         (["center_prior=-0.1"], "center_prior must be > 0"),
+        (["source_R_max=0"], "source_R_max must be > 0"),
         (["theta_E_range=[2.0,1.0]"], "theta_E_range must be"),
         (["adam.half_width=-1"], "adam.half_width must be > 0"),
         (["adam.dtype=float16"], "adam.dtype must be float32 or float64"),

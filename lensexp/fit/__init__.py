@@ -20,7 +20,8 @@ pixels under the image noise model with torch autograd:
    physical parameters gives ``p_std``.
 
 Priors: parameters live in boxes; theta_E and each shear component are bounded by the data
-preset's prior (``theta_E_range``, ``shear_max``), and with lens light a Gaussian of width
+preset's prior (``theta_E_range``, ``shear_max``; ``source_R_max`` bounds the source's size on
+request), and with lens light a Gaussian of width
 ``center_prior`` ties the mass centre to the light's; ``nll`` is then the ``-ln`` posterior.
 
 The likelihood is Gaussian plus a flat outlier term beyond ``outlier_sigma`` (cosmic rays, hot

@@ -50,13 +50,15 @@ class ParamSpace:
         dtype=torch.float64,
         shear_max: float = 0.3,
         theta_E_range: tuple[float, float] | None = None,
+        src_R_max: float | None = None,
     ) -> ParamSpace:
         """Bounds for an ``npix`` grid of ``pixscale`` arcsec/px (field of view ``F``): theta_E in
         [0.05", F/2] (within ``theta_E_range`` when given: the CLI takes the data preset's prior),
         |e| components < 0.7 (q > 0.18), lens (and lens-light) centre within F/8 of
         the cut-out's centre (0.8" at 64 x 0.1"), |gamma1|, |gamma2| < ``shear_max`` (the CLI
         takes it from the data preset's shear prior), source in the field, R_sersic in
-        [pixscale/4, F/4], n in [0.3, 6]; lens light R in [pixscale/2, F/2], n in [0.5, 8]."""
+        [pixscale/4, F/4] (at most ``src_R_max``: the CLI takes the data preset's largest source),
+        n in [0.3, 6]; lens light R in [pixscale/2, F/2], n in [0.5, 8]."""
         fov = npix * pixscale
         t_lo, t_hi = 0.05, fov / 2
         if theta_E_range is not None:
@@ -65,6 +67,11 @@ class ParamSpace:
                 raise ValueError(
                     f"theta_E range {tuple(theta_E_range)} leaves nothing inside [0.05, {fov / 2:.3g}] arcsec"
                 )
+        r_lo, r_hi = pixscale / 4, fov / 4
+        if src_R_max is not None:
+            r_hi = min(r_hi, float(src_R_max))
+            if not r_lo < r_hi:
+                raise ValueError(f"source R_sersic bound {src_R_max} arcsec is below a quarter pixel ({r_lo:.3g})")
         b = {
             "theta_E": (t_lo, t_hi),
             "e1": (-0.7, 0.7),
@@ -73,7 +80,7 @@ class ParamSpace:
             "center_y": (-fov / 8, fov / 8),
             "gamma1": (-shear_max, shear_max),
             "gamma2": (-shear_max, shear_max),
-            "src_R": (pixscale / 4, fov / 4),
+            "src_R": (r_lo, r_hi),
             "src_n": (0.3, 6.0),
             "src_e1": (-0.7, 0.7),
             "src_e2": (-0.7, 0.7),
