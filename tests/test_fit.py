@@ -91,6 +91,45 @@ def test_noiseless_fit_started_near_truth_recovers_every_parameter(explore_ss):
     assert float(res["p"]["mu_F"]) == pytest.approx(float(fine / wide), rel=2e-3)
 
 
+def test_two_component_source_is_recovered_and_mu_F_weighs_both():
+    """``source_components=2``: a disc with a compact offset knot is fitted to the noise floor
+    from a start near the truth (the components' order is free: matched by size), and ``mu_F``
+    is the lensed flux of both over their intrinsic flux (finer renders, by hand)."""
+    from lensexp.fit.workflow import columns
+
+    psf = psf_kernel()
+    knot = dict(amp=60.0, R_sersic=0.06, n_sersic=1.0, e1=-0.1, e2=0.1, center_x=0.22, center_y=0.02)
+    img = render_sersic(LENS, SRC, NPIX, PIX, 2, psf) + render_sersic(LENS, knot, NPIX, PIX, 2, psf)
+    start = truth_vector() + 0.02 * torch.tensor([[1, -1, 1, -1, 1, -1, 1.0]], dtype=torch.float64)
+    fits = {}
+    for n_src in (1, 2):
+        fits[n_src] = fit_batch(
+            observation(img, psf),
+            start[:, None],
+            ParamSpace.for_grid(NPIX, PIX, 0, n_src=n_src),
+            LensModel(NPIX, PIX, 2, 0, n_src),
+            FitSettings(adam_steps=200, lbfgs_iters=300, polish=1),
+            [torch.Generator().manual_seed(0)],
+        )[0]
+    res = fits[2]
+    assert len(res["amps"]) == 2 and "src2_R" in res["p"]
+    cols = columns(2, True, 2)
+    assert cols[cols.index("src_y") + 1 : cols.index("src_y") + 3] == ["src2_R", "src2_n"]
+    assert {"src2_amp", "src2_R_std", "ll2_amp"} <= set(cols)
+    for k in MASS:
+        assert float(res["p"][k]) == pytest.approx(LENS[k], abs=1e-4), k
+    assert res["chi2"] < 1e-3 < fits[1]["chi2"] / 100  # one Sérsic cannot fit the knot
+    big, small = sorted(("src_", "src2_"), key=lambda c: -float(res["p"][c + "R"]))
+    amp = dict(zip(("src_", "src2_"), res["amps"].tolist()))
+    assert float(res["p"][big + "R"]) == pytest.approx(SRC["R_sersic"], rel=1e-3)
+    assert float(res["p"][small + "R"]) == pytest.approx(knot["R_sersic"], rel=1e-3)
+    assert float(res["p"][small + "x"]) == pytest.approx(knot["center_x"], abs=1e-4)
+    assert (amp[big], amp[small]) == pytest.approx((SRC["amp"], knot["amp"]), rel=1e-3)
+    lensed = sum(render_sersic(LENS, s, NPIX, PIX, 8).sum() for s in (SRC, knot))
+    intrinsic = sum(render_sersic(None, s, 512, PIX / 2, 2).sum() for s in (SRC, knot))
+    assert float(res["p"]["mu_F"]) == pytest.approx(float(lensed / intrinsic), rel=2e-3)
+
+
 def test_exploration_cut_out_keeps_every_pixel_centre():
     """Adam explores a centred cut-out (``adam.half_width``): its pixels are the full grid's inner
     pixels at the same sky positions, so a model rendered on it equals the full model's centre."""
@@ -460,6 +499,7 @@ def test_bad_input_messages(fits_set, tmp_path):
         (["shear_max=0"], "shear_max must be in"),
         (["center_prior=-0.1"], "center_prior must be > 0"),
         (["source_R_max=0"], "source_R_max must be > 0"),
+        (["source_components=3"], "source_components must be 1 or 2"),
         (["theta_E_range=[2.0,1.0]"], "theta_E_range must be"),
         (["adam.half_width=-1"], "adam.half_width must be > 0"),
         (["adam.dtype=float16"], "adam.dtype must be float32 or float64"),
@@ -628,3 +668,36 @@ def test_light_first_then_the_ring_gives_theta_E_of_a_bright_elliptical():
         obs, torch.zeros(1, 3, 7, dtype=torch.float64), space, model, fs, [torch.Generator().manual_seed(1)]
     )[0]
     assert float(res["p"]["theta_E"]) == pytest.approx(lens["theta_E"], rel=0.02)
+
+
+def test_a_third_light_component_fits_an_envelope_two_cannot():
+    """``lens_light_components=3``: a core, a de Vaucouleurs bulge and a rounder exponential
+    envelope (an elliptical with a halo) are fitted to the noise by three Sérsics, not by two."""
+    from lensexp.fit.light import fit_light
+    from lensexp.fit.model import amp_names, light_names
+
+    npix, pix = 64, 0.05
+    psf = torch.from_numpy(draw_kernel("gaussian", 0.1, pix, 11)).double()
+    centre = dict(center_x=0.03, center_y=-0.02)
+    parts = [
+        dict(amp=40.0, R_sersic=0.12, n_sersic=1.0, e1=0.1, e2=-0.05, **centre),
+        dict(amp=8.0, R_sersic=0.6, n_sersic=4.0, e1=0.1, e2=-0.05, **centre),
+        dict(amp=1.5, R_sersic=1.5, n_sersic=0.8, e1=-0.15, e2=0.1, **centre),
+    ]
+    img = sum(render_sersic(None, c, npix, pix, 2, psf) for c in parts)
+    sigma = 0.002 * float(img.max())
+    noisy = img + sigma * torch.randn(img.shape, generator=torch.Generator().manual_seed(3), dtype=img.dtype)
+    obs = Observation(
+        noisy,
+        torch.ones_like(noisy, dtype=torch.bool),
+        psf[None],
+        torch.tensor([sigma**2]).double(),
+        torch.zeros(1).double(),
+    )
+    chi2 = {}
+    for n in (2, 3):
+        light = fit_light(obs, ParamSpace.for_grid(npix, pix, n), LensModel(npix, pix, 2, n), 400, 0.05, None)
+        assert light["names"] == light_names(n)
+        chi2[n] = float(((noisy - light["image"]) ** 2).sum()) / sigma**2 / npix**2
+    assert amp_names(3) == ["src_amp", "ll_amp", "ll2_amp", "ll3_amp"]
+    assert chi2[3] < 1.2 and chi2[2] > 1.5 * chi2[3]  # measured 0.99 and 1.90

@@ -1,10 +1,12 @@
 """Maximum-likelihood lens modelling: ``python -m lensexp.fit input=PATH out=fits.csv``.
 
 The classic baseline the network is measured against. Each image is fitted with SIE + external
-shear, an elliptical Sérsic source (and, with ``lens_light=true``, a Sérsic lens light on the lens
-centre) through the simulator's own differentiable forward model (supersampled ray tracing and
-PSF convolution, :func:`lensexp.sim.trace.render_sersic`), maximising the likelihood of the
-pixels under the image noise model with torch autograd:
+shear, an elliptical Sérsic source (``source_components=2``: two, each with its own centre) and,
+with ``lens_light=true``, ``lens_light_components`` (default 3: core, bulge, envelope) concentric
+elliptical Sérsics for the lens galaxy, their centre free, through the simulator's own
+differentiable forward model (supersampled ray tracing and PSF convolution,
+:func:`lensexp.sim.trace.render_sersic`), maximising the likelihood of the pixels under the image
+noise model with torch autograd:
 
 1. **Starts**: ``init=prior`` draws ``n_starts`` mass models from the data preset's priors;
    ``init=cnn ckpt=CKPT`` takes the network's posterior mean and samples (Pearson et al. 2021);

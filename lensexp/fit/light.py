@@ -2,8 +2,10 @@
 
 Real lenses (SLACS) are bright ellipticals whose arcs are a few per cent of the peak: a joint fit
 started from prior draws mostly fits the galaxy. As modellers do by hand, the light is fitted
-alone first (``n_light`` concentric elliptical Sérsics from moment-based starts, amplitudes
-profiled, arcs down-weighted as outliers), then the mass is started from the ring the light model
+alone first (``n_light`` concentric elliptical Sérsics from moment-based starts: a de
+Vaucouleurs-like body at the half-light radius, a core at 0.3x and an exponential envelope at
+3x it; amplitudes profiled, arcs down-weighted as outliers), then the mass is started from the
+ring the light model
 leaves in the residual: theta_E at the flux-weighted median radius of the significant positive
 residual pixels around the light centre, the mass centre and ellipticity from the light.
 """
@@ -65,6 +67,10 @@ def fit_light(obs: Observation, space: ParamSpace, model: LensModel, steps: int,
         "ll2_n": torch.full_like(m0["R"], 1.0),
         "ll2_e1": m0["e1"],
         "ll2_e2": m0["e2"],
+        "ll3_R": 3.0 * m0["R"],  # an envelope (ellipticals' outer light falls off unlike their core)
+        "ll3_n": torch.full_like(m0["R"], 1.0),
+        "ll3_e1": m0["e1"],
+        "ll3_e2": m0["e2"],
     }
     p0 = torch.stack([start[n] for n in names], 1).clamp(lo, hi)
     u = torch.logit(((p0 - lo) / (hi - lo)).clamp(1e-6, 1 - 1e-6)).requires_grad_(True)

@@ -14,22 +14,31 @@ from lensexp.sim.source import sersic_total_flux
 
 MASS = LABELS[:-1]
 SOURCE = ("src_R", "src_n", "src_e1", "src_e2", "src_x", "src_y")
+SOURCE2 = tuple("src2" + n[3:] for n in SOURCE)  # a second source Sérsic (source_components=2)
 LIGHT = ("ll_x", "ll_y", "ll_R", "ll_n", "ll_e1", "ll_e2")  # centre shared by the light components
 LIGHT2 = ("ll2_R", "ll2_n", "ll2_e1", "ll2_e2")
+LIGHT3 = tuple("ll3" + n[3:] for n in LIGHT2)
+LIGHT_PREFIXES = ("ll_", "ll2_", "ll3_")
 
 
 def light_names(n_light: int) -> tuple:
-    """Lens-light parameters of ``n_light`` (0, 1, 2) concentric elliptical Sérsic components."""
-    return (LIGHT if n_light >= 1 else ()) + (LIGHT2 if n_light >= 2 else ())
+    """Lens-light parameters of ``n_light`` (0-3) concentric elliptical Sérsic components."""
+    return (LIGHT if n_light >= 1 else ()) + (LIGHT2 if n_light >= 2 else ()) + (LIGHT3 if n_light >= 3 else ())
 
 
-def param_names(n_light: int) -> tuple:
-    """Non-linear parameters fitted: mass, source shape and position (+ lens light)."""
-    return MASS + SOURCE + light_names(int(n_light))
+def source_names(n_src: int) -> tuple:
+    """Source parameters of ``n_src`` (1, 2) elliptical Sérsic components, each with its own centre."""
+    return SOURCE + (SOURCE2 if n_src >= 2 else ())
 
 
-def amp_names(n_light: int) -> list[str]:
-    return ["src_amp", "ll_amp", "ll2_amp"][: 1 + int(n_light)]
+def param_names(n_light: int, n_src: int = 1) -> tuple:
+    """Non-linear parameters fitted: mass, source shapes and positions (+ lens light)."""
+    return MASS + source_names(int(n_src)) + light_names(int(n_light))
+
+
+def amp_names(n_light: int, n_src: int = 1) -> list[str]:
+    """Linear amplitudes, in the order of :meth:`LensModel.templates`: sources, then lens light."""
+    return ["src_amp", "src2_amp"][: int(n_src)] + [k + "amp" for k in LIGHT_PREFIXES][: int(n_light)]
 
 
 @dataclass
@@ -51,6 +60,7 @@ class ParamSpace:
         shear_max: float = 0.3,
         theta_E_range: tuple[float, float] | None = None,
         src_R_max: float | None = None,
+        n_src: int = 1,
     ) -> ParamSpace:
         """Bounds for an ``npix`` grid of ``pixscale`` arcsec/px (field of view ``F``): theta_E in
         [0.05", F/2] (within ``theta_E_range`` when given: the CLI takes the data preset's prior),
@@ -93,8 +103,9 @@ class ParamSpace:
             "ll_e1": (-0.7, 0.7),
             "ll_e2": (-0.7, 0.7),
         }
-        b.update({"ll2" + k[2:]: b[k] for k in ("ll_R", "ll_n", "ll_e1", "ll_e2")})
-        names = param_names(n_light)
+        b.update({c + k[3:]: b[k] for k in ("ll_R", "ll_n", "ll_e1", "ll_e2") for c in LIGHT_PREFIXES[1:]})
+        b.update({"src2" + k[3:]: b[k] for k in SOURCE})
+        names = param_names(n_light, n_src)
         lo = torch.tensor([b[n][0] for n in names], dtype=dtype)
         hi = torch.tensor([b[n][1] for n in names], dtype=dtype)
         return cls(names, lo, hi)
@@ -116,36 +127,52 @@ class ParamSpace:
 
 # ---------------------------------------------------------------------------- forward model
 class LensModel:
-    """Unit-amplitude component images [M, K, N, N] on one grid: K = 1 lensed source + ``n_light``
-    concentric Sérsic lens-light components (centre ``ll_x, ll_y``, free of the mass centre)."""
+    """Unit-amplitude component images [M, K, N, N] on one grid: K = ``n_src`` lensed source
+    Sérsics (1 or 2) + ``n_light`` (0-3) concentric Sérsic lens-light components (centre ``ll_x,
+    ll_y``, free of the mass centre)."""
 
-    def __init__(self, npix: int, pixscale: float, supersample: int, n_light: int):
+    def __init__(self, npix: int, pixscale: float, supersample: int, n_light: int, n_src: int = 1):
         self.npix, self.pixscale, self.ss = int(npix), float(pixscale), int(supersample)
-        self.n_light = int(n_light)
+        self.n_light, self.n_src = int(n_light), int(n_src)
         self.lens_light = self.n_light > 0
-        self.K = 1 + self.n_light
+        self.K = self.n_src + self.n_light
+
+    def like(self, npix: int | None = None, supersample: int | None = None) -> LensModel:
+        """The same components on another (centred) grid or supersampling."""
+        return LensModel(npix or self.npix, self.pixscale, supersample or self.ss, self.n_light, self.n_src)
 
     def light_templates(self, p: dict, psf: torch.Tensor | None) -> torch.Tensor:
         """The lens-light components alone [M, n_light, N, N]."""
         out = []
-        for prefix in ("ll_", "ll2_")[: self.n_light]:
+        for prefix in LIGHT_PREFIXES[: self.n_light]:
             light = _unit_sersic(p, prefix, p["ll_x"], p["ll_y"])
             out.append(render_sersic(None, light, self.npix, self.pixscale, self.ss, psf, p["ll_x"].dtype))
         return torch.stack(out, 1)
 
-    def templates(self, p: dict, psf: torch.Tensor | None) -> torch.Tensor:
+    def source_templates(self, p: dict, psf: torch.Tensor | None) -> torch.Tensor:
+        """The lensed source components alone [M, n_src, N, N]."""
         lens = {k: p[k] for k in MASS}
-        src = _unit_sersic(p, "src_", p["src_x"], p["src_y"])
-        out = render_sersic(lens, src, self.npix, self.pixscale, self.ss, psf, p["theta_E"].dtype)[:, None]
+        out = []
+        for prefix in ("src_", "src2_")[: self.n_src]:
+            src = _unit_sersic(p, prefix, p[prefix + "x"], p[prefix + "y"])
+            out.append(render_sersic(lens, src, self.npix, self.pixscale, self.ss, psf, p["theta_E"].dtype))
+        return torch.stack(out, 1)
+
+    def templates(self, p: dict, psf: torch.Tensor | None) -> torch.Tensor:
+        out = self.source_templates(p, psf)
         if self.lens_light:
             out = torch.cat([out, self.light_templates(p, psf)], 1)
         return out
 
-    def mu_F(self, p: dict) -> torch.Tensor:
+    def mu_F(self, p: dict, amps: torch.Tensor | None = None) -> torch.Tensor:
         """Flux magnification of the fitted source: lensed flux in the field (before the PSF) over
-        its total intrinsic flux (the label convention)."""
-        T = self.templates(p, None)[:, 0]
-        return T.sum((1, 2)) / sersic_total_flux(torch.ones_like(p["src_R"]), p["src_R"], p["src_n"])
+        its total intrinsic flux (the label convention); with two source components weighted by
+        their amplitudes ``amps`` [M, >= n_src]."""
+        T = self.source_templates(p, None).sum((2, 3))  # [M, n_src]
+        one = torch.ones_like(p["src_R"])
+        F = torch.stack([sersic_total_flux(one, p[k + "R"], p[k + "n"]) for k in ("src_", "src2_")[: self.n_src]], 1)
+        a = torch.ones_like(T) if amps is None else amps[:, : self.n_src].to(T)
+        return (a * T).sum(1) / (a * F).sum(1).clamp(min=torch.finfo(T.dtype).tiny)
 
 
 def _unit_sersic(p: dict, prefix: str, center_x, center_y) -> dict:

@@ -70,7 +70,7 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
     ss_explore = fs.adam_supersample or model.ss
     if model.lens_light and fs.light_steps > 0:
         o1 = obs.to(fs.adam_dtype)
-        whole = LensModel(model.npix, model.pixscale, ss_explore, model.n_light)
+        whole = model.like(supersample=ss_explore)
         light = fit_light(o1, space.to(fs.adam_dtype), whole, fs.light_steps, fs.adam_lr, fs.outlier_sigma)
         light = {**light, "p": light["p"].to(dt), "image": light["image"].to(dt)}
         if fs.ring_start:
@@ -87,8 +87,8 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
     half = fs.adam_half_width and max(fs.adam_half_width, 1.6 * float(starts[..., 0].median(1).values.max()))
     n_c = explore_npix(model, half)
     ocut = obs.crop(n_c)
-    coarse = LensModel(n_c, model.pixscale, ss_explore, model.n_light)
-    fine = LensModel(n_c, model.pixscale, model.ss, model.n_light)
+    coarse = model.like(n_c, ss_explore)
+    fine = model.like(n_c)
     o1, s1 = ocut.to(fs.adam_dtype), space.to(fs.adam_dtype)
     u = s1.to_u(p0.to(fs.adam_dtype)).requires_grad_(True)
     opt = torch.optim.Adam([u], lr=fs.adam_lr)
@@ -127,7 +127,7 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
         best["dof"] = max(best["n_pix"] - len(space.names) - model.K, 1)
         best["seconds"] = shared + time.perf_counter() - t1
         with torch.no_grad():
-            best["p"]["mu_F"] = model.mu_F({k: v[None] for k, v in best["p"].items()})[0]
+            best["p"]["mu_F"] = model.mu_F({k: v[None] for k, v in best["p"].items()}, best["amps"][None])[0]
         results.append(best)
     return results
 
@@ -251,5 +251,5 @@ def _laplace(res, obs, b, space, model, outlier_sigma, center_sigma=None) -> dic
         std = torch.cholesky_inverse(torch.linalg.cholesky(H)).diagonal().sqrt()
     except torch.linalg.LinAlgError:  # not positive definite: no Gaussian approximation
         std = torch.full((x0.numel(),), math.nan, dtype=x0.dtype)
-    names = list(space.names) + amp_names(model.n_light)
+    names = list(space.names) + amp_names(model.n_light, model.n_src)
     return {n: float(s) for n, s in zip(names, std)}

@@ -20,11 +20,12 @@ def fit_figure(
     name: str,
     lens: dict,
     out: Path,
+    n_src: int = 1,
 ) -> Path:
     """Write ``out/<name>_fit.png`` for one lens.
 
-    ``data`` [N, N] (e-/s), ``templates`` [K, N, N] unit-amplitude component images (lensed
-    source first, then the lens-light components), ``amps`` [K], ``var`` the pixel variance,
+    ``data`` [N, N] (e-/s), ``templates`` [K, N, N] unit-amplitude component images (the
+    ``n_src`` lensed source components first, then the lens-light components), ``amps`` [K], ``var`` the pixel variance,
     ``use`` the pixels in the likelihood, ``lens``: ``theta_E``, ``center_x``, ``center_y`` [arcsec]
     in the fit grid's centred frame and ``chi2_dof``."""
     import matplotlib
@@ -35,12 +36,12 @@ def fit_figure(
 
     out.mkdir(parents=True, exist_ok=True)
     comp = (amps[:, None, None] * templates).cpu().numpy()
-    d, src, light = data.cpu().numpy(), comp[0], comp[1:].sum(0)
+    d, src, light = data.cpu().numpy(), comp[:n_src].sum(0), comp[n_src:].sum(0)
     m = src + light
     ok = use.cpu().numpy().astype(bool)
     z = np.where(ok, (d - m) / np.sqrt(var.cpu().numpy()), np.nan)
     n = d.shape[-1]
-    zoom = templates.shape[0] > 1
+    zoom = templates.shape[0] > n_src
     fig, axes = plt.subplots(2 if zoom else 1, 3, figsize=(10, 6.8 if zoom else 3.4), squeeze=False)
     vmax = max(float(np.percentile(np.abs(d[ok]) if ok.any() else np.abs(d), 99.5)), 1e-12)
     ext = np.array([-0.5, n - 0.5, -0.5, n - 0.5]) - (n - 1) / 2

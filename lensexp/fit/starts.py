@@ -39,6 +39,11 @@ def init_source(
     p[:, col["src_R"]] = torch.where(none, torch.full_like(sx, 0.2), 0.5 * spread).clamp(0.05, 0.5)
     p[:, col["src_n"]] = 1.0
     p[:, col["src_e1"]], p[:, col["src_e2"]] = jitter[:, 0], jitter[:, 1]
+    if "src2_R" in col:  # a compact second component on the first (a bright core or knot to find)
+        p[:, col["src2_x"]], p[:, col["src2_y"]] = sx, sy
+        p[:, col["src2_R"]] = 0.5 * p[:, col["src_R"]]
+        p[:, col["src2_n"]] = 1.0
+        p[:, col["src2_e1"]], p[:, col["src2_e2"]] = -jitter[:, 1], jitter[:, 0]
     if light is not None:
         from lensexp.fit.light import place_light
 
@@ -52,6 +57,10 @@ def init_source(
             p[:, col["ll2_R"]] = 0.3 * p[:, col["ll_R"]]
             p[:, col["ll2_n"]] = 1.0
             p[:, col["ll2_e1"]], p[:, col["ll2_e2"]] = p[:, col["ll_e1"]], p[:, col["ll_e2"]]
+        if model.n_light > 2:
+            p[:, col["ll3_R"]] = 3.0 * p[:, col["ll_R"]]
+            p[:, col["ll3_n"]] = 1.0
+            p[:, col["ll3_e1"]], p[:, col["ll3_e2"]] = p[:, col["ll_e1"]], p[:, col["ll_e2"]]
     return p.clamp(space.lo, space.hi)
 
 

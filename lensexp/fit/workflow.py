@@ -37,9 +37,9 @@ def read_truth(path: str | Path) -> dict:
     return {n: [r[k] for k in MASS] for n, r in rows.items()}
 
 
-def columns(n_light: int, laplace: bool) -> list[str]:
+def columns(n_light: int, laplace: bool, n_src: int = 1) -> list[str]:
     """CSV columns: the contract's (``name``, mass labels, ``chi2_dof``, ``seconds``) first."""
-    extra = [n for n in param_names(n_light) if n not in MASS] + amp_names(n_light)
+    extra = [n for n in param_names(n_light, n_src) if n not in MASS] + amp_names(n_light, n_src)
     cols = ["name", *MASS, "chi2_dof", "seconds", "mu_F", "nll", "n_pix", "n_out", "start", "noise_source", "sky_ratio"]
     cols += extra
     if laplace:
@@ -47,8 +47,9 @@ def columns(n_light: int, laplace: bool) -> list[str]:
     return cols
 
 
-def result_row(name: str, res: dict, space: ParamSpace, K: int, offset=(0.0, 0.0)) -> dict:
-    """One CSV row; ``offset`` (arcsec) moves the centres from the fit grid to the file's frame."""
+def result_row(name: str, res: dict, space: ParamSpace, amps: list[str], offset=(0.0, 0.0)) -> dict:
+    """One CSV row; ``amps``: the amplitudes' names (:func:`~lensexp.fit.model.amp_names`);
+    ``offset`` (arcsec) moves the centres from the fit grid to the file's frame."""
     row = {"name": name, **{k: float(res["p"][k]) for k in (*MASS, "mu_F")}}
     row["center_x"] += float(offset[0])
     row["center_y"] += float(offset[1])
@@ -63,7 +64,7 @@ def result_row(name: str, res: dict, space: ParamSpace, K: int, offset=(0.0, 0.0
         sky_ratio=res.get("sky_ratio", float("nan")),
     )
     row.update({n: float(res["p"][n]) for n in space.names if n not in MASS})
-    row.update({n: float(a) for n, a in zip(amp_names(K - 1), res["amps"])})
+    row.update({n: float(a) for n, a in zip(amps, res["amps"])})
     for n, s in res.get("std", {}).items():
         row[f"{n}_std"] = s
     return row
@@ -111,8 +112,10 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"psf file not found: '{cfg.psf}'")
     if cfg.psf_fwhm is not None and not float(cfg.psf_fwhm) > 0:
         raise ConfigError(f"psf_fwhm must be > 0 arcsec, got {cfg.psf_fwhm}")
-    if int(cfg.lens_light_components) not in (1, 2):
-        raise ConfigError(f"lens_light_components must be 1 or 2, got {cfg.lens_light_components}")
+    if int(cfg.source_components) not in (1, 2):
+        raise ConfigError(f"source_components must be 1 or 2, got {cfg.source_components}")
+    if int(cfg.lens_light_components) not in (1, 2, 3):
+        raise ConfigError(f"lens_light_components must be 1, 2 or 3, got {cfg.lens_light_components}")
     if cfg.adam.supersample is not None and int(cfg.adam.supersample) < 0:  # 0 / null: the model's supersampling
         raise ConfigError(f"adam.supersample must be >= 0, got {cfg.adam.supersample}")
     if cfg.adam.half_width is not None and not float(cfg.adam.half_width) > 0:
@@ -175,7 +178,7 @@ def run(cfg: DictConfig) -> dict:
         ring_start=bool(cfg.ring_start) and cfg.init == "prior",
         center_sigma=float(cfg.center_prior) if cfg.center_prior else None,
     )
-    cols = columns(lens_light, fs.laplace)
+    cols = columns(lens_light, fs.laplace, int(cfg.source_components))
     done = _resume(partial, cols) if cfg.resume else set()
     if not cfg.resume:
         partial.unlink(missing_ok=True)
@@ -271,10 +274,10 @@ def _fit_safely(group: list[dict], errors: list, *args) -> list[dict]:
 def _fit_group(group: list[dict], cfg, fs, pred, truth, ss, lens_light, dtype, device) -> list[dict]:
     """Fit loaded files sharing one grid; returns their CSV rows."""
     n, scale = group[0]["data"].shape[-1], group[0]["scale"]
-    space = ParamSpace.for_grid(n, scale, lens_light, dtype, shear_max(cfg), theta_E_range(cfg), source_R_max(cfg)).to(
-        device=device
-    )
-    model = LensModel(n, scale, ss, lens_light)
+    space = ParamSpace.for_grid(
+        n, scale, lens_light, dtype, shear_max(cfg), theta_E_range(cfg), source_R_max(cfg), int(cfg.source_components)
+    ).to(device=device)
+    model = LensModel(n, scale, ss, lens_light, int(cfg.source_components))
     stack = lambda key: torch.from_numpy(np.stack([g[key] for g in group]))  # noqa: E731
     obs = Observation(
         stack("data").to(dtype),
@@ -292,13 +295,13 @@ def _fit_group(group: list[dict], cfg, fs, pred, truth, ss, lens_light, dtype, d
     for b, (g, res) in enumerate(zip(group, fit_batch(obs, starts, space, model, fs, rngs))):
         res["seconds"] += t_init
         res["noise_source"], res["sky_ratio"] = g["noise_source"], g["sky_ratio"]
-        rows.append(result_row(g["name"], res, space, model.K, g["offset"]))
+        rows.append(result_row(g["name"], res, space, amp_names(lens_light, model.n_src), g["offset"]))
         if cfg.save_plots:
             with torch.no_grad():
                 T = model.templates({k: v[None] for k, v in res["p"].items()}, obs.psf[b : b + 1])[0]
             lens = {**{k: res["p"][k] for k in ("theta_E", "center_x", "center_y")}, "chi2_dof": rows[-1]["chi2_dof"]}
             png = Path(cfg.save_plots)
-            fit_figure(obs.data[b], T, res["amps"], res["var"], obs.use[b], scale, g["name"], lens, png)
+            fit_figure(obs.data[b], T, res["amps"], res["var"], obs.use[b], scale, g["name"], lens, png, model.n_src)
     return rows
 
 
