@@ -5,9 +5,9 @@ started from prior draws mostly fits the galaxy. As modellers do by hand, the li
 alone first (``n_light`` concentric elliptical Sérsics from moment-based starts: a de
 Vaucouleurs-like body at the half-light radius, a core at 0.3x and an exponential envelope at
 3x it; amplitudes profiled, arcs down-weighted as outliers), then the mass is started from the
-ring the light model
-leaves in the residual: theta_E at the flux-weighted median radius of the significant positive
-residual pixels around the light centre, the mass centre and ellipticity from the light.
+ring the light model leaves in the residual: theta_E at the flux-weighted median radius of the
+significant positive residual pixels around the light centre, the mass centre and ellipticity
+from the light.
 """
 
 from __future__ import annotations

@@ -67,8 +67,9 @@ class ParamSpace:
         |e| components < 0.7 (q > 0.18), lens (and lens-light) centre within F/8 of
         the cut-out's centre (0.8" at 64 x 0.1"), |gamma1|, |gamma2| < ``shear_max`` (the CLI
         takes it from the data preset's shear prior), source in the field, R_sersic in
-        [pixscale/4, F/4] (at most ``src_R_max``: the CLI takes the data preset's largest source),
-        n in [0.3, 6]; lens light R in [pixscale/2, F/2], n in [0.5, 8]."""
+        [pixscale/4, F/4] (at most ``src_R_max`` when given), n in [0.3, 6] (a second source
+        component, ``n_src=2``, in the same boxes); lens light R in [pixscale/2, F/2], n in
+        [0.5, 8] for every component."""
         fov = npix * pixscale
         t_lo, t_hi = 0.05, fov / 2
         if theta_E_range is not None:

@@ -25,9 +25,9 @@ def fit_figure(
     """Write ``out/<name>_fit.png`` for one lens.
 
     ``data`` [N, N] (e-/s), ``templates`` [K, N, N] unit-amplitude component images (the
-    ``n_src`` lensed source components first, then the lens-light components), ``amps`` [K], ``var`` the pixel variance,
-    ``use`` the pixels in the likelihood, ``lens``: ``theta_E``, ``center_x``, ``center_y`` [arcsec]
-    in the fit grid's centred frame and ``chi2_dof``."""
+    ``n_src`` lensed source components first, then the lens-light components), ``amps`` [K],
+    ``var`` the pixel variance, ``use`` the pixels in the likelihood, ``lens``: ``theta_E``,
+    ``center_x``, ``center_y`` [arcsec] in the fit grid's centred frame and ``chi2_dof``."""
     import matplotlib
 
     matplotlib.use("Agg")
