@@ -639,16 +639,19 @@ def bright_elliptical_lens(npix=64, pix=0.05, seed=0):
         dict(amp=40.0, R_sersic=0.15, n_sersic=1.0, e1=0.08, e2=-0.04, center_x=0.03, center_y=-0.02),
     ]
     img = render_sersic(lens, src, npix, pix, 2, psf) + sum(render_sersic(None, c, npix, pix, 2, psf) for c in light)
-    sigma = 0.02 * float(img[0].max()) / 40
+    return noisy_observation(img, psf, 0.02 * float(img[0].max()) / 40, seed), lens, npix, pix
+
+
+def noisy_observation(img, psf, sigma: float, seed: int) -> Observation:
+    """One image [1, N, N] plus Gaussian noise of ``sigma``, every pixel used, no Poisson term."""
     noisy = img + sigma * torch.randn(img.shape, generator=torch.Generator().manual_seed(seed), dtype=img.dtype)
-    obs = Observation(
+    return Observation(
         noisy,
         torch.ones_like(noisy, dtype=torch.bool),
         psf[None],
         torch.tensor([sigma**2]).double(),
         torch.zeros(1).double(),
     )
-    return obs, lens, npix, pix
 
 
 def test_light_first_then_the_ring_gives_theta_E_of_a_bright_elliptical():
@@ -686,14 +689,8 @@ def test_a_third_light_component_fits_an_envelope_two_cannot():
     ]
     img = sum(render_sersic(None, c, npix, pix, 2, psf) for c in parts)
     sigma = 0.002 * float(img.max())
-    noisy = img + sigma * torch.randn(img.shape, generator=torch.Generator().manual_seed(3), dtype=img.dtype)
-    obs = Observation(
-        noisy,
-        torch.ones_like(noisy, dtype=torch.bool),
-        psf[None],
-        torch.tensor([sigma**2]).double(),
-        torch.zeros(1).double(),
-    )
+    obs = noisy_observation(img, psf, sigma, 3)
+    noisy = obs.data
     chi2 = {}
     for n in (2, 3):
         light = fit_light(obs, ParamSpace.for_grid(npix, pix, n), LensModel(npix, pix, 2, n), 400, 0.05, None)
