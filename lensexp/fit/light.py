@@ -14,7 +14,15 @@ from __future__ import annotations
 
 import torch
 
-from lensexp.fit.model import LensModel, Observation, ParamSpace, light_names, rho, solve_amplitudes
+from lensexp.fit.model import (
+    LensModel,
+    Observation,
+    ParamSpace,
+    extra_light_starts,
+    light_names,
+    rho,
+    solve_amplitudes,
+)
 from lensexp.sim.trace import pixel_grid
 
 
@@ -63,15 +71,8 @@ def fit_light(obs: Observation, space: ParamSpace, model: LensModel, steps: int,
         "ll_n": torch.full_like(m0["R"], 4.0),
         "ll_e1": m0["e1"],
         "ll_e2": m0["e2"],
-        "ll2_R": 0.3 * m0["R"],
-        "ll2_n": torch.full_like(m0["R"], 1.0),
-        "ll2_e1": m0["e1"],
-        "ll2_e2": m0["e2"],
-        "ll3_R": 3.0 * m0["R"],  # an envelope (ellipticals' outer light falls off unlike their core)
-        "ll3_n": torch.full_like(m0["R"], 1.0),
-        "ll3_e1": m0["e1"],
-        "ll3_e2": m0["e2"],
     }
+    start.update(extra_light_starts(start, model.n_light))
     p0 = torch.stack([start[n] for n in names], 1).clamp(lo, hi)
     u = torch.logit(((p0 - lo) / (hi - lo)).clamp(1e-6, 1 - 1e-6)).requires_grad_(True)
     w, d = obs.weights(), obs.data

@@ -19,6 +19,21 @@ LIGHT = ("ll_x", "ll_y", "ll_R", "ll_n", "ll_e1", "ll_e2")  # centre shared by t
 LIGHT2 = ("ll2_R", "ll2_n", "ll2_e1", "ll2_e2")
 LIGHT3 = tuple("ll3" + n[3:] for n in LIGHT2)
 LIGHT_PREFIXES = ("ll_", "ll2_", "ll3_")
+# starts of the further light components relative to the first: (R / R_first, Sérsic n): a core and
+# an envelope (ellipticals' outer light falls off unlike their body), same centre and ellipticity
+EXTRA_LIGHT_STARTS = {"ll2_": (0.3, 1.0), "ll3_": (3.0, 1.0)}
+
+
+def extra_light_starts(first: dict, n_light: int) -> dict:
+    """Start values of lens-light components 2..``n_light`` from the first one's ``ll_R``,
+    ``ll_e1``, ``ll_e2`` (tensors [M]), by parameter name."""
+    out = {}
+    for prefix in LIGHT_PREFIXES[1 : int(n_light)]:
+        ratio, n = EXTRA_LIGHT_STARTS[prefix]
+        out[prefix + "R"] = ratio * first["ll_R"]
+        out[prefix + "n"] = torch.full_like(first["ll_R"], n)
+        out[prefix + "e1"], out[prefix + "e2"] = first["ll_e1"], first["ll_e2"]
+    return out
 
 
 def light_names(n_light: int) -> tuple:

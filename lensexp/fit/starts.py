@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from lensexp.fit.model import MASS, LensModel, Observation, ParamSpace
+from lensexp.fit.model import MASS, LensModel, Observation, ParamSpace, extra_light_starts
 from lensexp.sim import lens as lensmod
 from lensexp.sim.ranges import check_range, draw
 from lensexp.sim.trace import pixel_grid
@@ -53,14 +53,9 @@ def init_source(
         p[:, col["ll_R"]] = 0.5 * m["theta_E"].clamp(min=2 * model.pixscale)
         p[:, col["ll_n"]] = 3.0
         p[:, col["ll_e1"]], p[:, col["ll_e2"]] = m["e1"] + jitter[:, 2], m["e2"] + jitter[:, 3]
-        if model.n_light > 1:
-            p[:, col["ll2_R"]] = 0.3 * p[:, col["ll_R"]]
-            p[:, col["ll2_n"]] = 1.0
-            p[:, col["ll2_e1"]], p[:, col["ll2_e2"]] = p[:, col["ll_e1"]], p[:, col["ll_e2"]]
-        if model.n_light > 2:
-            p[:, col["ll3_R"]] = 3.0 * p[:, col["ll_R"]]
-            p[:, col["ll3_n"]] = 1.0
-            p[:, col["ll3_e1"]], p[:, col["ll3_e2"]] = p[:, col["ll_e1"]], p[:, col["ll_e2"]]
+        first = {k: p[:, col[k]] for k in ("ll_R", "ll_e1", "ll_e2")}
+        for k, v in extra_light_starts(first, model.n_light).items():
+            p[:, col[k]] = v
     return p.clamp(space.lo, space.hi)
 
 
