@@ -209,7 +209,9 @@ def test_center_prior_pulls_the_mass_towards_the_light_and_enters_the_nll():
     img = img + torch.randn(img.shape, generator=torch.Generator().manual_seed(3), dtype=img.dtype) * 0.2
     obs = observation(img, psf)
     offsets = {}
-    for sigma in (None, 0.02):
+    # a prior 40x tighter than the 0.2" offset: the data alone hold the centre within ~0.01",
+    # so a weak prior's pull is at the optimiser's (and the CPU's) rounding level
+    for sigma in (None, 0.005):
         res = fit_batch(
             obs,
             (truth_vector() + 0.01)[:, None],
@@ -226,7 +228,7 @@ def test_center_prior_pulls_the_mass_towards_the_light_and_enters_the_nll():
         lik = likelihood_terms(m[None], img, obs.use, res["var"][None], 10.0)["nll"]
         assert res["nll"] == pytest.approx(float(lik[0]) + float(center_penalty(res["p"], sigma)), rel=1e-9)
     assert offsets[None] == pytest.approx(0.2, abs=0.01)
-    assert offsets[0.02] < offsets[None] - 0.02
+    assert offsets[0.005] < 0.5 * offsets[None]
 
 
 def test_theta_E_is_boxed_by_the_data_preset_prior_unless_given(tmp_path):

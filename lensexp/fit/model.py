@@ -15,6 +15,7 @@ from lensexp.sim.source import sersic_total_flux
 MASS = LABELS[:-1]
 SOURCE = ("src_R", "src_n", "src_e1", "src_e2", "src_x", "src_y")
 SOURCE2 = tuple("src2" + n[3:] for n in SOURCE)  # a second source Sérsic (source_components=2)
+SOURCE_PREFIXES = ("src_", "src2_")
 LIGHT = ("ll_x", "ll_y", "ll_R", "ll_n", "ll_e1", "ll_e2")  # centre shared by the light components
 LIGHT2 = ("ll2_R", "ll2_n", "ll2_e1", "ll2_e2")
 LIGHT3 = tuple("ll3" + n[3:] for n in LIGHT2)
@@ -53,7 +54,8 @@ def param_names(n_light: int, n_src: int = 1) -> tuple:
 
 def amp_names(n_light: int, n_src: int = 1) -> list[str]:
     """Linear amplitudes, in the order of :meth:`LensModel.templates`: sources, then lens light."""
-    return ["src_amp", "src2_amp"][: int(n_src)] + [k + "amp" for k in LIGHT_PREFIXES][: int(n_light)]
+    prefixes = SOURCE_PREFIXES[: int(n_src)] + LIGHT_PREFIXES[: int(n_light)]
+    return [k + "amp" for k in prefixes]
 
 
 @dataclass
@@ -169,7 +171,7 @@ class LensModel:
         """The lensed source components alone [M, n_src, N, N]."""
         lens = {k: p[k] for k in MASS}
         out = []
-        for prefix in ("src_", "src2_")[: self.n_src]:
+        for prefix in SOURCE_PREFIXES[: self.n_src]:
             src = _unit_sersic(p, prefix, p[prefix + "x"], p[prefix + "y"])
             out.append(render_sersic(lens, src, self.npix, self.pixscale, self.ss, psf, p["theta_E"].dtype))
         return torch.stack(out, 1)
@@ -186,7 +188,7 @@ class LensModel:
         their amplitudes ``amps`` [M, >= n_src]."""
         T = self.source_templates(p, None).sum((2, 3))  # [M, n_src]
         one = torch.ones_like(p["src_R"])
-        F = torch.stack([sersic_total_flux(one, p[k + "R"], p[k + "n"]) for k in ("src_", "src2_")[: self.n_src]], 1)
+        F = torch.stack([sersic_total_flux(one, p[k + "R"], p[k + "n"]) for k in SOURCE_PREFIXES[: self.n_src]], 1)
         a = torch.ones_like(T) if amps is None else amps[:, : self.n_src].to(T)
         return (a * T).sum(1) / (a * F).sum(1).clamp(min=torch.finfo(T.dtype).tiny)
 
