@@ -49,6 +49,7 @@ from lensexp.shard_set import (
 from lensexp.shards import LabelStats, TarShardWriter, json_rows, npy_bytes
 from lensexp.sim.mass import COMPONENT_KEYS
 from lensexp.sim.priors import LABELS
+from lensexp.sim.render import effective_batch_size
 
 WRITE_CHUNK = 256  # tar members joined per write
 # per-image extras stored beside the labels (meta.json)
@@ -74,13 +75,23 @@ def shard_batch(sim, spec: ShardSpec, batch_size: int, keep_noise_map: bool = Fa
     """Simulate one shard: numpy ``images`` [n, C, N, N], ``labels`` [n, 8] (float32), per-image
     ``meta`` lists (``META_KEYS``), when kept ``noise_var`` [n, C, N, N] and, for presets with
     ``data.mass.kappa_map``, ``kappa`` [n, N, N] (convergence at the pixel centres)."""
-    b = sim.sample(spec.count, seed=spec.seed, batch_size=batch_size, keep_noise_map=keep_noise_map)
+    return numpy_batch(sim.sample(spec.count, seed=spec.seed, batch_size=batch_size, keep_noise_map=keep_noise_map))
+
+
+def shard_batches(sim, spec: ShardSpec, batch_size: int, keep_noise_map: bool = False):
+    """:func:`shard_batch` in the simulator's batches, in order (no copy of the whole shard)."""
+    for b in sim.batches(spec.count, seed=spec.seed, batch_size=batch_size, keep_noise_map=keep_noise_map):
+        yield numpy_batch(b)
+
+
+def numpy_batch(b) -> dict:
+    """A :class:`lensexp.sim.render.SimBatch` as the numpy dict of :func:`shard_batch`."""
     out = {
         "images": b.images.cpu().numpy(),
         "labels": b.labels.cpu().numpy(),
         "meta": {k: _as_list(b.meta[k]) for k in (*META_KEYS, *MASS_META_KEYS) if k in b.meta},
     }
-    if keep_noise_map and "noise_var" in b.meta:
+    if "noise_var" in b.meta:
         out["noise_var"] = b.meta["noise_var"].cpu().numpy()
     if "kappa" in b.meta:
         out["kappa"] = b.meta["kappa"].cpu().numpy()
@@ -105,16 +116,18 @@ def batch_samples(spec: ShardSpec, batch: dict):
         yield s
 
 
-def encode_batch(spec: ShardSpec, batch: dict):
-    """The WebDataset entries of a :func:`shard_batch`, as :func:`lensexp.shards.encode_sample`
-    makes them from :func:`batch_samples` (same bytes), the JSON of the whole shard at once."""
+def encode_batch(spec: ShardSpec, batch: dict, start: int = 0):
+    """The WebDataset entries of a :func:`shard_batch` (or of its part from sample ``start`` on),
+    as :func:`lensexp.shards.encode_sample` makes them from :func:`batch_samples` (same bytes),
+    the JSON of the whole batch at once."""
     labels = batch["labels"].astype(np.float64)
+    count = len(labels)
     params = json_rows({k: labels[:, j].tolist() for j, k in enumerate(LABELS)})
-    meta = json_rows(batch["meta"]) if batch["meta"] else [b"{}"] * spec.count
+    meta = json_rows(batch["meta"]) if batch["meta"] else [b"{}"] * count
     noise, kappa = batch.get("noise_var"), batch.get("kappa")
-    for i in range(spec.count):
+    for i in range(count):
         e = {
-            "__key__": f"{spec.split}-{spec.k:06d}-{i:06d}",
+            "__key__": f"{spec.split}-{spec.k:06d}-{start + i:06d}",
             "image.npy": npy_bytes(batch["images"][i]),
             "params.json": params[i],
             "meta.json": meta[i],
@@ -149,20 +162,22 @@ def write_shard(sim, spec: ShardSpec, out: Path, batch_size: int, keep_noise_map
     final = out / spec.name
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(final)
-    batch = shard_batch(sim, spec, batch_size, keep_noise_map)
     stats = LabelStats(LABELS)
-    stats.add(batch["labels"])
     try:
         with open(tmp, "wb", buffering=1 << 20) as fh:
             tw = TarShardWriter(fh)
-            names, datas = [], []
-            for s in encode_batch(spec, batch):
-                key = s.pop("__key__")
-                names += [f"{key}.{ext}" for ext in s]
-                datas += s.values()
-                if len(datas) >= WRITE_CHUNK:  # bounded memory for large images
-                    tw.add_many(names, datas)
-                    names, datas = [], []
+            names, datas, start = [], [], 0
+            # batch by batch as simulated: no shard-sized copy (page faults cost ~1 ms/img at hst size)
+            for batch in shard_batches(sim, spec, batch_size, keep_noise_map):
+                stats.add(batch["labels"])
+                for s in encode_batch(spec, batch, start):
+                    key = s.pop("__key__")
+                    names += [f"{key}.{ext}" for ext in s]
+                    datas += s.values()
+                    if len(datas) >= WRITE_CHUNK:  # bounded memory for large images
+                        tw.add_many(names, datas)
+                        names, datas = [], []
+                start += len(batch["labels"])
             tw.add_many(names, datas)
             sha, nbytes = tw.close()
             fh.flush()
@@ -202,7 +217,8 @@ def fingerprint(cfg: DictConfig) -> dict:
         "n": int(cfg.n),
         "splits": OmegaConf.to_container(cfg.splits, resolve=True),
         "shard_size": int(cfg.shard_size),
-        "batch_size": int(cfg.batch_size),
+        # the batch really drawn (large images cap it): sets made before the cap are not resumed
+        "batch_size": effective_batch_size(cfg.batch_size, cfg.data.npix, cfg.data.supersample),
         "seed": int(cfg.seed),
         "device": str(cfg.device).split(":")[0],
         "compile": use_compile(cfg),

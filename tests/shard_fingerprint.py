@@ -31,6 +31,7 @@ CASES = {
     "tiny_sersic": ["data=tiny", "data.source.kind=sersic", "n=24"],
     "tiny": ["data=tiny", "n=24"],
     "hst": ["data=hst", "n=6"],
+    "hst_capped": ["data=hst", "n=60", "batch_size=256"],  # drawn in batches of 56 (MAX_BATCH_RAYS)
     "kappa": ["data=kappa", "n=12"],
     "slacs": ["data=slacs", "n=4"],
 }
@@ -126,7 +127,7 @@ def simulate_case(case: str, out: Path) -> dict:
     from lensexp.config import compose_config
     from lensexp.simulate import run
 
-    run(compose_config("simulate", [*CASES[case], *COMMON, f"out={out}"]))
+    run(compose_config("simulate", [*COMMON, *CASES[case], f"out={out}"]))
     return fingerprint(out)
 
 

@@ -198,3 +198,20 @@ def test_float64_simulation_and_composed_config_entry():
     again, _ = simulate_batch(cfg, 4, seed=3)
     assert images.shape == (4, 1, 64, 64) and labels.shape == (4, 8)
     assert torch.equal(images, again) and torch.isfinite(images).all()
+
+
+def test_large_images_are_drawn_in_capped_batches_and_sample_joins_them():
+    """hst (192 px, supersampling 2) draws at most MAX_BATCH_RAYS rays per batch; tiny keeps the
+    requested batch; ``sample`` is exactly its ``batches`` joined."""
+    from lensexp.sim.render import MAX_BATCH_RAYS, effective_batch_size
+
+    hst = load_data_preset("hst")
+    cap = MAX_BATCH_RAYS // (192 * 2) ** 2
+    assert effective_batch_size(256, hst.npix, hst.supersample) == cap == 56
+    assert effective_batch_size(256, 64, 2) == 256 and effective_batch_size(8, 192, 2) == 8
+    sim = Simulator(hst)
+    parts = list(sim.batches(cap + 3, seed=4, batch_size=256, artefacts=False))
+    assert [p.images.shape[0] for p in parts] == [cap, 3]
+    whole = sim.sample(cap + 3, seed=4, batch_size=256, artefacts=False)
+    assert torch.equal(whole.images, torch.cat([p.images for p in parts]))
+    assert torch.equal(whole.labels, torch.cat([p.labels for p in parts]))
