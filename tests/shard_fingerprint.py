@@ -114,7 +114,7 @@ RTOL, ATOL = 1e-4, 1e-6
 
 def mismatches(ref: dict, got: dict) -> list[str]:
     """Members whose numbers differ beyond float rounding (``RTOL``, ``ATOL``), or are missing."""
-    bad = [k for k in sorted(set(ref) ^ set(got))]
+    bad = sorted(set(ref) ^ set(got))
     for k in sorted(set(ref) & set(got)):
         a, b = np.asarray(ref[k]), np.asarray(got[k])
         if a.shape != b.shape or not np.allclose(b, a, rtol=RTOL, atol=ATOL):

@@ -11,10 +11,13 @@ why. ``compile=false``, pinned torch.
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 
+import numpy as np
 import pytest
-from shard_fingerprint import CASES, PIN_FILE, float_environment, mismatches, simulate_case
+from shard_fingerprint import CASES, PIN_FILE, fingerprint, float_environment, mismatches, simulate_case
 
 PINS = json.loads(PIN_FILE.read_text())
 
@@ -38,11 +41,6 @@ def test_shard_data_are_pinned(tmp_path, case):
 
 def test_fingerprint_sees_a_changed_pixel(tmp_path):
     """The tolerance check is not blind: one pixel of one image moved by 1 % of its std fails."""
-    import io
-    import tarfile
-
-    import numpy as np
-
     ref = simulate_case("tiny", tmp_path / "a")
     shard = next((tmp_path / "a").glob("*/shard-*.tar"))
     with tarfile.open(shard) as tar:
@@ -59,8 +57,6 @@ def test_fingerprint_sees_a_changed_pixel(tmp_path):
                 data = buf.getvalue()
                 m.size = len(data)
             tar.addfile(m, io.BytesIO(data))
-    from shard_fingerprint import fingerprint
-
     got = fingerprint(tmp_path / "b")
     assert got["structure"] == ref["structure"]
     assert mismatches(ref["values"], got["values"]) == [f"train/{members[0][0].name}"]
