@@ -24,7 +24,7 @@ from torch import nn
 
 from lensexp.module import EvalHooks, gather_lenses, warmup_cosine
 from lensexp.models import set_mc_dropout
-from lensexp.sim.instrument import normalize
+from lensexp.sim.normalize import normalize
 
 TASK = "kappa"
 TARGETS = ("log", "linear")

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from lensexp import kappa_maps
 from lensexp.errors import ConfigError
 from lensexp.kappa_module import evaluate_maps
-from lensexp.sim.instrument import normalize
+from lensexp.sim.normalize import normalize
 
 CLASSES = ("sie", "sie_pair", "sie_subhalo", "epl")
 

@@ -21,7 +21,7 @@ from torch import nn
 from lensexp import metrics
 from lensexp.labels import LabelScaler, upgrade_state_dict
 from lensexp.models import MCDropout, set_mc_dropout
-from lensexp.sim.instrument import normalize
+from lensexp.sim.normalize import normalize
 
 VAL_SAMPLES = 1024  # posterior samples per lens in validation metrics
 

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from lensexp.sim.normalize import normalize
 from lensexp.sim.ranges import check_range, draw
 
 
@@ -273,27 +274,6 @@ def circular_masks(arc, n_range, radius_arcsec, pixscale, keep_fraction, generat
     rows = torch.arange(B, device=dev)[:, None].expand_as(flat)
     mask[rows[keep], flat[keep]] = True
     return mask.reshape(B, N, N)
-
-
-def normalize(images, method: str = "none", quantile: float = 0.99, eps: float = 1e-12):
-    """Per-image network normalisation of [B, C, N, N] images (scale only, zero stays zero).
-
-    ``none``; ``peak`` (divide by max |x|); ``std`` (divide by the standard deviation);
-    ``quantile`` (divide by the ``quantile`` of |x| over all bands - robust to cosmic rays).
-    Flux units thus drop out, so a FITS in any unit can be analysed.
-    """
-    if method == "none":
-        return images
-    flat = images.reshape(images.shape[0], -1)
-    if method == "peak":
-        s = flat.abs().amax(1)
-    elif method == "std":
-        s = flat.std(1)
-    elif method == "quantile":
-        s = torch.quantile(flat.abs().float(), quantile, dim=1).to(images.dtype)
-    else:
-        raise ValueError(f"normalize must be one of none, peak, std, quantile; got '{method}'")
-    return images / (s.clamp(min=eps)[:, None, None, None])
 
 
 def observe(

@@ -19,6 +19,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from lensexp.errors import ConfigError
 from lensexp.sim import mass as massmod
+from lensexp.sim.normalize import NORMALIZE
 from lensexp.sim.ranges import check_range
 
 Range = list[float]  # [low, high]; draws are uniform
@@ -256,8 +257,8 @@ def validate_config(c: DictConfig) -> None:
         raise ConfigError(f"data.instrument.gain must be > 0 e-/ADU, got {I.gain}")
     if str(I.poisson) not in ("exact", "gaussian"):
         raise ConfigError(f"data.instrument.poisson must be exact or gaussian, got '{I.poisson}'")
-    if str(I.normalize) not in ("none", "peak", "std", "quantile"):
-        raise ConfigError(f"data.instrument.normalize must be none, peak, std or quantile, got '{I.normalize}'")
+    if str(I.normalize) not in NORMALIZE:
+        raise ConfigError(f"data.instrument.normalize must be one of {NORMALIZE}, got '{I.normalize}'")
     cr, hp, mk = I.cosmic_rays, I.hot_pixels, I.masks
     if cr.enabled:
         check_range("data.instrument.cosmic_rays.length_pix", cr.length_pix, 0.0, strict_low=True)
