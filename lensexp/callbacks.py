@@ -1,7 +1,7 @@
 """Lightning callbacks of a training run, instantiated from ``conf/callbacks/*.yaml``.
 
 :class:`Throughput` logs the network's size and the training images per second of each epoch;
-:class:`WandbSummary` adds a per-label table of the last validation metrics to a W&B run.
+:class:`WandbSummary` adds a table of the last validation metrics to a W&B run.
 :func:`build_callbacks` and :func:`build_loggers` turn the ``callbacks`` and ``logger`` config
 groups into objects (``_target_`` + :func:`hydra.utils.instantiate`).
 """
@@ -40,22 +40,29 @@ class Throughput(pl.Callback):
 
 
 class WandbSummary(pl.Callback):
-    """At the end of fitting, a W&B table ``val/summary``: per label RMSE, median error and
-    coverage of the last validation (nothing when no W&B logger is attached)."""
+    """At the end of fitting, a W&B table ``val/summary`` of the last validation: per label RMSE,
+    median error and coverage for a label network; one row per metric for networks without
+    labels (density maps: ``val/kappa_mae``, ``val/kappa_cov68``, ...). Nothing when no W&B
+    logger is attached."""
 
     def on_fit_end(self, trainer, pl_module):
         from pytorch_lightning.loggers import WandbLogger
 
         m = getattr(pl_module, "last_metrics", None)
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-        if not m or not loggers or f"val/rmse/{pl_module.labels[0]}" not in m:
+        if not m or not loggers:
             return
-        cols = ["label", "rmse", "median_abs", *SHORT.values()]
-        rows = [
-            [n, m[f"val/rmse/{n}"], m[f"val/median_abs/{n}"], *(m[f"val/{c}/{n}"] for c in SHORT.values())]
-            for n in pl_module.labels
-        ]
-        loggers[0].log_table(key="val/summary", columns=cols, data=rows)
+        labels = list(getattr(pl_module, "labels", None) or [])
+        if labels and f"val/rmse/{labels[0]}" in m:
+            cols = ["label", "rmse", "median_abs", *SHORT.values()]
+            rows = [
+                [n, m[f"val/rmse/{n}"], m[f"val/median_abs/{n}"], *(m[f"val/{c}/{n}"] for c in SHORT.values())]
+                for n in labels
+            ]
+        else:
+            cols, rows = ["metric", "value"], [[k, float(v)] for k, v in sorted(m.items()) if k.startswith("val/")]
+        if rows:
+            loggers[0].log_table(key="val/summary", columns=cols, data=rows)
 
 
 def build_callbacks(cfg: DictConfig, ckpt_dir: str, with_loggers: bool) -> dict:

@@ -120,12 +120,14 @@ def kappa_ckpt(tmp_path_factory):
             "datamodule.shard_size=32",
             "datamodule.sim_batch_size=32",
             "trainer.max_epochs=2",
-            "logger=csv",
+            "logger=wandb",  # the default logger: its end-of-fit summary once crashed density-map runs
+            "logger.wandb.mode=offline",
             "+trainer.enable_progress_bar=false",
         ],
     )
     out = run(cfg, d)
     assert all(np.isfinite(out[f"val/{k}"]) for k in ("kappa_mae", "kappa_cov68", "kappa_cov95", "loss"))
+    assert list((d / "wandb").glob("offline-run-*"))
     return d / "checkpoints" / "last.ckpt"
 
 
