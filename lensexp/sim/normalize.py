@@ -48,11 +48,16 @@ def noise_sigma(images: torch.Tensor) -> torch.Tensor:
     MAD of second differences along rows, ``x[j-1] - 2 x[j] + x[j+1]``, over the fainter half of
     the pixels as judged by their vertical neighbours (independent of that pixel's noise) - the
     sky: a galaxy's steep core is left out, smooth light cancels, outliers such as cosmic rays
-    do not move a median - as ``1.4826 MAD / sqrt(6)``. Noise correlated between neighbours
-    (drizzle, PSF) reads lower, the same in simulations and real images."""
+    do not move a median - as ``1.4826 MAD / sqrt(6)``. Pixels exactly zero (masked, as
+    ``predict`` and the simulated masks leave them) take no part; an image without any other
+    pixels reads 0. Noise correlated between neighbours (drizzle, PSF) reads lower, the same in
+    simulations and real images."""
     x = images.float()
-    level = (x[..., :-2, 1:-1] + x[..., 2:, 1:-1]).flatten(-2)
-    d = (x[..., 1:-1, :-2] - 2.0 * x[..., 1:-1, 1:-1] + x[..., 1:-1, 2:]).flatten(-2)
-    d = torch.where(level <= level.median(-1, keepdim=True).values, d, torch.nan)
+    left, mid, right = x[..., 1:-1, :-2], x[..., 1:-1, 1:-1], x[..., 1:-1, 2:]
+    up, down = x[..., :-2, 1:-1], x[..., 2:, 1:-1]
+    valid = ((left != 0) & (mid != 0) & (right != 0) & (up != 0) & (down != 0)).flatten(-2)
+    level = torch.where(valid, (up + down).flatten(-2), torch.nan)
+    sky = valid & (level <= level.nanmedian(-1, keepdim=True).values)
+    d = torch.where(sky, (left - 2.0 * mid + right).flatten(-2), torch.nan)
     mad = (d - d.nanmedian(-1, keepdim=True).values).abs().nanmedian(-1).values
-    return (1.4826 / math.sqrt(6.0) * mad).to(images.dtype)[..., None, None]
+    return torch.nan_to_num(1.4826 / math.sqrt(6.0) * mad, nan=0.0).to(images.dtype)[..., None, None]

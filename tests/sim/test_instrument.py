@@ -159,6 +159,10 @@ def test_noise_sigma_reads_the_noise_under_a_bright_galaxy_and_cosmic_rays():
     est = noise_sigma(img)
     assert est.shape == (3, 2, 1, 1)
     torch.testing.assert_close(est, sig.expand(3, 2, 1, 1), rtol=0.05, atol=0)
+    masked = img.clone()
+    masked[..., :, :30] = 0.0  # a third of the field masked (zeros, as predict leaves bad pixels)
+    torch.testing.assert_close(noise_sigma(masked), sig.expand(3, 2, 1, 1), rtol=0.05, atol=0)
+    assert float(noise_sigma(torch.zeros(1, 1, 8, 8)).abs().max()) == 0.0
     stretched = inst.normalize(img[:1, :1], "asinh")
     assert float(stretched[0, 0, 48, 48]) == pytest.approx(float(torch.asinh(img[0, 0, 48, 48] / est[0, 0])), rel=1e-5)
     assert float(stretched[0, 0, 48, 48]) > 8.5  # asinh(5000) ~ 9.2: 3 000x compressed to ~9
