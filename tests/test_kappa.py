@@ -11,6 +11,7 @@ import torch
 
 from lensexp import kappa_maps
 from lensexp.config import compose_config, load_data_preset
+from lensexp.errors import ConfigError
 from lensexp.kappa_net import KappaUNet
 from lensexp.sim import lens as lensmod
 from lensexp.sim.trace import pixel_grid
@@ -249,3 +250,18 @@ def test_lookup_command_is_deterministic_by_seed(kappa_ckpt, tmp_path):
         lookup(compose_config("lookup", over))
         tables.append((tmp_path / d / "per_lens.csv").read_text())
     assert tables[0] == tables[1] and len(tables[0].splitlines()) == 13
+
+
+def test_fit_refuses_a_density_map_checkpoint_for_init_cnn(kappa_ckpt, tmp_path):
+    """init=cnn with a kappa checkpoint is one clear error before any lens is fitted (it used to
+    fail on every lens with an AttributeError in the error table)."""
+    from lensexp.fit import run as fit
+    from lensexp.simulate import run as simulate
+
+    simulate(compose_config("simulate", ["data=tiny", "n=2", "seed=3", "format=fits", f"out={tmp_path / 'in'}"]))
+    cfg = compose_config(
+        "fit", [f"input={tmp_path / 'in'}", f"out={tmp_path / 'fits.csv'}", "init=cnn", f"ckpt={kappa_ckpt}"]
+    )
+    with pytest.raises(ConfigError, match="density-map checkpoint"):
+        fit(cfg)
+    assert not (tmp_path / "fits.csv").exists()

@@ -158,6 +158,11 @@ def run(cfg: DictConfig) -> dict:
         from lensexp.predict import Predictor
 
         pred = Predictor(str(cfg.ckpt), device, int(cfg.n_mc), max(int(cfg.n_starts), 1024), int(cfg.seed))
+        if not pred.labels:
+            raise ConfigError(
+                f"init=cnn needs a network that predicts the lens parameters; '{cfg.ckpt}' is a "
+                "density-map checkpoint (task=kappa): use init=auto, or a checkpoint from task=params"
+            )
     truth = read_truth(cfg.truth) if cfg.init == "truth" else None
     loader = Loader(cfg, int(cfg.npix) if cfg.npix else None)
     ss = int(cfg.supersample or cfg.data.supersample)
