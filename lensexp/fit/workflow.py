@@ -161,7 +161,7 @@ def run(cfg: DictConfig) -> dict:
         if not pred.labels:
             raise ConfigError(
                 f"init=cnn needs a network that predicts the lens parameters; '{cfg.ckpt}' is a "
-                "density-map checkpoint (task=kappa): use init=auto, or a checkpoint from task=params"
+                "density-map checkpoint (task=kappa): use init=prior, or a checkpoint from task=params"
             )
     truth = read_truth(cfg.truth) if cfg.init == "truth" else None
     loader = Loader(cfg, int(cfg.npix) if cfg.npix else None)
