@@ -40,14 +40,19 @@ META = (
 )
 
 
-def columns() -> list[str]:
-    """Table columns: run metadata, then per label RMSE, median error, coverage before/after."""
+# the validation metrics of density-map runs (task=kappa, lensexp/kappa_module.py)
+KAPPA_COLUMNS = ("kappa_mae", "kappa_cov68", "kappa_cov95", "theta_E_frac")
+
+
+def columns(kappa: bool = False) -> list[str]:
+    """Table columns: run metadata, then per label RMSE, median error, coverage before/after;
+    with ``kappa`` (a density-map run among the rows) also the density-map metrics."""
     per = []
     for n in LABELS:
         per += [f"rmse/{n}", f"median_abs/{n}"]
         per += [f"{k}/{n}" for k in LEVEL_KEYS]
         per += [f"cal_{k}/{n}" for k in LEVEL_KEYS]
-    return [*META, *per]
+    return [*META, *per, *(KAPPA_COLUMNS if kappa else ())]
 
 
 def last_values(metrics_csv: Path) -> dict[str, float]:
@@ -88,7 +93,7 @@ def run_row(run_dir: Path, root: Path) -> dict:
         "coverage_error": m.get("val/coverage_error"),
         "cal_coverage_error": m.get("val/cal_coverage_error"),
     }
-    for c in columns()[len(META) :]:
+    for c in columns(kappa=True)[len(META) :]:
         row[c] = m.get(f"val/{c}")
     return row
 
@@ -118,7 +123,7 @@ def wandb_rows(project: str) -> list[dict]:
             "coverage_error": s.get("val/coverage_error"),
             "cal_coverage_error": s.get("val/cal_coverage_error"),
         }
-        row.update({c: s.get(f"val/{c}") for c in columns()[len(META) :]})
+        row.update({c: s.get(f"val/{c}") for c in columns(kappa=True)[len(META) :]})
         rows.append(row)
     return rows
 
@@ -141,7 +146,7 @@ def write_tables(
     figs: tuple = ("accuracy_vs_speed.png", "coverage_vs_dropout.png"),
 ) -> None:
     """``OUT/<stem>.csv``, ``.md`` and ``.html`` (with the figures ``figs``) of ``rows``."""
-    cols = cols or columns()
+    cols = cols or columns(kappa=any(r.get("kappa_mae") is not None for r in rows))
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{stem}.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols)

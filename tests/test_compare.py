@@ -79,3 +79,22 @@ def test_two_job_multirun_and_comparison(tmp_path):
 def test_compare_without_runs_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="no training runs"):
         run(compose_config("compare", [f"runs={tmp_path}", f"out={tmp_path / 'o'}"]))
+
+
+def test_compare_shows_density_map_metrics(tmp_path):
+    """A density-map run (task=kappa) gets its kappa_mae and coverage columns; they appear only
+    when such a run is among the rows."""
+    from omegaconf import OmegaConf
+
+    run_dir = tmp_path / "runs" / "kappa"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / "csv").mkdir()
+    OmegaConf.save(compose_config("train", ["experiment=kappa_quickstart"]), run_dir / ".hydra" / "config.yaml")
+    (run_dir / "csv" / "metrics.csv").write_text(
+        "epoch,model/params,val/kappa_mae,val/kappa_cov68,val/kappa_cov95,val/theta_E_frac\n0,1000,0.07,0.7,0.94,0.06\n"
+    )
+    out = tmp_path / "cmp"
+    run(compose_config("compare", [f"runs={tmp_path / 'runs'}", f"out={out}"]))
+    table = list(csv.DictReader(open(out / "comparison.csv")))
+    assert list(table[0]) == columns(kappa=True)
+    assert float(table[0]["kappa_mae"]) == 0.07 and float(table[0]["kappa_cov95"]) == 0.94
