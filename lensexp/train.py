@@ -80,7 +80,10 @@ def build_module(cfg: DictConfig):
     """The LightningModule of ``cfg.task``: the network (``cfg.model``, ``_target_``), loss
     (``cfg.loss``) and training settings, through :mod:`lensexp.build`."""
     from lensexp import build
+    from lensexp.sim.normalize import NORMALIZE
 
+    if str(cfg.input_norm) not in NORMALIZE:
+        raise ConfigError(f"input_norm must be one of {NORMALIZE}, got '{cfg.input_norm}'")
     settings = dict(
         lr=float(cfg.optim.lr),
         weight_decay=float(cfg.optim.weight_decay),

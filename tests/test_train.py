@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lensexp.config import CONF_DIR, compose_config
+from lensexp.errors import ConfigError
 from lensexp.paths import PROJECT_ROOT
 from lensexp.train import run
 
@@ -134,6 +135,13 @@ def test_bad_training_config_is_one_clear_error(tmp_path):
         timeout=300,
     )
     assert r.returncode == 2 and "datamodule.source must be" in r.stderr.strip().splitlines()[-1]
+
+
+def test_unknown_input_norm_is_refused_before_training():
+    from lensexp.train import build_module
+
+    with pytest.raises(ConfigError, match="input_norm must be one of"):
+        build_module(compose_config("train", [*FAST, "input_norm=log"]))
 
 
 def test_optuna_search_space_names_real_options():
