@@ -10,6 +10,8 @@ import math
 
 import torch
 
+NORMALIZE = ("none", "peak", "std", "quantile", "asinh")  # the methods of :func:`normalize`
+
 
 def normalize(images, method: str = "none", quantile: float = 0.99, eps: float = 1e-12):
     """Per-image network normalisation of [B, C, N, N] images (zero stays zero, flux units drop
@@ -38,9 +40,6 @@ def normalize(images, method: str = "none", quantile: float = 0.99, eps: float =
     else:
         raise ValueError(f"normalize must be one of {NORMALIZE}; got '{method}'")
     return images / (s.clamp(min=eps)[:, None, None, None])
-
-
-NORMALIZE = ("none", "peak", "std", "quantile", "asinh")
 
 
 def noise_sigma(images: torch.Tensor) -> torch.Tensor:
