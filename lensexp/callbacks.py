@@ -1,13 +1,16 @@
 """Lightning callbacks of a training run, instantiated from ``conf/callbacks/*.yaml``.
 
 :class:`Throughput` logs the network's size and the training images per second of each epoch;
-:class:`WandbSummary` adds a table of the last validation metrics to a W&B run.
+:class:`WandbSummary` adds a table of the last validation metrics to a W&B run;
+:class:`TimeBudget` fits the number of epochs and the learning-rate schedule to a wall-time budget.
 :func:`build_callbacks` and :func:`build_loggers` turn the ``callbacks`` and ``logger`` config
 groups into objects (``_target_`` + :func:`hydra.utils.instantiate`).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -18,6 +21,110 @@ from omegaconf import DictConfig, OmegaConf
 from lensexp.metrics import SHORT
 
 WANDB_ID_FILE = "wandb_run_id.txt"
+SCHEDULE_FILE = "schedule.json"
+log = logging.getLogger("lensexp.train")
+
+
+def parse_duration(text, name: str = "time_budget") -> float:
+    """Seconds of a ``"DD:HH:MM:SS"`` / ``"HH:MM:SS"`` / ``"MM:SS"`` duration (Lightning's
+    ``max_time`` format); ``name`` is the setting named in the error."""
+    from lensexp.errors import ConfigError
+
+    try:
+        parts = [float(x) for x in str(text).split(":")]
+        if not 1 <= len(parts) <= 4 or min(parts) < 0:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"{name} must look like DD:HH:MM:SS, got '{text}'") from None
+    seconds = sum(v * u for v, u in zip(reversed(parts), (1, 60, 3600, 86400)))
+    if seconds <= 0:
+        raise ConfigError(f"{name} must be > 0, got '{text}'")
+    return seconds
+
+
+class TimeBudget(pl.Callback):
+    """Train for ``budget`` seconds of wall time with a schedule that ends annealed.
+
+    A fixed epoch count either wastes a fast machine's budget or, cut by ``max_time``, stops a
+    slow one at a high learning rate. Here the warm-up lasts the first epoch, the learning rate
+    then holds its peak until the end of the first validation; there the run's speed (steps per
+    second, validation included) fixes the number of epochs that fit the budget - the nearest
+    multiple of ``check_val_every_n_epoch``, within ``trainer.max_epochs`` - and the cosine decay ends with
+    them (Li et al. 2020, "Budgeted training"). The plan is written to ``RUN/schedule.json`` and
+    kept in the checkpoint, so a resumed run continues it; given the plan, the run is
+    deterministic by seed (only the epoch count depends on the machine's speed).
+    """
+
+    def __init__(self, budget: float, run_dir: str | Path | None = None):
+        self.budget = float(budget)
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.plan: dict | None = None  # {"epochs", "total", "warm", ...} once fixed
+
+    def on_train_start(self, trainer, pl_module):
+        steps = max(int(trainer.num_training_batches), 1)
+        self._t0, self._step0 = time.perf_counter(), int(trainer.global_step)
+        if self.plan:  # resumed: continue the plan in the checkpoint
+            trainer.fit_loop.max_epochs = int(self.plan["epochs"])
+            pl_module.lr_plan.warm, pl_module.lr_plan.total = int(self.plan["warm"]), int(self.plan["total"])
+            return
+        pl_module.lr_plan.warm, pl_module.lr_plan.total = min(steps, pl_module.lr_plan.warm), None
+
+    def on_validation_end(self, trainer, pl_module):
+        if self.plan is None and not trainer.sanity_checking:
+            self._fix(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        every = int(trainer.check_val_every_n_epoch or 1)
+        late = (trainer.current_epoch + 1) >= every * 2  # a validation should have come by now
+        if self.plan is None and (not trainer.enable_validation or late):
+            self._fix(trainer, pl_module)
+
+    def _fix(self, trainer, pl_module) -> None:
+        steps_epoch = max(int(trainer.num_training_batches), 1)
+        done = int(trainer.current_epoch) + 1
+        elapsed = time.perf_counter() - self._t0
+        rate = max(int(trainer.global_step) - self._step0, 1) / max(elapsed, 1e-9)
+        every = int(trainer.check_val_every_n_epoch or 1)
+        fit = (self.budget - elapsed) * rate / steps_epoch + done  # epochs that fit in the budget
+        epochs = max(done + 1, int(round(fit / every)) * every)  # the last epoch validates
+        cap = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else epochs
+        epochs = int(min(epochs, cap))
+        plan = {
+            "budget_s": self.budget,
+            "fixed_after_s": round(elapsed, 2),
+            "steps_per_s": round(rate, 3),
+            "epochs": epochs,
+            "warm": int(pl_module.lr_plan.warm),
+            "total": epochs * steps_epoch,
+        }
+        self.plan = trainer.strategy.broadcast(plan, 0)  # one plan for every DDP rank: rank 0's
+        epochs = int(self.plan["epochs"])
+        trainer.fit_loop.max_epochs = epochs
+        pl_module.lr_plan.total = self.plan["total"]
+        log.info(
+            "time budget %.0f s: %.2f steps/s after %.0f s -> %d epochs (%d steps), learning rate annealed over them",
+            self.budget,
+            rate,
+            elapsed,
+            epochs,
+            self.plan["total"],
+        )
+        if self.run_dir is not None and trainer.is_global_zero:
+            from lensexp.files import write_text_atomic
+
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.run_dir / SCHEDULE_FILE, json.dumps(self.plan, indent=2) + "\n")
+
+    def state_dict(self) -> dict:
+        return {"plan": self.plan}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        plan = state_dict.get("plan")
+        self.plan = (
+            {k: plan[k] for k in ("budget_s", "fixed_after_s", "steps_per_s", "epochs", "warm", "total")}
+            if plan
+            else None
+        )
 
 
 class Throughput(pl.Callback):

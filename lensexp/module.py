@@ -11,6 +11,7 @@ RMSE, median absolute error and coverage of the 68.3/95.5/99.7 % central interva
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 import time
 
 import pytorch_lightning as pl
@@ -205,9 +206,28 @@ def gather_lenses(module: pl.LightningModule, t: torch.Tensor, dim: int = 0) -> 
     return torch.cat([every[r, : int(n)] for r, n in enumerate(counts)]).movedim(0, dim).cpu()
 
 
+@dataclass
+class LRPlan:
+    """Steps of the learning-rate schedule: linear warm-up over ``warm`` steps, then cosine decay
+    to 1 % of the peak at ``total``; ``total=None`` holds the peak after the warm-up (a
+    :class:`~lensexp.callbacks.TimeBudget` run before it has measured its speed)."""
+
+    warm: int
+    total: int | None
+
+    def factor(self, step: int) -> float:
+        if step < self.warm:
+            return (step + 1) / self.warm
+        if self.total is None:
+            return 1.0
+        t = min(1.0, (step - self.warm) / max(1, self.total - self.warm))
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+
+
 def warmup_cosine(module: pl.LightningModule) -> dict:
     """AdamW over ``module``'s parameters (``hparams.lr``, ``hparams.weight_decay``); linear
-    warm-up over 5 % of the steps, then cosine decay to 1 % of ``lr``.
+    warm-up over 5 % of the steps, then cosine decay to 1 % of ``lr`` (:class:`LRPlan`, kept as
+    ``module.lr_plan``, which a :class:`~lensexp.callbacks.TimeBudget` may reset).
 
     The schedule is a function of the step alone (LambdaLR), so resuming with more epochs
     stretches it instead of failing.
@@ -215,13 +235,6 @@ def warmup_cosine(module: pl.LightningModule) -> dict:
     hp = module.hparams
     opt = torch.optim.AdamW(module.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
     total = max(int(module.trainer.estimated_stepping_batches), 1) if module._trainer is not None else 1000
-    warm = max(1, total // 20)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        t = min(1.0, (step - warm) / max(1, total - warm))
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    module.lr_plan = LRPlan(warm=max(1, total // 20), total=total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: module.lr_plan.factor(step))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -29,7 +29,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     import pytorch_lightning as pl
     import torch
 
-    from lensexp.callbacks import build_callbacks, build_loggers
+    from lensexp.callbacks import TimeBudget, build_callbacks, build_loggers, parse_duration
     from lensexp.checkpoints import read_checkpoint
     from lensexp.data import LensDataModule
     from lensexp.runtime import set_threads
@@ -49,6 +49,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         model.net = torch.compile(model.net)
     loggers = build_loggers(cfg, run_dir)
     callbacks = build_callbacks(cfg.callbacks, str(run_dir / "checkpoints"), bool(loggers))
+    if cfg.get("time_budget"):  # epochs and learning-rate schedule fitted to the wall time
+        callbacks["time_budget"] = TimeBudget(parse_duration(cfg.time_budget), run_dir)
     trainer = pl.Trainer(
         **trainer_kw, logger=loggers or False, callbacks=list(callbacks.values()), default_root_dir=str(run_dir)
     )
@@ -137,10 +139,11 @@ def read_cost(run_dir: Path) -> dict:
 
 def split_time(max_time, n: int):
     """A ``DD:HH:MM:SS`` limit divided by ``n`` (None stays None)."""
+    from lensexp.callbacks import parse_duration
+
     if not max_time:
         return max_time
-    parts = [int(x) for x in str(max_time).split(":")]
-    secs = sum(v * m for v, m in zip(reversed(parts), (1, 60, 3600, 86400))) // n
+    secs = int(parse_duration(max_time, "max_time")) // n
     return f"{secs // 86400:02d}:{secs // 3600 % 24:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}"
 
 
@@ -166,6 +169,8 @@ def run_ensemble(cfg: DictConfig, run_dir: str | Path) -> dict:
             mcfg.datamodule.train_epoch_size = max(1, int(cfg.datamodule.train_epoch_size) // n)
             if "max_time" in mcfg.trainer:
                 mcfg.trainer.max_time = split_time(mcfg.trainer.max_time, n)
+            if mcfg.get("time_budget"):
+                mcfg.time_budget = split_time(mcfg.time_budget, n)
         log.info("ensemble member %d/%d (seed %d) in %s", k + 1, n, mcfg.seed, mdir)
         metrics = run(mcfg, mdir)
         (mdir / "DONE").write_text("trained\n")

@@ -155,3 +155,41 @@ def test_optuna_search_space_names_real_options():
         assert OmegaConf.select(cfg, key) is not None, key
     assert OmegaConf.select(cfg, "optimized_metric") == "val/loss"
     assert spec["optimized_metric"] == "val/coverage_error"
+
+
+def test_lr_plan_warms_up_holds_then_anneals():
+    from lensexp.module import LRPlan
+
+    plan = LRPlan(warm=4, total=None)
+    assert [plan.factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert plan.factor(1000) == 1.0  # a time budget has not fixed the end yet: the peak holds
+    plan.total = 14
+    assert plan.factor(4) == 1.0 and abs(plan.factor(9) - (0.01 + 0.99 * 0.5)) < 1e-12
+    assert abs(plan.factor(14) - 0.01) < 1e-12 and plan.factor(99) == plan.factor(14)
+
+
+def test_time_budget_fits_epochs_and_ends_annealed(tmp_path):
+    """``time_budget``: the epoch count is fixed from the measured speed at the first validation,
+    written to RUN/schedule.json and kept in the checkpoint; the learning rate ends at 1 % of its
+    peak whatever the count; rerunning the same command resumes the plan (nothing more to train)."""
+    import json
+    import time
+
+    over = [*FAST, "time_budget=00:00:00:06", "trainer.max_epochs=500", "+trainer.check_val_every_n_epoch=2"]
+    t0 = time.perf_counter()
+    run(compose_config("train", over), tmp_path)
+    wall = time.perf_counter() - t0
+    plan = json.loads((tmp_path / "schedule.json").read_text())
+    step, epoch = _last_step(tmp_path)
+    assert plan["epochs"] % 2 == 0 and 2 <= plan["epochs"] < 500  # a multiple of the validation period
+    assert step == plan["total"] == 2 * plan["epochs"] and epoch == plan["epochs"] - 1  # the last epoch's index
+    assert plan["warm"] == 2  # one epoch of warm-up
+    ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    lr = compose_config("train", over).optim.lr
+    assert abs(ck["lr_schedulers"][0]["_last_lr"][0] - 0.01 * lr) < 1e-9 * lr
+    assert any(v.get("plan") == plan for v in ck["callbacks"].values())
+    assert wall < 6 + 20  # the budget, plus start-up and the last validation
+    run(compose_config("train", over), tmp_path)  # same run dir: resumes, the plan is complete
+    assert _last_step(tmp_path)[0] == step
+    with pytest.raises(ConfigError, match="time_budget must look like"):
+        run(compose_config("train", [*FAST, "time_budget=ten minutes"]), tmp_path / "bad")
