@@ -11,8 +11,8 @@ RMSE, median absolute error and coverage of the 68.3/95.5/99.7 % central interva
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 import time
+from dataclasses import dataclass
 
 import pytorch_lightning as pl
 import torch
