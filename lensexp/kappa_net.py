@@ -17,13 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lensexp.errors import ConfigError
-from lensexp.models import (
-    DROPOUT_WHERE,
-    add_dropout_before_weights,
-    check_coord_channels,
-    coordinate_channels,
-    with_coordinates,
-)
+from lensexp.models import DROPOUT_WHERE, add_dropout_before_weights
 
 LOG_SIGMA_RANGE = (-7.0, 3.0)
 
@@ -48,23 +42,17 @@ class KappaUNet(nn.Module):
         dropout_where: str = "all",
         backbone_kwargs: dict | None = None,
         head_stride: int = 2,
-        coord_channels: int = 0,
     ):
         super().__init__()
         import timm
 
-        self.coord_channels = check_coord_channels(coord_channels)
         if dropout_where not in (*DROPOUT_WHERE, "decoder"):
             raise ConfigError(
                 f"model.dropout_where must be one of {(*DROPOUT_WHERE, 'decoder')}, got '{dropout_where}'"
             )
         try:
             self.encoder = timm.create_model(
-                backbone,
-                pretrained=False,
-                features_only=True,
-                in_chans=int(in_chans) + self.coord_channels,
-                **dict(backbone_kwargs or {}),
+                backbone, pretrained=False, features_only=True, in_chans=int(in_chans), **dict(backbone_kwargs or {})
             )
         except RuntimeError as exc:
             if "Unknown model" in str(exc):
@@ -98,7 +86,7 @@ class KappaUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[-2:]
-        feats = self.encoder(with_coordinates(x, self.coord_channels))
+        feats = self.encoder(x)
         d = self.entry(feats[-1])
         for block, skip in zip(self.up, feats[-2::-1]):
             d = F.interpolate(d, size=skip.shape[-2:], mode="bilinear", align_corners=False)
@@ -110,3 +98,13 @@ class KappaUNet(nn.Module):
         if out.shape[-2:] != (H, W):  # smooth maps: the last step is a bilinear upsampling
             out = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)
         return torch.cat([out[:, :1], out[:, 1:].clamp(*LOG_SIGMA_RANGE)], 1)
+
+
+def coordinate_channels(x: torch.Tensor) -> torch.Tensor:
+    """[B, 2, H, W]: pixel-centre x (column) and y (row) in units of the half field, 0 at the
+    image centre (the grid of conventions.md scaled to [-1, 1])."""
+    B, _, H, W = x.shape
+    cy = (torch.arange(H, device=x.device, dtype=x.dtype) - (H - 1) / 2) / (H / 2)
+    cx = (torch.arange(W, device=x.device, dtype=x.dtype) - (W - 1) / 2) / (W / 2)
+    yy, xx = torch.meshgrid(cy, cx, indexing="ij")
+    return torch.stack([xx, yy])[None].expand(B, 2, H, W)

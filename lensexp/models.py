@@ -5,11 +5,6 @@ time; :func:`add_dropout_before_weights` does this for every ``Conv2d`` and ``Li
 (``dropout_where='all'``), of the head only (``'head'``) or not at all (``'none'``), through
 forward pre-hooks so that timm's module structure and state dicts are untouched.
 :func:`set_mc_dropout` switches the dropout on in evaluation mode for Monte Carlo sampling.
-
-``coord_channels`` (CoordConv, Liu et al. 2018) appends the pixel positions to the input: a
-convolutional network with global pooling is nearly blind to where a feature sits, while the
-Einstein radius is where the arcs sit relative to the lens centre; with x, y and r channels the
-first layers can weight arc flux by its radius directly (:func:`coordinate_channels`).
 """
 
 from __future__ import annotations
@@ -24,29 +19,6 @@ from lensexp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 DROPOUT_WHERE = ("all", "head", "none")
-COORD_CHANNELS = (0, 2, 3)  # none | x, y | x, y, r
-
-
-def coordinate_channels(x: torch.Tensor, n: int = 2) -> torch.Tensor:
-    """[B, n, H, W]: pixel-centre x (column), y (row) and, for ``n=3``, r = hypot(x, y), in units
-    of the half field, 0 at the image centre (the grid of conventions.md scaled to [-1, 1])."""
-    B, _, H, W = x.shape
-    cy = (torch.arange(H, device=x.device, dtype=x.dtype) - (H - 1) / 2) / (H / 2)
-    cx = (torch.arange(W, device=x.device, dtype=x.dtype) - (W - 1) / 2) / (W / 2)
-    yy, xx = torch.meshgrid(cy, cx, indexing="ij")
-    chans = [xx, yy, torch.hypot(xx, yy)][:n]
-    return torch.stack(chans)[None].expand(B, n, H, W)
-
-
-def check_coord_channels(n) -> int:
-    if int(n) not in COORD_CHANNELS:
-        raise ConfigError(f"model.coord_channels must be one of {COORD_CHANNELS} (none, x y, x y r), got {n}")
-    return int(n)
-
-
-def with_coordinates(x: torch.Tensor, n: int) -> torch.Tensor:
-    """``x`` [B, C, H, W] with ``n`` coordinate channels appended (``x`` itself for ``n=0``)."""
-    return torch.cat([x, coordinate_channels(x, n)], 1) if n else x
 
 
 class MCDropout(nn.Module):
@@ -99,8 +71,7 @@ class LensRegressor(nn.Module):
     a two-layer head giving ``n_outputs`` numbers (the loss decides their meaning).
 
     Inputs smaller than ``min_input_size`` pixels (e.g. 75 for Inception-v4) are resized up
-    bilinearly; a note is logged once. ``coord_channels`` (0, 2 or 3) appends x, y (and r) to the
-    input (:func:`coordinate_channels`).
+    bilinearly; a note is logged once.
     """
 
     def __init__(
@@ -113,21 +84,15 @@ class LensRegressor(nn.Module):
         head_hidden: int = 256,
         min_input_size: int | None = None,
         backbone_kwargs: dict | None = None,
-        coord_channels: int = 0,
     ):
         super().__init__()
         import timm
 
-        self.coord_channels = check_coord_channels(coord_channels)
         if dropout_where not in DROPOUT_WHERE:
             raise ConfigError(f"model.dropout_where must be one of {DROPOUT_WHERE}, got '{dropout_where}'")
         try:
             self.backbone = timm.create_model(
-                backbone,
-                pretrained=False,
-                num_classes=0,
-                in_chans=int(in_chans) + self.coord_channels,
-                **dict(backbone_kwargs or {}),
+                backbone, pretrained=False, num_classes=0, in_chans=int(in_chans), **dict(backbone_kwargs or {})
             )
         except RuntimeError as exc:
             if "Unknown model" in str(exc):
@@ -149,4 +114,4 @@ class LensRegressor(nn.Module):
                 log.info("input %s px resized to %d px for this backbone", tuple(x.shape[-2:]), self.min_input_size)
                 self._noted = True
             x = F.interpolate(x, size=(self.min_input_size, self.min_input_size), mode="bilinear", align_corners=False)
-        return self.head(self.backbone(with_coordinates(x, self.coord_channels)))
+        return self.head(self.backbone(x))

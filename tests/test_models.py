@@ -97,38 +97,3 @@ def test_a_new_network_is_a_class_and_a_target(tmp_path):
     with pytest.raises(ConfigError, match="refused network class 'tests.test_models.PoolHead'"):
         load_module(tmp_path / "checkpoints" / "last.ckpt")
 
-
-def test_coordinate_channels_follow_the_pixel_grid():
-    """x = column, y = row, 0 at the pixel centre (N-1)/2 (conventions.md), in units of the half
-    field; r = hypot(x, y); the network's first layer sees them after the image bands."""
-    from lensexp.models import coordinate_channels
-
-    c = coordinate_channels(torch.zeros(2, 1, 5, 4), 3)
-    assert c.shape == (2, 3, 5, 4)
-    torch.testing.assert_close(c[0, 0, 0], torch.tensor([-1.5, -0.5, 0.5, 1.5]) / 2)  # columns
-    torch.testing.assert_close(c[0, 1, :, 0], torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0]) / 2.5)  # rows
-    assert c[0, 2, 2, 1] == torch.hypot(torch.tensor(0.25), torch.tensor(0.0))
-    m = LensRegressor("test_resnet", 2, 8, dropout=0.0, coord_channels=3).eval()
-    assert m.backbone.conv1[0].in_channels == 5
-    with torch.no_grad():
-        # channel order: the bands, then x, y, r - a filter reading band 0 and r gives 1 + r
-        x = torch.zeros(1, 2, 64, 64)
-        x[..., 10:14, 10:14] = 1.0
-        w = m.backbone.conv1[0].weight
-        w.zero_()
-        w[0, 0, 1, 1] = 1.0  # the image band
-        w[0, 4, 1, 1] = 1.0  # the radius channel
-        a = m.backbone.conv1[0](torch.cat([x, coordinate_channels(x, 3)], 1))[0, 0]
-        r = coordinate_channels(x, 3)[0, 2, ::2, ::2]  # conv1 has stride 2 (output pixel i reads input 2i)
-        torch.testing.assert_close(a[5:7, 5:7], 1.0 + r[5:7, 5:7])
-    with pytest.raises(ConfigError, match="coord_channels"):
-        LensRegressor("test_resnet", 1, 8, coord_channels=1)
-
-
-def test_coordinate_channels_in_the_density_map_encoder():
-    from lensexp.kappa_net import KappaUNet
-
-    m = KappaUNet("test_resnet", 1, coord_channels=3, dropout_where="none").eval()
-    with torch.no_grad():
-        assert m(torch.randn(2, 1, 64, 64)).shape == (2, 2, 64, 64)
-    assert m.encoder.conv1[0].in_channels == 4
