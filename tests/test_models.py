@@ -96,4 +96,3 @@ def test_a_new_network_is_a_class_and_a_target(tmp_path):
     assert ck["state_dict"]["net.proj.weight"].shape == (6, 1, 3, 3)
     with pytest.raises(ConfigError, match="refused network class 'tests.test_models.PoolHead'"):
         load_module(tmp_path / "checkpoints" / "last.ckpt")
-
