@@ -37,6 +37,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     run_dir = Path(run_dir)
     validate_config(cfg.data)
+    budget = parse_duration(cfg.time_budget) if cfg.get("time_budget") else None  # a bad value: one line, first
     set_threads()
     pl.seed_everything(int(cfg.seed), workers=True)
     dm = LensDataModule(cfg.data, **cfg.datamodule, seed=int(cfg.seed))
@@ -49,8 +50,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         model.net = torch.compile(model.net)
     loggers = build_loggers(cfg, run_dir)
     callbacks = build_callbacks(cfg.callbacks, str(run_dir / "checkpoints"), bool(loggers))
-    if cfg.get("time_budget"):  # epochs and learning-rate schedule fitted to the wall time
-        callbacks["time_budget"] = TimeBudget(parse_duration(cfg.time_budget), run_dir)
+    if budget:  # epochs and learning-rate schedule fitted to the wall time
+        callbacks["time_budget"] = TimeBudget(budget, run_dir)
     trainer = pl.Trainer(
         **trainer_kw, logger=loggers or False, callbacks=list(callbacks.values()), default_root_dir=str(run_dir)
     )

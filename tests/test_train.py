@@ -193,3 +193,4 @@ def test_time_budget_fits_epochs_and_ends_annealed(tmp_path):
     assert _last_step(tmp_path)[0] == step
     with pytest.raises(ConfigError, match="time_budget must look like"):
         run(compose_config("train", [*FAST, "time_budget=ten minutes"]), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()  # refused before any logger or checkpoint is made
