@@ -74,9 +74,10 @@ class TimeBudget(pl.Callback):
             self._fix(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module):
-        every = int(trainer.check_val_every_n_epoch or 1)
-        late = (trainer.current_epoch + 1) >= every * 2  # a validation should have come by now
-        if self.plan is None and (not trainer.enable_validation or late):
+        if self.plan is not None:
+            return
+        late = (trainer.current_epoch + 1) >= 2 * int(trainer.check_val_every_n_epoch or 1)  # no validation yet
+        if not trainer.enable_validation or late:
             self._fix(trainer, pl_module)
 
     def _fix(self, trainer, pl_module) -> None:
@@ -120,11 +121,7 @@ class TimeBudget(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         plan = state_dict.get("plan")
-        self.plan = (
-            {k: plan[k] for k in ("budget_s", "fixed_after_s", "steps_per_s", "epochs", "warm", "total")}
-            if plan
-            else None
-        )
+        self.plan = dict(plan) if plan else None
 
 
 class Throughput(pl.Callback):
