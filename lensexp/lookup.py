@@ -5,8 +5,8 @@ baseline here does exactly that: :class:`LookupBank` holds a simulated bank of t
 preset (``python -m lensexp.simulate data=kappa n=20000 seed=11 out=BANK``), per-image normalised
 like the network's input, and returns the convergence map of the nearest image (Euclidean
 distance in pixel space; scikit-learn's brute-force nearest neighbours). The command simulates
-test sets of each mass class (``classes``: the training family ``sie`` and families never used
-in training, ``sie_pair``, ``sie_subhalo``, ``epl``; :mod:`lensexp.sim.mass`) with a seed of
+test sets of each mass class (``classes``, by default the checkpoint's training family and the
+families never used in training, ``sie_pair``, ``sie_subhalo``, ``epl``; :mod:`lensexp.sim.mass`) with a seed of
 their own, predicts their maps with the network and with the look-up, and writes per class the
 mean |kappa error| (kappa clipped at 3, 0.3-2" annulus), the ratio network / look-up, the
 Einstein-radius error and the network's per-pixel coverage: ``OUT/lookup.csv``, ``.md``,
@@ -29,7 +29,14 @@ from lensexp.errors import ConfigError
 from lensexp.kappa_module import evaluate_maps
 from lensexp.sim.normalize import normalize
 
-CLASSES = ("sie", "sie_pair", "sie_subhalo", "epl")
+CLASSES = ("sie", "epl_narrow", "sie_pair", "sie_subhalo", "epl")
+UNSEEN = ("sie_pair", "sie_subhalo", "epl")  # never in a training family of data=kappa
+
+
+def default_classes(train_kind: str) -> list[str]:
+    """The classes compared when none are given: the checkpoint's training family first, then the
+    unseen ones."""
+    return [train_kind, *[k for k in UNSEEN if k != train_kind]]
 
 
 class LookupBank:
@@ -104,12 +111,12 @@ def evaluate_class(pred, bank: LookupBank, images, kappa, pixscale: float, batch
     return cat(net), cat(look), first
 
 
-def summary_row(kind: str, net: dict, look: dict, bank_size: int) -> dict:
+def summary_row(kind: str, net: dict, look: dict, bank_size: int, trained_on: bool) -> dict:
     """One table row: means (and medians) over the lenses of a class."""
     nm, lm = float(net["kappa_mae"].mean()), float(look["kappa_mae"].mean())
     return {
         "class": kind,
-        "trained_on": kind == "sie",
+        "trained_on": trained_on,
         "n": int(net["kappa_mae"].numel()),
         "network_kappa_mae": nm,
         "network_kappa_mae_median": float(net["kappa_mae"].median()),
@@ -177,13 +184,15 @@ def run(cfg: DictConfig) -> list[dict]:
     pixscale = float(info.get("pixscale", data_cfg.pixscale))
     pred = KappaPredictor(module, int(data_cfg.npix), pixscale, int(cfg.n_mc))
     bank = LookupBank(cfg.bank, str(module.hparams.input_norm), cfg.get("max_bank"))
+    train_kind = str(OmegaConf.select(data_cfg, "mass.kind", default="sie"))
+    classes = list(cfg.classes) if cfg.classes else default_classes(train_kind)
     rows, firsts, per_lens = [], {}, []
-    for j, kind in enumerate(cfg.classes):
+    for j, kind in enumerate(classes):
         if kind not in CLASSES:
             raise ConfigError(f"unknown mass class '{kind}'; choose from {list(CLASSES)}")
         images, kappa = class_set(data_cfg, kind, int(cfg.n), int(cfg.seed) + j)
         net, look, firsts[kind] = evaluate_class(pred, bank, images, kappa, pixscale, seed=int(cfg.seed))
-        rows.append(summary_row(kind, net, look, len(bank)))
+        rows.append(summary_row(kind, net, look, len(bank), kind == train_kind))
         per_lens += [
             {
                 "class": kind,

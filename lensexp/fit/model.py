@@ -20,6 +20,10 @@ LIGHT = ("ll_x", "ll_y", "ll_R", "ll_n", "ll_e1", "ll_e2")  # centre shared by t
 LIGHT2 = ("ll2_R", "ll2_n", "ll2_e1", "ll2_e2")
 LIGHT3 = tuple("ll3" + n[3:] for n in LIGHT2)
 LIGHT_PREFIXES = ("ll_", "ll2_", "ll3_")
+# unlensed Sérsics with their own centres: neighbouring galaxies (companions) left unmasked in the data
+COMPANION = ("cp_x", "cp_y", "cp_R", "cp_n", "cp_e1", "cp_e2")
+COMPANION2 = tuple("cp2" + n[2:] for n in COMPANION)
+COMPANION_PREFIXES = ("cp_", "cp2_")
 # starts of the further light components relative to the first: (R / R_first, Sérsic n): a core and
 # an envelope (ellipticals' outer light falls off unlike their body), same centre and ellipticity
 EXTRA_LIGHT_STARTS = {"ll2_": (0.3, 1.0), "ll3_": (3.0, 1.0)}
@@ -47,14 +51,19 @@ def source_names(n_src: int) -> tuple:
     return SOURCE + (SOURCE2 if n_src >= 2 else ())
 
 
-def param_names(n_light: int, n_src: int = 1) -> tuple:
-    """Non-linear parameters fitted: mass, source shapes and positions (+ lens light)."""
-    return MASS + source_names(int(n_src)) + light_names(int(n_light))
+def companion_names(n_comp: int) -> tuple:
+    """Parameters of ``n_comp`` (0-2) unlensed companion Sérsics, each with its own centre."""
+    return (COMPANION if n_comp >= 1 else ()) + (COMPANION2 if n_comp >= 2 else ())
 
 
-def amp_names(n_light: int, n_src: int = 1) -> list[str]:
-    """Linear amplitudes, in the order of :meth:`LensModel.templates`: sources, then lens light."""
-    prefixes = SOURCE_PREFIXES[: int(n_src)] + LIGHT_PREFIXES[: int(n_light)]
+def param_names(n_light: int, n_src: int = 1, n_comp: int = 0) -> tuple:
+    """Non-linear parameters fitted: mass, source shapes and positions (+ lens light, companions)."""
+    return MASS + source_names(int(n_src)) + light_names(int(n_light)) + companion_names(int(n_comp))
+
+
+def amp_names(n_light: int, n_src: int = 1, n_comp: int = 0) -> list[str]:
+    """Linear amplitudes, in the order of :meth:`LensModel.templates`: sources, lens light, companions."""
+    prefixes = SOURCE_PREFIXES[: int(n_src)] + LIGHT_PREFIXES[: int(n_light)] + COMPANION_PREFIXES[: int(n_comp)]
     return [k + "amp" for k in prefixes]
 
 
@@ -78,6 +87,7 @@ class ParamSpace:
         theta_E_range: tuple[float, float] | None = None,
         src_R_max: float | None = None,
         n_src: int = 1,
+        n_comp: int = 0,
     ) -> ParamSpace:
         """Bounds for an ``npix`` grid of ``pixscale`` arcsec/px (field of view ``F``): theta_E in
         [0.05", F/2] (within ``theta_E_range`` when given: the CLI takes the data preset's prior),
@@ -86,7 +96,8 @@ class ParamSpace:
         takes it from the data preset's shear prior), source in the field, R_sersic in
         [pixscale/4, F/4] (at most ``src_R_max`` when given), n in [0.3, 6] (a second source
         component, ``n_src=2``, in the same boxes); lens light R in [pixscale/2, F/2], n in
-        [0.5, 8] for every component."""
+        [0.5, 8] for every component; companions (``n_comp``) anywhere in the field, R in
+        [pixscale/2, F/8], n in [0.5, 8]."""
         fov = npix * pixscale
         t_lo, t_hi = 0.05, fov / 2
         if theta_E_range is not None:
@@ -123,7 +134,10 @@ class ParamSpace:
         }
         b.update({c + k[3:]: b[k] for k in ("ll_R", "ll_n", "ll_e1", "ll_e2") for c in LIGHT_PREFIXES[1:]})
         b.update({"src2" + k[3:]: b[k] for k in SOURCE})
-        names = param_names(n_light, n_src)
+        b.update({"cp_x": b["src_x"], "cp_y": b["src_y"], "cp_R": (pixscale / 2, fov / 8), "cp_n": b["ll_n"]})
+        b.update({"cp_e1": b["ll_e1"], "cp_e2": b["ll_e2"]})
+        b.update({"cp2" + k[2:]: b[k] for k in COMPANION})
+        names = param_names(n_light, n_src, n_comp)
         lo = torch.tensor([b[n][0] for n in names], dtype=dtype)
         hi = torch.tensor([b[n][1] for n in names], dtype=dtype)
         return cls(names, lo, hi)
@@ -147,17 +161,19 @@ class ParamSpace:
 class LensModel:
     """Unit-amplitude component images [M, K, N, N] on one grid: K = ``n_src`` lensed source
     Sérsics (1 or 2) + ``n_light`` (0-3) concentric Sérsic lens-light components (centre ``ll_x,
-    ll_y``, free of the mass centre)."""
+    ll_y``, free of the mass centre) + ``n_comp`` (0-2) unlensed companion Sérsics."""
 
-    def __init__(self, npix: int, pixscale: float, supersample: int, n_light: int, n_src: int = 1):
+    def __init__(self, npix: int, pixscale: float, supersample: int, n_light: int, n_src: int = 1, n_comp: int = 0):
         self.npix, self.pixscale, self.ss = int(npix), float(pixscale), int(supersample)
-        self.n_light, self.n_src = int(n_light), int(n_src)
+        self.n_light, self.n_src, self.n_comp = int(n_light), int(n_src), int(n_comp)
         self.lens_light = self.n_light > 0
-        self.K = self.n_src + self.n_light
+        self.K = self.n_src + self.n_light + self.n_comp
 
     def like(self, npix: int | None = None, supersample: int | None = None) -> LensModel:
         """The same components on another (centred) grid or supersampling."""
-        return LensModel(npix or self.npix, self.pixscale, supersample or self.ss, self.n_light, self.n_src)
+        return LensModel(
+            npix or self.npix, self.pixscale, supersample or self.ss, self.n_light, self.n_src, self.n_comp
+        )
 
     def light_templates(self, p: dict, psf: torch.Tensor | None) -> torch.Tensor:
         """The lens-light components alone [M, n_light, N, N]."""
@@ -165,6 +181,14 @@ class LensModel:
         for prefix in LIGHT_PREFIXES[: self.n_light]:
             light = _unit_sersic(p, prefix, p["ll_x"], p["ll_y"])
             out.append(render_sersic(None, light, self.npix, self.pixscale, self.ss, psf, p["ll_x"].dtype))
+        return torch.stack(out, 1)
+
+    def companion_templates(self, p: dict, psf: torch.Tensor | None) -> torch.Tensor:
+        """The unlensed companions alone [M, n_comp, N, N]."""
+        out = []
+        for prefix in COMPANION_PREFIXES[: self.n_comp]:
+            light = _unit_sersic(p, prefix, p[prefix + "x"], p[prefix + "y"])
+            out.append(render_sersic(None, light, self.npix, self.pixscale, self.ss, psf, p[prefix + "x"].dtype))
         return torch.stack(out, 1)
 
     def source_templates(self, p: dict, psf: torch.Tensor | None) -> torch.Tensor:
@@ -180,6 +204,8 @@ class LensModel:
         out = self.source_templates(p, psf)
         if self.lens_light:
             out = torch.cat([out, self.light_templates(p, psf)], 1)
+        if self.n_comp:
+            out = torch.cat([out, self.companion_templates(p, psf)], 1)
         return out
 
     def mu_F(self, p: dict, amps: torch.Tensor | None = None) -> torch.Tensor:

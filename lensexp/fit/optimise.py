@@ -84,9 +84,11 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
     # stage 1: Adam over every start at once (in fs.adam_dtype), amplitudes profiled, data-based variance,
     # on the cut-out where the arcs are (the light outside it was fitted above and is refitted in stage 2)
     # (never tighter than 1.6 x the typical theta_E start, so arcs of wide lenses stay inside)
-    half = fs.adam_half_width and max(fs.adam_half_width, 1.6 * float(starts[..., 0].median(1).values.max()))
-    n_c = explore_npix(model, half)
-    ocut = obs.crop(n_c)
+    # each lens on its own cut-out (a batch shares the largest; pixels outside a lens's own are unused),
+    # so a lens's fit does not depend on which lenses share its batch
+    halves = [fs.adam_half_width and max(fs.adam_half_width, 1.6 * float(t)) for t in starts[..., 0].median(1).values]
+    n_c = max(explore_npix(model, h) for h in halves)
+    ocut = own_cutouts(obs.crop(n_c), [explore_npix(model, h) for h in halves])
     coarse = model.like(n_c, ss_explore)
     fine = model.like(n_c)
     o1, s1 = ocut.to(fs.adam_dtype), space.to(fs.adam_dtype)
@@ -153,6 +155,17 @@ def explore_npix(model: LensModel, half_width: float | None) -> int:
     n = math.ceil(2 * half_width / model.pixscale)
     n += (model.npix - n) % 2
     return min(n, model.npix)
+
+
+def own_cutouts(obs: Observation, sides: list[int]) -> Observation:
+    """``obs`` (a centred cut-out) with only each lens's centred ``sides[b]`` x ``sides[b]``
+    pixels in use."""
+    n = obs.data.shape[-1]
+    keep = torch.zeros_like(obs.use)
+    for b, s in enumerate(sides):
+        k = (n - s) // 2
+        keep[b, k : n - k, k : n - k] = True
+    return Observation(obs.data, obs.use & keep, obs.psf, obs.bg_var, obs.inv_t)
 
 
 def _profiled_loss(p, obs, idx, w, d, space, model, outlier_sigma, center_sigma=None):
@@ -251,5 +264,5 @@ def _laplace(res, obs, b, space, model, outlier_sigma, center_sigma=None) -> dic
         std = torch.cholesky_inverse(torch.linalg.cholesky(H)).diagonal().sqrt()
     except torch.linalg.LinAlgError:  # not positive definite: no Gaussian approximation
         std = torch.full((x0.numel(),), math.nan, dtype=x0.dtype)
-    names = list(space.names) + amp_names(model.n_light, model.n_src)
+    names = list(space.names) + amp_names(model.n_light, model.n_src, model.n_comp)
     return {n: float(s) for n, s in zip(names, std)}

@@ -19,7 +19,8 @@ def init_source(
     """Fill the source (and lens-light) columns of starts ``p`` [M, P] (mass set; ``idx`` [M]
     maps starts to lenses): the source sits at the flux-weighted mean of ``beta = theta -
     alpha(theta)`` over pixels above 3 sigma (of the data less the light-only model ``light``,
-    :func:`lensexp.fit.light.fit_light`, when given), with their spread as size. ``jitter`` [M, 4]
+    :func:`lensexp.fit.light.fit_light`, when given, which also places the companions), with their
+    spread as size. ``jitter`` [M, 4]
     in [-1, 1] sets small ellipticities (never exactly round, where the angle has no gradient)."""
     x, y = pixel_grid(model.npix, model.pixscale, 1, p.dtype, p.device)
     d = obs.data[idx] if light is None else (obs.data - light["image"])[idx]
@@ -45,9 +46,11 @@ def init_source(
         p[:, col["src2_n"]] = 1.0
         p[:, col["src2_e1"]], p[:, col["src2_e2"]] = -jitter[:, 1], jitter[:, 0]
     if light is not None:
+        from lensexp.fit.companions import place_companions
         from lensexp.fit.light import place_light
 
         p = place_light(p, space, light, idx)
+        p = place_companions(p, space, obs, light, model, idx, jitter[:, 2:4])
     elif model.lens_light:
         p[:, col["ll_x"]], p[:, col["ll_y"]] = m["center_x"], m["center_y"]
         p[:, col["ll_R"]] = 0.5 * m["theta_E"].clamp(min=2 * model.pixscale)

@@ -6,6 +6,7 @@ import csv
 import logging
 import os
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +38,9 @@ def read_truth(path: str | Path) -> dict:
     return {n: [r[k] for k in MASS] for n, r in rows.items()}
 
 
-def columns(n_light: int, laplace: bool, n_src: int = 1) -> list[str]:
+def columns(n_light: int, laplace: bool, n_src: int = 1, n_comp: int = 0) -> list[str]:
     """CSV columns: the contract's (``name``, mass labels, ``chi2_dof``, ``seconds``) first."""
-    extra = [n for n in param_names(n_light, n_src) if n not in MASS] + amp_names(n_light, n_src)
+    extra = [n for n in param_names(n_light, n_src, n_comp) if n not in MASS] + amp_names(n_light, n_src, n_comp)
     cols = ["name", *MASS, "chi2_dof", "seconds", "mu_F", "nll", "n_pix", "n_out", "start", "noise_source", "sky_ratio"]
     cols += extra
     if laplace:
@@ -116,6 +117,13 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"source_components must be 1 or 2, got {cfg.source_components}")
     if int(cfg.lens_light_components) not in (1, 2, 3):
         raise ConfigError(f"lens_light_components must be 1, 2 or 3, got {cfg.lens_light_components}")
+    if int(cfg.companions) not in (0, 1, 2):
+        raise ConfigError(f"companions must be 0, 1 or 2, got {cfg.companions}")
+    if int(cfg.companions) and not (cfg.lens_light and int(cfg.adam.light_steps) > 0):
+        raise ConfigError(
+            "companions > 0 needs lens_light=true and adam.light_steps > 0: companions start on the "
+            "residual of the light-only fit"
+        )
     if cfg.adam.supersample is not None and int(cfg.adam.supersample) < 0:  # 0 / null: the model's supersampling
         raise ConfigError(f"adam.supersample must be >= 0, got {cfg.adam.supersample}")
     if cfg.adam.half_width is not None and not float(cfg.adam.half_width) > 0:
@@ -167,6 +175,7 @@ def run(cfg: DictConfig) -> dict:
     loader = Loader(cfg, int(cfg.npix) if cfg.npix else None)
     ss = int(cfg.supersample or cfg.data.supersample)
     lens_light = int(cfg.lens_light_components) if cfg.lens_light else 0
+    n_comp = int(cfg.companions)
     fs = FitSettings(
         adam_steps=int(cfg.adam.steps),
         adam_lr=float(cfg.adam.lr),
@@ -183,7 +192,7 @@ def run(cfg: DictConfig) -> dict:
         ring_start=bool(cfg.ring_start) and cfg.init == "prior",
         center_sigma=float(cfg.center_prior) if cfg.center_prior else None,
     )
-    cols = columns(lens_light, fs.laplace, int(cfg.source_components))
+    cols = columns(lens_light, fs.laplace, int(cfg.source_components), n_comp)
     done = _resume(partial, cols) if cfg.resume else set()
     if not cfg.resume:
         partial.unlink(missing_ok=True)
@@ -280,9 +289,17 @@ def _fit_group(group: list[dict], cfg, fs, pred, truth, ss, lens_light, dtype, d
     """Fit loaded files sharing one grid; returns their CSV rows."""
     n, scale = group[0]["data"].shape[-1], group[0]["scale"]
     space = ParamSpace.for_grid(
-        n, scale, lens_light, dtype, shear_max(cfg), theta_E_range(cfg), source_R_max(cfg), int(cfg.source_components)
+        n,
+        scale,
+        lens_light,
+        dtype,
+        shear_max(cfg),
+        theta_E_range(cfg),
+        source_R_max(cfg),
+        int(cfg.source_components),
+        int(cfg.companions),
     ).to(device=device)
-    model = LensModel(n, scale, ss, lens_light, int(cfg.source_components))
+    model = LensModel(n, scale, ss, lens_light, int(cfg.source_components), int(cfg.companions))
     stack = lambda key: torch.from_numpy(np.stack([g[key] for g in group]))  # noqa: E731
     obs = Observation(
         stack("data").to(dtype),
@@ -291,8 +308,7 @@ def _fit_group(group: list[dict], cfg, fs, pred, truth, ss, lens_light, dtype, d
         _bg_stack(group, dtype),
         torch.tensor([g["inv_t"] for g in group], dtype=dtype),
     ).to(device=device)
-    # one generator per file (seed, position in the input list): reruns and resumed runs agree
-    rngs = [torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + g["index"]) for g in group]
+    rngs = [lens_generator(int(cfg.seed), g["name"]) for g in group]
     t0 = time.perf_counter()
     starts = starts_for(cfg, group, pred, truth, rngs, dtype).to(device)
     t_init = (time.perf_counter() - t0) / len(group)
@@ -300,7 +316,7 @@ def _fit_group(group: list[dict], cfg, fs, pred, truth, ss, lens_light, dtype, d
     for b, (g, res) in enumerate(zip(group, fit_batch(obs, starts, space, model, fs, rngs))):
         res["seconds"] += t_init
         res["noise_source"], res["sky_ratio"] = g["noise_source"], g["sky_ratio"]
-        rows.append(result_row(g["name"], res, space, amp_names(lens_light, model.n_src), g["offset"]))
+        rows.append(result_row(g["name"], res, space, amp_names(lens_light, model.n_src, model.n_comp), g["offset"]))
         if cfg.save_plots:
             with torch.no_grad():
                 T = model.templates({k: v[None] for k, v in res["p"].items()}, obs.psf[b : b + 1])[0]
@@ -308,6 +324,13 @@ def _fit_group(group: list[dict], cfg, fs, pred, truth, ss, lens_light, dtype, d
             png = Path(cfg.save_plots)
             fit_figure(obs.data[b], T, res["amps"], res["var"], obs.use[b], scale, g["name"], lens, png, model.n_src)
     return rows
+
+
+def lens_generator(seed: int, name: str) -> torch.Generator:
+    """The random generator of one lens's starts: from ``seed`` and the lens's name (CRC-32), so
+    reruns and resumed runs agree, and a lens's fit does not change when other files join or leave
+    the input folder (a seed from the position in the list did)."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + zlib.crc32(name.encode()))
 
 
 def shear_max(cfg: DictConfig) -> float:

@@ -8,10 +8,11 @@ Profiles, in lenstronomy's conventions (1.14), pure and batched like :mod:`lense
   Tessore & Metcalf 2015): ``kappa = (3 - gamma) / 2 (theta_E / sqrt(q x'^2 + y'^2 / q))^(gamma-1)``,
   ``gamma`` the 3-D slope (2 = SIE), ``e1, e2`` as for the SIE.
 
-Families (``data.mass.kind``): ``sie`` (SIE + shear: the training family of ``data=kappa``),
-``sie_pair`` (a second SIE beside the main one), ``sie_subhalo`` (an SIS subhalo near the
-Einstein ring) and ``epl`` (the main lens a power law with a slope away from isothermal). The
-eight labels always describe the main lens (for ``epl`` its theta_E, e1, e2, centre) and the
+Families (``data.mass.kind``): ``sie`` (SIE + shear), ``epl_narrow`` (the main lens a power law
+with a slope near isothermal, 2 +- 0.15 in ``data=kappa``: its training family), ``sie_pair`` (a
+second SIE beside the main one), ``sie_subhalo`` (an SIS subhalo near the Einstein ring) and
+``epl`` (the main lens a power law with a slope away from isothermal, 2 +- 0.25-0.5). The eight
+labels always describe the main lens (for the power laws its theta_E, e1, e2, centre) and the
 shear; the other components travel in the parameter dict under ``m2_*`` / ``sub_*`` / ``epl_gamma``.
 """
 
@@ -25,13 +26,15 @@ from lensexp.errors import ConfigError
 from lensexp.sim import lens as lensmod
 from lensexp.sim.ranges import check_range, draw
 
-MASS_KINDS = ("sie", "sie_pair", "sie_subhalo", "epl")
+MASS_KINDS = ("sie", "epl_narrow", "sie_pair", "sie_subhalo", "epl")
+EPL_KINDS = ("epl", "epl_narrow")  # the main lens a power law (its own gamma_offset range each)
 # parameters each family adds to the eight labels (kept in the samples' meta)
 COMPONENT_KEYS = {
     "sie": (),
     "sie_pair": ("m2_theta_E", "m2_e1", "m2_e2", "m2_center_x", "m2_center_y"),
     "sie_subhalo": ("sub_theta_E", "sub_center_x", "sub_center_y"),
     "epl": ("epl_gamma",),
+    "epl_narrow": ("epl_gamma",),
 }
 # most terms of the hypergeometric series (|z| = (1-q)/(1+q) = 0.82 at q = 0.1 needs ~130 for 1e-11)
 _EPL_TERMS = 160
@@ -114,8 +117,8 @@ def check_mass_config(m) -> str:
     elif kind == "sie_subhalo":
         check_range("data.mass.subhalo.theta_E", m.subhalo.theta_E, 0.0, strict_low=True)
         check_range("data.mass.subhalo.radius", m.subhalo.radius, 0.0)
-    elif kind == "epl":
-        check_range("data.mass.epl.gamma_offset", m.epl.gamma_offset, 0.0, 0.9)
+    elif kind in EPL_KINDS:
+        check_range(f"data.mass.{kind}.gamma_offset", m[kind].gamma_offset, 0.0, 0.9)
     return kind
 
 
@@ -135,9 +138,9 @@ def draw_components(m, kind: str, p: dict, rng: torch.Generator) -> dict:
         out["sub_theta_E"] = d(m.subhalo.theta_E)
         r, a = p["theta_E"] * d(m.subhalo.radius), ang()
         out["sub_center_x"], out["sub_center_y"] = p["center_x"] + r * torch.cos(a), p["center_y"] + r * torch.sin(a)
-    elif kind == "epl":
+    elif kind in EPL_KINDS:
         sign = torch.where(torch.rand(n, generator=rng, device=dev) < 0.5, -1.0, 1.0).to(dt)
-        out["epl_gamma"] = 2.0 + sign * d(m.epl.gamma_offset)
+        out["epl_gamma"] = 2.0 + sign * d(m[kind].gamma_offset)
     return out
 
 
@@ -147,7 +150,7 @@ def _col(p: dict, k: str, like: torch.Tensor) -> torch.Tensor:
 
 def extra_deflection(kind: str, p: dict, x: torch.Tensor, y: torch.Tensor):
     """Deflection [B, P] at positions x, y [1, P] of what family ``kind`` adds to (or, for
-    ``epl``, puts instead of) the main SIE; ``None`` for ``sie``."""
+    the power laws, puts instead of) the main SIE; ``None`` for ``sie``."""
     if kind == "sie":
         return None
     c = lambda k: _col(p, k, x)  # noqa: E731
@@ -162,7 +165,7 @@ def convergence_map(kind: str, p: dict, x: torch.Tensor, y: torch.Tensor) -> tor
     """Total convergence [B, ...] at positions x, y (e.g. the pixel centres [1, N, N]) of the
     lenses in ``p`` (family ``kind``; the external shear adds none)."""
     c = lambda k: _col(p, k, x)  # noqa: E731
-    if kind == "epl":
+    if kind in EPL_KINDS:
         return epl_convergence(x, y, c("theta_E"), c("epl_gamma"), c("e1"), c("e2"), c("center_x"), c("center_y"))
     kappa = lensmod.sie_convergence(x, y, c("theta_E"), c("e1"), c("e2"), c("center_x"), c("center_y"))
     if kind == "sie_pair":

@@ -114,7 +114,7 @@ class Simulator:
         if self.mass_kind == "sie":
             return lens_coefficients(p), None
         extra = massmod.extra_deflection(self.mass_kind, p, self.x, self.y)
-        sie = p if self.mass_kind != "epl" else {**p, "theta_E": torch.zeros_like(p["theta_E"])}
+        sie = p if self.mass_kind not in massmod.EPL_KINDS else {**p, "theta_E": torch.zeros_like(p["theta_E"])}
         return lens_coefficients(sie), extra
 
     # ------------------------------------------------------------------ rendering

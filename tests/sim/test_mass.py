@@ -64,7 +64,7 @@ def _lenstronomy_model(kind, lab, meta, i):
     main = dict(theta_E=lab[i, 0], e1=lab[i, 1], e2=lab[i, 2], center_x=lab[i, 3], center_y=lab[i, 4])
     shear = dict(gamma1=lab[i, 5], gamma2=lab[i, 6], ra_0=0, dec_0=0)
     m = {k: float(meta[k][i]) for k in mass.COMPONENT_KEYS[kind]}
-    if kind == "epl":
+    if kind in mass.EPL_KINDS:
         return ["EPL", "SHEAR"], [{**main, "gamma": m["epl_gamma"]}, shear]
     if kind == "sie_pair":
         comp = {k[3:]: v for k, v in m.items()}
@@ -81,13 +81,16 @@ def test_preset_kappa_is_the_analytic_convergence_of_its_components(kind):
     kappa, lab = b.meta["kappa"].double().numpy(), b.labels.double().numpy()
     x, y = (t.numpy() for t in pixel_grid(cfg.npix, cfg.pixscale, 1))
     for i in range(4):
-        main = lensmod.sie_convergence(x, y, *lab[i, :5]).numpy() if kind != "epl" else 0.0
+        main = lensmod.sie_convergence(x, y, *lab[i, :5]).numpy() if kind not in mass.EPL_KINDS else 0.0
         models, kws = _lenstronomy_model(kind, lab, b.meta, i)
         # SIEs against the lens module's analytic kappa (lenstronomy's SIE kappa carries ~1e-4
         # numerical error: checked to 1e-3), every other component against lenstronomy to 1e-6
         extra = LensModel(models[2:]).kappa(x, y, kws[2:]) if len(models) > 2 else 0.0
-        if kind == "epl":
+        if kind in mass.EPL_KINDS:
             extra = LensModel(["EPL"]).kappa(x, y, kws[:1])
+            slope = abs(float(b.meta["epl_gamma"][i]) - 2)
+            lo, hi = cfg.mass[kind].gamma_offset
+            assert lo <= slope <= hi  # each power-law family draws from its own slope range
         if kind == "sie_pair":
             np.testing.assert_allclose(kappa[i], main + extra, rtol=1e-3)
             c = kws[2]
@@ -96,14 +99,14 @@ def test_preset_kappa_is_the_analytic_convergence_of_its_components(kind):
         assert np.all(kappa[i] > 0) and kappa.dtype == np.float64 and b.meta["kappa"].dtype == torch.float32
 
 
-@pytest.mark.parametrize("kind", ["sie_pair", "sie_subhalo", "epl"])
+@pytest.mark.parametrize("kind", ["sie_pair", "sie_subhalo", "epl", "epl_narrow"])
 def test_ray_shooting_of_each_family_matches_lenstronomy(kind):
     cfg = load_data_preset("kappa", [f"data.mass.kind={kind}", "data.source.kind=sersic"])
     sim = Simulator(cfg)
     rng = torch.Generator().manual_seed(5)
     p = {k: v.double() if v.is_floating_point() else v for k, v in sim.draw_params(3, rng).items()}
     x, y = torch.tensor(X)[None], torch.tensor(Y)[None]
-    sie = p if kind != "epl" else {**p, "theta_E": torch.zeros_like(p["theta_E"])}
+    sie = p if kind not in mass.EPL_KINDS else {**p, "theta_E": torch.zeros_like(p["theta_E"])}
     bx, by = shoot(x, y, lens_coefficients(sie), mass.extra_deflection(kind, p, x, y))
     lab = torch.stack([p[k] for k in ("theta_E", "e1", "e2", "center_x", "center_y", "gamma1", "gamma2")], 1).numpy()
     for i in range(3):
@@ -125,3 +128,5 @@ def test_bad_mass_settings_are_one_line():
         Simulator(load_data_preset("kappa", ["data.mass.kind=nfw"]))
     with pytest.raises(ConfigError, match="data.mass.subhalo.theta_E"):
         Simulator(load_data_preset("kappa", ["data.mass.kind=sie_subhalo", "data.mass.subhalo.theta_E=[0.3,0.1]"]))
+    with pytest.raises(ConfigError, match="data.mass.epl_narrow.gamma_offset"):
+        Simulator(load_data_preset("kappa", ["data.mass.kind=epl_narrow", "data.mass.epl_narrow.gamma_offset=[0.2,0.1]"]))
