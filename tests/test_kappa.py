@@ -238,6 +238,13 @@ def test_a_briefly_trained_network_beats_the_lookup_on_a_held_out_class(tmp_path
     assert ratio < 0.8, f"network / look-up annulus error {ratio:.2f}"
 
 
+def test_lookup_compares_the_training_family_then_the_unseen_classes():
+    from lensexp.lookup import default_classes
+
+    assert default_classes("sie") == ["sie", "sie_pair", "sie_subhalo", "epl"]
+    assert default_classes("epl_narrow") == ["epl_narrow", "sie_pair", "sie_subhalo", "epl"]
+
+
 def test_lookup_command_is_deterministic_by_seed(kappa_ckpt, tmp_path):
     from lensexp.lookup import run as lookup
     from lensexp.simulate import run as simulate
