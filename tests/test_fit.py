@@ -726,3 +726,33 @@ def test_a_third_light_component_fits_an_envelope_two_cannot():
         chi2[n] = float(((noisy - light["image"]) ** 2).sum()) / sigma**2 / npix**2
     assert amp_names(3) == ["src_amp", "ll_amp", "ll2_amp", "ll3_amp"]
     assert chi2[3] < 1.2 and chi2[2] > 1.5 * chi2[3]  # measured 0.99 and 1.90
+
+
+def test_lbfgs_finishes_the_light_fit_where_adam_stops_short():
+    """The light-only fit's L-BFGS finish (``lbfgs.light_iters``) takes three Sérsics from 50
+    Adam steps to the noise floor (chi2 at or below the truth's), which 50 Adam steps alone miss
+    by far; it is lens by lens, so a lens's light does not depend on its batch."""
+    from lensexp.fit.light import fit_light
+
+    npix, pix = 64, 0.05
+    psf = torch.from_numpy(draw_kernel("gaussian", 0.1, pix, 11)).double()
+    centre = dict(center_x=0.03, center_y=-0.02)
+    parts = [
+        dict(amp=40.0, R_sersic=0.12, n_sersic=1.0, e1=0.1, e2=-0.05, **centre),
+        dict(amp=8.0, R_sersic=0.6, n_sersic=4.0, e1=0.1, e2=-0.05, **centre),
+        dict(amp=1.5, R_sersic=1.5, n_sersic=0.8, e1=-0.15, e2=0.1, **centre),
+    ]
+    img = sum(render_sersic(None, c, npix, pix, 2, psf) for c in parts)
+    sigma = 0.002 * float(img.max())
+    obs = noisy_observation(img, psf, sigma, 3)
+    space, model = ParamSpace.for_grid(npix, pix, 3), LensModel(npix, pix, 2, 3)
+    chi2 = lambda image: float(((obs.data - image) ** 2).sum()) / sigma**2  # noqa: E731 (4 096 pixels)
+    adam = chi2(fit_light(obs, space, model, 50, 0.05, None)["image"])
+    finished = fit_light(obs, space, model, 50, 0.05, None, lbfgs_iters=500)
+    truth = chi2(img)
+    # the truth's chi2 less the ~17 parameters' worth the fit absorbs from the noise: measured
+    # Adam +175, Adam + L-BFGS -15
+    assert chi2(finished["image"]) <= truth and adam > truth + 50
+    two = Observation(*(torch.cat([t, t]) for t in (obs.data, obs.use, obs.psf, obs.bg_var, obs.inv_t)))
+    pair = fit_light(two, space, model, 50, 0.05, None, lbfgs_iters=500)
+    assert torch.allclose(pair["p"][0], finished["p"][0], atol=1e-3)  # to the optimiser's tolerance (~1e-4)

@@ -61,7 +61,9 @@ def fit(n_comp: int):
     model = LensModel(NPIX, PIX, 2, 2, 1, n_comp)
     space = ParamSpace.for_grid(NPIX, PIX, 2, n_comp=n_comp)
     fs = FitSettings(adam_steps=150, lbfgs_iters=40, polish=1, irls_rounds=1, light_steps=100, ring_start=True)
-    return fit_batch(obs, torch.zeros(1, 3, 7, dtype=torch.float64), space, model, fs, [torch.Generator().manual_seed(1)])[0]
+    return fit_batch(
+        obs, torch.zeros(1, 3, 7, dtype=torch.float64), space, model, fs, [torch.Generator().manual_seed(1)]
+    )[0]
 
 
 def test_companion_is_fitted_and_theta_E_stays_on_the_ring():

@@ -31,9 +31,9 @@ def residual_peaks(
     """Positions (x, y) [B, n_peaks] in arcsec of the most significant compact peaks of the
     residual ``data - light["image"]``: the matched-filter significance ``sum(resid) /
     sqrt(sum(var))`` over ``box`` x ``box`` px of usable pixels, the residual first 3 x 3
-    median-filtered (single hot pixels and cosmic rays do not count), beyond ``min_radius`` arcsec of the light centre (where the light model's
-    own residuals sit) and away from the edge; each next peak at least ``separation`` arcsec from
-    the ones before."""
+    median-filtered (single hot pixels and cosmic rays do not count), beyond ``min_radius``
+    arcsec of the light centre (where the light model's own residuals sit) and away from the
+    edge; each next peak at least ``separation`` arcsec from the ones before."""
     x, y = pixel_grid(model.npix, model.pixscale, 1, obs.data.dtype, obs.data.device)
     names = light["names"]
     cx, cy = light["p"][:, names.index("ll_x")], light["p"][:, names.index("ll_y")]

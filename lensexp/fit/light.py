@@ -57,9 +57,16 @@ def _light_columns(space: ParamSpace, n_light: int) -> list[int]:
     return [space.names.index(n) for n in light_names(n_light)]
 
 
-def fit_light(obs: Observation, space: ParamSpace, model: LensModel, steps: int, lr: float, outlier_sigma) -> dict:
-    """Light-only Adam fit of every lens: ``p`` [B, n light parameters] (physical, in the order of
-    :func:`~lensexp.fit.model.light_names`) and the model ``image`` [B, N, N]."""
+def fit_light(
+    obs: Observation, space: ParamSpace, model: LensModel, steps: int, lr: float, outlier_sigma, lbfgs_iters: int = 0
+) -> dict:
+    """Light-only fit of every lens, Adam (``steps``) then, with ``lbfgs_iters``, L-BFGS lens by
+    lens in float64 to convergence: ``p`` [B, n light parameters] (physical, in the order of
+    :func:`~lensexp.fit.model.light_names`) and the model ``image`` [B, N, N] (``obs``'s dtype).
+
+    Adam alone is far from converged after a few hundred steps on bright ellipticals (SLACS: the
+    loss still fell by 300-1 700 between 150 and 1 500 steps), and the mass fit inherits that
+    light as its start: the L-BFGS finish reaches the light's optimum in a fraction of the time."""
     m0 = moment_start(obs, model)
     names = light_names(model.n_light)
     cols = _light_columns(space, model.n_light)
@@ -91,11 +98,44 @@ def fit_light(obs: Observation, space: ParamSpace, model: LensModel, steps: int,
         (rho(z2, outlier_sigma) * (w > 0)).sum().backward()
         u.grad.nan_to_num_(0.0, 0.0, 0.0)
         opt.step()
+    u = u.detach()
+    if lbfgs_iters > 0:
+        u = torch.stack(
+            [_light_lbfgs(u[b], obs, b, lo, hi, model, names, outlier_sigma, lbfgs_iters) for b in range(len(u))]
+        )
     with torch.no_grad():
         p, T = light(u)
         amps = solve_amplitudes(T, d, w)
         image = (amps[:, :, None, None] * T).sum(1)
     return {"p": p.detach(), "image": image, "names": names}
+
+
+def _light_lbfgs(u0, obs: Observation, b: int, lo, hi, model: LensModel, names, outlier_sigma, iters: int):
+    """Unconstrained light parameters [P] of lens ``b`` after L-BFGS (strong Wolfe, float64) on
+    its profiled robust chi-square from ``u0`` (returned in ``u0``'s dtype)."""
+    f64 = torch.float64
+    o = obs.to(f64)
+    d, w, psf = o.data[b : b + 1], o.weights()[b : b + 1], o.psf[b : b + 1]
+    lo, hi = lo.to(f64), hi.to(f64)
+    u = u0.to(f64)[None].clone().requires_grad_(True)
+    opt = torch.optim.LBFGS(
+        [u], lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe", tolerance_change=1e-9
+    )
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        p = lo + (hi - lo) * torch.sigmoid(u)
+        T = model.light_templates(dict(zip(names, p.unbind(1))), psf)
+        amps = solve_amplitudes(T, d, w)
+        loss = (rho(w * (d - (amps[:, :, None, None] * T).sum(1)) ** 2, outlier_sigma) * (w > 0)).sum()
+        if not torch.isfinite(loss):
+            return torch.tensor(1e300, dtype=f64)
+        loss.backward()
+        u.grad.nan_to_num_(0.0, 0.0, 0.0)
+        return loss
+
+    opt.step(closure)
+    return u.detach()[0].to(u0.dtype)
 
 
 def ring_theta_E(

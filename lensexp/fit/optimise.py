@@ -3,6 +3,7 @@ iteratively reweighted fits, and the Laplace approximation (lenstronomy's Sampli
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from lensexp.fit.model import (
 )
 from lensexp.fit.starts import init_source
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class FitSettings:
@@ -37,6 +40,7 @@ class FitSettings:
     outlier_sigma: float | None = 10.0
     laplace: bool = False
     light_steps: int = 0  # > 0 (with lens light): fit the light alone first (lensexp.fit.light)
+    light_lbfgs_iters: int = 0  # then L-BFGS on the light alone, to convergence (at most this many iterations)
     adam_supersample: int | None = None  # rays per pixel per axis while exploring; None = the model's
     adam_half_width: float | None = None  # arcsec: explore and rank starts on the centred cut-out of this half-width
     ring_start: bool = False  # with light_steps: mass starts from the residual ring, not the given ones
@@ -71,7 +75,9 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
     if model.lens_light and fs.light_steps > 0:
         o1 = obs.to(fs.adam_dtype)
         whole = model.like(supersample=ss_explore)
-        light = fit_light(o1, space.to(fs.adam_dtype), whole, fs.light_steps, fs.adam_lr, fs.outlier_sigma)
+        light = fit_light(
+            o1, space.to(fs.adam_dtype), whole, fs.light_steps, fs.adam_lr, fs.outlier_sigma, fs.light_lbfgs_iters
+        )
         light = {**light, "p": light["p"].to(dt), "image": light["image"].to(dt)}
         if fs.ring_start:
             starts = ring_starts(obs, light, model, S, rngs)
@@ -122,6 +128,8 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
         for j in distinct_starts(order[b].tolist(), p1[b * S : (b + 1) * S, 0].tolist(), max(1, fs.polish)):
             res = _polish(p1[b * S + j], obs, b, space, model, fs)
             res["start"] = j
+            log.debug("lens %d start %d: explored loss %.1f, polished theta_E %.4f nll %.1f", b, j,
+                      float(loss1[b, j]), float(res["p"]["theta_E"]), res["nll"])  # fmt: skip
             if best is None or res["nll"] < best["nll"]:
                 best = res
         if fs.laplace:

@@ -102,6 +102,7 @@ def check_config(cfg: DictConfig) -> None:
         ("lbfgs.iters", 1),
         ("lbfgs.polish", 1),
         ("lbfgs.irls_rounds", 1),
+        ("lbfgs.light_iters", 0),
         ("adam.light_steps", 0),
         ("max_npix", 16),
     )
@@ -187,6 +188,7 @@ def run(cfg: DictConfig) -> dict:
         outlier_sigma=float(cfg.outlier_sigma) if cfg.outlier_sigma else None,
         laplace=bool(cfg.laplace),
         light_steps=int(cfg.adam.light_steps) if lens_light else 0,
+        light_lbfgs_iters=int(cfg.lbfgs.light_iters) if lens_light else 0,
         adam_supersample=int(cfg.adam.supersample) if cfg.adam.supersample else None,
         adam_half_width=float(cfg.adam.half_width) if cfg.adam.half_width else None,
         ring_start=bool(cfg.ring_start) and cfg.init == "prior",

@@ -129,4 +129,6 @@ def test_bad_mass_settings_are_one_line():
     with pytest.raises(ConfigError, match="data.mass.subhalo.theta_E"):
         Simulator(load_data_preset("kappa", ["data.mass.kind=sie_subhalo", "data.mass.subhalo.theta_E=[0.3,0.1]"]))
     with pytest.raises(ConfigError, match="data.mass.epl_narrow.gamma_offset"):
-        Simulator(load_data_preset("kappa", ["data.mass.kind=epl_narrow", "data.mass.epl_narrow.gamma_offset=[0.2,0.1]"]))
+        Simulator(
+            load_data_preset("kappa", ["data.mass.kind=epl_narrow", "data.mass.epl_narrow.gamma_offset=[0.2,0.1]"])
+        )
