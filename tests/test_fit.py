@@ -701,12 +701,9 @@ def test_light_first_then_the_ring_gives_theta_E_of_a_bright_elliptical():
     assert float(res["p"]["theta_E"]) == pytest.approx(lens["theta_E"], rel=0.02)
 
 
-def test_a_third_light_component_fits_an_envelope_two_cannot():
-    """``lens_light_components=3``: a core, a de Vaucouleurs bulge and a rounder exponential
-    envelope (an elliptical with a halo) are fitted to the noise by three Sérsics, not by two."""
-    from lensexp.fit.light import fit_light
-    from lensexp.fit.model import amp_names, light_names
-
+def elliptical_with_envelope():
+    """A core, a de Vaucouleurs bulge and a rounder exponential envelope (an elliptical with a
+    halo), 64 px at 0.05", Gaussian noise: (observation, noiseless image, sigma, npix, pixscale)."""
     npix, pix = 64, 0.05
     psf = torch.from_numpy(draw_kernel("gaussian", 0.1, pix, 11)).double()
     centre = dict(center_x=0.03, center_y=-0.02)
@@ -717,7 +714,16 @@ def test_a_third_light_component_fits_an_envelope_two_cannot():
     ]
     img = sum(render_sersic(None, c, npix, pix, 2, psf) for c in parts)
     sigma = 0.002 * float(img.max())
-    obs = noisy_observation(img, psf, sigma, 3)
+    return noisy_observation(img, psf, sigma, 3), img, sigma, npix, pix
+
+
+def test_a_third_light_component_fits_an_envelope_two_cannot():
+    """``lens_light_components=3``: a core, a de Vaucouleurs bulge and a rounder exponential
+    envelope (an elliptical with a halo) are fitted to the noise by three Sérsics, not by two."""
+    from lensexp.fit.light import fit_light
+    from lensexp.fit.model import amp_names, light_names
+
+    obs, img, sigma, npix, pix = elliptical_with_envelope()
     noisy = obs.data
     chi2 = {}
     for n in (2, 3):
@@ -734,17 +740,7 @@ def test_lbfgs_finishes_the_light_fit_where_adam_stops_short():
     by far; it is lens by lens, so a lens's light does not depend on its batch."""
     from lensexp.fit.light import fit_light
 
-    npix, pix = 64, 0.05
-    psf = torch.from_numpy(draw_kernel("gaussian", 0.1, pix, 11)).double()
-    centre = dict(center_x=0.03, center_y=-0.02)
-    parts = [
-        dict(amp=40.0, R_sersic=0.12, n_sersic=1.0, e1=0.1, e2=-0.05, **centre),
-        dict(amp=8.0, R_sersic=0.6, n_sersic=4.0, e1=0.1, e2=-0.05, **centre),
-        dict(amp=1.5, R_sersic=1.5, n_sersic=0.8, e1=-0.15, e2=0.1, **centre),
-    ]
-    img = sum(render_sersic(None, c, npix, pix, 2, psf) for c in parts)
-    sigma = 0.002 * float(img.max())
-    obs = noisy_observation(img, psf, sigma, 3)
+    obs, img, sigma, npix, pix = elliptical_with_envelope()
     space, model = ParamSpace.for_grid(npix, pix, 3), LensModel(npix, pix, 2, 3)
     chi2 = lambda image: float(((obs.data - image) ** 2).sum()) / sigma**2  # noqa: E731 (4 096 pixels)
     adam = chi2(fit_light(obs, space, model, 50, 0.05, None)["image"])
