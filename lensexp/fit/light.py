@@ -84,38 +84,38 @@ def fit_light(
     u = torch.logit(((p0 - lo) / (hi - lo)).clamp(1e-6, 1 - 1e-6)).requires_grad_(True)
     w, d = obs.weights(), obs.data
     opt = torch.optim.Adam([u], lr=lr)
-
-    def light(u):
-        p = lo + (hi - lo) * torch.sigmoid(u)
-        T = model.light_templates(dict(zip(names, p.unbind(1))), obs.psf)
-        return p, T
-
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        _, T = light(u)
-        amps = solve_amplitudes(T, d, w)
-        z2 = w * (d - (amps[:, :, None, None] * T).sum(1)) ** 2
-        (rho(z2, outlier_sigma) * (w > 0)).sum().backward()
+        light_loss(u, lo, hi, model, names, obs.psf, d, w, outlier_sigma)[0].backward()
         u.grad.nan_to_num_(0.0, 0.0, 0.0)
         opt.step()
     u = u.detach()
     if lbfgs_iters > 0:
-        u = torch.stack(
-            [_light_lbfgs(u[b], obs, b, lo, hi, model, names, outlier_sigma, lbfgs_iters) for b in range(len(u))]
-        )
+        o64 = obs.to(torch.float64)
+        fit = lambda b: _light_lbfgs(u[b], o64, b, lo, hi, model, names, outlier_sigma, lbfgs_iters)  # noqa: E731
+        u = torch.stack([fit(b) for b in range(len(u))])
     with torch.no_grad():
-        p, T = light(u)
-        amps = solve_amplitudes(T, d, w)
-        image = (amps[:, :, None, None] * T).sum(1)
-    return {"p": p.detach(), "image": image, "names": names}
+        _, p, image = light_loss(u, lo, hi, model, names, obs.psf, d, w, outlier_sigma)
+    return {"p": p, "image": image, "names": names}
 
 
-def _light_lbfgs(u0, obs: Observation, b: int, lo, hi, model: LensModel, names, outlier_sigma, iters: int):
-    """Unconstrained light parameters [P] of lens ``b`` after L-BFGS (strong Wolfe, float64) on
-    its profiled robust chi-square from ``u0`` (returned in ``u0``'s dtype)."""
+def light_loss(u, lo, hi, model: LensModel, names, psf, d, w, outlier_sigma):
+    """(robust chi-square summed over lenses, physical parameters [B, P], model image [B, N, N])
+    of the light alone at unconstrained parameters ``u`` [B, P] (box ``lo``-``hi``), amplitudes
+    profiled by weighted least squares."""
+    p = lo + (hi - lo) * torch.sigmoid(u)
+    T = model.light_templates(dict(zip(names, p.unbind(1))), psf)
+    amps = solve_amplitudes(T, d, w)
+    image = (amps[:, :, None, None] * T).sum(1)
+    return (rho(w * (d - image) ** 2, outlier_sigma) * (w > 0)).sum(), p, image
+
+
+def _light_lbfgs(u0, o64: Observation, b: int, lo, hi, model: LensModel, names, outlier_sigma, iters: int):
+    """Unconstrained light parameters [P] of lens ``b`` after L-BFGS (strong Wolfe) on its
+    profiled robust chi-square from ``u0``, in float64 (``o64``: the observation in float64);
+    returned in ``u0``'s dtype."""
     f64 = torch.float64
-    o = obs.to(f64)
-    d, w, psf = o.data[b : b + 1], o.weights()[b : b + 1], o.psf[b : b + 1]
+    d, w, psf = o64.data[b : b + 1], o64.weights()[b : b + 1], o64.psf[b : b + 1]
     lo, hi = lo.to(f64), hi.to(f64)
     u = u0.to(f64)[None].clone().requires_grad_(True)
     opt = torch.optim.LBFGS(
@@ -124,10 +124,7 @@ def _light_lbfgs(u0, obs: Observation, b: int, lo, hi, model: LensModel, names, 
 
     def closure():
         opt.zero_grad(set_to_none=True)
-        p = lo + (hi - lo) * torch.sigmoid(u)
-        T = model.light_templates(dict(zip(names, p.unbind(1))), psf)
-        amps = solve_amplitudes(T, d, w)
-        loss = (rho(w * (d - (amps[:, :, None, None] * T).sum(1)) ** 2, outlier_sigma) * (w > 0)).sum()
+        loss = light_loss(u, lo, hi, model, names, psf, d, w, outlier_sigma)[0]
         if not torch.isfinite(loss):
             return torch.tensor(1e300, dtype=f64)
         loss.backward()

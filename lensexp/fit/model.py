@@ -176,19 +176,20 @@ class LensModel:
         )
 
     def light_templates(self, p: dict, psf: torch.Tensor | None) -> torch.Tensor:
-        """The lens-light components alone [M, n_light, N, N]."""
-        out = []
-        for prefix in LIGHT_PREFIXES[: self.n_light]:
-            light = _unit_sersic(p, prefix, p["ll_x"], p["ll_y"])
-            out.append(render_sersic(None, light, self.npix, self.pixscale, self.ss, psf, p["ll_x"].dtype))
-        return torch.stack(out, 1)
+        """The lens-light components alone [M, n_light, N, N] (one centre, ``ll_x, ll_y``)."""
+        return self._unlensed(p, psf, LIGHT_PREFIXES[: self.n_light], lambda prefix: "ll_")
 
     def companion_templates(self, p: dict, psf: torch.Tensor | None) -> torch.Tensor:
-        """The unlensed companions alone [M, n_comp, N, N]."""
+        """The unlensed companions alone [M, n_comp, N, N] (each its own centre)."""
+        return self._unlensed(p, psf, COMPANION_PREFIXES[: self.n_comp], lambda prefix: prefix)
+
+    def _unlensed(self, p: dict, psf, prefixes, centre_of) -> torch.Tensor:
+        """Unit Sérsics ``<prefix>R, n, e1, e2`` centred on ``<centre_of(prefix)>x, y``, not lensed."""
         out = []
-        for prefix in COMPANION_PREFIXES[: self.n_comp]:
-            light = _unit_sersic(p, prefix, p[prefix + "x"], p[prefix + "y"])
-            out.append(render_sersic(None, light, self.npix, self.pixscale, self.ss, psf, p[prefix + "x"].dtype))
+        for prefix in prefixes:
+            c = centre_of(prefix)
+            light = _unit_sersic(p, prefix, p[c + "x"], p[c + "y"])
+            out.append(render_sersic(None, light, self.npix, self.pixscale, self.ss, psf, p[c + "x"].dtype))
         return torch.stack(out, 1)
 
     def source_templates(self, p: dict, psf: torch.Tensor | None) -> torch.Tensor:
