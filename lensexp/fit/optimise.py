@@ -93,8 +93,9 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
     # each lens on its own cut-out (a batch shares the largest; pixels outside a lens's own are unused),
     # so a lens's fit does not depend on which lenses share its batch
     halves = [fs.adam_half_width and max(fs.adam_half_width, 1.6 * float(t)) for t in starts[..., 0].median(1).values]
-    n_c = max(explore_npix(model, h) for h in halves)
-    ocut = own_cutouts(obs.crop(n_c), [explore_npix(model, h) for h in halves])
+    sides = [explore_npix(model, h) for h in halves]
+    n_c = max(sides)
+    ocut = own_cutouts(obs.crop(n_c), sides)
     coarse = model.like(n_c, ss_explore)
     fine = model.like(n_c)
     o1, s1 = ocut.to(fs.adam_dtype), space.to(fs.adam_dtype)
