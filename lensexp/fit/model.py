@@ -305,6 +305,16 @@ def rho(z2: torch.Tensor, outlier_sigma: float | None) -> torch.Tensor:
     return -torch.logaddexp(-0.5 * z2, torch.full_like(z2, -0.5 * outlier_sigma**2))
 
 
+def center_penalty(p: dict, sigma: float | None):
+    """``-ln`` of a Gaussian prior of width ``sigma`` [arcsec] on the offset between the mass
+    centre and the lens light's centre (0 without lens light or prior): an elliptical's light
+    traces the stellar mass that dominates inside theta_E, so the mass centre does not wander
+    onto an arc or a neighbour. Shape of ``p``'s entries (``[M]`` or scalar)."""
+    if not sigma or "ll_x" not in p:
+        return 0.0
+    return 0.5 * ((p["center_x"] - p["ll_x"]) ** 2 + (p["center_y"] - p["ll_y"]) ** 2) / sigma**2
+
+
 def likelihood_terms(model, data, use, var, outlier_sigma) -> dict:
     """``nll`` (robust Gaussian ``-ln L`` without the 2 pi constant), ``chi2`` and ``n_pix`` over
     the inlier pixels (``|z| < outlier_sigma``), ``n_out`` outliers; each [M]."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lensexp.fit import shapelets
 from lensexp.fit.light import fit_light, ring_starts
 from lensexp.fit.model import (
     MASS,
@@ -17,6 +18,7 @@ from lensexp.fit.model import (
     Observation,
     ParamSpace,
     amp_names,
+    center_penalty,
     likelihood_terms,
     rho,
     solve_amplitudes,
@@ -45,16 +47,7 @@ class FitSettings:
     adam_half_width: float | None = None  # arcsec: explore and rank starts on the centred cut-out of this half-width
     ring_start: bool = False  # with light_steps: mass starts from the residual ring, not the given ones
     center_sigma: float | None = None  # arcsec: Gaussian prior on mass centre - light centre (with lens light)
-
-
-def center_penalty(p: dict, sigma: float | None):
-    """``-ln`` of a Gaussian prior of width ``sigma`` [arcsec] on the offset between the mass
-    centre and the lens light's centre (0 without lens light or prior): an elliptical's light
-    traces the stellar mass that dominates inside theta_E, so the mass centre does not wander
-    onto an arc or a neighbour. Shape of ``p``'s entries (``[M]`` or scalar)."""
-    if not sigma or "ll_x" not in p:
-        return 0.0
-    return 0.5 * ((p["center_x"] - p["ll_x"]) ** 2 + (p["center_y"] - p["ll_y"]) ** 2) / sigma**2
+    shapelets: int | None = None  # n_max of a shapelet source added last (lensexp.fit.shapelets), kept by BIC
 
 
 def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: LensModel, fs: FitSettings, rngs):
@@ -133,14 +126,54 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
                       float(loss1[b, j]), float(res["p"]["theta_E"]), res["nll"])  # fmt: skip
             if best is None or res["nll"] < best["nll"]:
                 best = res
+        n_sh = 0
+        if fs.shapelets is not None:
+            best, n_sh = _add_shapelets(best, obs, b, space, model, fs)
         if fs.laplace:
-            best["std"] = _laplace(best, obs, b, space, model, fs.outlier_sigma, fs.center_sigma)
-        best["dof"] = max(best["n_pix"] - len(space.names) - model.K, 1)
+            best["std"] = _laplace(best, obs, b, space, model, fs, n_sh)
+        best["dof"] = max(best["n_pix"] - len(space.names) - model.K - (n_sh and shapelets.n_basis(n_sh) + 1), 1)
         best["seconds"] = shared + time.perf_counter() - t1
         with torch.no_grad():
-            best["p"]["mu_F"] = model.mu_F({k: v[None] for k, v in best["p"].items()}, best["amps"][None])[0]
+            best["p"]["mu_F"] = _mu_F(best, model)
         results.append(best)
     return results
+
+
+def _add_shapelets(best: dict, obs, b: int, space, model, fs) -> tuple[dict, int]:
+    """The shapelet stage (:func:`shapelets.refine`) from the polished best; kept when the BIC
+    prefers it. Returns the result (with ``sh_n_max``, ``sh_dnll`` and ``p['sh_beta']``, NaN when
+    not kept) and the adopted n_max (0: not kept)."""
+    n_max = int(fs.shapelets)
+    fov = model.npix * model.pixscale
+    half = fs.adam_half_width and max(fs.adam_half_width, 1.6 * float(best["p"]["theta_E"]))
+    n_sh = explore_npix(model, half)  # drawn where the arcs are, as Adam explores
+    sh = shapelets.refine(best, obs, b, space, model, fs, n_max, (model.pixscale / 4, fov / 8), n_sh)
+    gain = best["nll"] - sh["nll"]
+    keep = gain > shapelets.bic_threshold(n_max, best["n_pix"])
+    log.debug("lens %d shapelets n_max %d: -ln L %.1f better (kept: %s)", b, n_max, gain, keep)
+    out = sh if keep else best
+    out.update(sh_n_max=n_max if keep else 0, sh_dnll=gain, sh_npix=n_sh)
+    out["p"].setdefault("sh_beta", torch.tensor(math.nan, dtype=obs.data.dtype))
+    out["start"] = best["start"]
+    return out, n_max if keep else 0
+
+
+def _mu_F(res: dict, model: LensModel) -> torch.Tensor:
+    """Flux magnification of the fitted source, shapelets included when kept (lensed flux before
+    the PSF over intrinsic flux, as :meth:`LensModel.mu_F`)."""
+    p = {k: v[None] for k, v in res["p"].items()}
+    if "sh_flux" not in res or res.get("sh_n_max", 0) == 0:
+        return model.mu_F(p, res["amps"][None])[0]
+    from lensexp.sim.source import sersic_total_flux
+
+    from lensexp.fit.model import SOURCE_PREFIXES
+
+    amps = res["amps"][: model.n_src]
+    lensed = (amps * model.source_templates(p, None).sum((2, 3))[0]).sum() + res["sh_flux"][0]
+    one = torch.ones_like(p["src_R"])
+    F = torch.cat([sersic_total_flux(one, p[k + "R"], p[k + "n"]) for k in SOURCE_PREFIXES[: model.n_src]])
+    intrinsic = (amps * F).sum() + res["sh_flux"][1]
+    return lensed / intrinsic if float(intrinsic) > 0 else torch.tensor(math.nan, dtype=lensed.dtype)
 
 
 def distinct_starts(order: list[int], theta_E: list[float], k: int, min_sep: float = 0.05) -> list[int]:
@@ -261,17 +294,23 @@ def _polish(p_start, obs, b, space, model, fs):
     }
 
 
-def _laplace(res, obs, b, space, model, outlier_sigma, center_sigma=None) -> dict:
+def _laplace(res, obs, b, space, model, fs, n_sh: int = 0) -> dict:
     """Laplace approximation: std of each physical parameter (amplitudes included) from the
     inverse Hessian of the fitted loss (centre prior included) at the optimum, pixel variance
-    held at the model's."""
+    held at the model's; with kept shapelets (``n_sh``) their scale joins, the coefficients
+    profiled."""
     x0 = torch.cat([torch.stack([res["p"][n] for n in space.names]), res["amps"]]).detach()
     P, w = len(space.names), obs.use[b : b + 1] / res["var"]
-    f = lambda x: _lens_loss(x[:P], x[P:], w, obs, b, space, model, outlier_sigma, center_sigma)  # noqa: E731
+    args = (obs, b, space, model)
+    if n_sh:
+        x0 = torch.cat([x0, res["p"]["sh_beta"].reshape(1).to(x0)])
+        f = lambda x: shapelets.profiled_loss(x, w, *args, n_sh, fs.outlier_sigma, fs.center_sigma, res["sh_npix"])  # noqa: E731
+    else:
+        f = lambda x: _lens_loss(x[:P], x[P:], w, *args, fs.outlier_sigma, fs.center_sigma)  # noqa: E731
     H = torch.autograd.functional.hessian(f, x0)
     try:
         std = torch.cholesky_inverse(torch.linalg.cholesky(H)).diagonal().sqrt()
     except torch.linalg.LinAlgError:  # not positive definite: no Gaussian approximation
         std = torch.full((x0.numel(),), math.nan, dtype=x0.dtype)
-    names = list(space.names) + amp_names(model.n_light, model.n_src, model.n_comp)
+    names = list(space.names) + amp_names(model.n_light, model.n_src, model.n_comp) + (["sh_beta"] if n_sh else [])
     return {n: float(s) for n, s in zip(names, std)}

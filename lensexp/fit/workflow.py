@@ -38,14 +38,19 @@ def read_truth(path: str | Path) -> dict:
     return {n: [r[k] for k in MASS] for n, r in rows.items()}
 
 
-def columns(n_light: int, laplace: bool, n_src: int = 1, n_comp: int = 0) -> list[str]:
-    """CSV columns: the contract's (``name``, mass labels, ``chi2_dof``, ``seconds``) first."""
+def columns(n_light: int, laplace: bool, n_src: int = 1, n_comp: int = 0, shapelets: bool = False) -> list[str]:
+    """CSV columns: the contract's (``name``, mass labels, ``chi2_dof``, ``seconds``) first; with
+    ``shapelets`` the adopted order ``sh_n_max`` (0: the BIC kept the Sérsic-only fit), the
+    shapelet scale ``sh_beta`` and the gain in ``-ln L`` ``sh_dnll``."""
     extra = [n for n in param_names(n_light, n_src, n_comp) if n not in MASS] + amp_names(n_light, n_src, n_comp)
     cols = ["name", *MASS, "chi2_dof", "seconds", "mu_F", "nll", "n_pix", "n_out", "start", "noise_source", "sky_ratio"]
-    cols += extra
+    cols += extra + (SHAPELET_COLUMNS if shapelets else [])
     if laplace:
-        cols += [f"{n}_std" for n in (*MASS, *extra)]
+        cols += [f"{n}_std" for n in (*MASS, *extra, *(["sh_beta"] if shapelets else []))]
     return cols
+
+
+SHAPELET_COLUMNS = ["sh_n_max", "sh_beta", "sh_dnll"]
 
 
 def result_row(name: str, res: dict, space: ParamSpace, amps: list[str], offset=(0.0, 0.0)) -> dict:
@@ -66,6 +71,8 @@ def result_row(name: str, res: dict, space: ParamSpace, amps: list[str], offset=
     )
     row.update({n: float(res["p"][n]) for n in space.names if n not in MASS})
     row.update({n: float(a) for n, a in zip(amps, res["amps"])})
+    if "sh_n_max" in res:
+        row.update(sh_n_max=res["sh_n_max"], sh_beta=float(res["p"]["sh_beta"]), sh_dnll=res["sh_dnll"])
     for n, s in res.get("std", {}).items():
         row[f"{n}_std"] = s
     return row
@@ -118,6 +125,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"source_components must be 1 or 2, got {cfg.source_components}")
     if int(cfg.lens_light_components) not in (1, 2, 3):
         raise ConfigError(f"lens_light_components must be 1, 2 or 3, got {cfg.lens_light_components}")
+    if cfg.source_shapelets is not None and not 0 <= int(cfg.source_shapelets) <= 12:
+        raise ConfigError(f"source_shapelets must be null (none) or an order n_max in 0-12, got {cfg.source_shapelets}")
     if int(cfg.companions) not in (0, 1, 2):
         raise ConfigError(f"companions must be 0, 1 or 2, got {cfg.companions}")
     if int(cfg.companions) and not (cfg.lens_light and int(cfg.adam.light_steps) > 0):
@@ -193,8 +202,9 @@ def run(cfg: DictConfig) -> dict:
         adam_half_width=float(cfg.adam.half_width) if cfg.adam.half_width else None,
         ring_start=bool(cfg.ring_start) and cfg.init == "prior",
         center_sigma=float(cfg.center_prior) if cfg.center_prior else None,
+        shapelets=None if cfg.source_shapelets is None else int(cfg.source_shapelets),
     )
-    cols = columns(lens_light, fs.laplace, int(cfg.source_components), n_comp)
+    cols = columns(lens_light, fs.laplace, int(cfg.source_components), n_comp, fs.shapelets is not None)
     done = _resume(partial, cols) if cfg.resume else set()
     if not cfg.resume:
         partial.unlink(missing_ok=True)
@@ -322,9 +332,13 @@ def _fit_group(group: list[dict], cfg, fs, pred, truth, ss, lens_light, dtype, d
         if cfg.save_plots:
             with torch.no_grad():
                 T = model.templates({k: v[None] for k, v in res["p"].items()}, obs.psf[b : b + 1])[0]
+            amps, n_src = res["amps"], model.n_src
+            if res.get("sh_n_max"):  # the kept shapelets drawn as one more source component
+                T = torch.cat([T[:n_src], res["sh_image"][None], T[n_src:]])
+                amps, n_src = torch.cat([amps[:n_src], amps.new_ones(1), amps[n_src:]]), n_src + 1
             lens = {**{k: res["p"][k] for k in ("theta_E", "center_x", "center_y")}, "chi2_dof": rows[-1]["chi2_dof"]}
             png = Path(cfg.save_plots)
-            fit_figure(obs.data[b], T, res["amps"], res["var"], obs.use[b], scale, g["name"], lens, png, model.n_src)
+            fit_figure(obs.data[b], T, amps, res["var"], obs.use[b], scale, g["name"], lens, png, n_src)
     return rows
 
 

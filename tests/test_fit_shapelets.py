@@ -1,0 +1,123 @@
+"""Shapelets on the source: the basis and its lensed images against lenstronomy, and the fit's
+last stage, which keeps them only when the BIC prefers them (structured source: kept, theta_E
+on the ring; a plain Sérsic source: the Sérsic-only fit stays)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lensexp.config import compose_config
+from lensexp.errors import ConfigError
+from lensexp.fit import FitSettings, LensModel, ParamSpace, fit_batch
+from lensexp.fit import shapelets as sh
+from lensexp.fit.workflow import check_config, columns, resolve_search
+from lensexp.sim.psf import draw_kernel
+from lensexp.sim.trace import render_sersic
+from tests.test_fit import noisy_observation
+
+NPIX, PIX = 64, 0.05
+LENS = dict(theta_E=1.0, e1=0.08, e2=-0.04, center_x=0.02, center_y=-0.03, gamma1=0.03, gamma2=-0.01)
+SRC = dict(amp=3.0, R_sersic=0.15, n_sersic=1.0, e1=0.1, e2=0.05, center_x=0.06, center_y=0.04)
+# star-forming knots off the disc's centre (Sérsic n = 0.5: Gaussians), which one Sérsic cannot fit
+KNOTS = [
+    dict(amp=12.0, R_sersic=0.03, n_sersic=0.5, e1=0.0, e2=0.0, center_x=0.12, center_y=0.09),
+    dict(amp=8.0, R_sersic=0.04, n_sersic=0.5, e1=0.0, e2=0.0, center_x=-0.03, center_y=0.10),
+]
+
+
+def test_basis_matches_lenstronomy():
+    from lenstronomy.LightModel.Profiles.shapelets import Shapelets
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(0, 0.3, 300), rng.normal(0, 0.3, 300)
+    beta, n_max = 0.17, 8
+    ours = sh.shapelet_sb(
+        torch.tensor(x - 0.05), torch.tensor(y + 0.02), torch.tensor([beta], dtype=torch.float64), n_max
+    ).numpy()
+    assert ours.shape == (sh.n_basis(n_max), 300) == (45, 300)
+    ref = Shapelets(stable_cut=False)
+    for k, (n1, n2) in enumerate(sh.orders(n_max)):
+        np.testing.assert_allclose(ours[k], ref.function(x, y, 1.0, beta, n1, n2, 0.05, -0.02), rtol=0, atol=1e-12)
+
+
+def test_intrinsic_flux_integrates_the_basis():
+    g = np.linspace(-2.5, 2.5, 1001)
+    X, Y = np.meshgrid(g, g)
+    beta = torch.tensor(0.2, dtype=torch.float64)
+    sb = sh.shapelet_sb(torch.tensor(X.ravel()), torch.tensor(Y.ravel()), beta.reshape(1), 6).sum(1)
+    numeric = sb.numpy() * (g[1] - g[0]) ** 2
+    np.testing.assert_allclose(sh.intrinsic_flux(beta, 6).numpy(), numeric, atol=1e-10)
+    assert sh.intrinsic_flux(beta, 6)[0] == pytest.approx(2 * math.sqrt(math.pi) * 0.04)  # the Gaussian
+
+
+def test_lensed_templates_match_lenstronomy_ray_shooting():
+    from lenstronomy.LensModel.lens_model import LensModel as LtLens
+    from lenstronomy.LightModel.Profiles.shapelets import Shapelets
+
+    beta, n_max = 0.12, 4
+    p = {k: torch.tensor(v, dtype=torch.float64) for k, v in LENS.items()}
+    p.update(src_x=torch.tensor(0.06).double(), src_y=torch.tensor(0.04).double(), sh_beta=torch.tensor(beta).double())
+    img, flux = sh.shapelet_templates(p, n_max, NPIX, PIX, 1)
+    c = (np.arange(NPIX) - (NPIX - 1) / 2) * PIX
+    x, y = np.meshgrid(c, c)
+    lt = LtLens(["SIE", "SHEAR"])
+    kw = [{k: LENS[k] for k in ("theta_E", "e1", "e2", "center_x", "center_y")}, {"gamma1": 0.03, "gamma2": -0.01}]
+    bx, by = lt.ray_shooting(x.ravel(), y.ravel(), kw)
+    ref = Shapelets(stable_cut=False)
+    for k, (n1, n2) in enumerate(sh.orders(n_max)):
+        want = ref.function(bx, by, 1.0, beta, n1, n2, 0.06, 0.04).reshape(NPIX, NPIX) * PIX**2
+        # the ray tracer's deflection angles agree with lenstronomy's to ~1e-7 (float32-accurate arctan)
+        np.testing.assert_allclose(img[k].numpy(), want, rtol=0, atol=1e-5 * np.abs(want).max())
+        assert float(flux[k]) == pytest.approx(want.sum(), rel=1e-5, abs=1e-5 * np.abs(want).sum())
+
+
+def observation(knots: bool, seed=0):
+    psf = torch.from_numpy(draw_kernel("gaussian", 0.1, PIX, 11)).double()
+    img = render_sersic(LENS, SRC, NPIX, PIX, 2, psf)
+    if knots:
+        img = img + sum(render_sersic(LENS, k, NPIX, PIX, 2, psf) for k in KNOTS)
+    return noisy_observation(img, psf, 0.01 * float(img.max()), seed)
+
+
+def fit(obs, n_max, laplace=False):
+    model = LensModel(NPIX, PIX, 2, 0)
+    space = ParamSpace.for_grid(NPIX, PIX, 0, shear_max=0.1)
+    fs = FitSettings(adam_steps=150, lbfgs_iters=60, polish=1, irls_rounds=1, shapelets=n_max, laplace=laplace)
+    truth = torch.tensor([[LENS[k] for k in ParamSpace.for_grid(NPIX, PIX, 0).names[:7]]], dtype=torch.float64)
+    starts = (truth + torch.tensor([0.1, 0.05, -0.05, 0.05, 0.0, 0.0, 0.0]).double())[None]
+    return fit_batch(obs, starts, space, model, fs, [torch.Generator().manual_seed(0)])[0]
+
+
+def test_shapelets_fit_a_structured_source_and_are_kept():
+    obs = observation(knots=True)
+    plain, res = fit(obs, None), fit(obs, 6, laplace=True)
+    assert res["sh_n_max"] == 6 and res["sh_dnll"] > sh.bic_threshold(6, res["n_pix"])
+    assert plain["chi2"] / plain["n_pix"] > 1.3  # the knots are more than one Sérsic can fit
+    assert res["chi2"] / res["n_pix"] < 1.1  # at the noise
+    assert float(res["p"]["theta_E"]) == pytest.approx(LENS["theta_E"], rel=0.01)
+    assert 0 < float(res["p"]["sh_beta"]) < 0.5 and math.isfinite(res["std"]["sh_beta"])
+    assert 0 < res["std"]["theta_E"] < 0.01
+    # mu_F counts the shapelets' flux: lensed over intrinsic, between 1 and the knots' own
+    assert 2 < float(res["p"]["mu_F"]) < 50
+
+
+def test_a_plain_sersic_source_keeps_the_sersic_fit():
+    obs = observation(knots=False)
+    res = fit(obs, 6)
+    assert res["sh_n_max"] == 0 and math.isnan(float(res["p"]["sh_beta"]))
+    assert res["sh_dnll"] < sh.bic_threshold(6, res["n_pix"])
+    assert float(res["p"]["theta_E"]) == pytest.approx(LENS["theta_E"], rel=0.01)
+
+
+def test_config_and_columns(tmp_path):
+    cfg = compose_config("fit", [f"input={tmp_path}", "source_shapelets=13"])
+    with pytest.raises(ConfigError, match="source_shapelets"):
+        check_config(resolve_search(cfg))
+    check_config(resolve_search(compose_config("fit", [f"input={tmp_path}", "source_shapelets=6"])))
+    cols = columns(3, True, shapelets=True)
+    assert {"sh_n_max", "sh_beta", "sh_dnll", "sh_beta_std"} <= set(cols)
+    assert "sh_n_max" not in columns(3, False)
