@@ -117,7 +117,15 @@ def test_config_and_columns(tmp_path):
     cfg = compose_config("fit", [f"input={tmp_path}", "source_shapelets=13"])
     with pytest.raises(ConfigError, match="source_shapelets"):
         check_config(resolve_search(cfg))
+    for bad in ("six", "-1", "1.5"):
+        with pytest.raises(ConfigError, match="source_shapelets"):
+            check_config(resolve_search(compose_config("fit", [f"input={tmp_path}", f"source_shapelets={bad}"])))
     check_config(resolve_search(compose_config("fit", [f"input={tmp_path}", "source_shapelets=6"])))
+    auto = {
+        ll: resolve_search(compose_config("fit", ["input=x", f"lens_light={ll}"])).source_shapelets
+        for ll in ("true", "false")
+    }
+    assert auto == {"true": 6, "false": None}  # real galaxies (lens light) get shapelets, simulations fit as before
     cols = columns(3, True, shapelets=True)
     assert {"sh_n_max", "sh_beta", "sh_dnll", "sh_beta_std"} <= set(cols)
     assert "sh_n_max" not in columns(3, False)
