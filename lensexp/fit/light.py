@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from lensexp.fit.lbfgs import minimise
 from lensexp.fit.model import (
     LensModel,
     Observation,
@@ -118,20 +119,7 @@ def _light_lbfgs(u0, o64: Observation, b: int, lo, hi, model: LensModel, names, 
     d, w, psf = o64.data[b : b + 1], o64.weights()[b : b + 1], o64.psf[b : b + 1]
     lo, hi = lo.to(f64), hi.to(f64)
     u = u0.to(f64)[None].clone().requires_grad_(True)
-    opt = torch.optim.LBFGS(
-        [u], lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe", tolerance_change=1e-9
-    )
-
-    def closure():
-        opt.zero_grad(set_to_none=True)
-        loss = light_loss(u, lo, hi, model, names, psf, d, w, outlier_sigma)[0]
-        if not torch.isfinite(loss):
-            return torch.tensor(1e300, dtype=f64)
-        loss.backward()
-        u.grad.nan_to_num_(0.0, 0.0, 0.0)
-        return loss
-
-    opt.step(closure)
+    minimise([u], lambda: light_loss(u, lo, hi, model, names, psf, d, w, outlier_sigma)[0], iters, tolerance_grad=1e-7)
     return u.detach()[0].to(u0.dtype)
 
 

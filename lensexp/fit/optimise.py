@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from lensexp.fit import shapelets
+from lensexp.fit.lbfgs import minimise
 from lensexp.fit.light import fit_light, ring_starts
 from lensexp.fit.model import (
     MASS,
@@ -258,27 +259,10 @@ def _polish(p_start, obs, b, space, model, fs):
     rounds = fs.irls_rounds if float(obs.inv_t[b]) > 0 else 1
     for _ in range(rounds):
         w = use / var
-        opt = torch.optim.LBFGS(
-            [u, la],
-            lr=1.0,
-            max_iter=fs.lbfgs_iters,
-            history_size=20,
-            line_search_fn="strong_wolfe",
-            tolerance_grad=1e-10,
-            tolerance_change=1e-9,  # in -ln L units: far below any meaningful change
+        loss = lambda w=w: _lens_loss(  # noqa: E731
+            space.to_p(u), torch.exp(la), w, obs, b, space, model, fs.outlier_sigma, fs.center_sigma
         )
-
-        def closure(opt=opt, w=w):
-            opt.zero_grad(set_to_none=True)
-            loss = _lens_loss(space.to_p(u), torch.exp(la), w, obs, b, space, model, fs.outlier_sigma, fs.center_sigma)
-            if not torch.isfinite(loss):
-                return torch.tensor(1e300, dtype=loss.dtype, device=loss.device)
-            loss.backward()
-            for t in (u, la):
-                t.grad.nan_to_num_(0.0, 0.0, 0.0)
-            return loss
-
-        opt.step(closure)
+        minimise([u, la], loss, fs.lbfgs_iters)
         with torch.no_grad():
             m = _component_model(space.to_p(u), torch.exp(la), obs, b, space, model)
             var = obs.variance(m, sl)

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from lensexp.fit.lbfgs import minimise
 from lensexp.fit.model import MASS, center_penalty, likelihood_terms, rho
 from lensexp.sim.trace import convolve_psf, lens_coefficients, shoot, subpixel_planes
 
@@ -148,27 +149,13 @@ def refine(best: dict, obs, b: int, space, model, fs, n_max: int, beta_box: tupl
     u = u.clone().requires_grad_(True)
     la = torch.log(best["amps"].clamp(min=1e-30)).clone().requires_grad_(True)
     beta_of = lambda u: lo + (hi - lo) * torch.sigmoid(u[P])  # noqa: E731
+    x_of = lambda: torch.cat([space.to_p(u[:P]), torch.exp(la), beta_of(u)[None]])  # noqa: E731
     var = best["var"][None]
     rounds = fs.irls_rounds if float(obs.inv_t[b]) > 0 else 1
     for _ in range(rounds):
         w = use / var
-        opt = torch.optim.LBFGS(
-            [u, la], lr=1.0, max_iter=fs.lbfgs_iters, history_size=20, line_search_fn="strong_wolfe",
-            tolerance_grad=1e-10, tolerance_change=1e-9,
-        )  # fmt: skip
-
-        def closure(opt=opt, w=w):
-            opt.zero_grad(set_to_none=True)
-            x = torch.cat([space.to_p(u[:P]), torch.exp(la), beta_of(u)[None]])
-            loss = profiled_loss(x, w, obs, b, space, model, n_max, fs.outlier_sigma, fs.center_sigma, npix_sh)
-            if not torch.isfinite(loss):
-                return torch.tensor(1e300, dtype=loss.dtype, device=loss.device)
-            loss.backward()
-            for t in (u, la):
-                t.grad.nan_to_num_(0.0, 0.0, 0.0)
-            return loss
-
-        opt.step(closure)
+        args = (w, obs, b, space, model, n_max, fs.outlier_sigma, fs.center_sigma, npix_sh)
+        minimise([u, la], lambda args=args: profiled_loss(x_of(), *args), fs.lbfgs_iters)
         with torch.no_grad():
             pv, beta = space.to_p(u[:P]), beta_of(u)
             m, c, S, flux = profiled_model(

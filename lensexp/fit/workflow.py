@@ -85,7 +85,7 @@ SEARCH = {"n_starts": (8, 16), "lbfgs.polish": (2, 3)}  # (without, with lens li
 
 
 # shapelet source order with lens light (real galaxies): on the 16 SLACS development files the BIC kept
-# them for 13 (-ln L better by 177-17 800), worst theta_E error 19.9 -> 10.3 %, +11 s/lens
+# them for 13 (-ln L better by 171-16 675), worst theta_E error 19.9 -> 10.5 %, +11 s/lens
 SHAPELETS_WITH_LIGHT = 6
 
 
