@@ -4,6 +4,7 @@ Gaussian likelihood (lenstronomy's ImSim + Likelihood rooms)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -209,15 +210,18 @@ class LensModel:
             out = torch.cat([out, self.companion_templates(p, psf)], 1)
         return out
 
-    def mu_F(self, p: dict, amps: torch.Tensor | None = None) -> torch.Tensor:
+    def mu_F(self, p: dict, amps: torch.Tensor | None = None, extra=(0.0, 0.0)) -> torch.Tensor:
         """Flux magnification of the fitted source: lensed flux in the field (before the PSF) over
         its total intrinsic flux (the label convention); with two source components weighted by
-        their amplitudes ``amps`` [M, >= n_src]."""
+        their amplitudes ``amps`` [M, >= n_src]; ``extra`` = (lensed, intrinsic) flux of further
+        source light (e.g. shapelets), added to both."""
         T = self.source_templates(p, None).sum((2, 3))  # [M, n_src]
         one = torch.ones_like(p["src_R"])
         F = torch.stack([sersic_total_flux(one, p[k + "R"], p[k + "n"]) for k in SOURCE_PREFIXES[: self.n_src]], 1)
         a = torch.ones_like(T) if amps is None else amps[:, : self.n_src].to(T)
-        return (a * T).sum(1) / (a * F).sum(1).clamp(min=torch.finfo(T.dtype).tiny)
+        intrinsic = (a * F).sum(1) + extra[1]
+        mu = ((a * T).sum(1) + extra[0]) / intrinsic.clamp(min=torch.finfo(T.dtype).tiny)
+        return torch.where(intrinsic < 0, torch.full_like(mu, math.nan), mu)  # signed extra light: no magnification
 
 
 def _unit_sersic(p: dict, prefix: str, center_x, center_y) -> dict:

@@ -135,7 +135,8 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
         best["dof"] = max(best["n_pix"] - len(space.names) - model.K - (n_sh and shapelets.n_basis(n_sh) + 1), 1)
         best["seconds"] = shared + time.perf_counter() - t1
         with torch.no_grad():
-            best["p"]["mu_F"] = _mu_F(best, model)
+            extra = best["sh_flux"] if best.get("sh_n_max") else (0.0, 0.0)  # kept shapelets' (lensed, intrinsic)
+            best["p"]["mu_F"] = model.mu_F({k: v[None] for k, v in best["p"].items()}, best["amps"][None], extra)[0]
         results.append(best)
     return results
 
@@ -157,24 +158,6 @@ def _add_shapelets(best: dict, obs, b: int, space, model, fs) -> tuple[dict, int
     out["p"].setdefault("sh_beta", torch.tensor(math.nan, dtype=obs.data.dtype))
     out["start"] = best["start"]
     return out, n_max if keep else 0
-
-
-def _mu_F(res: dict, model: LensModel) -> torch.Tensor:
-    """Flux magnification of the fitted source, shapelets included when kept (lensed flux before
-    the PSF over intrinsic flux, as :meth:`LensModel.mu_F`)."""
-    p = {k: v[None] for k, v in res["p"].items()}
-    if "sh_flux" not in res or res.get("sh_n_max", 0) == 0:
-        return model.mu_F(p, res["amps"][None])[0]
-    from lensexp.sim.source import sersic_total_flux
-
-    from lensexp.fit.model import SOURCE_PREFIXES
-
-    amps = res["amps"][: model.n_src]
-    lensed = (amps * model.source_templates(p, None).sum((2, 3))[0]).sum() + res["sh_flux"][0]
-    one = torch.ones_like(p["src_R"])
-    F = torch.cat([sersic_total_flux(one, p[k + "R"], p[k + "n"]) for k in SOURCE_PREFIXES[: model.n_src]])
-    intrinsic = (amps * F).sum() + res["sh_flux"][1]
-    return lensed / intrinsic if float(intrinsic) > 0 else torch.tensor(math.nan, dtype=lensed.dtype)
 
 
 def distinct_starts(order: list[int], theta_E: list[float], k: int, min_sep: float = 0.05) -> list[int]:
