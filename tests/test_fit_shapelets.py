@@ -128,7 +128,7 @@ def test_config_and_columns(tmp_path):
     cfg = compose_config("fit", [f"input={tmp_path}", "source_shapelets=13"])
     with pytest.raises(ConfigError, match="source_shapelets"):
         check_config(resolve_search(cfg))
-    for bad in ("six", "-1", "1.5"):
+    for bad in ("six", "-1", "0", "1.5"):
         with pytest.raises(ConfigError, match="source_shapelets"):
             check_config(resolve_search(compose_config("fit", [f"input={tmp_path}", f"source_shapelets={bad}"])))
     check_config(resolve_search(compose_config("fit", [f"input={tmp_path}", "source_shapelets=6"])))

@@ -38,6 +38,9 @@ def read_truth(path: str | Path) -> dict:
     return {n: [r[k] for k in MASS] for n, r in rows.items()}
 
 
+SHAPELET_COLUMNS = ["sh_n_max", "sh_beta", "sh_dnll"]
+
+
 def columns(n_light: int, laplace: bool, n_src: int = 1, n_comp: int = 0, shapelets: bool = False) -> list[str]:
     """CSV columns: the contract's (``name``, mass labels, ``chi2_dof``, ``seconds``) first; with
     ``shapelets`` the adopted order ``sh_n_max`` (0: the BIC kept the Sérsic-only fit), the
@@ -48,9 +51,6 @@ def columns(n_light: int, laplace: bool, n_src: int = 1, n_comp: int = 0, shapel
     if laplace:
         cols += [f"{n}_std" for n in (*MASS, *extra, *(["sh_beta"] if shapelets else []))]
     return cols
-
-
-SHAPELET_COLUMNS = ["sh_n_max", "sh_beta", "sh_dnll"]
 
 
 def result_row(name: str, res: dict, space: ParamSpace, amps: list[str], offset=(0.0, 0.0)) -> dict:
@@ -134,8 +134,9 @@ def check_config(cfg: DictConfig) -> None:
     if int(cfg.lens_light_components) not in (1, 2, 3):
         raise ConfigError(f"lens_light_components must be 1, 2 or 3, got {cfg.lens_light_components}")
     sh = cfg.source_shapelets
-    if sh is not None and not (isinstance(sh, int) and not isinstance(sh, bool) and 0 <= sh <= 12):
-        raise ConfigError(f"source_shapelets must be auto, null (none) or an order n_max in 0-12, got {sh}")
+    # order >= 1: sh_n_max = 0 in the table means "not kept", so an order of 0 would read as never kept
+    if sh is not None and not (isinstance(sh, int) and not isinstance(sh, bool) and 1 <= sh <= 12):
+        raise ConfigError(f"source_shapelets must be auto, null (none) or an order n_max in 1-12, got {sh}")
     if int(cfg.companions) not in (0, 1, 2):
         raise ConfigError(f"companions must be 0, 1 or 2, got {cfg.companions}")
     if int(cfg.companions) and not (cfg.lens_light and int(cfg.adam.light_steps) > 0):
