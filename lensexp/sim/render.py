@@ -17,6 +17,7 @@ from lensexp.errors import ConfigError
 from lensexp.runtime import compile_cache_dir
 from lensexp.sim import instrument as inst
 from lensexp.sim import mass as massmod
+from lensexp.sim import adaptive
 from lensexp.sim.priors import LABELS, draw_params
 from lensexp.sim.psf import PSFBank
 from lensexp.sim.schema import validate_config
@@ -26,8 +27,10 @@ from lensexp.sim.trace import (
     bin_supersampled,
     cosmos_grid,
     lens_coefficients,
+    lensed_sersic_sb,
     pixel_grid,
     sersic_image,
+    sersic_sb,
     subpixel_planes,
     trace_sersic,
 )
@@ -80,6 +83,17 @@ class Simulator:
         self.dtype = getattr(torch, str(c.get("dtype", "float32")))
         x, y = subpixel_planes(self.npix, self.pixscale, self.ss, self.dtype, self.device)
         self.x, self.y = x.reshape(1, -1), y.reshape(1, -1)
+        # adaptive supersampling (lensexp/sim/adaptive.py): one ray per pixel, the full
+        # supersampling only where the estimated sampling error exceeds tolerance x the noise floor
+        ad = c.get("adaptive") or {}
+        self.adaptive = bool(ad.get("enabled", False)) and self.ss > 1
+        if self.adaptive:
+            x1, y1 = subpixel_planes(self.npix, self.pixscale, 1, self.dtype, self.device)
+            self.x1, self.y1 = x1.reshape(1, -1), y1.reshape(1, -1)
+            floor = float(ad.get("tolerance", 0.01)) * adaptive.noise_floor(c.instrument, self.pixscale)
+            # per component, for the brightest band it is scaled to
+            top = lambda key: max(max(b[key]) for b in c.bands)  # noqa: E731
+            self._threshold = (floor / top("source_scale"), floor / top("lens_scale"))
         self.psf = PSFBank.from_config(c.psf, self.pixscale, self.npix).to(self.device)
         kind = str(c.source.kind)
         self.galaxies = None
@@ -99,6 +113,12 @@ class Simulator:
         self._trace = batch_dynamic(trace_sersic) if compile else trace_sersic
         self._sersic_image = batch_dynamic(sersic_image) if compile else sersic_image
         self._cosmos_grid = batch_dynamic(cosmos_grid) if compile else cosmos_grid
+        self._lensed_sb = batch_dynamic(lensed_sersic_sb) if compile else lensed_sersic_sb
+        self._sersic_sb = batch_dynamic(sersic_sb) if compile else sersic_sb
+        # (the boolean growing stays eager: inductor's code for it ran 25x slower, 192 px)
+        self._mask_fns = {
+            "error_mask": batch_dynamic(adaptive.sampling_error_mask) if compile else adaptive.sampling_error_mask
+        }
         self._digitise = batch_dynamic(inst.digitise_counts) if compile else inst.digitise_counts
         self._mix = batch_dynamic(inst.mix_bands) if compile else inst.mix_bands
 
@@ -108,73 +128,116 @@ class Simulator:
         n_gal = len(self.galaxies) if self.galaxies is not None else 1
         return draw_params(self.c, n, rng, n_gal, len(self.psf), self.mass_kind, self.device, self.dtype)
 
-    def _lens(self, p: dict) -> tuple:
-        """(SIE + shear coefficients, extra deflection [B, P] or None) of the lenses in ``p``:
-        the main SIE is switched off (theta_E 0) where the family replaces it (``epl``)."""
+    def _lens(self, p: dict, x=None, y=None) -> tuple:
+        """(SIE + shear coefficients, extra deflection at x, y [default: the sub-pixel planes] or
+        None) of the lenses in ``p``: the main SIE is switched off (theta_E 0) where the family
+        replaces it (``epl``)."""
         if self.mass_kind == "sie":
             return lens_coefficients(p), None
-        extra = massmod.extra_deflection(self.mass_kind, p, self.x, self.y)
+        x, y = (self.x, self.y) if x is None else (x, y)
+        extra = massmod.extra_deflection(self.mass_kind, p, x, y)
         sie = p if self.mass_kind not in massmod.EPL_KINDS else {**p, "theta_E": torch.zeros_like(p["theta_E"])}
         return lens_coefficients(sie), extra
 
+    def _rows_lens(self, p: dict, b: torch.Tensor, x, y) -> tuple:
+        """:meth:`_lens` for rays x, y [M, s^2] of refined pixels in images ``b`` [M]."""
+        if self.mass_kind == "sie":
+            return adaptive.gather_rows(lens_coefficients(p), b), None
+        return self._lens({k: v.index_select(0, b) for k, v in p.items()}, x, y)
+
+    @staticmethod
+    def _sersic_source(p: dict) -> tuple:
+        """(Sérsic coefficients, clumps) of the Sérsic sources in ``p``, each [B, 1] / [B, K]."""
+        col = lambda k: p[k][:, None]  # noqa: E731
+        amp = sersic_amp_from_flux(col("sersic_flux"), col("src_R"), col("src_n"))
+        src = (
+            col("src_x"),
+            col("src_y"),
+            *sersic_coefficients(amp, col("src_R"), col("src_n"), col("src_e1"), col("src_e2")),
+        )
+        return src, (p["clump_flux"], p["clump_sigma"], p["clump_x"], p["clump_y"])
+
     # ------------------------------------------------------------------ rendering
     def render_source(self, p: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Lensed source flux per pixel [B, N, N] (e-/s, no PSF) and mu_F [B]."""
+        """Lensed source flux per pixel [B, N, N] (e-/s, no PSF) and mu_F [B]: Sérsic + clumps
+        and COSMOS sources each on their subset; with ``data.adaptive`` one ray per pixel, then
+        the full supersampling where a pixel needs it (:mod:`lensexp.sim.adaptive`)."""
         B = p["theta_E"].shape[0]
         cos = p["is_cosmos"] if self.galaxies is not None else torch.zeros_like(p["is_cosmos"])
-        real = torch.nonzero(cos).squeeze(1)
-        par = torch.nonzero(~cos).squeeze(1)
         img = None
-        if par.numel():
-            sub = p if par.numel() == B else {k: v[par] for k, v in p.items()}
-            col = lambda k: sub[k][:, None]  # noqa: E731
-            lens_coef, extra = self._lens(sub)
-            amp = sersic_amp_from_flux(col("sersic_flux"), col("src_R"), col("src_n"))
-            src_coef = (
-                col("src_x"),
-                col("src_y"),
-                *sersic_coefficients(amp, col("src_R"), col("src_n"), col("src_e1"), col("src_e2")),
-            )
-            clumps = (sub["clump_flux"], sub["clump_sigma"], sub["clump_x"], sub["clump_y"])
-            args = (self.x, self.y, lens_coef, src_coef, clumps, self.npix, self.ss, self.pixscale)
-            analytic = self._trace(*args) if extra is None else trace_sersic(*args, extra=extra)
-            if analytic.shape[0] == B:
-                img = analytic
+        for kind, rows in (("sersic", torch.nonzero(~cos).squeeze(1)), ("cosmos", torch.nonzero(cos).squeeze(1))):
+            if not rows.numel():
+                continue
+            sub = p if rows.numel() == B else {k: v[rows] for k, v in p.items()}
+            draw = self._sersic_part if kind == "sersic" else self._cosmos_part
+            if self.adaptive:
+                part = self._refine(kind, sub, draw(sub, self.x1, self.y1, 1))
             else:
+                part = draw(sub, self.x, self.y, self.ss)
+            if rows.numel() == B:
+                img = part
+                break
+            if img is None:
                 img = torch.zeros(B, self.npix, self.npix, dtype=self.dtype, device=self.device)
-                img[par] = analytic
-        if real.numel():
-            img = (
-                torch.zeros(B, self.npix, self.npix, dtype=self.dtype, device=self.device)
-                if img is None
-                else img.clone()
-            )
-            sub = {k: v[real] for k, v in p.items()}
+            img[rows] = part
+        return img, img.sum((1, 2)) / p["src_flux"]
+
+    def _sersic_part(self, sub: dict, x, y, ss: int) -> torch.Tensor:
+        """Lensed Sérsic + clumps sources [b, N, N] traced on the sub-pixel planes x, y [1, ss^2 N^2]."""
+        lens_coef, extra = self._lens(sub, x, y)
+        args = (x, y, lens_coef, *self._sersic_source(sub), self.npix, ss, self.pixscale)
+        return self._trace(*args) if extra is None else trace_sersic(*args, extra=extra)
+
+    def _cosmos_part(self, sub: dict, x, y, ss: int) -> torch.Tensor:
+        """Lensed COSMOS sources [b, N, N] traced on the sub-pixel planes x, y [1, ss^2 N^2]."""
+        gal = self.galaxies
+        coef = gal.grid_coefficients(*(sub[k] for k in GALAXY_KEYS))
+        lens_coef, extra = self._lens(sub, x, y)
+        grid = (self._cosmos_grid if extra is None else cosmos_grid)(x, y, lens_coef, coef, extra)
+        mode = str(self.c.source.cosmos.interpolation)
+        sb = gal.sample_grid(grid, sub["gal_index"], sub["gal_scale"], sub["src_flux"], mode)
+        return bin_supersampled(sb, self.npix, ss, self.pixscale)
+
+    def _refine(self, kind: str, sub: dict, img: torch.Tensor) -> torch.Tensor:
+        """The pixels of a coarse image [b, N, N] (lensed ``kind`` sources, or ``lens`` light) that
+        need it, re-rendered with the full supersampling (:mod:`lensexp.sim.adaptive`), in place."""
+        idx = adaptive.refine_pixels(img, self.ss, self._threshold[kind == "lens"], **self._mask_fns)
+        if not idx.numel():
+            return img
+        b, x, y = adaptive.subpixel_points(idx, self.npix, self.pixscale, self.ss, self.dtype)
+        if kind == "lens":
+            sb = self._sersic_sb(x, y, adaptive.gather_rows(self._lens_light(sub), b))
+        elif kind == "sersic":
+            lens_coef, extra = self._rows_lens(sub, b, x, y)
+            src_coef, clumps = (adaptive.gather_rows(t, b) for t in self._sersic_source(sub))
+            sb = (self._lensed_sb if extra is None else lensed_sersic_sb)(x, y, lens_coef, src_coef, clumps, extra)
+        else:
             gal = self.galaxies
-            coef = gal.grid_coefficients(*(sub[k] for k in GALAXY_KEYS))
-            lens_coef, extra = self._lens(sub)
-            if extra is None:
-                grid = self._cosmos_grid(self.x, self.y, lens_coef, coef)
-            else:
-                grid = cosmos_grid(self.x, self.y, lens_coef, coef, extra)
+            lens_coef, extra = self._rows_lens(sub, b, x, y)
+            coef = adaptive.gather_rows(gal.grid_coefficients(*(sub[k] for k in GALAXY_KEYS)), b)
+            grid = (self._cosmos_grid if extra is None else cosmos_grid)(x, y, lens_coef, coef, extra)
             mode = str(self.c.source.cosmos.interpolation)
-            sb = gal.sample_grid(grid, sub["gal_index"], sub["gal_scale"], sub["src_flux"], mode)
-            img[real] = bin_supersampled(sb, self.npix, self.ss, self.pixscale)
-        mu = img.sum((1, 2)) / p["src_flux"]
-        return img, mu
+            sb = gal.sample_rows(grid, b, sub["gal_index"], sub["gal_scale"], sub["src_flux"], mode)
+        return adaptive.put_refined(img, idx, sb, self.pixscale, self.ss)
+
+    def _lens_light(self, p: dict) -> tuple:
+        """(cx, cy) + Sérsic coefficients of the lens light, each [B, 1]."""
+        col = lambda k: p[k][:, None]  # noqa: E731
+        amp = sersic_amp_from_flux(col("ll_flux"), col("ll_R"), col("ll_n"))
+        return (
+            col("center_x"),
+            col("center_y"),
+            *sersic_coefficients(amp, col("ll_R"), col("ll_n"), col("ll_e1"), col("ll_e2")),
+        )
 
     def render_lens_light(self, p: dict) -> torch.Tensor | None:
         """Lens-galaxy flux per pixel [B, N, N] (e-/s, no PSF); None when disabled."""
         if not self.c.lens_light.enabled:
             return None
-        col = lambda k: p[k][:, None]  # noqa: E731
-        amp = sersic_amp_from_flux(col("ll_flux"), col("ll_R"), col("ll_n"))
-        coef = (
-            col("center_x"),
-            col("center_y"),
-            *sersic_coefficients(amp, col("ll_R"), col("ll_n"), col("ll_e1"), col("ll_e2")),
-        )
-        return self._sersic_image(self.x, self.y, coef, self.npix, self.ss, self.pixscale)
+        coef = self._lens_light(p)
+        if not self.adaptive:
+            return self._sersic_image(self.x, self.y, coef, self.npix, self.ss, self.pixscale)
+        return self._refine("lens", p, self._sersic_image(self.x1, self.y1, coef, self.npix, 1, self.pixscale))
 
     def _draw_lensed(self, b: int, rng, pool: list):
         """Parameters, lensed source [b, N, N] and mu_F [b], redrawing systems below min_mu.

@@ -152,6 +152,12 @@ class Instrument:
 
 
 @dataclass
+class Adaptive:
+    enabled: bool = False  # supersample only where needed (lensexp/sim/adaptive.py)
+    tolerance: float = 0.01  # estimated sampling error allowed per pixel, in units of the lowest sky noise
+
+
+@dataclass
 class DataSchema:
     """Every setting of a data preset and its type (ranges checked by :func:`validate_config`)."""
 
@@ -159,6 +165,7 @@ class DataSchema:
     npix: int = MISSING  # px per side
     pixscale: float = MISSING  # arcsec/px
     supersample: int = MISSING  # rays per pixel per axis
+    adaptive: Adaptive = field(default_factory=Adaptive)
     dtype: str = "float32"
     bands: list[Band] = MISSING
     labels: list[str] = MISSING
@@ -214,6 +221,10 @@ def validate_config(c: DictConfig) -> None:
         raise ConfigError(f"data.pixscale must be > 0 arcsec/px, got {c.pixscale}")
     if int(c.supersample) < 1:
         raise ConfigError(f"data.supersample must be >= 1, got {c.supersample}")
+    ad = c.get("adaptive")
+    if ad is not None and ad.get("enabled", False):
+        if not float(ad.get("tolerance", 0.01)) > 0:
+            raise ConfigError(f"data.adaptive.tolerance must be > 0 (units of the sky noise), got {ad.tolerance}")
     if len(c.bands) < 1:
         raise ConfigError("data.bands must list at least one band")
     L = c.lens

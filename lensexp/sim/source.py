@@ -187,6 +187,24 @@ class GalaxyBank:
         val = F.grid_sample(imgs, grid.unsqueeze(1), mode=mode, padding_mode="zeros", align_corners=False)
         return val[:, 0, 0, :] * (flux / (pix * pix))[:, None]
 
+    def sample_rows(self, grid, b, index, scale, flux, mode: str = "bilinear"):
+        """As :meth:`sample_grid`, for rows of points of different images: SB [M, P] at ``grid``
+        [M, P, 2], row m from image ``b[m]`` (ascending) of images with galaxies ``index``, size
+        ``scale`` and flux ``flux`` [B']; one ``grid_sample`` per image (measured: 3 ns a point,
+        against ~30-50 for one call on the bank as a volume or for compiled gathers)."""
+        imgs = self.images.to(device=grid.device, dtype=grid.dtype)
+        pix = self.pixscale.to(device=grid.device, dtype=grid.dtype)[index] * scale
+        norm = (flux / (pix * pix)).tolist()
+        out = torch.empty(grid.shape[:2], dtype=grid.dtype, device=grid.device)
+        start = 0
+        for j, (g, n) in enumerate(zip(index.tolist(), torch.bincount(b, minlength=len(norm)).tolist())):
+            if n:
+                pts = grid[start : start + n].reshape(1, 1, -1, 2)
+                val = F.grid_sample(imgs[g][None, None], pts, mode=mode, padding_mode="zeros", align_corners=False)
+                out[start : start + n] = val.reshape(n, -1) * norm[j]
+                start += n
+        return out
+
 
 def source_plane_grid(x, y, coef):
     """``grid_sample`` coordinates [B, P, 2] (stamp at [-1, 1]) of source-plane positions x, y

@@ -98,6 +98,24 @@ def shoot(x, y, lens_coef, extra=None):
     return bx, by
 
 
+def lensed_sersic_sb(x, y, lens_coef, src_coef, clumps, extra=None):
+    """SB [e-/s/arcsec^2] of Sérsic + clumps sources seen through SIE + shear at image-plane
+    positions x, y ([P] or [B, P]; coefficients as in :func:`trace_sersic`, each [B, 1])."""
+    sx, sy, *sc = src_coef
+    bx, by = shoot(x, y, lens_coef, extra)
+    sb = sersic_sb_rotated(bx - sx, by - sy, *sc)
+    if clumps[0].shape[-1] > 0:
+        sb = sb + gaussian_clumps_sb(bx, by, *clumps)
+    return sb
+
+
+def sersic_sb(x, y, coef):
+    """SB of unlensed Sérsics (e.g. lens light) at positions x, y [B, P]; ``coef``: (cx, cy) +
+    :func:`source.sersic_coefficients`, each [B, 1]."""
+    cx, cy, *sc = coef
+    return sersic_sb_rotated(x - cx, y - cy, *sc)
+
+
 def sersic_image(x, y, coef, npix, supersample, pixscale):
     """Unlensed Sérsic (e.g. lens light) binned from sub-pixel planes to flux per pixel [B, N, N]."""
     cx, cy, *sc = coef
@@ -118,17 +136,13 @@ def trace_sersic(x, y, lens_coef, src_coef, clumps, npix, supersample, pixscale,
     unrolled loop, so ``torch.compile`` emits one pointwise kernel over pixels with no
     intermediate buffers.
     """
-    sx, sy, *sc = src_coef
     planes = supersample * supersample
     xs, ys = x.reshape(planes, 1, -1), y.reshape(planes, 1, -1)
     total = None
     n = xs.shape[-1]
     for k in range(planes):
         ek = None if extra is None else (extra[0][:, k * n : (k + 1) * n], extra[1][:, k * n : (k + 1) * n])
-        bx, by = shoot(xs[k], ys[k], lens_coef, ek)
-        sb = sersic_sb_rotated(bx - sx, by - sy, *sc)
-        if clumps[0].shape[-1] > 0:
-            sb = sb + gaussian_clumps_sb(bx, by, *clumps)
+        sb = lensed_sersic_sb(xs[k], ys[k], lens_coef, src_coef, clumps, ek)
         total = sb if total is None else total + sb
     return (total * (pixscale / supersample) ** 2).reshape(-1, npix, npix)
 
