@@ -31,9 +31,10 @@ def test_simulated_noise_and_lens_flux_span_the_real_files():
         real_sigma.append(2 * np.median(noise[noise < 1e7]))  # 2x2 block sum of 0.05" pixels
         real_flux.append(fits.getdata(d / "image.fits").astype(float).sum())
     cfg = compose_config("train", ["experiment=slacs_cpu", "data.source.kind=sersic"]).data
-    b = Simulator(cfg).sample(64, seed=0, batch_size=64)
+    # 256 lenses: the quietest of 64 moved from 0.012 to 0.015 e-/s with the random stream alone
+    b = Simulator(cfg).sample(256, seed=0, batch_size=64)
     img = b.images[:, 0].numpy()
-    edge = np.concatenate([img[:, :6, :].reshape(64, -1), img[:, -6:, :].reshape(64, -1)], 1)
+    edge = np.concatenate([img[:, :6, :].reshape(256, -1), img[:, -6:, :].reshape(256, -1)], 1)
     sim_sigma = np.array([sigma_clipped_stats(e)[2] for e in edge])
     sim_flux = img.sum((1, 2))
     # the simulated range covers the real one (noise maps exceed the drizzled pixel scatter by ~30 %)

@@ -83,6 +83,20 @@ def draw_params(
         p["ll_e1"], p["ll_e2"] = lensmod.phi_q_to_ellipticity(phi, ql)
         p["ll_flux"] = mag_to_flux(d(LL.mag), float(c.instrument.zeropoint))
         p["ll_R"], p["ll_n"] = d(LL.R_sersic), d(LL.n)
+        comps = LL.get("components") or []
+        if comps:  # further concentric Sérsics [n, K], each a share of the galaxy's flux
+            u = lambda: 2 * torch.rand(n, generator=rng, device=dev, dtype=dt) - 1  # noqa: E731
+            cols = {k: [] for k in ("llc_flux", "llc_R", "llc_n", "llc_e1", "llc_e2")}
+            for comp in comps:
+                cols["llc_flux"].append(d(comp.flux_fraction) * p["ll_flux"])
+                cols["llc_R"].append(d(comp.R_scale) * p["ll_R"])
+                cols["llc_n"].append(d(comp.n))
+                qk = (ql + float(comp.q_jitter) * u()).clamp(0.2, 1.0)
+                e1, e2 = lensmod.phi_q_to_ellipticity(phi + float(comp.twist) * u(), qk)
+                cols["llc_e1"].append(e1)
+                cols["llc_e2"].append(e2)
+            p.update({k: torch.stack(v, 1) for k, v in cols.items()})
+            p["ll_flux"] = p["ll_flux"] - p["llc_flux"].sum(1)
     # colours
     p["band_src"] = torch.stack([d(b.source_scale) for b in c.bands], 1)
     p["band_lens"] = torch.stack([d(b.lens_scale) for b in c.bands], 1)

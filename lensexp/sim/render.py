@@ -206,7 +206,7 @@ class Simulator:
             return img
         b, x, y = adaptive.subpixel_points(idx, self.npix, self.pixscale, self.ss, self.dtype)
         if kind == "lens":
-            sb = self._sersic_sb(x, y, adaptive.gather_rows(self._lens_light(sub), b))
+            sb = sum(self._sersic_sb(x, y, adaptive.gather_rows(coef, b)) for coef in self._lens_light(sub))
         elif kind == "sersic":
             lens_coef, extra = self._rows_lens(sub, b, x, y)
             src_coef, clumps = (adaptive.gather_rows(t, b) for t in self._sersic_source(sub))
@@ -220,24 +220,29 @@ class Simulator:
             sb = gal.sample_rows(grid, b, sub["gal_index"], sub["gal_scale"], sub["src_flux"], mode)
         return adaptive.put_refined(img, idx, sb, self.pixscale, self.ss)
 
-    def _lens_light(self, p: dict) -> tuple:
-        """(cx, cy) + Sérsic coefficients of the lens light, each [B, 1]."""
-        col = lambda k: p[k][:, None]  # noqa: E731
-        amp = sersic_amp_from_flux(col("ll_flux"), col("ll_R"), col("ll_n"))
-        return (
-            col("center_x"),
-            col("center_y"),
-            *sersic_coefficients(amp, col("ll_R"), col("ll_n"), col("ll_e1"), col("ll_e2")),
-        )
+    def _lens_light(self, p: dict) -> list[tuple]:
+        """Per lens-light component ((cx, cy) + Sérsic coefficients, each [B, 1]): the main one
+        and the further concentric ones (``data.lens_light.components``, parameters ``llc_*``)."""
+        keys = ("flux", "R", "n", "e1", "e2")
+        comps = [[p["ll_" + key][:, None] for key in keys]]
+        if "llc_flux" in p:
+            comps += [[p["llc_" + key][:, k : k + 1] for key in keys] for k in range(p["llc_flux"].shape[1])]
+        out = []
+        for flux, R, n, e1, e2 in comps:
+            sc = sersic_coefficients(sersic_amp_from_flux(flux, R, n), R, n, e1, e2)
+            out.append((p["center_x"][:, None], p["center_y"][:, None], *sc))
+        return out
 
     def render_lens_light(self, p: dict) -> torch.Tensor | None:
         """Lens-galaxy flux per pixel [B, N, N] (e-/s, no PSF); None when disabled."""
         if not self.c.lens_light.enabled:
             return None
-        coef = self._lens_light(p)
-        if not self.adaptive:
-            return self._sersic_image(self.x, self.y, coef, self.npix, self.ss, self.pixscale)
-        return self._refine("lens", p, self._sersic_image(self.x1, self.y1, coef, self.npix, 1, self.pixscale))
+        x, y, ss = (self.x1, self.y1, 1) if self.adaptive else (self.x, self.y, self.ss)
+        img = None
+        for coef in self._lens_light(p):
+            part = self._sersic_image(x, y, coef, self.npix, ss, self.pixscale)
+            img = part if img is None else img + part
+        return self._refine("lens", p, img) if self.adaptive else img
 
     def _draw_lensed(self, b: int, rng, pool: list):
         """Parameters, lensed source [b, N, N] and mu_F [b], redrawing systems below min_mu.

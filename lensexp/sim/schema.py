@@ -78,12 +78,22 @@ class Source:
 
 
 @dataclass
+class LensLightComponent:
+    flux_fraction: Range = MISSING  # share of the lens galaxy's total flux
+    R_scale: Range = MISSING  # R_sersic in units of the main component's
+    n: Range = MISSING
+    q_jitter: float = 0.1  # axis ratio = the main component's +- this
+    twist: float = 0.0  # rad, position angle = the main component's +- this (isophote twist)
+
+
+@dataclass
 class LensLight:
     enabled: bool = MISSING
     mag: Range = MISSING
     R_sersic: Range = MISSING
     n: Range = MISSING
     q_jitter: float = MISSING
+    components: list[LensLightComponent] = field(default_factory=list)  # further concentric Sérsics
 
 
 @dataclass
@@ -256,6 +266,17 @@ def validate_config(c: DictConfig) -> None:
         check_range("data.lens_light.mag", LL.mag)
         check_range("data.lens_light.R_sersic", LL.R_sersic, 0.0, strict_low=True)
         check_range("data.lens_light.n", LL.n, 0.2, 8.0)
+        for k, comp in enumerate(LL.get("components") or []):
+            key = f"data.lens_light.components[{k}]"
+            check_range(f"{key}.flux_fraction", comp.flux_fraction, 0.0, 1.0)
+            check_range(f"{key}.R_scale", comp.R_scale, 0.0, strict_low=True)
+            check_range(f"{key}.n", comp.n, 0.2, 8.0)
+        top = sum(max(comp.flux_fraction) for comp in LL.get("components") or [])
+        if top >= 1.0:
+            raise ConfigError(
+                f"data.lens_light.components take up to {top:g} of the lens light's flux together: "
+                "their flux_fraction highs must sum to < 1 (the main component keeps the rest)"
+            )
     P = c.psf
     if str(P.kind) != "empirical":
         check_range("data.psf.fwhm", P.fwhm, 0.0, strict_low=True)
