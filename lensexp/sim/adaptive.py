@@ -10,8 +10,9 @@ units), so a pixel is refined when that estimate, from the coarse image's 5-poin
 exceeds ``tolerance`` times the preset's lowest sky noise (:func:`noise_floor`), and so are its
 8 neighbours (features narrower than a pixel show in the neighbours' curvature first).
 
-The refined pixels equal the full render's exactly; elsewhere the images differ from it by
-less than the tolerance (tests: ``tests/test_adaptive.py``). lenstronomy offers the same idea
+The refined pixels are the full render's (up to float32 rounding of the ray positions); the
+others are the one-ray render's and differ from the full render by about the tolerance at most
+(hst: < 0.1 of the quietest sky noise; tests: ``tests/sim/test_adaptive.py``). lenstronomy offers the same idea
 (``supersampling_compute_mode='adaptive'`` with a user-given pixel set).
 """
 
@@ -55,18 +56,18 @@ def grow(mask: torch.Tensor) -> torch.Tensor:
     return rows[:, :N] | rows[:, 1 : N + 1] | rows[:, 2:]
 
 
-def refine_mask(coarse: torch.Tensor, supersample: int, threshold: float, error_mask=sampling_error_mask, grow_fn=grow):
+def refine_mask(coarse: torch.Tensor, supersample: int, threshold: float, error_mask=sampling_error_mask):
     """Pixels [B, N, N] bool to render with ``supersample^2`` rays: :func:`sampling_error_mask`
-    grown by one pixel (features narrower than a pixel show in the neighbours' curvature first).
-    ``error_mask``/``grow_fn``: the same functions, e.g. compiled (conv2d and max_pool2d took 0.8
-    ms per 192-px image, these 0.06)."""
-    return grow_fn(error_mask(coarse, supersample, threshold))
+    (``error_mask``: the same function, e.g. compiled) grown by one pixel (features narrower
+    than a pixel show in the neighbours' curvature first). conv2d and max_pool2d took 0.8 ms per
+    192-px image, these 0.06; the growing stays eager (inductor's code for it ran 25x slower)."""
+    return grow(error_mask(coarse, supersample, threshold))
 
 
-def refine_pixels(coarse: torch.Tensor, supersample: int, threshold: float, **fns) -> torch.Tensor:
+def refine_pixels(coarse: torch.Tensor, supersample: int, threshold: float, error_mask=sampling_error_mask):
     """Flat indices [M] (into ``coarse.reshape(-1)``, row-major over [B, N, N]) of the
-    :func:`refine_mask` pixels (``fns``: its keyword arguments)."""
-    return torch.nonzero(refine_mask(coarse, supersample, threshold, **fns).reshape(-1)).squeeze(1)
+    :func:`refine_mask` pixels."""
+    return torch.nonzero(refine_mask(coarse, supersample, threshold, error_mask).reshape(-1)).squeeze(1)
 
 
 def subpixel_points(idx: torch.Tensor, npix: int, pixscale: float, supersample: int, dtype):

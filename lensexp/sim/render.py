@@ -115,10 +115,7 @@ class Simulator:
         self._cosmos_grid = batch_dynamic(cosmos_grid) if compile else cosmos_grid
         self._lensed_sb = batch_dynamic(lensed_sersic_sb) if compile else lensed_sersic_sb
         self._sersic_sb = batch_dynamic(sersic_sb) if compile else sersic_sb
-        # (the boolean growing stays eager: inductor's code for it ran 25x slower, 192 px)
-        self._mask_fns = {
-            "error_mask": batch_dynamic(adaptive.sampling_error_mask) if compile else adaptive.sampling_error_mask
-        }
+        self._error_mask = batch_dynamic(adaptive.sampling_error_mask) if compile else adaptive.sampling_error_mask
         self._digitise = batch_dynamic(inst.digitise_counts) if compile else inst.digitise_counts
         self._mix = batch_dynamic(inst.mix_bands) if compile else inst.mix_bands
 
@@ -201,7 +198,7 @@ class Simulator:
     def _refine(self, kind: str, sub: dict, img: torch.Tensor) -> torch.Tensor:
         """The pixels of a coarse image [b, N, N] (lensed ``kind`` sources, or ``lens`` light) that
         need it, re-rendered with the full supersampling (:mod:`lensexp.sim.adaptive`), in place."""
-        idx = adaptive.refine_pixels(img, self.ss, self._threshold[kind == "lens"], **self._mask_fns)
+        idx = adaptive.refine_pixels(img, self.ss, self._threshold[kind == "lens"], self._error_mask)
         if not idx.numel():
             return img
         b, x, y = adaptive.subpixel_points(idx, self.npix, self.pixscale, self.ss, self.dtype)
