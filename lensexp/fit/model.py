@@ -146,10 +146,25 @@ class ParamSpace:
     def to(self, dtype=None, device=None) -> ParamSpace:
         return ParamSpace(self.names, self.lo.to(device, dtype), self.hi.to(device, dtype))
 
+    def fixing(self, values: dict) -> ParamSpace:
+        """The same space with the parameters ``values`` (name -> value) held fixed: a box of zero
+        width, so :meth:`to_p` returns the value whatever ``u`` is and its gradient is zero."""
+        lo, hi = self.lo.clone(), self.hi.clone()
+        for name, v in values.items():
+            i = self.names.index(name)
+            lo[i] = hi[i] = float(v)
+        return ParamSpace(self.names, lo, hi)
+
+    @property
+    def free(self) -> torch.Tensor:
+        """Which parameters [P] bool are free (a box of non-zero width)."""
+        return self.hi > self.lo
+
     def to_u(self, p: torch.Tensor) -> torch.Tensor:
-        """Physical [M, P] -> unconstrained (clipped just inside the box)."""
-        f = ((p - self.lo) / (self.hi - self.lo)).clamp(1e-6, 1 - 1e-6)
-        return torch.logit(f)
+        """Physical [M, P] -> unconstrained (clipped just inside the box; 0 for fixed parameters)."""
+        width = self.hi - self.lo
+        f = ((p - self.lo) / torch.where(width > 0, width, 1.0)).clamp(1e-6, 1 - 1e-6)
+        return torch.where(width > 0, torch.logit(f), 0.0)
 
     def to_p(self, u: torch.Tensor) -> torch.Tensor:
         return self.lo + (self.hi - self.lo) * torch.sigmoid(u)

@@ -49,6 +49,7 @@ class FitSettings:
     ring_start: bool = False  # with light_steps: mass starts from the residual ring, not the given ones
     center_sigma: float | None = None  # arcsec: Gaussian prior on mass centre - light centre (with lens light)
     shapelets: int | None = None  # n_max of a shapelet source added last (lensexp.fit.shapelets), kept by BIC
+    shear: bool = True  # False: the search keeps the shear, the final model (polish from the best, shapelets) is an SIE
 
 
 def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: LensModel, fs: FitSettings, rngs):
@@ -127,18 +128,35 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
                       float(loss1[b, j]), float(res["p"]["theta_E"]), res["nll"])  # fmt: skip
             if best is None or res["nll"] < best["nll"]:
                 best = res
+        sp = space
+        if not fs.shear:
+            best, sp = _without_shear(best, obs, b, space, model, fs)
         n_sh = 0
         if fs.shapelets is not None:
-            best, n_sh = _add_shapelets(best, obs, b, space, model, fs)
+            best, n_sh = _add_shapelets(best, obs, b, sp, model, fs)
         if fs.laplace:
-            best["std"] = _laplace(best, obs, b, space, model, fs, n_sh)
-        best["dof"] = max(best["n_pix"] - len(space.names) - model.K - (n_sh and shapelets.n_basis(n_sh) + 1), 1)
+            best["std"] = _laplace(best, obs, b, sp, model, fs, n_sh)
+        n_free = int(sp.free.sum())
+        best["dof"] = max(best["n_pix"] - n_free - model.K - (n_sh and shapelets.n_basis(n_sh) + 1), 1)
         best["seconds"] = shared + time.perf_counter() - t1
         with torch.no_grad():
             extra = best["sh_flux"] if best.get("sh_n_max") else (0.0, 0.0)  # kept shapelets' (lensed, intrinsic)
             best["p"]["mu_F"] = model.mu_F({k: v[None] for k, v in best["p"].items()}, best["amps"][None], extra)[0]
         results.append(best)
     return results
+
+
+def _without_shear(best: dict, obs, b: int, space, model, fs) -> tuple[dict, ParamSpace]:
+    """The SIE model (``mass_model=sie``): polished from the best SIE + shear fit with the shear
+    set and held at zero. Searching with the shear free and dropping it last keeps the basin the
+    richer model found (an SIE search alone let lens-light and source structure pull the mass
+    centre or grow the source instead). Returns the result and the space with the shear fixed."""
+    sp = space.fixing({"gamma1": 0.0, "gamma2": 0.0})
+    p0 = torch.stack([best["p"][n] for n in space.names]).clamp(sp.lo, sp.hi)
+    res = _polish(p0, obs, b, sp, model, fs)
+    res["start"] = best["start"]
+    log.debug("lens %d: SIE + shear -ln L %.1f, SIE %.1f", b, best["nll"], res["nll"])
+    return res, sp
 
 
 def _add_shapelets(best: dict, obs, b: int, space, model, fs) -> tuple[dict, int]:
@@ -275,9 +293,11 @@ def _laplace(res, obs, b, space, model, fs, n_sh: int = 0) -> dict:
     else:
         f = lambda x: _lens_loss(x[:P], x[P:], w, *args, fs.outlier_sigma, fs.center_sigma)  # noqa: E731
     H = torch.autograd.functional.hessian(f, x0)
+    free = torch.cat([space.free, torch.ones(x0.numel() - P, dtype=torch.bool, device=x0.device)])
+    std = torch.zeros_like(x0)  # fixed parameters (e.g. the shear of an SIE): no spread
     try:
-        std = torch.cholesky_inverse(torch.linalg.cholesky(H)).diagonal().sqrt()
+        std[free] = torch.cholesky_inverse(torch.linalg.cholesky(H[free][:, free])).diagonal().sqrt()
     except torch.linalg.LinAlgError:  # not positive definite: no Gaussian approximation
-        std = torch.full((x0.numel(),), math.nan, dtype=x0.dtype)
+        std[free] = math.nan
     names = list(space.names) + amp_names(model.n_light, model.n_src, model.n_comp) + (["sh_beta"] if n_sh else [])
     return {n: float(s) for n, s in zip(names, std)}

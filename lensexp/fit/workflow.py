@@ -99,6 +99,8 @@ def resolve_search(cfg: DictConfig) -> DictConfig:
             OmegaConf.update(cfg, key, with_light if cfg.lens_light else plain)
     if str(cfg.source_shapelets) == "auto":
         cfg.source_shapelets = SHAPELETS_WITH_LIGHT if cfg.lens_light else None
+    if str(cfg.mass_model) == "auto":  # real ellipticals: the published SLACS models are SIEs (Bolton et al. 2008)
+        cfg.mass_model = "sie" if cfg.lens_light else "sie_shear"
     return cfg
 
 
@@ -148,6 +150,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"adam.supersample must be >= 0, got {cfg.adam.supersample}")
     if cfg.adam.half_width is not None and not float(cfg.adam.half_width) > 0:
         raise ConfigError(f"adam.half_width must be > 0 arcsec (or null: the whole image), got {cfg.adam.half_width}")
+    if str(cfg.mass_model) not in ("auto", "sie", "sie_shear"):
+        raise ConfigError(f"mass_model must be auto, sie or sie_shear, got '{cfg.mass_model}'")
     if cfg.shear_max is not None and not 0 < float(cfg.shear_max) <= 0.5:
         raise ConfigError(f"shear_max must be in (0, 0.5], got {cfg.shear_max}")
     if cfg.theta_E_range is not None:
@@ -213,6 +217,7 @@ def run(cfg: DictConfig) -> dict:
         ring_start=bool(cfg.ring_start) and cfg.init == "prior",
         center_sigma=float(cfg.center_prior) if cfg.center_prior else None,
         shapelets=None if cfg.source_shapelets is None else int(cfg.source_shapelets),
+        shear=str(cfg.mass_model) == "sie_shear",
     )
     cols = columns(lens_light, fs.laplace, int(cfg.source_components), n_comp, fs.shapelets is not None)
     done = _resume(partial, cols) if cfg.resume else set()
