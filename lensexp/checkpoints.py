@@ -20,7 +20,7 @@ from lensexp.errors import ConfigError
 # training settings of each module kind; the rest of a checkpoint's hyper-parameters is its
 # ``spec`` (what rebuilds the network, loss and label scaler: lensexp.build), checked there
 SETTINGS = {
-    "params": frozenset({"lr", "weight_decay", "n_mc_val", "input_norm", "data_info"}),
+    "params": frozenset({"lr", "weight_decay", "n_mc_val", "input_norm", "data_info", "posterior_centre"}),
     "kappa": frozenset(
         {"lr", "weight_decay", "n_mc_val", "input_norm", "data_info", "kappa_floor", "task", "target", "kappa_max"}
     ),

@@ -70,3 +70,53 @@ def upgrade_state_dict(sd: dict, prefix: str = "scaler.") -> dict:
         if k in sd and prefix + k not in sd:
             sd[prefix + k] = sd.pop(k)
     return sd
+
+
+# ---------------------------------------------------------------------------- symmetries of the grid
+# The 8 symmetries of the square pixel grid (dihedral group D4) as (transpose, flip x, flip y),
+# applied to an image [..., H = row = y, W = col = x] in that order. The training priors are
+# invariant under them (random orientations; rotation-symmetric PSFs in the analytic presets), so a
+# network's prediction on a turned image, turned back, is another estimate of the same lens.
+D4 = tuple((t, fx, fy) for t in (False, True) for fx in (False, True) for fy in (False, True))
+INVARIANT = ("theta_E", "mu_F")
+_FLIP = {"x": ("center_x", "e2", "gamma2"), "y": ("center_y", "e2", "gamma2")}
+_TRANSPOSE_SIGN = ("e1", "gamma1")  # x <-> y: position angle phi -> pi/2 - phi, so cos 2 phi changes sign
+
+
+def d4_supported(labels) -> bool:
+    """Whether every label has a known behaviour under the grid's symmetries (the centre needs
+    both components)."""
+    known = set(INVARIANT) | set(_FLIP["x"]) | set(_FLIP["y"]) | set(_TRANSPOSE_SIGN)
+    return set(labels) <= known and (("center_x" in labels) == ("center_y" in labels))
+
+
+def d4_image(images: torch.Tensor, transpose: bool, flip_x: bool, flip_y: bool) -> torch.Tensor:
+    """Images [..., H, W] transposed (x <-> y), then mirrored in x (columns), then in y (rows)."""
+    if transpose:
+        images = images.transpose(-1, -2)
+    if flip_x:
+        images = images.flip(-1)
+    if flip_y:
+        images = images.flip(-2)
+    return images.contiguous()
+
+
+def d4_back(y: torch.Tensor, labels, transpose: bool, flip_x: bool, flip_y: bool) -> torch.Tensor:
+    """Physical labels [..., D] of a lens seen through :func:`d4_image` -> the same lens in the
+    original frame (the steps undone in reverse order: a mirror negates its axis's centre and the
+    45-degree components e2, gamma2; the transpose swaps the centre and negates e1, gamma1)."""
+    y = y.clone()
+    col = {n: i for i, n in enumerate(labels)}
+    for flip, axis in ((flip_y, "y"), (flip_x, "x")):
+        if flip:
+            for n in _FLIP[axis]:
+                if n in col:
+                    y[..., col[n]] = -y[..., col[n]]
+    if transpose:
+        for n in _TRANSPOSE_SIGN:
+            if n in col:
+                y[..., col[n]] = -y[..., col[n]]
+        if "center_x" in col:
+            i, j = col["center_x"], col["center_y"]
+            y[..., [i, j]] = y[..., [j, i]]
+    return y

@@ -20,11 +20,13 @@ import torch
 from torch import nn
 
 from lensexp import metrics
-from lensexp.labels import LabelScaler, upgrade_state_dict
+from lensexp.errors import ConfigError
+from lensexp.labels import D4, LabelScaler, d4_back, d4_image, d4_supported, upgrade_state_dict
 from lensexp.models import MCDropout, set_mc_dropout
 from lensexp.sim.normalize import normalize
 
 VAL_SAMPLES = 1024  # posterior samples per lens in validation metrics
+CENTRES = ("d4", "deterministic", "mc_mean")  # posterior_centre: see LensModule.point_estimate
 
 
 class EvalHooks:
@@ -82,8 +84,11 @@ class LensModule(EvalHooks, pl.LightningModule):
         input_norm: str = "quantile",
         data_info: dict | None = None,
         spec: dict | None = None,
+        posterior_centre: str = "mc_mean",
     ):
         super().__init__()
+        if posterior_centre not in CENTRES:
+            raise ConfigError(f"posterior_centre must be one of {CENTRES}, got '{posterior_centre}'")
         self.save_hyperparameters(ignore=["net", "loss", "scaler"])
         self.net = net
         self.loss_fn = loss  # an nn.Module (flow) has weights that train and save
@@ -136,19 +141,51 @@ class LensModule(EvalHooks, pl.LightningModule):
         return torch.stack([m for m, _ in outs]), torch.stack([s for _, s in outs])
 
     @torch.no_grad()
-    def posterior(self, images: torch.Tensor, n_mc: int, n_samples: int, generator=None, common: bool = False):
+    def point_estimate(self, images: torch.Tensor, mode: str = "d4") -> torch.Tensor:
+        """Network-space estimate [B, D] of a Gaussian head with dropout off: one pass
+        (``deterministic``), or (``d4``) the mean over the 8 symmetries of the pixel grid of the
+        passes on the turned image, each turned back (:func:`lensexp.labels.d4_back`; one pass
+        when a label's symmetry is unknown). Measured on the quickstart network and lenstronomy-made
+        lenses (README "Training"): MC-dropout means are biased by the dropout itself; this is not."""
+        was = self.training
+        self.eval()
+        try:
+            if mode != "d4" or not d4_supported(self.labels):
+                return self.loss_fn.mean_std(self(images))[0]
+            outs = [
+                self.to_net(
+                    d4_back(self.from_net(self.loss_fn.mean_std(self(d4_image(images, *t)))[0]), self.labels, *t)
+                )
+                for t in D4
+            ]
+            return torch.stack(outs).mean(0)
+        finally:
+            self.train(was)
+
+    @torch.no_grad()
+    def posterior(
+        self, images: torch.Tensor, n_mc: int, n_samples: int, generator=None, common: bool = False, centre=None
+    ):
         """The posterior-samples interface shared by every uncertainty method: samples
         [S, B, D] and their centre [B, D], network units, on the CPU, for images [B, C, H, W].
 
         Gaussian heads: the mixture over MC-dropout passes of each pass's Gaussian (Perreault
-        Levasseur et al. 2017), centred on the mean of the pass means. Flow heads: ``n_samples /
-        passes`` flow samples per pass, centred on their mean. ``generator``: a CPU generator or
-        an int seed; ``common``: the same random draws for every lens (validation uses this, so
-        its metrics do not depend on batching or the number of DDP ranks)."""
+        Levasseur et al. 2017), shifted onto the ``posterior_centre`` (``centre`` overrides it):
+        ``d4``/``deterministic`` (:meth:`point_estimate`) or ``mc_mean``, the mean of the pass
+        means (checkpoints from before 2026-12-05 keep it, as their calibrations do). Flow
+        heads: ``n_samples / passes`` flow samples per pass, centred on their mean.
+        ``generator``: a CPU generator or an int seed; ``common``: the same random draws for
+        every lens (validation uses this, so its metrics do not depend on batching or the number
+        of DDP ranks)."""
         g = metrics.as_generator(generator)
         if hasattr(self.loss_fn, "mean_std"):
             means, stds = self.predict_mc(images, n_mc)
-            return metrics.posterior_samples(means.cpu(), stds.cpu(), n_samples, g, common)
+            samples, mid = metrics.posterior_samples(means.cpu(), stds.cpu(), n_samples, g, common)
+            mode = centre or self.hparams.get("posterior_centre", "mc_mean")
+            if mode == "mc_mean":
+                return samples, mid
+            point = self.point_estimate(images, mode).cpu().to(samples.dtype)
+            return samples + (point - mid), point
         outs = self.mc_outputs(images, n_mc)
         per = max(1, n_samples // len(outs))
         s = torch.cat([self.loss_fn.sample(o, per, g, common) for o in outs]).cpu()
@@ -165,7 +202,17 @@ class LensModule(EvalHooks, pl.LightningModule):
         y = batch["labels"]
         self._eval_loss(batch, prefix)
         t0 = time.perf_counter()
-        samples, centre = self.posterior(batch["image"], self.hparams.n_mc_val, VAL_SAMPLES, 0, common=True)
+        # validation and test take one deterministic pass for a d4 centre (8 more passes per lens
+        # would triple their cost inside a training budget); calibrate and predict use d4
+        mode = self.hparams.get("posterior_centre", "mc_mean")
+        samples, centre = self.posterior(
+            batch["image"],
+            self.hparams.n_mc_val,
+            VAL_SAMPLES,
+            0,
+            common=True,
+            centre="deterministic" if mode == "d4" else mode,
+        )
         self._infer[0] += y.shape[0] * self.mc_passes(self.hparams.n_mc_val)
         self._infer[1] += time.perf_counter() - t0
         self._collected.append((samples, centre, y.cpu()))

@@ -114,7 +114,7 @@ def build_module(cfg: DictConfig):
         raise ConfigError(f"task must be 'params' (the eight labels) or 'kappa' (density maps), got '{task}'")
     if target == build.KAPPA_NET:
         raise ConfigError("model=kappa_unet is a density-map network: train it with task=kappa data=kappa")
-    return build.lens_module(cfg.model, cfg.loss, in_chans, **settings)
+    return build.lens_module(cfg.model, cfg.loss, in_chans, posterior_centre=str(cfg.posterior_centre), **settings)
 
 
 COST_FILE = "train_cost.json"
