@@ -23,6 +23,7 @@ SETTINGS = {
     "params": frozenset({"lr", "weight_decay", "n_mc_val", "input_norm", "data_info", "posterior_centre"}),
     "kappa": frozenset(
         {"lr", "weight_decay", "n_mc_val", "input_norm", "data_info", "kappa_floor", "task", "target", "kappa_max"}
+        | {"posterior_centre"}
     ),
 }
 SPEC_KEYS = {

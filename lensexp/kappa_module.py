@@ -22,7 +22,8 @@ from lensexp import kappa_maps
 from lensexp.errors import ConfigError
 from torch import nn
 
-from lensexp.module import EvalHooks, gather_lenses, warmup_cosine
+from lensexp.labels import D4, d4_image, d4_unturn
+from lensexp.module import CENTRES, EvalHooks, gather_lenses, warmup_cosine
 from lensexp.models import set_mc_dropout
 from lensexp.sim.normalize import normalize
 
@@ -49,10 +50,13 @@ class KappaModule(EvalHooks, pl.LightningModule):
         target: str = "log",
         kappa_max: float = 10.0,
         spec: dict | None = None,
+        posterior_centre: str = "mc_mean",
     ):
         super().__init__()
         if target not in TARGETS:
             raise ConfigError(f"kappa target must be one of {TARGETS}, got '{target}'")
+        if posterior_centre not in CENTRES:
+            raise ConfigError(f"posterior_centre must be one of {CENTRES}, got '{posterior_centre}'")
         self.save_hyperparameters(ignore=["net"])
         self.net = net
         self._collected: list[dict] = []
@@ -110,6 +114,32 @@ class KappaModule(EvalHooks, pl.LightningModule):
             return torch.exp(mu + 0.5 * torch.exp(2 * log_sigma)).mean(0)
         return mu.mean(0)
 
+    @torch.no_grad()
+    def point_map(self, images: torch.Tensor, mode: str = "d4") -> torch.Tensor:
+        """Mean map [B, N, N] with dropout off (:meth:`mean_map` of one pass): of the image
+        (``deterministic``) or (``d4``) averaged over the pixel grid's 8 symmetries, each map
+        predicted on the turned image and turned back (:func:`lensexp.labels.d4_unturn`)."""
+        was = self.training
+        self.eval()
+        try:
+            turns = D4 if mode == "d4" else D4[:1]
+            return torch.stack([d4_unturn(self.mean_map(self(d4_image(images, *t))[None]), *t) for t in turns]).mean(0)
+        finally:
+            self.train(was)
+
+    def centred(self, images, passes, samples, mode=None) -> tuple:
+        """(samples, mean map) of MC ``passes`` moved onto the ``posterior_centre`` (``mode``
+        overrides it): per pixel scaled (log target) or shifted (linear) so that their centre is
+        :meth:`point_map`; ``mc_mean`` (checkpoints from before 2026-12-05) keeps the MC mean."""
+        mean = self.mean_map(passes)
+        mode = mode or self.hparams.get("posterior_centre", "mc_mean")
+        if mode == "mc_mean":
+            return samples, mean
+        point = self.point_map(images, mode).to(mean)
+        if self.hparams.target == "log":
+            return samples * (point / mean.clamp(min=1e-30)), point
+        return samples + (point - mean), point
+
     # ---------------------------------------------------------------- steps
     def batch_loss(self, batch, train: bool) -> torch.Tensor:
         """Per-pixel Gaussian NLL of the batch's maps."""
@@ -120,8 +150,12 @@ class KappaModule(EvalHooks, pl.LightningModule):
         self._eval_loss(batch, prefix)
         g = torch.Generator(device=kappa.device).manual_seed(batch_idx)
         passes = self.predict_mc(batch["image"], self.hparams.n_mc_val)
-        samples = self.map_samples(passes, 4, g)
-        self._collected.append(evaluate_maps(samples, kappa, self.pixscale, self.mean_map(passes)))
+        # a d4 centre takes the unturned pass here (8 more per lens would triple validation's cost)
+        mode = self.hparams.get("posterior_centre", "mc_mean")
+        samples, mean = self.centred(
+            batch["image"], passes, self.map_samples(passes, 4, g), "deterministic" if mode == "d4" else mode
+        )
+        self._collected.append(evaluate_maps(samples, kappa, self.pixscale, mean))
 
     def _log_collected(self, prefix: str):
         if not self._collected:

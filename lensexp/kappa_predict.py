@@ -67,8 +67,10 @@ class KappaPredictor:
         """(convergence samples [n_mc * per_pass, B, npix, npix], posterior mean map [B, npix, npix])
         for images [B, C, npix, npix]."""
         dev = next(self.module.parameters()).device
-        passes = self.module.predict_mc(images.to(dev), self.n_mc).cpu()
-        return self.module.map_samples(passes, self.per_pass, generator), self.module.mean_map(passes)
+        images = images.to(dev)
+        passes = self.module.predict_mc(images, self.n_mc)
+        samples, mean = self.module.centred(images, passes, self.module.map_samples(passes, self.per_pass, generator))
+        return samples.cpu(), mean.cpu()
 
     def summarise(self, samples: torch.Tensor, mean: torch.Tensor) -> dict:
         """Mean and std maps [B, N, N] and the Einstein-radius summaries of map samples."""

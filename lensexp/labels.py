@@ -101,6 +101,18 @@ def d4_image(images: torch.Tensor, transpose: bool, flip_x: bool, flip_y: bool) 
     return images.contiguous()
 
 
+def d4_unturn(maps: torch.Tensor, transpose: bool, flip_x: bool, flip_y: bool) -> torch.Tensor:
+    """The inverse of :func:`d4_image` for maps [..., H, W] (e.g. a density map predicted on the
+    turned image, back on the original grid)."""
+    if flip_y:
+        maps = maps.flip(-2)
+    if flip_x:
+        maps = maps.flip(-1)
+    if transpose:
+        maps = maps.transpose(-1, -2)
+    return maps.contiguous()
+
+
 def d4_back(y: torch.Tensor, labels, transpose: bool, flip_x: bool, flip_y: bool) -> torch.Tensor:
     """Physical labels [..., D] of a lens seen through :func:`d4_image` -> the same lens in the
     original frame (the steps undone in reverse order: a mirror negates its axis's centre and the

@@ -92,6 +92,7 @@ def build_module(cfg: DictConfig):
         weight_decay=float(cfg.optim.weight_decay),
         n_mc_val=int(cfg.n_mc_val),
         input_norm=str(cfg.input_norm),
+        posterior_centre=str(cfg.get("posterior_centre", "mc_mean")),
         data_info={
             "name": str(cfg.data.name),
             "npix": int(cfg.data.npix),
@@ -114,7 +115,7 @@ def build_module(cfg: DictConfig):
         raise ConfigError(f"task must be 'params' (the eight labels) or 'kappa' (density maps), got '{task}'")
     if target == build.KAPPA_NET:
         raise ConfigError("model=kappa_unet is a density-map network: train it with task=kappa data=kappa")
-    return build.lens_module(cfg.model, cfg.loss, in_chans, posterior_centre=str(cfg.posterior_centre), **settings)
+    return build.lens_module(cfg.model, cfg.loss, in_chans, **settings)
 
 
 COST_FILE = "train_cost.json"

@@ -107,3 +107,35 @@ def test_old_checkpoints_keep_the_mc_mean_and_bad_values_are_refused():
     assert m.hparams.get("posterior_centre") == "mc_mean"
     with pytest.raises(ConfigError, match="posterior_centre must be one of"):
         _module("median")
+
+
+def _kappa_module(centre="d4"):
+    from lensexp.build import kappa_module
+
+    torch.manual_seed(0)
+    return kappa_module(
+        {"backbone": "test_resnet", "dropout": 0.1}, data_info={"npix": 32, "pixscale": 0.1}, posterior_centre=centre
+    ).eval()
+
+
+def test_d4_density_map_is_exactly_equivariant_and_centres_the_samples():
+    """The d4 mean map of a turned image is the turned d4 map of the original (the single pass is
+    not), and the MC samples are rescaled per pixel onto it (log target: their log-spread kept)."""
+    from lensexp.labels import d4_unturn
+
+    m = _kappa_module()
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    ref = m.point_map(x, "d4")
+    assert ref.shape == (2, 32, 32)
+    for t in D4[1:]:
+        assert torch.allclose(d4_unturn(m.point_map(d4_image(x, *t), "d4"), *t), ref, rtol=1e-4, atol=1e-6), t
+    t = D4[5]
+    single = m.point_map(x, "deterministic")
+    assert not torch.allclose(d4_unturn(m.point_map(d4_image(x, *t), "deterministic"), *t), single, rtol=1e-4)
+    passes = m.predict_mc(x, 3)
+    samples = m.map_samples(passes, 2, torch.Generator().manual_seed(0))
+    s1, c1 = m.centred(x, passes, samples)
+    assert torch.allclose(c1, ref)
+    assert torch.allclose(torch.log(s1) - torch.log(c1), torch.log(samples) - torch.log(m.mean_map(passes)), atol=1e-4)
+    s0, c0 = m.centred(x, passes, samples, "mc_mean")
+    assert torch.equal(s0, samples) and torch.allclose(c0, m.mean_map(passes))
