@@ -22,8 +22,8 @@ from lensexp.errors import ConfigError
 SETTINGS = {
     "params": frozenset({"lr", "weight_decay", "n_mc_val", "input_norm", "data_info", "posterior_centre"}),
     "kappa": frozenset(
-        {"lr", "weight_decay", "n_mc_val", "input_norm", "data_info", "kappa_floor", "task", "target", "kappa_max"}
-        | {"posterior_centre"}
+        {"lr", "weight_decay", "n_mc_val", "input_norm", "data_info", "posterior_centre"}
+        | {"kappa_floor", "task", "target", "kappa_max"}
     ),
 }
 SPEC_KEYS = {

@@ -75,8 +75,9 @@ def upgrade_state_dict(sd: dict, prefix: str = "scaler.") -> dict:
 # ---------------------------------------------------------------------------- symmetries of the grid
 # The 8 symmetries of the square pixel grid (dihedral group D4) as (transpose, flip x, flip y),
 # applied to an image [..., H = row = y, W = col = x] in that order. The training priors are
-# invariant under them (random orientations; rotation-symmetric PSFs in the analytic presets), so a
-# network's prediction on a turned image, turned back, is another estimate of the same lens.
+# invariant under them (random orientations; rotation-symmetric analytic PSFs, the empirical HST
+# ones only roughly), so a network's prediction on a turned image, turned back, is another
+# estimate of the same lens.
 D4 = tuple((t, fx, fy) for t in (False, True) for fx in (False, True) for fy in (False, True))
 INVARIANT = ("theta_E", "mu_F")
 _FLIP = {"x": ("center_x", "e2", "gamma2"), "y": ("center_y", "e2", "gamma2")}
