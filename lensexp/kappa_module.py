@@ -23,7 +23,7 @@ from lensexp.errors import ConfigError
 from torch import nn
 
 from lensexp.labels import D4, d4_image, d4_unturn
-from lensexp.module import CENTRES, EvalHooks, gather_lenses, warmup_cosine
+from lensexp.module import EvalHooks, check_centre, gather_lenses, warmup_cosine
 from lensexp.models import set_mc_dropout
 from lensexp.sim.normalize import normalize
 
@@ -55,8 +55,7 @@ class KappaModule(EvalHooks, pl.LightningModule):
         super().__init__()
         if target not in TARGETS:
             raise ConfigError(f"kappa target must be one of {TARGETS}, got '{target}'")
-        if posterior_centre not in CENTRES:
-            raise ConfigError(f"posterior_centre must be one of {CENTRES}, got '{posterior_centre}'")
+        check_centre(posterior_centre)
         self.save_hyperparameters(ignore=["net"])
         self.net = net
         self._collected: list[dict] = []
@@ -150,11 +149,7 @@ class KappaModule(EvalHooks, pl.LightningModule):
         self._eval_loss(batch, prefix)
         g = torch.Generator(device=kappa.device).manual_seed(batch_idx)
         passes = self.predict_mc(batch["image"], self.hparams.n_mc_val)
-        # a d4 centre takes the unturned pass here (8 more per lens would triple validation's cost)
-        mode = self.hparams.get("posterior_centre", "mc_mean")
-        samples, mean = self.centred(
-            batch["image"], passes, self.map_samples(passes, 4, g), "deterministic" if mode == "d4" else mode
-        )
+        samples, mean = self.centred(batch["image"], passes, self.map_samples(passes, 4, g), self.eval_centre())
         self._collected.append(evaluate_maps(samples, kappa, self.pixscale, mean))
 
     def _log_collected(self, prefix: str):

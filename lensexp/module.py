@@ -29,6 +29,12 @@ VAL_SAMPLES = 1024  # posterior samples per lens in validation metrics
 CENTRES = ("d4", "deterministic", "mc_mean")  # posterior_centre: see LensModule.point_estimate
 
 
+def check_centre(posterior_centre: str) -> None:
+    """Refuse an unknown ``posterior_centre`` (label and density-map modules alike)."""
+    if posterior_centre not in CENTRES:
+        raise ConfigError(f"posterior_centre must be one of {CENTRES}, got '{posterior_centre}'")
+
+
 class EvalHooks:
     """Lightning's steps shared by the label and map modules: ``batch_loss(batch, train)`` gives
     the loss of a batch (logged as ``train/loss``, ``val/loss``, ``test/loss``); validation and
@@ -48,6 +54,13 @@ class EvalHooks:
     def _eval_loss(self, batch, prefix: str) -> None:
         loss = self.batch_loss(batch, train=False)
         self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0], sync_dist=True)
+
+    def eval_centre(self) -> str:
+        """The posterior centre of validation and test steps: a ``d4`` centre takes the unturned
+        dropout-off pass there (8 more passes per lens would triple their cost inside a training
+        budget); calibrate and predict use the full ``d4``."""
+        mode = self.hparams.get("posterior_centre", "mc_mean")
+        return "deterministic" if mode == "d4" else mode
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, batch_idx, "val")
@@ -87,8 +100,7 @@ class LensModule(EvalHooks, pl.LightningModule):
         posterior_centre: str = "mc_mean",
     ):
         super().__init__()
-        if posterior_centre not in CENTRES:
-            raise ConfigError(f"posterior_centre must be one of {CENTRES}, got '{posterior_centre}'")
+        check_centre(posterior_centre)
         self.save_hyperparameters(ignore=["net", "loss", "scaler"])
         self.net = net
         self.loss_fn = loss  # an nn.Module (flow) has weights that train and save
@@ -203,16 +215,8 @@ class LensModule(EvalHooks, pl.LightningModule):
         y = batch["labels"]
         self._eval_loss(batch, prefix)
         t0 = time.perf_counter()
-        # validation and test take one deterministic pass for a d4 centre (8 more passes per lens
-        # would triple their cost inside a training budget); calibrate and predict use d4
-        mode = self.hparams.get("posterior_centre", "mc_mean")
         samples, centre = self.posterior(
-            batch["image"],
-            self.hparams.n_mc_val,
-            VAL_SAMPLES,
-            0,
-            common=True,
-            centre="deterministic" if mode == "d4" else mode,
+            batch["image"], self.hparams.n_mc_val, VAL_SAMPLES, 0, common=True, centre=self.eval_centre()
         )
         self._infer[0] += y.shape[0] * self.mc_passes(self.hparams.n_mc_val)
         self._infer[1] += time.perf_counter() - t0
