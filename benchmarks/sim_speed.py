@@ -37,6 +37,7 @@ def matched_config(npix: int):
     """The preset for this grid, reduced to the matched settings (no artefacts, no lens light)."""
     cfg = load_data_preset(GRIDS[npix])
     cfg.supersample = 2
+    cfg.adaptive.enabled = False  # every pixel supersampled, as lenstronomy does here
     cfg.bands = [cfg.bands[0]]
     cfg.source.kind = "sersic"
     cfg.source.min_mu = 0.0

@@ -89,7 +89,7 @@ def gather_rows(tensors: tuple, b: torch.Tensor) -> tuple:
     row per refined pixel, in one gather."""
     flat = [t.reshape(t.shape[0], -1) for t in tensors]
     rows = torch.cat(flat, 1).index_select(0, b).split([f.shape[1] for f in flat], 1)
-    return tuple(r.reshape(-1, *t.shape[1:]) for r, t in zip(rows, tensors))
+    return tuple(r.reshape(b.shape[0], *t.shape[1:]) for r, t in zip(rows, tensors))  # [M, 0] too (no clumps)
 
 
 def put_refined(coarse: torch.Tensor, idx: torch.Tensor, sb: torch.Tensor, pixscale: float, supersample: int):

@@ -134,6 +134,17 @@ def test_adaptive_render_with_further_mass_components():
     assert float(d.max()) < 0.1
 
 
+def test_adaptive_render_of_sources_without_clumps():
+    """Sources drawn with no clumps (clump tensors [B, 0], e.g. the matched benchmark settings)
+    are refined like any other: found by benchmarks/sim_speed.py at 192 px, which crashed."""
+    cfg = OmegaConf.merge(load_data_preset("hst"), {"npix": 64, "source": {"kind": "sersic", "clumps": {"n": [0, 0]}}})
+    full, ad = pair(cfg)
+    sigma = adaptive.noise_floor(cfg.instrument, cfg.pixscale)
+    p = full.draw_params(6, torch.Generator().manual_seed(2))
+    d = (full.render_source(p)[0] - ad.render_source(p)[0]).abs() / sigma
+    assert float(d.max()) < 0.1
+
+
 def test_adaptive_tolerance_is_checked():
     cfg = OmegaConf.merge(load_data_preset("hst"), {"adaptive": {"enabled": True, "tolerance": 0.0}})
     with pytest.raises(ConfigError, match="data.adaptive.tolerance"):
