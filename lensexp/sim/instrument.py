@@ -304,8 +304,10 @@ def observe(
     B, dev, dt = src.shape[0], src.device, src.dtype
     d = lambda lohi, m=B: draw(rng, m, check_range("", lohi), dev, dt)  # noqa: E731
     # convolution is linear: convolve source and lens light once each, then mix the bands
-    arc = psf.convolve(src[:, None], p["psf_index"])
-    lens = None if lens_light is None else psf.convolve(lens_light[:, None], p["psf_index"])
+    if lens_light is None:
+        arc, lens = psf.convolve(src[:, None], p["psf_index"]), None
+    else:
+        arc, lens = psf.convolve_pair(src[:, None], lens_light[:, None], p["psf_index"])
     clean = mix(arc, p["band_src"], lens, p.get("band_lens"))
     arc = arc[:, 0]
     n_bands = clean.shape[1]

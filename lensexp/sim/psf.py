@@ -111,6 +111,7 @@ class PSFBank:
         k = self.kernels.shape[-1]
         self.fft_size = fast_fft_size(self.npix + (k - 1) // 2)  # enough for the "same" crop
         self.kernel_fft = kernel_rfft(self.kernels, self.fft_size)
+        self._kernel_fft_full = None  # full complex spectra for convolve_pair, made on first use
 
     def __len__(self) -> int:
         return self.kernels.shape[0]
@@ -162,6 +163,7 @@ class PSFBank:
         self.kernels = self.kernels.to(device)
         self.fwhm = self.fwhm.to(device)
         self.kernel_fft = self.kernel_fft.to(device)
+        self._kernel_fft_full = None
         return self
 
     def convolve(self, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -174,6 +176,22 @@ class PSFBank:
         if k <= DIRECT_MAX:
             return direct_convolve(images, self.kernels[index])
         return fft_convolve(images, self.kernel_fft[index], k, self.fft_size)
+
+    def convolve_pair(self, a: torch.Tensor, b: torch.Tensor, index: torch.Tensor) -> tuple:
+        """Two real image sets [B, 1, N, N] (e.g. lensed source and lens light) convolved with the
+        same kernels ``index`` [B]: :meth:`convolve` of each, with large kernels as ONE complex FFT
+        of ``a + i b`` (a real kernel keeps the real and imaginary parts apart), 0.44 instead of
+        0.62 ms per 192-px pair on one core. Each output then carries float32 FFT rounding of the
+        pair's brighter image (~1e-7 of its peak) instead of its own: against separate transforms
+        at most 1e-4 of the quietest sky noise at ``hst``, 3e-3 at ``slacs`` (lens peak 5e4 sigma)."""
+        k = self.kernels.shape[-1]
+        if k <= DIRECT_MAX:
+            out = direct_convolve(torch.cat([a, b], 1), self.kernels[index])
+            return out[:, :1], out[:, 1:]
+        if self._kernel_fft_full is None:
+            self._kernel_fft_full = kernel_fft2(self.kernels, self.fft_size)
+        z = fft_convolve_complex(torch.complex(a, b), self._kernel_fft_full[index], k, self.fft_size)
+        return z.real.to(a.dtype), z.imag.to(b.dtype)
 
 
 # kernel sizes [px] up to which one grouped direct convolution beats the FFT on CPU (timed once on
@@ -209,6 +227,23 @@ def kernel_rfft(kernels: torch.Tensor, size: int) -> torch.Tensor:
     pad = torch.zeros(kernels.shape[0], size, size, dtype=kernels.dtype, device=kernels.device)
     pad[:, :k, :k] = kernels
     return torch.fft.rfft2(pad)
+
+
+def kernel_fft2(kernels: torch.Tensor, size: int) -> torch.Tensor:
+    """Full complex fft2 [K, size, size] of kernels [K, k, k] zero-padded to [size, size]."""
+    k = kernels.shape[-1]
+    pad = torch.zeros(kernels.shape[0], size, size, dtype=kernels.dtype, device=kernels.device)
+    pad[:, :k, :k] = kernels
+    return torch.fft.fft2(pad)
+
+
+def fft_convolve_complex(z: torch.Tensor, kernel_fft: torch.Tensor, ksize: int, size: int) -> torch.Tensor:
+    """:func:`fft_convolve` of complex images [B, C, N, N] with full kernel spectra [B, f, f]."""
+    n = z.shape[-1]
+    spec = torch.fft.fft2(torch.nn.functional.pad(z, (0, size - n, 0, size - n)))
+    spec.mul_(kernel_fft[:, None])
+    o = (ksize - 1) // 2
+    return torch.fft.ifft2(spec)[..., o : o + n, o : o + n]
 
 
 def fft_convolve(images: torch.Tensor, kernel_fft: torch.Tensor, ksize: int, size: int) -> torch.Tensor:
