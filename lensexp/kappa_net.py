@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lensexp.errors import ConfigError
-from lensexp.models import DROPOUT_WHERE, add_dropout_before_weights
+from lensexp.models import DROPOUT_WHERE, add_dropout_before_weights, use_channels_last
 
 LOG_SIGMA_RANGE = (-7.0, 3.0)
 
@@ -42,6 +42,7 @@ class KappaUNet(nn.Module):
         dropout_where: str = "all",
         backbone_kwargs: dict | None = None,
         head_stride: int = 2,
+        channels_last: bool = True,
     ):
         super().__init__()
         import timm
@@ -83,9 +84,12 @@ class KappaUNet(nn.Module):
             self.n_dropout = sum(add_dropout_before_weights(m, dropout) for m in (self.entry, self.up, self.head))
         elif dropout_where == "head":
             self.n_dropout = add_dropout_before_weights(self.head, dropout)
+        self.channels_last = use_channels_last(self, channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[-2:]
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         feats = self.encoder(x)
         d = self.entry(feats[-1])
         for block, skip in zip(self.up, feats[-2::-1]):
@@ -97,7 +101,7 @@ class KappaUNet(nn.Module):
         out = self.head(torch.cat([d, coordinate_channels(d)], 1))
         if out.shape[-2:] != (H, W):  # smooth maps: the last step is a bilinear upsampling
             out = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)
-        return torch.cat([out[:, :1], out[:, 1:].clamp(*LOG_SIGMA_RANGE)], 1)
+        return torch.cat([out[:, :1], out[:, 1:].clamp(*LOG_SIGMA_RANGE)], 1).contiguous()
 
 
 def coordinate_channels(x: torch.Tensor) -> torch.Tensor:

@@ -96,3 +96,34 @@ def test_a_new_network_is_a_class_and_a_target(tmp_path):
     assert ck["state_dict"]["net.proj.weight"].shape == (6, 1, 3, 3)
     with pytest.raises(ConfigError, match="refused network class 'tests.test_models.PoolHead'"):
         load_module(tmp_path / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.parametrize("kind", ["regressor", "kappa"])
+def test_channels_last_layout_gives_the_same_network(kind):
+    """channels_last (the default) only changes the memory layout: the same weights give the same
+    outputs and gradients as the NCHW network to float rounding, and state dicts load across."""
+    from lensexp.kappa_net import KappaUNet
+
+    def make(cl):
+        torch.manual_seed(0)
+        if kind == "kappa":
+            return KappaUNet("test_resnet", in_chans=1, dropout_where="none", channels_last=cl)
+        return LensRegressor("test_resnet", 1, 8, dropout_where="none", channels_last=cl)
+
+    cl, cf = make(True), make(False)
+    convs = [m.weight for m in cl.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not all(
+        m.weight.is_contiguous(memory_format=torch.channels_last)
+        for m in cf.modules()
+        if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)
+    )
+    cf.load_state_dict(cl.state_dict())
+    x = torch.randn(4, 1, 64, 64)
+    a, b = cl.train()(x), cf.train()(x)
+    assert a.is_contiguous() and a.shape == b.shape
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    a.square().mean().backward()
+    b.square().mean().backward()
+    for (name, p), q in zip(cl.named_parameters(), cf.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
