@@ -189,8 +189,8 @@ class PSFBank:
             out = direct_convolve(torch.cat([a, b], 1), self.kernels[index])
             return out[:, :1], out[:, 1:]
         if self._kernel_fft_full is None:
-            self._kernel_fft_full = kernel_fft2(self.kernels, self.fft_size)
-        z = fft_convolve_complex(torch.complex(a, b), self._kernel_fft_full[index], k, self.fft_size)
+            self._kernel_fft_full = kernel_rfft(self.kernels, self.fft_size, full=True)
+        z = fft_convolve(torch.complex(a, b), self._kernel_fft_full[index], k, self.fft_size)
         return z.real.to(a.dtype), z.imag.to(b.dtype)
 
 
@@ -221,33 +221,18 @@ def fast_fft_size(n: int) -> int:
         n += 1
 
 
-def kernel_rfft(kernels: torch.Tensor, size: int) -> torch.Tensor:
-    """rfft2 of kernels [K, k, k] zero-padded to [size, size]."""
+def kernel_rfft(kernels: torch.Tensor, size: int, full: bool = False) -> torch.Tensor:
+    """rfft2 [K, size, size/2+1] of kernels [K, k, k] zero-padded to [size, size]; ``full``: the
+    complex fft2 [K, size, size] (for complex images, :meth:`PSFBank.convolve_pair`)."""
     k = kernels.shape[-1]
     pad = torch.zeros(kernels.shape[0], size, size, dtype=kernels.dtype, device=kernels.device)
     pad[:, :k, :k] = kernels
-    return torch.fft.rfft2(pad)
-
-
-def kernel_fft2(kernels: torch.Tensor, size: int) -> torch.Tensor:
-    """Full complex fft2 [K, size, size] of kernels [K, k, k] zero-padded to [size, size]."""
-    k = kernels.shape[-1]
-    pad = torch.zeros(kernels.shape[0], size, size, dtype=kernels.dtype, device=kernels.device)
-    pad[:, :k, :k] = kernels
-    return torch.fft.fft2(pad)
-
-
-def fft_convolve_complex(z: torch.Tensor, kernel_fft: torch.Tensor, ksize: int, size: int) -> torch.Tensor:
-    """:func:`fft_convolve` of complex images [B, C, N, N] with full kernel spectra [B, f, f]."""
-    n = z.shape[-1]
-    spec = torch.fft.fft2(torch.nn.functional.pad(z, (0, size - n, 0, size - n)))
-    spec.mul_(kernel_fft[:, None])
-    o = (ksize - 1) // 2
-    return torch.fft.ifft2(spec)[..., o : o + n, o : o + n]
+    return torch.fft.fft2(pad) if full else torch.fft.rfft2(pad)
 
 
 def fft_convolve(images: torch.Tensor, kernel_fft: torch.Tensor, ksize: int, size: int) -> torch.Tensor:
-    """'Same'-size linear convolution of [B, C, N, N] images with per-image kernel FFTs [B, f, f/2+1].
+    """'Same'-size linear convolution of [B, C, N, N] images with per-image kernel FFTs [B, f, f/2+1]
+    (complex images, e.g. two real sets as ``a + i b``: full spectra [B, f, f]).
 
     Matches ``scipy.signal.fftconvolve(image, kernel, mode='same')`` (lenstronomy's convention).
     A cyclic FFT of ``size >= N + (k - 1) / 2`` suffices: wrap-around only reaches the first
@@ -256,7 +241,11 @@ def fft_convolve(images: torch.Tensor, kernel_fft: torch.Tensor, ksize: int, siz
     if size < images.shape[-1] + (ksize - 1) // 2:
         raise ValueError(f"FFT size {size} too small for {images.shape[-1]} px images and {ksize} px kernels")
     n = images.shape[-1]
-    spec = torch.fft.rfft2(torch.nn.functional.pad(images, (0, size - n, 0, size - n)))
-    out = torch.fft.irfft2(spec * kernel_fft[:, None], s=(size, size))
+    padded = torch.nn.functional.pad(images, (0, size - n, 0, size - n))
+    if images.is_complex():
+        spec = torch.fft.fft2(padded)
+        out = torch.fft.ifft2(spec.mul_(kernel_fft[:, None]))
+    else:
+        out = torch.fft.irfft2(torch.fft.rfft2(padded) * kernel_fft[:, None], s=(size, size))
     o = (ksize - 1) // 2
     return out[..., o : o + n, o : o + n].to(images.dtype)
