@@ -7,6 +7,7 @@ one GPU: 170 000 lenses x 32 MC samples in under 10 minutes.
 
     python benchmarks/predict_throughput.py                       # CPU
     python benchmarks/predict_throughput.py --device cuda --batch 256
+    python benchmarks/predict_throughput.py --set model.channels_last=false   # the NCHW layout
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ CASES = {"tiny": ("tiny", 64, 0.1), "hst": ("inception_v4", 192, 0.04)}
 N_LENSES = 170_000
 
 
-def lenses_per_s(case: str, n_mc: int, batch: int, n_batches: int, device: str) -> float:
+def lenses_per_s(case: str, n_mc: int, batch: int, n_batches: int, device: str, overrides=()) -> float:
     model, npix, pix = CASES[case]
-    cfg = compose_config("train", [f"model={model}"])
+    cfg = compose_config("train", [f"model={model}", *overrides])
     module = lens_module(cfg.model, cfg.loss, data_info={"npix": npix, "pixscale": pix})
     with tempfile.TemporaryDirectory() as d:
         ck = Path(d) / "m.ckpt"
@@ -46,11 +47,12 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--batches", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--set", nargs="*", default=[], help="train-config overrides, e.g. model.channels_last=false")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     rows = []
     for case in args.cases:
-        rate = lenses_per_s(case, args.n_mc, args.batch, args.batches, args.device)
+        rate = lenses_per_s(case, args.n_mc, args.batch, args.batches, args.device, args.set)
         minutes = N_LENSES / rate / 60
         report(
             rows,
@@ -63,6 +65,7 @@ def main(argv=None):
                 "device": args.device,
                 "minutes_170k": minutes,
                 "threads": torch.get_num_threads(),
+                "overrides": list(args.set),
             },
             f"{case:5s} {CASES[case][0]:13s} {rate:9.2f} lenses/s at n_mc={args.n_mc}: 170 000 lenses in "
             f"{minutes:8.1f} min ({args.device}, batch {args.batch}; target on one GPU: < 10 min)",
