@@ -22,7 +22,7 @@ from lensexp import kappa_maps
 from lensexp.errors import ConfigError
 from torch import nn
 
-from lensexp.labels import D4, d4_image, d4_unturn
+from lensexp.labels import D4, d4_unturn
 from lensexp.module import EvalHooks, check_centre, gather_lenses, warmup_cosine
 from lensexp.models import set_mc_dropout
 from lensexp.sim.normalize import normalize
@@ -118,13 +118,8 @@ class KappaModule(EvalHooks, pl.LightningModule):
         """Mean map [B, N, N] with dropout off (:meth:`mean_map` of one pass): of the image
         (``deterministic``) or (``d4``) averaged over the pixel grid's 8 symmetries, each map
         predicted on the turned image and turned back (:func:`lensexp.labels.d4_unturn`)."""
-        was = self.training
-        self.eval()
-        try:
-            turns = D4 if mode == "d4" else D4[:1]
-            return torch.stack([d4_unturn(self.mean_map(self(d4_image(images, *t))[None]), *t) for t in turns]).mean(0)
-        finally:
-            self.train(was)
+        turns = D4 if mode == "d4" else D4[:1]
+        return self.dropout_off_mean(images, lambda x, t: d4_unturn(self.mean_map(self(x)[None]), *t), turns)
 
     def centred(self, images, passes, samples, mode=None) -> tuple:
         """(samples, mean map) of MC ``passes`` moved onto the ``posterior_centre`` (``mode``

@@ -55,6 +55,18 @@ class EvalHooks:
         loss = self.batch_loss(batch, train=False)
         self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0], sync_dist=True)
 
+    @torch.no_grad()
+    def dropout_off_mean(self, images: torch.Tensor, predict, turns=D4[:1]) -> torch.Tensor:
+        """Mean over the grid symmetries ``turns`` (:data:`lensexp.labels.D4`, default the identity)
+        of ``predict(turned images, turn)`` with dropout off, ``predict`` turning its result back;
+        the training mode is restored. The dropout-off centre of label and map modules alike."""
+        was = self.training
+        self.eval()
+        try:
+            return torch.stack([predict(d4_image(images, *t), t) for t in turns]).mean(0)
+        finally:
+            self.train(was)
+
     def eval_centre(self) -> str:
         """The posterior centre of validation and test steps: a ``d4`` centre takes the unturned
         dropout-off pass there (8 more passes per lens would triple their cost inside a training
@@ -160,20 +172,13 @@ class LensModule(EvalHooks, pl.LightningModule):
         when a label's symmetry is unknown). On the quickstart network and lenstronomy-made lenses
         (README "Calibration reports") one such pass beat the mean of 32 MC-dropout passes, which
         carries the dropout's own shift and noise, and the 8-fold average beat both."""
-        was = self.training
-        self.eval()
-        try:
-            if mode != "d4" or not d4_supported(self.labels):
-                return self.loss_fn.mean_std(self(images))[0]
-            outs = [
-                self.to_net(
-                    d4_back(self.from_net(self.loss_fn.mean_std(self(d4_image(images, *t)))[0]), self.labels, *t)
-                )
-                for t in D4
-            ]
-            return torch.stack(outs).mean(0)
-        finally:
-            self.train(was)
+        if mode != "d4" or not d4_supported(self.labels):
+            return self.dropout_off_mean(images, lambda x, t: self.loss_fn.mean_std(self(x))[0])
+
+        def turned_back(x, t):
+            return self.to_net(d4_back(self.from_net(self.loss_fn.mean_std(self(x))[0]), self.labels, *t))
+
+        return self.dropout_off_mean(images, turned_back, D4)
 
     @torch.no_grad()
     def posterior(
