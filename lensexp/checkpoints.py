@@ -19,13 +19,8 @@ from lensexp.errors import ConfigError
 
 # training settings of each module kind; the rest of a checkpoint's hyper-parameters is its
 # ``spec`` (what rebuilds the network, loss and label scaler: lensexp.build), checked there
-SETTINGS = {
-    "params": frozenset({"lr", "weight_decay", "n_mc_val", "input_norm", "data_info", "posterior_centre"}),
-    "kappa": frozenset(
-        {"lr", "weight_decay", "n_mc_val", "input_norm", "data_info", "posterior_centre"}
-        | {"kappa_floor", "task", "target", "kappa_max"}
-    ),
-}
+_SHARED = frozenset({"lr", "weight_decay", "n_mc_val", "input_norm", "data_info", "posterior_centre"})
+SETTINGS = {"params": _SHARED, "kappa": _SHARED | {"kappa_floor", "task", "target", "kappa_max"}}
 SPEC_KEYS = {
     "params": frozenset({"model", "loss", "in_chans", "labels", "label_fit_batches"}),
     "kappa": frozenset({"model", "in_chans"}),
