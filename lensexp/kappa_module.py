@@ -24,7 +24,7 @@ from torch import nn
 
 from lensexp.labels import D4, d4_unturn
 from lensexp.module import EvalHooks, check_centre, gather_lenses, warmup_cosine
-from lensexp.models import set_mc_dropout
+from lensexp.models import float32, set_mc_dropout
 from lensexp.sim.normalize import normalize
 
 TASK = "kappa"
@@ -137,7 +137,7 @@ class KappaModule(EvalHooks, pl.LightningModule):
     # ---------------------------------------------------------------- steps
     def batch_loss(self, batch, train: bool) -> torch.Tensor:
         """Per-pixel Gaussian NLL of the batch's maps."""
-        return self.nll(self(batch["image"]), self.to_net(batch["kappa"]))
+        return float32(self.nll, self(batch["image"]), self.to_net(batch["kappa"]))
 
     def _eval_step(self, batch, batch_idx: int, prefix: str):
         kappa = batch["kappa"]

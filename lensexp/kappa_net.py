@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lensexp.errors import ConfigError
-from lensexp.models import DROPOUT_WHERE, add_dropout_before_weights, use_channels_last
+from lensexp.models import DROPOUT_WHERE, add_dropout_before_weights, float32, use_channels_last
 
 LOG_SIGMA_RANGE = (-7.0, 3.0)
 
@@ -98,7 +98,8 @@ class KappaUNet(nn.Module):
         size = (-(-H // self.head_stride), -(-W // self.head_stride))
         if d.shape[-2:] != size:
             d = F.interpolate(d, size=size, mode="bilinear", align_corners=False)
-        out = self.head(torch.cat([d, coordinate_channels(d)], 1))
+        h = self.head[:-1](torch.cat([d, coordinate_channels(d)], 1))
+        out = float32(self.head[-1], h)  # the map and its log sigma in float32 under mixed precision
         if out.shape[-2:] != (H, W):  # smooth maps: the last step is a bilinear upsampling
             out = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)
         return torch.cat([out[:, :1], out[:, 1:].clamp(*LOG_SIGMA_RANGE)], 1).contiguous()

@@ -22,7 +22,7 @@ from torch import nn
 from lensexp import metrics
 from lensexp.errors import ConfigError
 from lensexp.labels import D4, LabelScaler, d4_back, d4_image, d4_supported, upgrade_state_dict
-from lensexp.models import MCDropout, set_mc_dropout
+from lensexp.models import MCDropout, float32, set_mc_dropout
 from lensexp.sim.normalize import normalize
 
 VAL_SAMPLES = 1024  # posterior samples per lens in validation metrics
@@ -214,7 +214,7 @@ class LensModule(EvalHooks, pl.LightningModule):
         """The loss of a batch; while training, the label scale is fitted on its first batches."""
         if train:
             self.scaler.update(batch["labels"])
-        return self.loss_fn(self(batch["image"]), self.to_net(batch["labels"]))
+        return float32(self.loss_fn, self(batch["image"]), self.to_net(batch["labels"]))
 
     def _eval_step(self, batch, batch_idx: int, prefix: str):
         y = batch["labels"]

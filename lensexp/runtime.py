@@ -150,3 +150,37 @@ def resolve_compile(setting, n_images: int, npix: int, supersample: int, device:
         if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
             return False
     return n_images * (npix * supersample) ** 2 >= COMPILE_MIN_RAYS
+
+
+# x86 feature flags (Linux /proc/cpuinfo) of hardware bfloat16 arithmetic
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """True when this CPU computes bfloat16 in hardware (:data:`BF16_CPU_FLAGS` among the
+    ``flags`` of ``/proc/cpuinfo``, or of the text given). False where unknown (no Linux
+    cpuinfo): bfloat16 emulated in software is slower than float32."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return any(f in line.split() for f in BF16_CPU_FLAGS)
+    return False
+
+
+def resolve_precision(precision, accelerator: str) -> str:
+    """Lightning ``trainer.precision``; ``auto`` -> ``bf16-mixed`` on a CPU with hardware
+    bfloat16 (:func:`cpu_has_native_bf16`; 2-core AMD EPYC Zen 5: test_resnet trains 1.3x,
+    resnet10t 1.4x faster) or a GPU that supports it, else ``32-true`` on CPU and ``16-mixed``
+    on an older GPU. Network outputs and losses stay float32 either way (:func:`lensexp.models.float32`)."""
+    p = str(precision)
+    if p != "auto":
+        return p
+    if str(accelerator) in ("gpu", "cuda"):
+        import torch
+
+        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if cpu_has_native_bf16() else "32-true"

@@ -32,7 +32,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     from lensexp.callbacks import TimeBudget, build_callbacks, build_loggers, parse_duration
     from lensexp.checkpoints import read_checkpoint
     from lensexp.data import LensDataModule
-    from lensexp.runtime import set_threads
+    from lensexp.runtime import resolve_precision, set_threads
     from lensexp.sim.schema import validate_config
 
     run_dir = Path(run_dir)
@@ -46,6 +46,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     if cfg.datamodule.source == "on_the_fly":
         # a new loader each epoch: the simulator continues its sequence (fresh lenses every epoch)
         trainer_kw.setdefault("reload_dataloaders_every_n_epochs", 1)
+    precision = resolve_precision(trainer_kw.get("precision", "32-true"), trainer_kw.get("accelerator", "cpu"))
+    if precision != str(trainer_kw.get("precision")):
+        log.info("trainer.precision=%s -> %s on this machine", trainer_kw.get("precision"), precision)
+    trainer_kw["precision"] = precision
     if trainer_kw.pop("compile", False):
         model.net = torch.compile(model.net)
     loggers = build_loggers(cfg, run_dir)

@@ -127,3 +127,72 @@ def test_channels_last_layout_gives_the_same_network(kind):
     b.square().mean().backward()
     for (name, p), q in zip(cl.named_parameters(), cf.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["regressor", "kappa"])
+def test_outputs_stay_float32_under_bf16_mixed_precision(kind):
+    """Under bf16 autocast (``trainer.precision=bf16-mixed``) the backbone runs in bfloat16 but
+    the outputs a loss reads come from float32 layers: float32 dtype, and within bfloat16's
+    rounding of the float32 network (not bfloat16's 3 digits on the outputs themselves)."""
+    from lensexp.kappa_net import KappaUNet
+
+    torch.manual_seed(0)
+    if kind == "kappa":
+        net = KappaUNet("test_resnet", in_chans=1, dropout_where="none")
+    else:
+        net = LensRegressor("test_resnet", 1, 8, dropout_where="none")
+    x = torch.randn(4, 1, 64, 64)
+    ref = net(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+        feats = net.backbone(x) if kind == "regressor" else net.encoder(x)[-1]
+    assert feats.dtype == torch.bfloat16  # the autocast region is live
+    assert out.dtype == torch.float32 and ref.dtype == torch.float32
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_losses_are_float32_under_bf16_mixed_precision():
+    """``models.float32`` runs the loss with autocast off: a Gaussian NLL and a flow NLL read
+    float32 inputs and give float32 values inside a bf16 autocast region."""
+    from lensexp.losses import GaussianNLL
+    from lensexp.models import float32
+
+    out, y = torch.randn(16, 16), torch.randn(16, 8)
+    linear = nn.Linear(16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear(out).dtype == torch.bfloat16
+        assert float32(linear, out).dtype == torch.float32
+        loss = float32(GaussianNLL(), out.bfloat16(), y)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, GaussianNLL()(out.bfloat16().float(), y))
+
+
+def test_cpu_dropout_rate_scale_gradient_and_seed():
+    """The CPU dropout (16-bit uniforms from torch's generator): drop rate p to binomial
+    precision, kept elements scaled by 1/(1-p) (unbiased mean), the gradient is the same mask
+    times the scale, channels-last inputs keep their layout, and the masks repeat by seed."""
+    from lensexp.models import MCDropout
+
+    drop = MCDropout(0.1).train()
+    x = torch.ones(32, 16, 32, 32, requires_grad=True)
+    torch.manual_seed(3)
+    y = drop(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 4 * (0.1 * 0.9 / y.numel()) ** 0.5
+    kept = y[y != 0]
+    torch.testing.assert_close(kept, torch.full_like(kept, 65536 / (65536 - round(0.1 * 65536))))
+    assert abs(y.mean().item() - 1.0) < 0.005
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # d(sum y)/dx = mask * scale = y for x = 1
+    torch.manual_seed(3)
+    torch.testing.assert_close(drop(x), y)  # same seed, same mask
+    xc = torch.randn(8, 16, 12, 12).contiguous(memory_format=torch.channels_last)
+    yc = drop(xc)
+    assert yc.is_contiguous(memory_format=torch.channels_last)
+    ratio = yc[yc != 0] / xc[yc != 0]
+    torch.testing.assert_close(ratio, torch.full_like(ratio, 65536 / (65536 - 6554)))
+    # the lanes of each 64-bit draw are independent uniforms: each drops at rate p
+    z = MCDropout(0.25).train()(torch.ones(400_000))
+    lanes = (z == 0).float().view(-1, 4).mean(0)
+    assert (lanes - 0.25).abs().max() < 4 * (0.25 * 0.75 / 100_000) ** 0.5
+    assert torch.equal(MCDropout(0.1).eval()(xc), xc)  # off in eval mode unless mc

@@ -194,3 +194,37 @@ def test_time_budget_fits_epochs_and_ends_annealed(tmp_path):
     with pytest.raises(ConfigError, match="time_budget must look like"):
         run(compose_config("train", [*FAST, "time_budget=ten minutes"]), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()  # refused before any logger or checkpoint is made
+
+
+ZEN5_FLAGS = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni avx512_bf16 avx_vnni\n"
+SKYLAKE_FLAGS = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n"
+
+
+def test_precision_auto_is_bf16_only_on_hardware_bfloat16(monkeypatch):
+    """``trainer.precision=auto`` (the CPU trainer's default): bf16-mixed where the CPU flags list
+    hardware bfloat16, float32 otherwise (emulated bfloat16 is slower than float32); an explicit
+    setting is kept as given."""
+    from lensexp import runtime
+
+    assert runtime.cpu_has_native_bf16(ZEN5_FLAGS)
+    assert runtime.cpu_has_native_bf16(SKYLAKE_FLAGS.replace("avx512_vnni", "amx_bf16 amx_tile"))
+    assert not runtime.cpu_has_native_bf16(SKYLAKE_FLAGS)
+    assert not runtime.cpu_has_native_bf16("no flags line\n")
+    assert compose_config("train", ["trainer=cpu"]).trainer.precision == "auto"
+    for flags, want in ((ZEN5_FLAGS, "bf16-mixed"), (SKYLAKE_FLAGS, "32-true")):
+        monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda cpuinfo=None, f=flags: "avx512_bf16" in f)
+        assert runtime.resolve_precision("auto", "cpu") == want
+    assert runtime.resolve_precision("32-true", "cpu") == "32-true"
+    assert runtime.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+
+
+def test_bf16_mixed_training_runs_and_resumes(tmp_path):
+    """A run in bf16-mixed precision trains with finite float32 losses, saves float32 weights
+    (only the layers' arithmetic is bfloat16) and resumes from its checkpoint."""
+    base = [*FAST, "callbacks.lr_monitor=false", "trainer.precision=bf16-mixed"]
+    out = run(compose_config("train", [*base, "trainer.max_epochs=1"]), tmp_path)
+    assert torch.isfinite(torch.tensor(out["train/loss"]))
+    ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert ck["state_dict"] and all(v.dtype != torch.bfloat16 for v in ck["state_dict"].values())
+    run(compose_config("train", [*base, "trainer.max_epochs=2"]), tmp_path)  # same run dir: resumes
+    assert _last_step(tmp_path)[0] == 4
