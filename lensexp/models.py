@@ -110,9 +110,10 @@ def set_mc_dropout(model: nn.Module, on: bool = True) -> int:
 def float32(fn, *tensors: torch.Tensor):
     """``fn(*tensors)`` in float32 even inside a mixed-precision (autocast) region: the network
     outputs a loss reads (means, log sigmas, flow contexts) and the loss itself keep float32
-    precision under ``trainer.precision=bf16-mixed``; the layers before them run in bfloat16."""
+    precision under ``trainer.precision=bf16-mixed``; the layers before them run in bfloat16.
+    Half-precision inputs are cast up; float32 and float64 pass unchanged."""
     with torch.autocast(tensors[0].device.type, enabled=False):
-        return fn(*(t.float() for t in tensors))
+        return fn(*(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors))
 
 
 def use_channels_last(net: nn.Module, on: bool) -> bool:
