@@ -7,19 +7,48 @@ sizes; data loading is excluded (see ``shard_throughput.py`` for the data side).
 
     python benchmarks/train_throughput.py
     python benchmarks/train_throughput.py --models tiny resnet50 inception_v4 --sizes hst --device cuda --amp
+    python benchmarks/train_throughput.py --compare --models tiny resnet10t --sizes tiny --batch 64 --steps 15
+
+``--compare`` measures, side by side in one run and alternating twice, float32 with torch's
+``F.dropout`` (the CPU baseline before 2026-12-05 evening), float32 with lensexp's CPU dropout
+(:func:`lensexp.models._bits_dropout`) and bf16 autocast with it, and prints each one's ratio to
+the baseline.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
+import torch.nn.functional as F
 from common import items_per_s, report, save
 
 from lensexp.config import compose_config
 from lensexp.build import build_loss, build_net
 
 SIZES = {"tiny": (64, 1), "hst": (192, 2)}
+
+
+VARIANTS = {  # name: (bf16 autocast, torch's F.dropout instead of lensexp's CPU dropout)
+    "float32, F.dropout": (False, True),
+    "float32": (False, False),
+    "bf16": (True, False),
+}
+
+
+@contextlib.contextmanager
+def torch_dropout(on: bool):
+    """Route :class:`lensexp.models.MCDropout` through ``F.dropout`` while ``on`` (the baseline)."""
+    from lensexp import models
+
+    fast = models._bits_dropout
+    if on:
+        models._bits_dropout = lambda x, p: F.dropout(x, p, training=True)
+    try:
+        yield
+    finally:
+        models._bits_dropout = fast
 
 
 def step_rate(model_name: str, size: str, batch: int, steps: int, device: str, amp: bool) -> float:
@@ -55,8 +84,11 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", action="store_true")
+    ap.add_argument("--compare", action="store_true", help="F.dropout / CPU dropout / bf16, side by side")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.compare:
+        return compare(args)
     rows = []
     for size in args.sizes:
         for m in args.models:
@@ -75,6 +107,28 @@ def main(argv=None):
                 f"{size:5s} {m:16s} {rate:9.1f} img/s  (train step, batch {args.batch}, {args.device}, "
                 f"{torch.get_num_threads()} threads)",
             )
+    save(rows, args.json)
+    return rows
+
+
+def compare(args) -> list[dict]:
+    """Each variant of :data:`VARIANTS` twice, alternating, per model and size; best of the two."""
+    rows = []
+    for size in args.sizes:
+        for m in args.models:
+            best = dict.fromkeys(VARIANTS, 0.0)
+            for _ in range(2):
+                for name, (amp, baseline) in VARIANTS.items():
+                    with torch_dropout(baseline):
+                        best[name] = max(best[name], step_rate(m, size, args.batch, args.steps, args.device, amp))
+            base = best[next(iter(VARIANTS))]
+            for name, rate in best.items():
+                report(
+                    rows,
+                    dict(model=m, size=size, variant=name, img_s=rate, ratio=rate / base, batch=args.batch),
+                    f"{size:5s} {m:12s} {name:20s} {rate:8.1f} img/s  {rate / base:4.2f}x  (batch {args.batch}, "
+                    f"{args.device}, {torch.get_num_threads()} threads)",
+                )
     save(rows, args.json)
     return rows
 

@@ -196,3 +196,29 @@ def test_cpu_dropout_rate_scale_gradient_and_seed():
     lanes = (z == 0).float().view(-1, 4).mean(0)
     assert (lanes - 0.25).abs().max() < 4 * (0.25 * 0.75 / 100_000) ** 0.5
     assert torch.equal(MCDropout(0.1).eval()(xc), xc)  # off in eval mode unless mc
+
+
+def test_train_throughput_compare_switches_the_dropout_and_restores_it():
+    """``benchmarks/train_throughput.py --compare``: the baseline really runs ``F.dropout``
+    (scale exactly 1/(1-p) in float32, not 65536/(65536-k)), the CPU dropout is back afterwards,
+    and each variant is reported with its ratio to the baseline."""
+    import sys
+
+    from lensexp import models
+    from lensexp.paths import PROJECT_ROOT
+
+    sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
+    import train_throughput as tt
+
+    fast = models._bits_dropout
+    x = torch.ones(20_000)
+    with tt.torch_dropout(True):
+        kept = models.MCDropout(0.1).train()(x)
+        kept = kept[kept != 0]
+        assert torch.equal(kept, torch.full_like(kept, 1 / 0.9))
+    assert models._bits_dropout is fast
+    kept = models.MCDropout(0.1).train()(x)
+    assert not torch.equal(kept[kept != 0], torch.full_like(kept[kept != 0], 1 / 0.9))
+    rows = tt.main(["--compare", "--models", "tiny", "--sizes", "tiny", "--batch", "4", "--steps", "1"])
+    assert [r["variant"] for r in rows] == list(tt.VARIANTS) and rows[0]["ratio"] == 1.0
+    assert all(r["img_s"] > 0 for r in rows)
