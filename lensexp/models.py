@@ -45,7 +45,7 @@ def _bits_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     ``k = round(65536 p)`` codes, so the rate is ``k / 65536`` (within 8e-6 of ``p``) and the kept
     elements are scaled by ``1 / (1 - k / 65536)``: unbiased, like ``F.dropout``. The mask is laid
     out like ``x`` (NCHW or channels-last), deterministic by torch's seed."""
-    k = round(p * 65536)
+    k = min(round(p * 65536), 65535)  # p < 1 keeps at least one code: no division by zero
     n = x.numel()
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
     keep = words.view(torch.int16)[:n] >= k - 32768  # int16 codes are uniform on [-32768, 32767]

@@ -196,6 +196,7 @@ def test_cpu_dropout_rate_scale_gradient_and_seed():
     lanes = (z == 0).float().view(-1, 4).mean(0)
     assert (lanes - 0.25).abs().max() < 4 * (0.25 * 0.75 / 100_000) ** 0.5
     assert torch.equal(MCDropout(0.1).eval()(xc), xc)  # off in eval mode unless mc
+    assert torch.isfinite(MCDropout(0.999999).train()(xc)).all()  # rounds to 65535 of 65536 codes, not all
 
 
 def test_train_throughput_compare_switches_the_dropout_and_restores_it():
