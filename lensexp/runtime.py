@@ -175,7 +175,8 @@ def resolve_precision(precision, accelerator: str) -> str:
     """Lightning ``trainer.precision``; ``auto`` -> ``bf16-mixed`` on a CPU with hardware
     bfloat16 (:func:`cpu_has_native_bf16`; 2-core AMD EPYC Zen 5, ``benchmarks/train_throughput.py
     --compare``: test_resnet trains 1.16x, resnet10t 1.26x faster than in float32) or a GPU that
-    supports it, else ``32-true`` on CPU and ``16-mixed`` on an older GPU. Network outputs and losses stay float32 either way (:func:`lensexp.models.float32`)."""
+    supports it, else ``32-true`` on CPU and ``16-mixed`` on an older GPU. Network outputs and
+    losses stay float32 either way (:func:`lensexp.models.float32`)."""
     p = str(precision)
     if p != "auto":
         return p
