@@ -22,7 +22,7 @@ from lensexp import kappa_maps
 from lensexp.errors import ConfigError
 from torch import nn
 
-from lensexp.labels import D4, d4_unturn
+from lensexp.labels import D4, check_augment, d4_image_each, d4_unturn, random_turns
 from lensexp.module import EvalHooks, check_centre, gather_lenses, warmup_cosine
 from lensexp.models import float32, set_mc_dropout
 from lensexp.sim.normalize import normalize
@@ -51,11 +51,13 @@ class KappaModule(EvalHooks, pl.LightningModule):
         kappa_max: float = 10.0,
         spec: dict | None = None,
         posterior_centre: str = "mc_mean",
+        augment: str = "none",
     ):
         super().__init__()
         if target not in TARGETS:
             raise ConfigError(f"kappa target must be one of {TARGETS}, got '{target}'")
         check_centre(posterior_centre)
+        check_augment(augment)
         self.save_hyperparameters(ignore=["net"])
         self.net = net
         self._collected: list[dict] = []
@@ -136,8 +138,13 @@ class KappaModule(EvalHooks, pl.LightningModule):
 
     # ---------------------------------------------------------------- steps
     def batch_loss(self, batch, train: bool) -> torch.Tensor:
-        """Per-pixel Gaussian NLL of the batch's maps."""
-        return float32(self.nll, self(batch["image"]), self.to_net(batch["kappa"]))
+        """Per-pixel Gaussian NLL of the batch's maps; with ``augment=d4`` each training image and
+        its map are turned by the same random symmetry of the grid."""
+        images, kappa = batch["image"], batch["kappa"]
+        if train and self.hparams.get("augment", "none") == "d4":
+            turns = random_turns(kappa.shape[0], kappa.device)
+            images, kappa = d4_image_each(images, turns), d4_image_each(kappa, turns)
+        return float32(self.nll, self(images), self.to_net(kappa))
 
     def _eval_step(self, batch, batch_idx: int, prefix: str):
         kappa = batch["kappa"]

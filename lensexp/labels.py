@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lensexp.errors import ConfigError
 from lensexp.sim.priors import LABELS
 
 LOG_LABELS = ("mu_F",)
@@ -133,3 +134,52 @@ def d4_back(y: torch.Tensor, labels, transpose: bool, flip_x: bool, flip_y: bool
             i, j = col["center_x"], col["center_y"]
             y[..., [i, j]] = y[..., [j, i]]
     return y
+
+
+# ---------------------------------------------------------------------------- training augmentation
+AUGMENT = ("none", "d4")  # training-time augmentation: none, or a random grid symmetry per image
+
+
+def random_turns(n: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` indices into :data:`D4` (``4 transpose + 2 flip_x + flip_y``), uniform, from torch's
+    generator (seeded by the run's seed)."""
+    return torch.randint(0, len(D4), (int(n),), device=device, generator=generator)
+
+
+def _turn_bits(turns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (turns // 4 % 2).bool(), (turns // 2 % 2).bool(), (turns % 2).bool()
+
+
+def d4_image_each(images: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """Images [B, ..., H, W] (square), image ``i`` through :func:`d4_image` with ``D4[turns[i]]``."""
+    tr, fx, fy = (b.view(-1, *([1] * (images.dim() - 1))) for b in _turn_bits(turns))
+    images = torch.where(tr, images.transpose(-1, -2), images)
+    images = torch.where(fx, images.flip(-1), images)
+    return torch.where(fy, images.flip(-2), images).contiguous()
+
+
+def d4_forward_each(y: torch.Tensor, labels, turns: torch.Tensor) -> torch.Tensor:
+    """Physical labels [B, D] of the lenses -> those of the same lenses seen through
+    :func:`d4_image_each` (the inverse of :func:`d4_back`: the transpose first, then the mirrors)."""
+    tr, fx, fy = _turn_bits(turns)
+    col = {n: i for i, n in enumerate(labels)}
+    y = y.clone()
+    if "center_x" in col:
+        i, j = col["center_x"], col["center_y"]
+        y[:, [i, j]] = torch.where(tr[:, None], y[:, [j, i]], y[:, [i, j]])
+    for n in _TRANSPOSE_SIGN:
+        if n in col:
+            y[:, col[n]] = torch.where(tr, -y[:, col[n]], y[:, col[n]])
+    for flip, axis in ((fx, "x"), (fy, "y")):
+        for n in _FLIP[axis]:
+            if n in col:
+                y[:, col[n]] = torch.where(flip, -y[:, col[n]], y[:, col[n]])
+    return y
+
+
+def check_augment(augment: str, labels=None) -> None:
+    """Refuse an unknown augmentation, or ``d4`` for labels without a known symmetry."""
+    if augment not in AUGMENT:
+        raise ConfigError(f"augment must be one of {AUGMENT}, got '{augment}'")
+    if augment == "d4" and labels is not None and not d4_supported(labels):
+        raise ConfigError(f"augment=d4 needs labels whose grid symmetries are known; got {list(labels)}")

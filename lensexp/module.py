@@ -21,7 +21,18 @@ from torch import nn
 
 from lensexp import metrics
 from lensexp.errors import ConfigError
-from lensexp.labels import D4, LabelScaler, d4_back, d4_image, d4_supported, upgrade_state_dict
+from lensexp.labels import (
+    D4,
+    LabelScaler,
+    check_augment,
+    d4_back,
+    d4_forward_each,
+    d4_image,
+    d4_image_each,
+    d4_supported,
+    random_turns,
+    upgrade_state_dict,
+)
 from lensexp.models import MCDropout, float32, set_mc_dropout
 from lensexp.sim.normalize import normalize
 
@@ -110,6 +121,7 @@ class LensModule(EvalHooks, pl.LightningModule):
         data_info: dict | None = None,
         spec: dict | None = None,
         posterior_centre: str = "mc_mean",
+        augment: str = "none",
     ):
         super().__init__()
         check_centre(posterior_centre)
@@ -118,6 +130,7 @@ class LensModule(EvalHooks, pl.LightningModule):
         self.loss_fn = loss  # an nn.Module (flow) has weights that train and save
         self.scaler = scaler if scaler is not None else LabelScaler()
         self.labels = list(self.scaler.labels)
+        check_augment(augment, self.labels)
         self._collected: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._infer = [0, 0.0]  # validation forward passes and their seconds
 
@@ -211,10 +224,16 @@ class LensModule(EvalHooks, pl.LightningModule):
 
     # ---------------------------------------------------------------- steps
     def batch_loss(self, batch, train: bool) -> torch.Tensor:
-        """The loss of a batch; while training, the label scale is fitted on its first batches."""
+        """The loss of a batch; while training, the label scale is fitted on its first batches and,
+        with ``augment=d4``, every image is turned by a random symmetry of the grid, its labels
+        with it (:func:`lensexp.labels.d4_forward_each`)."""
+        images, y = batch["image"], batch["labels"]
+        if train and self.hparams.get("augment", "none") == "d4":
+            turns = random_turns(y.shape[0], y.device)
+            images, y = d4_image_each(images, turns), d4_forward_each(y, self.labels, turns)
         if train:
-            self.scaler.update(batch["labels"])
-        return float32(self.loss_fn, self(batch["image"]), self.to_net(batch["labels"]))
+            self.scaler.update(y)
+        return float32(self.loss_fn, self(images), self.to_net(y))
 
     def _eval_step(self, batch, batch_idx: int, prefix: str):
         y = batch["labels"]

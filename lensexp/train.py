@@ -97,6 +97,7 @@ def build_module(cfg: DictConfig):
         n_mc_val=int(cfg.n_mc_val),
         input_norm=str(cfg.input_norm),
         posterior_centre=str(cfg.get("posterior_centre", "mc_mean")),
+        augment=str(cfg.get("augment", "none")),
         data_info={
             "name": str(cfg.data.name),
             "npix": int(cfg.data.npix),

@@ -9,7 +9,7 @@ import torch
 
 from lensexp.build import lens_module
 from lensexp.errors import ConfigError
-from lensexp.labels import D4, d4_back, d4_image, d4_supported
+from lensexp.labels import D4, d4_back, d4_forward_each, d4_image, d4_image_each, d4_supported, random_turns
 from lensexp.sim.priors import LABELS
 from lensexp.sim.trace import render_sersic
 
@@ -139,3 +139,58 @@ def test_d4_density_map_is_exactly_equivariant_and_centres_the_samples():
     assert torch.allclose(torch.log(s1) - torch.log(c1), torch.log(samples) - torch.log(m.mean_map(passes)), atol=1e-4)
     s0, c0 = m.centred(x, passes, samples, "mc_mean")
     assert torch.equal(s0, samples) and torch.allclose(c0, m.mean_map(passes))
+
+
+def test_per_image_turns_match_the_single_turn_and_d4_back_undoes_the_labels():
+    """Training augmentation: image ``i`` turned by ``D4[turns[i]]`` is :func:`d4_image` of it, and
+    the turned labels are those :func:`d4_back` maps to the originals (so they agree with the
+    rendered turned lens of the test above)."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(16, 2, 12, 12, generator=g)
+    y = torch.randn(16, len(LABELS), generator=g)
+    turns = torch.arange(16) % 8
+    got = d4_image_each(images, turns)
+    y_t = d4_forward_each(y, LABELS, turns)
+    for i in range(16):
+        t = D4[int(turns[i])]
+        assert torch.equal(got[i], d4_image(images[i : i + 1], *t)[0])
+        assert torch.allclose(d4_back(y_t[i : i + 1], LABELS, *t), y[i : i + 1], atol=0)
+    assert torch.equal(y_t[turns == 0], y[turns == 0]) and not torch.equal(y_t, y)
+    lens_t = turned(LENS, matrix(*D4[5]), spin2=(("e1", "e2"), ("gamma1", "gamma2")))
+    y1 = torch.tensor([[LENS[k] for k in LABELS[:-1]]], dtype=torch.float64)
+    want = torch.tensor([[lens_t[k] for k in LABELS[:-1]]], dtype=torch.float64)
+    assert torch.allclose(d4_forward_each(y1, LABELS[:-1], torch.tensor([5])), want, atol=1e-12)
+
+
+def test_augment_is_checked_and_turns_training_batches_only():
+    """``augment=d4`` trains on the batch turned by the drawn symmetries (the loss equals that of
+    a plain copy fed the turned batch); evaluation sees the batch as it is."""
+    import copy
+
+    with pytest.raises(ConfigError, match="augment must be one of"):
+        _module_aug("rotate")
+    m = _module_aug("d4").train()
+    plain = copy.deepcopy(m)
+    plain.hparams.augment = "none"
+    x, y = torch.randn(8, 1, 32, 32), torch.rand(8, len(LABELS)) * 0.2 + 0.5
+    torch.manual_seed(0)
+    turns = random_turns(8)
+    torch.manual_seed(0)
+    a = m.batch_loss({"image": x, "labels": y}, train=True)
+    b = plain.batch_loss({"image": d4_image_each(x, turns), "labels": d4_forward_each(y, m.labels, turns)}, train=True)
+    assert torch.equal(a, b)
+    assert not torch.isclose(a, copy.deepcopy(plain).batch_loss({"image": x, "labels": y}, train=True))
+    m.eval()
+    plain.eval()
+    batch = {"image": x, "labels": y}
+    assert torch.equal(m.batch_loss(batch, False), plain.batch_loss(batch, False))
+
+
+def _module_aug(augment):
+    torch.manual_seed(0)
+    return lens_module(
+        {"backbone": "test_resnet", "dropout": 0.0, "head_hidden": 16},
+        "gaussian_nll",
+        in_chans=1,
+        augment=augment,
+    )
