@@ -228,3 +228,17 @@ def test_bf16_mixed_training_runs_and_resumes(tmp_path):
     assert ck["state_dict"] and all(v.dtype != torch.bfloat16 for v in ck["state_dict"].values())
     run(compose_config("train", [*base, "trainer.max_epochs=2"]), tmp_path)  # same run dir: resumes
     assert _last_step(tmp_path)[0] == 4
+
+
+@pytest.mark.parametrize("task", ["params", "kappa"])
+def test_d4_augmented_run_trains_and_its_checkpoint_loads(tmp_path, task):
+    """``augment=d4`` trains label and density-map networks, and the setting travels in the
+    checkpoint through the weights-only loader's allow-list."""
+    from lensexp.checkpoints import load_module
+
+    extra = ["task=kappa", "data=kappa", "model=kappa_unet"] if task == "kappa" else []
+    out = run(compose_config("train", [*FAST, *extra, "augment=d4", "trainer.max_epochs=1"]), tmp_path)
+    assert torch.isfinite(torch.tensor(out["train/loss"]))
+    assert load_module(tmp_path / "checkpoints" / "last.ckpt").hparams.augment == "d4"
+    with pytest.raises(ConfigError, match="augment must be one of"):
+        run(compose_config("train", [*FAST, "augment=rot45", "+trainer.fast_dev_run=true"]), tmp_path / "bad")

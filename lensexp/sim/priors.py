@@ -42,9 +42,14 @@ def draw_params(
     p["e1"], p["e2"] = lensmod.phi_q_to_ellipticity(phi, q)
     p["center_x"], p["center_y"] = d(L.center), d(L.center)
     p["gamma1"], p["gamma2"] = d(L.gamma), d(L.gamma)
-    # source position: uniform in area in an annulus of radii offset * theta_E
+    # source position in an annulus of radii offset * theta_E: uniform in area, or in radius (more
+    # near-centred sources, as in magnification-selected lens samples)
     lo, hi = check_range("", S.offset)
-    r = p["theta_E"] * torch.sqrt(lo * lo + (hi * hi - lo * lo) * torch.rand(n, generator=rng, device=dev, dtype=dt))
+    u = torch.rand(n, generator=rng, device=dev, dtype=dt)
+    if str(S.offset_in) == "radius":
+        r = p["theta_E"] * (lo + (hi - lo) * u)
+    else:
+        r = p["theta_E"] * torch.sqrt(lo * lo + (hi * hi - lo * lo) * u)
     t = 2 * math.pi * torch.rand(n, generator=rng, device=dev, dtype=dt)
     p["src_x"] = p["center_x"] + r * torch.cos(t)
     p["src_y"] = p["center_y"] + r * torch.sin(t)

@@ -71,6 +71,7 @@ class Source:
     cosmos_fraction: float = MISSING
     mag: Range = MISSING  # AB
     offset: Range = MISSING  # in units of theta_E
+    offset_in: str = "area"  # area | radius: the offset uniform in area or in radius
     min_mu: float = 0.0
     sersic: Sersic = field(default_factory=Sersic)
     clumps: Clumps = field(default_factory=Clumps)
@@ -215,6 +216,7 @@ def check_schema(c: DictConfig) -> None:
         raise ConfigError(f"data.{key} must be {what}, got {value!r}") from None
 
 
+OFFSET_IN = ("area", "radius")  # how data.source.offset is sampled: uniform in area or in radius
 SOURCE_KINDS = ("sersic", "cosmos", "mix")
 
 
@@ -250,6 +252,8 @@ def validate_config(c: DictConfig) -> None:
         raise ConfigError(f"data.source.cosmos_fraction must be in [0, 1], got {S.cosmos_fraction}")
     check_range("data.source.mag", S.mag)
     check_range("data.source.offset", S.offset, 0.0)
+    if str(S.offset_in) not in OFFSET_IN:
+        raise ConfigError(f"data.source.offset_in must be one of {OFFSET_IN}, got '{S.offset_in}'")
     check_range("data.source.sersic.R_sersic", S.sersic.R_sersic, 0.0, strict_low=True)
     check_range("data.source.sersic.n", S.sersic.n, 0.2, 8.0)
     check_range("data.source.sersic.q", S.sersic.q, 0.0, 1.0, strict_low=True)

@@ -24,6 +24,7 @@ def build(*overrides, preset="tiny"):
         ("data.lens.q=[0.0,1.0]", ["data.lens.q", "outside its domain"]),
         ("data.lens.q=[0.5,1.5]", ["data.lens.q", "outside its domain"]),
         ("data.source.kind=spiral", ["data.source.kind", "spiral"]),
+        ("data.source.offset_in=volume", ["data.source.offset_in", "volume"]),
         (
             "data.source.cosmos.catalog=/nonexistent/cat.fits",
             ["COSMOS catalogue not found", "/nonexistent/cat.fits", "galsim_download_cosmos"],
@@ -84,3 +85,14 @@ def test_every_preset_builds_and_simulates(cosmos_catalog, emp_psf):
         b = sim.sample(2, seed=0)
         assert b.images.shape == (2, len(cfg.bands), cfg.npix, cfg.npix)
         assert torch.isfinite(b.images).all() and torch.isfinite(b.labels).all()
+
+
+@pytest.mark.parametrize("offset_in, inner", [("area", 0.25**2), ("radius", 0.25)])
+def test_source_offset_is_uniform_in_area_or_in_radius(offset_in, inner):
+    """``data.source.offset_in``: the share of sources within a quarter of the largest offset is
+    its area share (1/16) or its radius share (1/4); offsets stay inside ``offset`` x theta_E."""
+    sim = build(f"data.source.offset_in={offset_in}", "data.source.offset=[0.0,0.8]")
+    p = sim.draw_params(20000, torch.Generator().manual_seed(3))
+    r = torch.hypot(p["src_x"] - p["center_x"], p["src_y"] - p["center_y"]) / p["theta_E"]
+    assert float(r.max()) <= 0.8 + 1e-9
+    assert abs(float((r < 0.2).double().mean()) - inner) < 0.012
