@@ -140,10 +140,10 @@ def d4_back(y: torch.Tensor, labels, transpose: bool, flip_x: bool, flip_y: bool
 AUGMENT = ("none", "d4")  # training-time augmentation: none, or a random grid symmetry per image
 
 
-def random_turns(n: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_turns(n: int, device=None) -> torch.Tensor:
     """``n`` indices into :data:`D4` (``4 transpose + 2 flip_x + flip_y``), uniform, from torch's
-    generator (seeded by the run's seed)."""
-    return torch.randint(0, len(D4), (int(n),), device=device, generator=generator)
+    default generator (seeded by the run's seed)."""
+    return torch.randint(0, len(D4), (int(n),), device=device)
 
 
 def _turn_bits(turns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
