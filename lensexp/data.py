@@ -59,19 +59,25 @@ def decode_sample(raw: dict) -> dict:
 
 
 def shard_dataset(
-    urls: list[str], shuffle: int = 0, resampled: bool = False, epoch_size: int | None = None, seed: int = 0
+    urls: list[str],
+    shuffle: int = 0,
+    resampled: bool = False,
+    epoch_size: int | None = None,
+    seed: int = 0,
+    start_epoch: int = 0,
 ):
-    """A ``webdataset.WebDataset`` over ``urls`` decoding to sample dicts.
+    """A WebDataset pipeline over ``urls`` decoding to sample dicts.
 
     Training streams: ``resampled=True`` with ``epoch_size`` (samples per epoch per worker) and a
-    ``shuffle`` buffer; evaluation: plain, in order. Shards are split between DDP nodes and
-    dataloader workers (``split_by_node``/``split_by_worker``).
+    ``shuffle`` buffer. The shards are drawn by :class:`webdataset.ResampledShards` seeded from
+    (``seed``, the epoch, rank and loader worker), so a run is deterministic by seed, ranks and
+    workers read different sequences, every epoch draws anew and a run resumed at ``start_epoch``
+    continues the sequence (webdataset's own default seeds from the clock and the process id).
+    Evaluation: plain, in order, shards split between DDP nodes and loader workers.
     """
     import webdataset as wds
 
-    if resampled:
-        ds = wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node, seed=seed)
-    else:
+    if not resampled:
         ds = wds.WebDataset(
             urls,
             shardshuffle=False,
@@ -79,12 +85,14 @@ def shard_dataset(
             workersplitter=wds.split_by_worker,
             empty_check=False,
         )
+        return ds.map(decode_sample)
+    shards = wds.ResampledShards(urls, seed=int(seed), deterministic=True)
+    shards.epoch = int(start_epoch) - 1  # each pass (epoch) adds one before drawing
+    stages = [shards, wds.tarfile_to_samples()]
     if shuffle:
-        ds = ds.shuffle(shuffle, seed=seed)
-    ds = ds.map(decode_sample)
-    if epoch_size:
-        ds = ds.with_epoch(int(epoch_size))
-    return ds
+        stages.append(wds.shuffle(shuffle, seed=int(seed)))
+    ds = wds.DataPipeline(*stages, wds.map(decode_sample))
+    return ds.with_epoch(int(epoch_size)) if epoch_size else ds
 
 
 class OnTheFlyDataset(IterableDataset):
@@ -237,7 +245,8 @@ class LensDataModule(pl.LightningDataModule):
         if train:
             workers = max(self.num_workers, 1)
             per_worker = -(-self.train_epoch_size // workers)
-            ds = shard_dataset(urls, shuffle=self.shuffle, resampled=True, epoch_size=per_worker, seed=self.seed)
+            epoch = self.trainer.current_epoch if self.trainer is not None else 0
+            ds = shard_dataset(urls, self.shuffle, True, per_worker, self.seed, start_epoch=epoch)
             return ds.with_length(per_worker * workers)  # lets Lightning count steps per epoch
         return shard_dataset(urls)
 

@@ -353,3 +353,21 @@ def test_compile_auto_follows_the_ray_count(monkeypatch):
     assert use_compile(cfg) and fingerprint(cfg)["compile"] is True  # the resolved value is recorded
     monkeypatch.setattr(shutil, "which", lambda name: None)  # no C++ compiler: eager on CPU
     assert not use_compile(cfg)
+
+
+def test_resampled_training_stream_is_deterministic_by_seed_and_resumes(tmp_path):
+    """The training stream over shards draws its shards from (seed, epoch, rank, worker), not from
+    the clock: the same seed gives the same samples, each epoch draws anew, a stream started at
+    epoch 1 (a resumed run) is the second epoch of a fresh one, another seed differs."""
+    run(cfg_for(tmp_path, "n=200", "shard_size=20", "seed=2", "splits={train:1.0,val:0,test:0}"))
+    urls = shard_urls(tmp_path, "train")
+
+    def epoch_keys(ds):
+        return [s["__key__"] for s in ds]
+
+    a = shard_dataset(urls, shuffle=30, resampled=True, epoch_size=60, seed=5)
+    first, second = epoch_keys(a), epoch_keys(a)
+    assert len(first) == 60 and first != second
+    assert epoch_keys(shard_dataset(urls, shuffle=30, resampled=True, epoch_size=60, seed=5)) == first
+    assert epoch_keys(shard_dataset(urls, 30, True, 60, seed=5, start_epoch=1)) == second
+    assert epoch_keys(shard_dataset(urls, 30, True, 60, seed=6)) != first
