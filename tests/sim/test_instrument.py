@@ -229,10 +229,10 @@ def test_analytic_psf_bank_mixes_profiles_and_moffat_betas():
     cfg = load_data_preset("tiny_broad").psf
     bank = PSFBank.from_config(cfg, 0.1, 64)
     kinds = np.array(bank.kind)
-    assert len(kinds) == 48 and {k: int((kinds == k).sum()) for k in ("gaussian", "moffat", "airy")} == {
-        "gaussian": 16,
-        "moffat": 16,
-        "airy": 16,
+    assert len(kinds) == 192 and {k: int((kinds == k).sum()) for k in ("gaussian", "moffat", "airy")} == {
+        "gaussian": 64,
+        "moffat": 64,
+        "airy": 64,
     }
     np.testing.assert_allclose(bank.kernels.sum((1, 2)).numpy(), 1.0, atol=1e-5)
     # the Moffat kernels carry different betas: at one FWHM a low beta has broader wings
