@@ -27,10 +27,14 @@ from lensexp.calibrate import CAL_FILE, collect, read_calibration, summarise
 from lensexp.checkpoints import load_module
 
 
-def evaluate(module, images, truth, cal, n_mc: int = 16, batch: int = 64, seed: int = 0) -> dict:
-    """Before/after summaries (:func:`lensexp.calibrate.summarise`) of in-memory images [N, C, H, W]."""
+def evaluate(module, images, truth, cal, n_mc: int = 16, batch: int = 64, seed: int = 0, psf_ee=None) -> dict:
+    """Before/after summaries (:func:`lensexp.calibrate.summarise`) of in-memory images [N, C, H, W]
+    (``psf_ee`` [N, R]: their PSFs, told to a network that takes them)."""
     torch.manual_seed(seed)
     loader = [{"image": images[i : i + batch], "labels": truth[i : i + batch]} for i in range(0, len(images), batch)]
+    if psf_ee is not None:
+        for i, b in enumerate(loader):
+            b["psf_ee"] = psf_ee[i * batch : (i + 1) * batch]
     c = collect(module, loader, n_mc, progress=False)
     return {"before": summarise(module, c), "after": summarise(module, c, cal) if cal is not None else None, "c": c}
 
@@ -81,6 +85,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sets", nargs="+", default=list(SETS))
     ap.add_argument("--out", default="benchmarks/results/outside_coverage")
+    ap.add_argument("--psf-unknown", action="store_true", help="withhold the PSF from a psf_input network")
     args = ap.parse_args()
     ensure_allocator_env()
     module = load_module(args.ckpt)
@@ -93,13 +98,16 @@ def main() -> None:
         "ckpt": args.ckpt,
         "method": cal.method if cal is not None else None,
         "n_mc": args.n_mc,
+        "psf_input": bool(getattr(module, "psf_input", False)) and not args.psf_unknown,
         "sets": {},
     }
     for name in args.sets:
         t0 = time.perf_counter()
         d = make_set(name, args.n, args.seed)
         t1 = time.perf_counter()
-        res = evaluate(module, torch.from_numpy(d["images"]), torch.from_numpy(d["labels"]), cal, args.n_mc)
+        psf_ee = None if args.psf_unknown else torch.from_numpy(d["psf_ee"])
+        images, truth = torch.from_numpy(d["images"]), torch.from_numpy(d["labels"])
+        res = evaluate(module, images, truth, cal, args.n_mc, psf_ee=psf_ee)
         results["sets"][name] = table_rows(module.labels, res)
         r = results["sets"][name]["labels"]
         print(

@@ -43,7 +43,10 @@ def _galaxies():
 
 
 def make_set(kind: str, n: int, seed: int = 0) -> dict:
-    """``{"images": [n, 1, 64, 64] float32 e-/s, "labels": [n, 8] float32, "kind": kind}``."""
+    """``{"images": [n, 1, 64, 64] float32 e-/s, "labels": [n, 8] float32, "psf_ee": [n, R] float32
+    (each image's PSF kernel described as networks with ``model.psf_input`` take it), "kind": kind}``."""
+    from lensexp.sim.psf import EE_RADII, encircled_energy
+
     from lenstronomy.LensModel.lens_model import LensModel
     from lenstronomy.SimulationAPI.sim_api import SimAPI
     from lenstronomy.Util.param_util import phi_q2_ellipticity
@@ -55,6 +58,7 @@ def make_set(kind: str, n: int, seed: int = 0) -> dict:
     light = ["INTERPOL"] if bank is not None else ["SERSIC_ELLIPSE"]
     model = {"lens_model_list": ["SIE", "SHEAR"], "source_light_model_list": light}
     images, labels = np.zeros((n, 1, NPIX, NPIX), np.float32), np.zeros((n, len(LABELS)), np.float32)
+    psf_ee = np.zeros((n, len(EE_RADII)), np.float32)
     lens_model = LensModel(["SIE", "SHEAR"])
     for i in range(n):
         fwhm, beta = rng.uniform(0.12, 0.30), rng.uniform(2.0, 4.0)
@@ -70,6 +74,7 @@ def make_set(kind: str, n: int, seed: int = 0) -> dict:
             "kernel_point_source": moffat_kernel(fwhm, beta),
         }
         sim = SimAPI(NPIX, band, model)
+        psf_ee[i] = encircled_energy(band["kernel_point_source"], PIXSCALE).numpy()
         theta_e, q, phi = rng.uniform(0.5, 2.0), rng.uniform(0.4, 1.0), rng.uniform(0, np.pi)
         e1, e2 = phi_q2_ellipticity(phi, q)
         cx, cy = rng.uniform(-0.2, 0.2, 2)
@@ -115,7 +120,7 @@ def make_set(kind: str, n: int, seed: int = 0) -> dict:
         noisy = clean + sim.noise_for_model(clean, seed=int(rng.integers(2**31)))
         images[i, 0] = noisy
         labels[i] = [theta_e, e1, e2, cx, cy, g1, g2, _mu_f(sim, kw_lens, kw_source)]
-    return {"images": images, "labels": labels, "kind": kind}
+    return {"images": images, "labels": labels, "psf_ee": psf_ee, "kind": kind}
 
 
 def _mu_f(sim, kw_lens, kw_source) -> float:

@@ -67,7 +67,8 @@ def collect(
     dev = module.device
     for batch in tqdm(loader, desc="posterior", unit="batch", disable=not progress):
         t0 = time.perf_counter()
-        s, c = module.posterior(batch["image"].to(dev), n_mc, n_samples, g)
+        psf = {"psf_ee": batch.get("psf_ee")} if getattr(module, "psf_input", False) else {}
+        s, c = module.posterior(batch["image"].to(dev), n_mc, n_samples, g, **psf)
         busy += time.perf_counter() - t0
         out["samples"].append(s)
         out["centre"].append(c)

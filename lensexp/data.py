@@ -19,6 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from lensexp.errors import ConfigError
 from lensexp.sim.priors import LABELS
+from lensexp.sim.psf import EE_KEYS
 from lensexp.shard_set import MANIFEST, ShardSpec, shard_seed
 from lensexp.simulate import shard_samples
 
@@ -162,8 +163,9 @@ class OnTheFlyDataset(IterableDataset):
 
 
 def _collate(samples: list[dict]) -> dict:
-    """Batch sample dicts: stacked ``image``, ``labels`` (and ``kappa`` maps and the source kind
-    ``is_cosmos`` when the samples carry them), keys as a list."""
+    """Batch sample dicts: stacked ``image``, ``labels`` (and ``kappa`` maps, the source kind
+    ``is_cosmos`` and the PSF's encircled energy ``psf_ee`` [B, R] when the samples carry them),
+    keys as a list."""
     out = {
         "image": torch.stack([s["image"] for s in samples]),
         "labels": torch.stack([s["labels"] for s in samples]),
@@ -173,6 +175,8 @@ def _collate(samples: list[dict]) -> dict:
         out["kappa"] = torch.stack([s["kappa"] for s in samples])
     if all("is_cosmos" in s.get("meta", {}) for s in samples):  # source kind, for coverage per kind
         out["is_cosmos"] = torch.tensor([bool(s["meta"]["is_cosmos"]) for s in samples])
+    if all(k in s.get("meta", {}) for s in samples for k in EE_KEYS):  # the PSF, for model.psf_input
+        out["psf_ee"] = torch.tensor([[s["meta"][k] for k in EE_KEYS] for s in samples], dtype=torch.float32)
     return out
 
 

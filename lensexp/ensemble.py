@@ -104,6 +104,10 @@ class Ensemble:
     def mc_passes(self, n_mc: int) -> int:
         return sum(m.mc_passes(n_mc) for m in self.members)
 
+    @property
+    def psf_input(self) -> bool:
+        return any(getattr(m, "psf_input", False) for m in self.members)
+
     def eval(self):
         for m in self.members:
             m.eval()
@@ -115,15 +119,17 @@ class Ensemble:
         return self
 
     @torch.no_grad()
-    def posterior(self, images: torch.Tensor, n_mc: int, n_samples: int, generator=None, common: bool = False):
+    def posterior(
+        self, images: torch.Tensor, n_mc: int, n_samples: int, generator=None, common: bool = False, psf_ee=None
+    ):
         """Samples [S, B, D] (first member's network units, CPU) and centre [B, D] of the mixture
-        (``common`` as in :meth:`LensModule.posterior`)."""
+        (``common``, ``psf_ee`` as in :meth:`LensModule.posterior`)."""
         g = as_generator(generator)
         per = max(1, n_samples // len(self.members))
         dev = self.device
         samples, centres = [], []
         for m in self.members:
-            s, c = m.posterior(images.to(m.device), n_mc, per, g, common)
+            s, c = m.posterior(images.to(m.device), n_mc, per, g, common, psf_ee=psf_ee)
             # member units -> physical -> first member's (affine per label)
             if not m.scaler.same_units(self.members[0].scaler):
                 s, c = (self.to_net(m.from_net(t.to(dev))).cpu() for t in (s, c))

@@ -209,6 +209,19 @@ def interpolate(img: np.ndarray, scale_in: float, scale_out: float, npix: int) -
     return out
 
 
+def psf_to_scale(psf: np.ndarray, scale_in: float, scale_out: float) -> np.ndarray:
+    """A unit-sum PSF [k, k] at ``scale_in`` arcsec/px on an odd, centred grid of ``scale_out``
+    arcsec/px covering it, resampled as images are (:func:`resample` for coarser grids,
+    :func:`interpolate` for finer ones); unchanged when the scales agree."""
+    ratio = scale_out / scale_in
+    if abs(ratio - 1) <= 1e-6:
+        return psf
+    n = int(np.ceil(psf.shape[-1] / ratio))
+    n += 1 - n % 2
+    out = resample(psf[None], ratio, n)[0] if ratio > 1 else interpolate(psf[None], scale_in, scale_out, n)[0]
+    return out / out.sum()
+
+
 @dataclass
 class Grid:
     """A lens on another grid: ``image`` [C, n, n] (excluded pixels 0), ``bad`` [n, n], ``noise``

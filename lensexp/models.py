@@ -127,9 +127,31 @@ def use_channels_last(net: nn.Module, on: bool) -> bool:
     return bool(on)
 
 
+def psf_condition(ee: torch.Tensor | None, batch: int, device=None) -> torch.Tensor:
+    """What a ``psf_input`` network is told of each image's PSF: [B, 1 + R] rows ``[1, EE(r)...]``
+    (:func:`lensexp.sim.psf.encircled_energy` at ``EE_RADII``) where the PSF is known, zeros where it
+    is not (``ee`` None, or a row with a NaN)."""
+    from lensexp.sim.psf import EE_RADII
+
+    cond = torch.zeros(batch, 1 + len(EE_RADII), device=device)
+    if ee is None:
+        return cond
+    ee = ee.to(device=cond.device, dtype=cond.dtype)
+    if ee.shape != (batch, len(EE_RADII)):
+        raise ConfigError(f"PSF description of shape {tuple(ee.shape)}; expected [{batch}, {len(EE_RADII)}]")
+    known = torch.isfinite(ee).all(1)
+    cond[known, 0] = 1.0
+    cond[known, 1:] = ee[known]
+    return cond
+
+
 class LensRegressor(nn.Module):
     """timm backbone (``num_classes=0``, ``in_chans`` = bands, never pretrained: no downloads) and
     a two-layer head giving ``n_outputs`` numbers (the loss decides their meaning).
+
+    ``psf_input``: the head also takes the image's PSF (:func:`psf_condition`: known flag and
+    encircled energy at fixed radii in arcsec) beside the pooled image features, so the network can
+    undo what the PSF does to the arcs instead of guessing the PSF from a faint image.
 
     Inputs smaller than ``min_input_size`` pixels (e.g. 75 for Inception-v4) are resized up
     bilinearly; a note is logged once. ``channels_last``: see :func:`use_channels_last`.
@@ -146,9 +168,12 @@ class LensRegressor(nn.Module):
         min_input_size: int | None = None,
         backbone_kwargs: dict | None = None,
         channels_last: bool = True,
+        psf_input: bool = False,
     ):
         super().__init__()
         import timm
+
+        from lensexp.sim.psf import EE_RADII
 
         if dropout_where not in DROPOUT_WHERE:
             raise ConfigError(f"model.dropout_where must be one of {DROPOUT_WHERE}, got '{dropout_where}'")
@@ -160,7 +185,9 @@ class LensRegressor(nn.Module):
             if "Unknown model" in str(exc):
                 raise ConfigError(f"unknown timm backbone '{backbone}' (see timm.list_models())") from exc
             raise
-        feat = self.backbone.num_features
+        self.psf_input = bool(psf_input)
+        self.n_cond = 1 + len(EE_RADII) if self.psf_input else 0
+        feat = self.backbone.num_features + self.n_cond
         self.head = nn.Sequential(nn.Linear(feat, head_hidden), nn.GELU(), nn.Linear(head_hidden, n_outputs))
         self.min_input_size = int(min_input_size) if min_input_size else None
         self._noted = False
@@ -171,7 +198,9 @@ class LensRegressor(nn.Module):
             self.n_dropout = add_dropout_before_weights(self.head, dropout)
         self.channels_last = use_channels_last(self, channels_last)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw outputs for normalised images [B, C, H, W]; ``cond`` [B, n_cond]: the PSF rows of
+        :func:`psf_condition` (a ``psf_input`` network takes None as 'unknown')."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.min_input_size and min(x.shape[-2:]) < self.min_input_size:
@@ -179,4 +208,8 @@ class LensRegressor(nn.Module):
                 log.info("input %s px resized to %d px for this backbone", tuple(x.shape[-2:]), self.min_input_size)
                 self._noted = True
             x = F.interpolate(x, size=(self.min_input_size, self.min_input_size), mode="bilinear", align_corners=False)
-        return float32(self.head, self.backbone(x))
+        feats = self.backbone(x)
+        if self.n_cond:
+            cond = psf_condition(None, x.shape[0], x.device) if cond is None else cond
+            feats = torch.cat([feats, cond.to(feats.dtype)], 1)
+        return float32(self.head, feats)

@@ -33,7 +33,7 @@ from lensexp.labels import (
     random_turns,
     upgrade_state_dict,
 )
-from lensexp.models import MCDropout, float32, set_mc_dropout
+from lensexp.models import MCDropout, float32, psf_condition, set_mc_dropout
 from lensexp.sim.normalize import normalize
 
 VAL_SAMPLES = 1024  # posterior samples per lens in validation metrics
@@ -122,9 +122,12 @@ class LensModule(EvalHooks, pl.LightningModule):
         spec: dict | None = None,
         posterior_centre: str = "mc_mean",
         augment: str = "none",
+        psf_dropout: float = 0.0,
     ):
         super().__init__()
         check_centre(posterior_centre)
+        if not 0.0 <= float(psf_dropout) <= 1.0:
+            raise ConfigError(f"psf_dropout must be in [0, 1], got {psf_dropout}")
         self.save_hyperparameters(ignore=["net", "loss", "scaler"])
         self.net = net
         self.loss_fn = loss  # an nn.Module (flow) has weights that train and save
@@ -150,52 +153,70 @@ class LensModule(EvalHooks, pl.LightningModule):
             sd["scaler.label_fitted"] = torch.tensor(True)
 
     # ---------------------------------------------------------------- forward
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw network outputs for images [B, C, H, W] in any flux unit."""
-        return self.net(normalize(images, self.hparams.input_norm))
+    @property
+    def psf_input(self) -> bool:
+        """Whether the network takes each image's PSF (``model.psf_input``)."""
+        return bool(getattr(self.net, "psf_input", False))
+
+    def forward(self, images: torch.Tensor, psf_ee: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw network outputs for images [B, C, H, W] in any flux unit; ``psf_ee`` [B, R]: their
+        PSFs' encircled energy (:func:`lensexp.sim.psf.encircled_energy`; None or NaN rows:
+        unknown), read only by a ``psf_input`` network."""
+        x = normalize(images, self.hparams.input_norm)
+        if not self.psf_input:
+            return self.net(x)
+        return self.net(x, psf_condition(psf_ee, x.shape[0], x.device))
 
     def mc_passes(self, n_mc: int) -> int:
         """Stochastic passes worth running: ``n_mc``, or 1 when no dropout is active (all equal)."""
         return max(int(n_mc), 1) if any(m.p > 0 for m in self.modules() if isinstance(m, MCDropout)) else 1
 
     @torch.no_grad()
-    def mc_outputs(self, images: torch.Tensor, n_mc: int) -> list[torch.Tensor]:
+    def mc_outputs(self, images: torch.Tensor, n_mc: int, psf_ee=None) -> list[torch.Tensor]:
         """Raw outputs of :meth:`mc_passes` MC-dropout forward passes (eval mode, dropout on)."""
         was = self.training
         self.eval()
         n = self.mc_passes(n_mc)
         set_mc_dropout(self, n > 1)
         try:
-            return [self(images) for _ in range(n)]
+            return [self(images, psf_ee) for _ in range(n)]
         finally:
             set_mc_dropout(self, False)
             self.train(was)
 
     @torch.no_grad()
-    def predict_mc(self, images: torch.Tensor, n_mc: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_mc(self, images: torch.Tensor, n_mc: int, psf_ee=None) -> tuple[torch.Tensor, torch.Tensor]:
         """MC-dropout passes of a Gaussian head: network-space means and sigmas [passes, B, D]."""
-        outs = [self.loss_fn.mean_std(o) for o in self.mc_outputs(images, n_mc)]
+        outs = [self.loss_fn.mean_std(o) for o in self.mc_outputs(images, n_mc, psf_ee)]
         return torch.stack([m for m, _ in outs]), torch.stack([s for _, s in outs])
 
     @torch.no_grad()
-    def point_estimate(self, images: torch.Tensor, mode: str = "d4") -> torch.Tensor:
+    def point_estimate(self, images: torch.Tensor, mode: str = "d4", psf_ee=None) -> torch.Tensor:
         """Network-space estimate [B, D] of a Gaussian head with dropout off: one pass
         (``deterministic``), or (``d4``) the mean over the 8 symmetries of the pixel grid of the
         passes on the turned image, each turned back (:func:`lensexp.labels.d4_back`; one pass
         when a label's symmetry is unknown). On the quickstart network and lenstronomy-made lenses
         (README "Calibration reports") one such pass beat the mean of 32 MC-dropout passes, which
-        carries the dropout's own shift and noise, and the 8-fold average beat both."""
+        carries the dropout's own shift and noise, and the 8-fold average beat both. The PSF's
+        description (``psf_ee``) is radial, so the same for every turn."""
         if mode != "d4" or not d4_supported(self.labels):
-            return self.dropout_off_mean(images, lambda x, t: self.loss_fn.mean_std(self(x))[0])
+            return self.dropout_off_mean(images, lambda x, t: self.loss_fn.mean_std(self(x, psf_ee))[0])
 
         def turned_back(x, t):
-            return self.to_net(d4_back(self.from_net(self.loss_fn.mean_std(self(x))[0]), self.labels, *t))
+            return self.to_net(d4_back(self.from_net(self.loss_fn.mean_std(self(x, psf_ee))[0]), self.labels, *t))
 
         return self.dropout_off_mean(images, turned_back, D4)
 
     @torch.no_grad()
     def posterior(
-        self, images: torch.Tensor, n_mc: int, n_samples: int, generator=None, common: bool = False, centre=None
+        self,
+        images: torch.Tensor,
+        n_mc: int,
+        n_samples: int,
+        generator=None,
+        common: bool = False,
+        centre=None,
+        psf_ee=None,
     ):
         """The posterior-samples interface shared by every uncertainty method: samples
         [S, B, D] and their centre [B, D], network units, on the CPU, for images [B, C, H, W].
@@ -207,17 +228,17 @@ class LensModule(EvalHooks, pl.LightningModule):
         heads: ``n_samples / passes`` flow samples per pass, centred on their mean.
         ``generator``: a CPU generator or an int seed; ``common``: the same random draws for
         every lens (validation uses this, so its metrics do not depend on batching or the number
-        of DDP ranks)."""
+        of DDP ranks); ``psf_ee``: the images' PSFs for a ``psf_input`` network (:meth:`forward`)."""
         g = metrics.as_generator(generator)
         if hasattr(self.loss_fn, "mean_std"):
-            means, stds = self.predict_mc(images, n_mc)
+            means, stds = self.predict_mc(images, n_mc, psf_ee)
             samples, mid = metrics.posterior_samples(means.cpu(), stds.cpu(), n_samples, g, common)
             mode = centre or self.hparams.get("posterior_centre", "mc_mean")
             if mode == "mc_mean":
                 return samples, mid
-            point = self.point_estimate(images, mode).cpu().to(samples.dtype)
+            point = self.point_estimate(images, mode, psf_ee).cpu().to(samples.dtype)
             return samples + (point - mid), point
-        outs = self.mc_outputs(images, n_mc)
+        outs = self.mc_outputs(images, n_mc, psf_ee)
         per = max(1, n_samples // len(outs))
         s = torch.cat([self.loss_fn.sample(o, per, g, common) for o in outs]).cpu()
         return s, s.mean(0)
@@ -226,21 +247,49 @@ class LensModule(EvalHooks, pl.LightningModule):
     def batch_loss(self, batch, train: bool) -> torch.Tensor:
         """The loss of a batch; while training, the label scale is fitted on its first batches and,
         with ``augment=d4``, every image is turned by a random symmetry of the grid, its labels
-        with it (:func:`lensexp.labels.d4_forward_each`)."""
+        with it (:func:`lensexp.labels.d4_forward_each`). A ``psf_input`` network is told each
+        image's PSF (the batch's ``psf_ee``), withheld from a ``psf_dropout`` share of the training
+        images so that it also serves lenses of unknown PSF."""
         images, y = batch["image"], batch["labels"]
+        psf_ee = self.batch_psf(batch, train)
         if train and self.hparams.get("augment", "none") == "d4":
             turns = random_turns(y.shape[0], y.device)
             images, y = d4_image_each(images, turns), d4_forward_each(y, self.labels, turns)
         if train:
             self.scaler.update(y)
-        return float32(self.loss_fn, self(images), self.to_net(y))
+        return float32(self.loss_fn, self(images, psf_ee), self.to_net(y))
+
+    def batch_psf(self, batch: dict, train: bool = False) -> torch.Tensor | None:
+        """The batch's PSF descriptions for a ``psf_input`` network (None otherwise); in training,
+        rows withheld (NaN: unknown) with probability ``psf_dropout``. Training data without them
+        are refused: the network would learn nothing of the PSF."""
+        if not self.psf_input:
+            return None
+        ee = batch.get("psf_ee")
+        if ee is None:
+            if train:
+                raise ConfigError(
+                    "model.psf_input needs samples that describe their PSF (meta psf_ee_*): "
+                    "simulate the shard set again with this version of lensexp.simulate"
+                )
+            return None
+        p = float(self.hparams.get("psf_dropout", 0.0))
+        if train and p > 0:
+            ee = ee.masked_fill((torch.rand(ee.shape[0], device=ee.device) < p)[:, None], float("nan"))
+        return ee
 
     def _eval_step(self, batch, batch_idx: int, prefix: str):
         y = batch["labels"]
         self._eval_loss(batch, prefix)
         t0 = time.perf_counter()
         samples, centre = self.posterior(
-            batch["image"], self.hparams.n_mc_val, VAL_SAMPLES, 0, common=True, centre=self.eval_centre()
+            batch["image"],
+            self.hparams.n_mc_val,
+            VAL_SAMPLES,
+            0,
+            common=True,
+            centre=self.eval_centre(),
+            psf_ee=self.batch_psf(batch),
         )
         self._infer[0] += y.shape[0] * self.mc_passes(self.hparams.n_mc_val)
         self._infer[1] += time.perf_counter() - t0

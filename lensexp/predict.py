@@ -35,7 +35,7 @@ from lensexp import metrics
 from lensexp.recalibrate import image_snr
 from lensexp.errors import ConfigError
 from lensexp.files import check_writable, clean_stale, temp_path
-from lensexp.inputs import LensFiles, list_inputs, load, to_grid
+from lensexp.inputs import LensFiles, list_inputs, load, psf_to_scale, to_grid
 from lensexp.io import BadInput, stamp_mask
 from lensexp.runtime import resolve_device, set_threads
 
@@ -91,25 +91,41 @@ class Predictor:
         elif calibration not in ("auto", None, "none"):
             raise ConfigError(f"calibration file not found: '{calibration}'")
 
+    @property
+    def psf_input(self) -> bool:
+        """Whether the network takes each lens's PSF (``model.psf_input``)."""
+        return bool(getattr(self.module, "psf_input", False))
+
     @torch.no_grad()
-    def posterior(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def posterior(self, images: torch.Tensor, generator: torch.Generator | None = None, psf_ee=None) -> torch.Tensor:
         """Recalibrated posterior samples [n_samples, B, labels] (physical units) for images
-        [B, C, npix, npix] in any flux unit."""
+        [B, C, npix, npix] in any flux unit; ``psf_ee`` [B, R]: their PSFs' encircled energy for
+        a ``psf_input`` network (:meth:`psf_description`; None or NaN rows: unknown)."""
         g = generator or torch.Generator().manual_seed(self.seed)
-        samples, centre = self.module.posterior(images.to(self.device), self.n_mc, self.n_samples, g)
+        psf = {"psf_ee": psf_ee} if self.psf_input else {}
+        samples, centre = self.module.posterior(images.to(self.device), self.n_mc, self.n_samples, g, **psf)
         if self.calibration is not None:
             snr = image_snr(images) if self.calibration.method != "global" else None
             samples = self.calibration.apply(samples, centre, snr)
         return self.module.from_net(samples.to(self.module.device)).cpu()
 
-    def predict_arrays(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+    def psf_description(self, psf: np.ndarray | None, scale: float) -> np.ndarray:
+        """[R] encircled energy of a PSF given at ``scale`` arcsec/px, taken on the network's
+        grid (:func:`lensexp.inputs.psf_to_scale`) as the training kernels are; NaN when unknown."""
+        from lensexp.sim.psf import EE_RADII, encircled_energy
+
+        if psf is None:
+            return np.full(len(EE_RADII), np.nan, np.float32)
+        return encircled_energy(psf_to_scale(psf, scale, self.pixscale), self.pixscale).numpy().astype(np.float32)
+
+    def predict_arrays(self, images: torch.Tensor, generator: torch.Generator | None = None, psf_ee=None) -> dict:
         """Posterior summaries (mean, std, central intervals) of :meth:`posterior`."""
-        phys = self.posterior(images, generator)
+        phys = self.posterior(images, generator, psf_ee)
         return {"mean": phys.mean(0), "std": phys.std(0), "intervals": metrics.central_intervals(phys)}
 
-    def rows(self, names, images: torch.Tensor, offsets=None, generator=None) -> list[dict]:
+    def rows(self, names, images: torch.Tensor, offsets=None, generator=None, psf_ee=None) -> list[dict]:
         """CSV rows (``columns``) for a batch of images on the network's grid."""
-        return _rows(names, self.predict_arrays(images, generator), self.labels, offsets)
+        return _rows(names, self.predict_arrays(images, generator, psf_ee), self.labels, offsets)
 
 
 def _rows(names, res, labels, offsets=None) -> list[dict]:
@@ -149,11 +165,14 @@ def ica_png(cube: np.ndarray, source: np.ndarray, path: Path) -> None:
     plt.close(fig)
 
 
-def prepare(lens: LensFiles, pred: Predictor, cfg: DictConfig) -> tuple[np.ndarray, tuple]:
-    """One lens -> (model input [C, npix, npix], centre offset (dx, dy) arcsec) through the
-    shared validation (:func:`lensexp.inputs.load`), ICA, resampling to the network's grid and
-    masks; or :class:`BadInput`."""
-    data = load(lens, None if cfg.pixscale is None else float(cfg.pixscale), extensions=())
+def prepare(lens: LensFiles, pred: Predictor, cfg: DictConfig) -> tuple[np.ndarray, tuple, np.ndarray]:
+    """One lens -> (model input [C, npix, npix], centre offset (dx, dy) arcsec, PSF description
+    [R]: NaN unless the network takes the PSF and the lens has one) through the shared validation
+    (:func:`lensexp.inputs.load`: the lens folder's ``psf.fits`` or the file's ``PSF`` extension),
+    ICA, resampling to the network's grid and masks; or :class:`BadInput`."""
+    extensions = ("PSF",) if getattr(pred, "psf_input", False) else ()
+    data = load(lens, None if cfg.pixscale is None else float(cfg.pixscale), extensions=extensions)
+    ee = pred.psf_description(data.psf, data.pixscale) if getattr(pred, "psf_input", False) else None
     if cfg.ica:
         from lensexp.ica import cube_source
 
@@ -168,7 +187,7 @@ def prepare(lens: LensFiles, pred: Predictor, cfg: DictConfig) -> tuple[np.ndarr
             stem = lens.name.split(".")[0]
             fits.PrimaryHDU(src).writeto(out / f"{stem}.fits", overwrite=True)
             ica_png(cube, src, out / f"{stem}_ica.png")
-    return network_input(data, pred, cfg.masks)
+    return (*network_input(data, pred, cfg.masks), ee)
 
 
 def network_input(data, pred: Predictor, masks) -> tuple[np.ndarray, tuple]:
@@ -220,21 +239,29 @@ def run(cfg: DictConfig) -> dict:
         with open(tmp, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=pred.columns)
             w.writeheader()
-            batch, names, offsets = [], [], []
-            bs = int(cfg.batch_size)
+            batch, names, offsets, psfs = [], [], [], []
+            bs, n_no_psf = int(cfg.batch_size), 0
             for i, f in enumerate(tqdm(files, unit="lens", disable=not cfg.progress)):
                 try:
-                    img, off = prepare(f, pred, cfg)
+                    img, off, ee = prepare(f, pred, cfg)
                     batch.append(img)
                     names.append(f.name)
                     offsets.append(off)
+                    psfs.append(ee)
+                    n_no_psf += ee is not None and bool(np.isnan(ee).any())
                 except BadInput as exc:
                     errors.append({"name": f.name, "error": str(exc)})
                     log.warning("skipped %s", exc)
                 if len(batch) == bs or (i == len(files) - 1 and batch):
-                    w.writerows(pred.rows(names, torch.from_numpy(np.stack(batch)), offsets, g))
+                    psf = {"psf_ee": torch.from_numpy(np.stack(psfs))} if psfs[0] is not None else {}
+                    w.writerows(pred.rows(names, torch.from_numpy(np.stack(batch)), offsets, g, **psf))
                     n_ok += len(names)
-                    batch, names, offsets = [], [], []
+                    batch, names, offsets, psfs = [], [], [], []
+            if n_no_psf:
+                log.warning(
+                    "%d lens(es) without a PSF (no psf.fits, no PSF extension): the network was told 'unknown PSF'",
+                    n_no_psf,
+                )
         with open(tmp_err, "w", newline="") as fh:
             ew = csv.DictWriter(fh, fieldnames=["name", "error"])
             ew.writeheader()

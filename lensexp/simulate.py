@@ -49,9 +49,13 @@ from lensexp.shard_set import (
 from lensexp.shards import LabelStats, TarShardWriter, json_rows, npy_bytes
 from lensexp.sim.mass import COMPONENT_KEYS
 from lensexp.sim.priors import LABELS
+from lensexp.sim.psf import EE_KEYS
 from lensexp.sim.render import effective_batch_size
 
 WRITE_CHUNK = 256  # tar members joined per write
+# what a sample holds, beyond the config: sets written in an older format are not resumed (nor
+# reused by make quickstart) but made again. 2: meta psf_ee_* (the PSF's encircled energy, 2026-12-06)
+SAMPLE_FORMAT = 2
 # per-image extras stored beside the labels (meta.json)
 META_KEYS = (
     "psf_fwhm",
@@ -64,6 +68,7 @@ META_KEYS = (
     "exposure_time",
     "sky",
     "read_noise",
+    *EE_KEYS,  # the PSF's encircled energy within EE_RADII arcsec (networks with model.psf_input read it)
 )
 
 # the further mass components of density-map presets (data.mass.kind other than sie)
@@ -213,6 +218,7 @@ def use_compile(cfg: DictConfig) -> bool:
 def fingerprint(cfg: DictConfig) -> dict:
     """Everything that determines the bytes of the set (not workers, progress, shard_range)."""
     return {
+        "sample_format": SAMPLE_FORMAT,
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "n": int(cfg.n),
         "splits": OmegaConf.to_container(cfg.splits, resolve=True),

@@ -120,6 +120,7 @@ def build_module(cfg: DictConfig):
         raise ConfigError(f"task must be 'params' (the eight labels) or 'kappa' (density maps), got '{task}'")
     if target == build.KAPPA_NET:
         raise ConfigError("model=kappa_unet is a density-map network: train it with task=kappa data=kappa")
+    settings["psf_dropout"] = float(cfg.get("psf_dropout", 0.0))
     return build.lens_module(cfg.model, cfg.loss, in_chans, **settings)
 
 

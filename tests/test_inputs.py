@@ -128,7 +128,7 @@ def test_pixscale_never_moves_the_network_grid(tmp_path):
     cfg = compose_config("predict", [f"ckpt={ckpt}", f"input={tmp_path / 'set'}", "pixscale=0.05", "n_mc=2"])
     pred = Predictor(str(ckpt), n_mc=2, n_samples=16, calibration=None)
     assert (pred.npix, pred.pixscale) == (64, 0.1)
-    img, off = prepare(list_inputs(tmp_path / "set")[0], pred, cfg)
+    img, off, _ = prepare(list_inputs(tmp_path / "set")[0], pred, cfg)
     raw = fits.getdata(d / "image.fits").astype(np.float64)
     want = raw.reshape(64, 2, 64, 2).sum((1, 3))  # 0.05 -> 0.1 "/px: 2x2 block sums
     ok = img[0] != 0

@@ -115,6 +115,28 @@ def test_refuses_other_config_unless_overwrite(tmp_path):
     assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in man["shards"]]
 
 
+def test_a_set_in_an_older_sample_format_is_made_again(tmp_path):
+    """A set written before the samples described their PSF (no ``sample_format`` in its
+    fingerprint) is neither resumed nor reused: refused, or rewritten with ``overwrite=true``."""
+    import io
+
+    from lensexp.shard_set import FINGERPRINT
+    from lensexp.sim.psf import EE_KEYS
+
+    run(cfg_for(tmp_path, "n=40", "shard_size=20", "seed=1"))
+    fp_path = tmp_path / FINGERPRINT
+    old = json.loads(fp_path.read_text())
+    assert old.pop("sample_format") >= 2
+    fp_path.write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match="different configuration"):
+        run(cfg_for(tmp_path, "n=40", "shard_size=20", "seed=1"))
+    man = run(cfg_for(tmp_path, "n=40", "shard_size=20", "seed=1", "overwrite=true"))
+    assert json.loads(fp_path.read_text())["sample_format"] >= 2 and man["count"] == 40
+    with tarfile.open(sorted(tmp_path.glob("train/shard-*.tar"))[0]) as tf:
+        meta = next(m for m in tf.getmembers() if m.name.endswith("meta.json"))
+        assert set(EE_KEYS) <= set(json.load(io.BytesIO(tf.extractfile(meta).read())))
+
+
 def test_verify_detects_damage(tmp_path):
     run(cfg_for(tmp_path, "n=40", "shard_size=20", "seed=1"))
     f = sorted(tmp_path.glob("train/shard-*.tar"))[0]

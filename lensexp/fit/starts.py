@@ -83,16 +83,20 @@ def starts_for(cfg, group, pred, truth, rngs, dtype) -> torch.Tensor:
     else:
         torch.manual_seed(int(cfg.seed) * 1_000_003 + group[0]["index"])  # MC-dropout masks
         images = torch.from_numpy(np.stack([g["cnn"] for g in group])).float()
-        m = cnn_starts(pred, images, S, rngs[0]).to(dtype=dtype)
+        psf_ee = torch.from_numpy(np.stack([g["cnn_psf"] for g in group]))  # read by psf_input networks only
+        m = cnn_starts(pred, images, S, rngs[0], psf_ee).to(dtype=dtype)
         shift = torch.tensor(np.array([np.subtract(g["offset"], g["cnn_offset"]) for g in group]), dtype=dtype)[:, None]
     m = m.clone()
     m[..., 3:5] -= shift  # file frame (network frame + its offset) -> fit frame
     return m
 
 
-def cnn_starts(pred, images: torch.Tensor, n_starts: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def cnn_starts(
+    pred, images: torch.Tensor, n_starts: int, generator: torch.Generator | None = None, psf_ee=None
+) -> torch.Tensor:
     """Mass starts [B, S, 7] from a :class:`~lensexp.predict.Predictor`'s recalibrated posterior
-    for images [B, C, N, N]: its mean first, then ``S - 1`` posterior samples."""
-    post = pred.posterior(images, generator)  # [n_samples, B, labels]
+    for images [B, C, N, N] (``psf_ee``: their PSFs, for a network that takes them): its mean
+    first, then ``S - 1`` posterior samples."""
+    post = pred.posterior(images, generator, psf_ee)  # [n_samples, B, labels]
     post = post[..., [pred.labels.index(k) for k in MASS]]
     return torch.cat([post.mean(0)[:, None], post[: n_starts - 1].transpose(0, 1)], 1)[:, :n_starts]

@@ -237,6 +237,7 @@ def run(cfg: DictConfig) -> dict:
                 item = loader(f)
                 if pred is not None:
                     item["cnn"], item["cnn_offset"] = _network_input(item, pred, cfg)
+                    item["cnn_psf"] = pred.psf_description(item["psf"], item["scale"])
                 if truth is not None and f.name not in truth:
                     raise BadInput(f"{f.name}: not in the truth file {cfg.truth}")
                 group.append({**item, "name": f.name, "index": i})

@@ -11,6 +11,7 @@ import math
 import torch
 
 from lensexp.sim.normalize import normalize
+from lensexp.sim.psf import EE_KEYS
 from lensexp.sim.ranges import check_range, draw
 
 
@@ -327,6 +328,8 @@ def observe(
         "sky": sky.flatten(),
         "read_noise": read.flatten(),
     }
+    if psf.ee is not None:  # the PSF described to networks that take it (model.psf_input)
+        meta.update({key: psf.ee[p["psf_index"], j] for j, key in enumerate(EE_KEYS)})
     img = clean
     if with_noise and I.noise:
         noisy = add_noise(clean, t, sky, read, gain, rng, str(I.poisson), digitise)

@@ -19,6 +19,30 @@ from lensexp.paths import resolve_path
 log = logging.getLogger(__name__)
 
 PROFILES = ("gaussian", "moffat", "airy")
+EE_RADII = (0.05, 0.1, 0.2, 0.3, 0.5)  # arcsec: the encircled-energy radii that describe a PSF to a network
+EE_KEYS = tuple(f"psf_ee_{r:g}" for r in EE_RADII)  # their names in the samples' meta.json
+
+
+def encircled_energy(kernels, pixscale: float, radii=EE_RADII, sub: int = 8) -> torch.Tensor:
+    """Fraction of each kernel's flux within ``radii`` [arcsec] of its centre pixel's centre:
+    [K, R] float64 for kernels [K, k, k] (or [k, k]: [R]), any odd k at ``pixscale`` arcsec/px.
+
+    Each pixel's flux is spread evenly over ``sub`` x ``sub`` sub-pixels, which count when their
+    centre lies inside the radius; the fractions are of the kernel's sum. Physical radii make the
+    description independent of the pixel scale (a 0.05"/px HST PSF and its 0.1"/px binning agree to
+    the sub-pixel sampling). Radially symmetric, so unchanged by turns of the grid."""
+    k = torch.as_tensor(np.asarray(kernels), dtype=torch.float64)
+    single = k.dim() == 2
+    k = k[None] if single else k
+    n = k.shape[-1]
+    if k.dim() != 3 or k.shape[-2] != n or n % 2 == 0 or not pixscale > 0:
+        raise ConfigError(f"encircled_energy needs odd square kernels and a pixel scale > 0, got {tuple(k.shape)}")
+    c = (torch.arange(n * sub, dtype=torch.float64) + 0.5) / sub - n / 2.0  # sub-pixel centres, px from the centre
+    r = torch.hypot(c[:, None], c[None, :]) * float(pixscale)
+    inside = torch.stack([(r < float(rad)).double() for rad in radii])  # [R, n*sub, n*sub]
+    frac = inside.reshape(len(radii), n, sub, n, sub).mean((2, 4))  # share of each pixel inside each radius
+    ee = torch.einsum("kij,rij->kr", k, frac) / k.sum((1, 2))[:, None]
+    return ee[0] if single else ee
 
 
 def _galsim_profile(kind: str, fwhm: float, moffat_beta: float):
@@ -106,8 +130,10 @@ class PSFBank:
     fwhm: torch.Tensor
     npix: int
     kind: list = field(default_factory=list)
+    pixscale: float | None = None  # arcsec/px; when known, ``ee`` [K, R] holds each kernel's :func:`encircled_energy`
 
     def __post_init__(self):
+        self.ee = None if not self.pixscale else encircled_energy(self.kernels, self.pixscale).float()
         k = self.kernels.shape[-1]
         self.fft_size = fast_fft_size(self.npix + (k - 1) // 2)  # enough for the "same" crop
         self.kernel_fft = kernel_rfft(self.kernels, self.fft_size)
@@ -157,11 +183,13 @@ class PSFBank:
             kinds.extend(["empirical"] * len(ek))
         if not kernels:
             raise ConfigError(f"unknown psf.kind '{kind}'; choose one of {PROFILES + ('empirical', 'mix', 'analytic')}")
-        return cls(torch.from_numpy(np.stack(kernels)), torch.tensor(fwhms, dtype=torch.float32), npix, kinds)
+        kernels = torch.from_numpy(np.stack(kernels))
+        return cls(kernels, torch.tensor(fwhms, dtype=torch.float32), npix, kinds, float(pixscale))
 
     def to(self, device):
         self.kernels = self.kernels.to(device)
         self.fwhm = self.fwhm.to(device)
+        self.ee = None if self.ee is None else self.ee.to(device)
         self.kernel_fft = self.kernel_fft.to(device)
         self._kernel_fft_full = None
         return self
