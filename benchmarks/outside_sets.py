@@ -42,9 +42,26 @@ def _galaxies():
     return GalaxyBank.from_catalog(cat)
 
 
-def make_set(kind: str, n: int, seed: int = 0) -> dict:
+# the lens parameters of the sets by default: inside every preset's prior, narrower than ``tiny``'s
+NARROW = {"theta_E": (0.5, 2.0), "q": (0.4, 1.0), "center": (-0.2, 0.2), "gamma": (-0.08, 0.08)}
+
+
+def prior_ranges(preset: str) -> dict:
+    """The lens-parameter ranges of a data preset's prior (``data.lens``), for sets whose labels
+    are drawn as the network's training labels were: coverage of a posterior interval is only
+    nominal averaged over the prior the posterior assumes (a label the images say little about,
+    drawn from a narrower range, is over-covered by the prior's spread)."""
+    from lensexp.config import load_data_preset
+
+    lens = load_data_preset(preset).lens
+    return {k: tuple(float(v) for v in lens[k]) for k in NARROW}
+
+
+def make_set(kind: str, n: int, seed: int = 0, ranges: dict | None = None) -> dict:
     """``{"images": [n, 1, 64, 64] float32 e-/s, "labels": [n, 8] float32, "psf_ee": [n, R] float32
-    (each image's PSF kernel described as networks with ``model.psf_input`` take it), "kind": kind}``."""
+    (each image's PSF kernel described as networks with ``model.psf_input`` take it), "kind": kind}``;
+    ``ranges``: the lens parameters' uniform ranges (:data:`NARROW` by default, or
+    :func:`prior_ranges`); the images' sources, PSFs and noise are those of ``kind`` either way."""
     from lensexp.sim.psf import EE_RADII, encircled_energy
 
     from lenstronomy.LensModel.lens_model import LensModel
@@ -54,6 +71,7 @@ def make_set(kind: str, n: int, seed: int = 0) -> dict:
     if kind not in SETS:
         raise ValueError(f"unknown set '{kind}' (sets: {SETS})")
     rng = np.random.default_rng([seed, SETS.index(kind)])
+    lr = dict(NARROW, **(ranges or {}))
     bank = _galaxies() if kind == "real_sources" else None
     light = ["INTERPOL"] if bank is not None else ["SERSIC_ELLIPSE"]
     model = {"lens_model_list": ["SIE", "SHEAR"], "source_light_model_list": light}
@@ -75,10 +93,10 @@ def make_set(kind: str, n: int, seed: int = 0) -> dict:
         }
         sim = SimAPI(NPIX, band, model)
         psf_ee[i] = encircled_energy(band["kernel_point_source"], PIXSCALE).numpy()
-        theta_e, q, phi = rng.uniform(0.5, 2.0), rng.uniform(0.4, 1.0), rng.uniform(0, np.pi)
+        theta_e, q, phi = rng.uniform(*lr["theta_E"]), rng.uniform(*lr["q"]), rng.uniform(0, np.pi)
         e1, e2 = phi_q2_ellipticity(phi, q)
-        cx, cy = rng.uniform(-0.2, 0.2, 2)
-        g1, g2 = rng.uniform(-0.08, 0.08, 2)
+        cx, cy = rng.uniform(*lr["center"], 2)
+        g1, g2 = rng.uniform(*lr["gamma"], 2)
         kw_lens = [
             {"theta_E": theta_e, "e1": e1, "e2": e2, "center_x": cx, "center_y": cy},
             {"gamma1": g1, "gamma2": g2, "ra_0": 0.0, "dec_0": 0.0},

@@ -19,7 +19,7 @@ from tests.conftest import train_tiny_checkpoint
 pytest.importorskip("lenstronomy")
 sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
 from outside_coverage import evaluate, table_rows  # noqa: E402
-from outside_sets import make_set, moffat_kernel  # noqa: E402
+from outside_sets import NARROW, make_set, moffat_kernel, prior_ranges  # noqa: E402
 
 
 def test_outside_sets_follow_the_conventions():
@@ -37,6 +37,24 @@ def test_outside_sets_follow_the_conventions():
     k = moffat_kernel(0.3, 3.0, size=41, pixscale=0.01, sub=1)
     row = k[20] / k[20, 20]
     assert abs(np.interp(0.5, row[20:][::-1], np.arange(21)[::-1]) * 0.01 * 2 - 0.3) < 0.015
+
+
+def test_sets_can_draw_their_lenses_from_a_training_prior():
+    """``ranges=prior_ranges(preset)``: lens parameters over the preset's whole prior (wider than
+    the default narrow ranges: centres beyond 0.2", shears beyond 0.08), with the same kinds of
+    images and the PSF of each image described."""
+    import yaml
+
+    want = yaml.safe_load((PROJECT_ROOT / "conf" / "data" / "tiny.yaml").read_text())["lens"]
+    ranges = prior_ranges("tiny_broad")  # tiny_broad keeps tiny's lens prior
+    assert ranges == {k: tuple(want[k]) for k in NARROW}
+    d = make_set("bright_rings", 16, 0, ranges)
+    lab = d["labels"]
+    assert np.all((lab[:, 0] >= 0.3) & (lab[:, 0] <= 2.2)) and np.all(np.abs(lab[:, 3:5]) <= 0.25)
+    assert np.abs(lab[:, 3:5]).max() > 0.2 and np.abs(lab[:, 5:7]).max() > 0.08
+    assert d["psf_ee"].shape == (16, 5) and np.all(np.diff(d["psf_ee"], axis=1) >= 0)
+    narrow = make_set("bright_rings", 16, 0)["labels"]
+    assert np.abs(narrow[:, 3:5]).max() <= 0.2 and np.abs(narrow[:, 5:7]).max() <= 0.08
 
 
 @pytest.fixture(scope="module")
