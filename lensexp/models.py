@@ -19,6 +19,7 @@ from lensexp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 DROPOUT_WHERE = ("all", "head", "none")
+PSF_INPUT = ("none", "head", "channels", "film")  # model.psf_input: where the network is told the PSF
 
 
 class _MaskScale(torch.autograd.Function):
@@ -149,9 +150,13 @@ class LensRegressor(nn.Module):
     """timm backbone (``num_classes=0``, ``in_chans`` = bands, never pretrained: no downloads) and
     a two-layer head giving ``n_outputs`` numbers (the loss decides their meaning).
 
-    ``psf_input``: the head also takes the image's PSF (:func:`psf_condition`: known flag and
-    encircled energy at fixed radii in arcsec) beside the pooled image features, so the network can
-    undo what the PSF does to the arcs instead of guessing the PSF from a faint image.
+    ``psf_input``: the network is told each image's PSF (:func:`psf_condition`: known flag and
+    encircled energy at fixed radii in arcsec), so it can undo what the PSF does to the arcs
+    instead of guessing the PSF from a faint image: ``head`` (or true) beside the pooled image
+    features, ``channels`` as constant input planes beside the image (every convolution can
+    then depend on it), ``film`` as a scale and shift of each channel of the first convolution's
+    output (Perez et al. 2018; what the constant planes do inside the image, without their
+    cost; starts as the identity), ``none`` (or false) not at all.
 
     Inputs smaller than ``min_input_size`` pixels (e.g. 75 for Inception-v4) are resized up
     bilinearly; a note is logged once. ``channels_last``: see :func:`use_channels_last`.
@@ -168,7 +173,7 @@ class LensRegressor(nn.Module):
         min_input_size: int | None = None,
         backbone_kwargs: dict | None = None,
         channels_last: bool = True,
-        psf_input: bool = False,
+        psf_input: bool | str = False,
     ):
         super().__init__()
         import timm
@@ -177,17 +182,22 @@ class LensRegressor(nn.Module):
 
         if dropout_where not in DROPOUT_WHERE:
             raise ConfigError(f"model.dropout_where must be one of {DROPOUT_WHERE}, got '{dropout_where}'")
+        planes = 1 + len(EE_RADII) if psf_input == "channels" else 0  # the PSF as constant input planes
         try:
+            chans = int(in_chans) + planes
             self.backbone = timm.create_model(
-                backbone, pretrained=False, num_classes=0, in_chans=int(in_chans), **dict(backbone_kwargs or {})
+                backbone, pretrained=False, num_classes=0, in_chans=chans, **dict(backbone_kwargs or {})
             )
         except RuntimeError as exc:
             if "Unknown model" in str(exc):
                 raise ConfigError(f"unknown timm backbone '{backbone}' (see timm.list_models())") from exc
             raise
-        self.psf_input = bool(psf_input)
+        self.psf_mode = {True: "head", False: "none"}.get(psf_input, psf_input)
+        if self.psf_mode not in PSF_INPUT:
+            raise ConfigError(f"model.psf_input must be one of {PSF_INPUT} (or true/false), got '{psf_input}'")
+        self.psf_input = self.psf_mode != "none"
         self.n_cond = 1 + len(EE_RADII) if self.psf_input else 0
-        feat = self.backbone.num_features + self.n_cond
+        feat = self.backbone.num_features + (self.n_cond if self.psf_mode == "head" else 0)
         self.head = nn.Sequential(nn.Linear(feat, head_hidden), nn.GELU(), nn.Linear(head_hidden, n_outputs))
         self.min_input_size = int(min_input_size) if min_input_size else None
         self._noted = False
@@ -196,11 +206,26 @@ class LensRegressor(nn.Module):
             self.n_dropout = add_dropout_before_weights(self, dropout)
         elif dropout_where == "head":
             self.n_dropout = add_dropout_before_weights(self.head, dropout)
+        if self.psf_mode == "film":  # after the dropout hooks: the condition itself is not dropped
+            first = next(m for m in self.backbone.modules() if isinstance(m, nn.Conv2d))
+            self.psf_film = nn.Linear(self.n_cond, 2 * first.out_channels)
+            nn.init.zeros_(self.psf_film.weight)
+            nn.init.zeros_(self.psf_film.bias)
+            first.register_forward_hook(self._film_hook)
+        self._cond = None
         self.channels_last = use_channels_last(self, channels_last)
+
+    def _film_hook(self, module, args, out):
+        scale, shift = float32(self.psf_film, self._cond).to(out.dtype)[:, :, None, None].chunk(2, 1)
+        return out * (1 + scale) + shift
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Raw outputs for normalised images [B, C, H, W]; ``cond`` [B, n_cond]: the PSF rows of
         :func:`psf_condition` (a ``psf_input`` network takes None as 'unknown')."""
+        if self.n_cond:
+            cond = psf_condition(None, x.shape[0], x.device) if cond is None else cond
+        if self.psf_mode == "channels":
+            x = torch.cat([x, cond.to(x.dtype)[:, :, None, None].expand(-1, -1, *x.shape[-2:])], 1)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.min_input_size and min(x.shape[-2:]) < self.min_input_size:
@@ -208,8 +233,11 @@ class LensRegressor(nn.Module):
                 log.info("input %s px resized to %d px for this backbone", tuple(x.shape[-2:]), self.min_input_size)
                 self._noted = True
             x = F.interpolate(x, size=(self.min_input_size, self.min_input_size), mode="bilinear", align_corners=False)
-        feats = self.backbone(x)
-        if self.n_cond:
-            cond = psf_condition(None, x.shape[0], x.device) if cond is None else cond
+        self._cond = cond
+        try:
+            feats = self.backbone(x)
+        finally:
+            self._cond = None
+        if self.psf_mode == "head":
             feats = torch.cat([feats, cond.to(feats.dtype)], 1)
         return float32(self.head, feats)

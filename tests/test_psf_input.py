@@ -88,17 +88,31 @@ def test_psf_condition_marks_known_and_unknown_rows():
         psf_condition(torch.zeros(2, 3), 2)
 
 
-def test_the_regressor_reads_the_psf_beside_the_image():
+@pytest.mark.parametrize("mode", [True, "head", "channels", "film"])
+def test_the_regressor_reads_the_psf_beside_the_image(mode):
+    """In the head (beside the pooled features) or as constant input planes (beside the image);
+    'unknown' (None) equals the all-zero condition."""
     torch.manual_seed(0)
-    net = LensRegressor("test_resnet", 1, 16, dropout=0.0, psf_input=True).eval()
+    net = LensRegressor("test_resnet", 1, 16, dropout=0.0, psf_input=mode).eval()
     plain = LensRegressor("test_resnet", 1, 16, dropout=0.0)
-    assert net.head[0].in_features == plain.head[0].in_features + 1 + len(EE_RADII)
+    extra = 1 + len(EE_RADII)
+    if mode in ("channels", "film"):
+        assert net.head[0].in_features == plain.head[0].in_features
+        assert net.backbone.conv1[0].in_channels == (1 + extra if mode == "channels" else 1)
+    else:
+        assert net.head[0].in_features == plain.head[0].in_features + extra
     x = torch.randn(2, 1, 64, 64)
     a = psf_condition(torch.tensor([[0.1, 0.4, 0.9, 1.0, 1.0]] * 2), 2)
     b = psf_condition(torch.tensor([[0.05, 0.2, 0.6, 0.8, 0.95]] * 2), 2)
+    if mode == "film":  # starts as the identity: the plain network's numbers, whatever the PSF
+        with torch.no_grad():
+            torch.testing.assert_close(net(x, a), net(x, b))
+            torch.nn.init.normal_(net.psf_film.weight)
     with torch.no_grad():
         assert not torch.allclose(net(x, a), net(x, b))
         torch.testing.assert_close(net(x), net(x, psf_condition(None, 2)))
+    with pytest.raises(ConfigError, match="psf_input must be one of"):
+        LensRegressor("test_resnet", 1, 16, psf_input="kernel")
 
 
 PSF_RUN = ["model.psf_input=true", "psf_dropout=0.5"]
