@@ -59,7 +59,8 @@ def prior_ranges(preset: str) -> dict:
 
 def make_set(kind: str, n: int, seed: int = 0, ranges: dict | None = None) -> dict:
     """``{"images": [n, 1, 64, 64] float32 e-/s, "labels": [n, 8] float32, "psf_ee": [n, R] float32
-    (each image's PSF kernel described as networks with ``model.psf_input`` take it), "kind": kind}``;
+    (each image's PSF kernel described as networks with ``model.psf_input`` take it), "psf": [n, 2]
+    float32 (the kernel's FWHM in arcsec and Moffat beta), "kind": kind}``;
     ``ranges``: the lens parameters' uniform ranges (:data:`NARROW` by default, or
     :func:`prior_ranges`); the images' sources, PSFs and noise are those of ``kind`` either way."""
     from lensexp.sim.psf import EE_RADII, encircled_energy
@@ -77,6 +78,7 @@ def make_set(kind: str, n: int, seed: int = 0, ranges: dict | None = None) -> di
     model = {"lens_model_list": ["SIE", "SHEAR"], "source_light_model_list": light}
     images, labels = np.zeros((n, 1, NPIX, NPIX), np.float32), np.zeros((n, len(LABELS)), np.float32)
     psf_ee = np.zeros((n, len(EE_RADII)), np.float32)
+    psf = np.zeros((n, 2), np.float32)  # FWHM [arcsec] and Moffat beta of each image's kernel
     lens_model = LensModel(["SIE", "SHEAR"])
     for i in range(n):
         fwhm, beta = rng.uniform(0.12, 0.30), rng.uniform(2.0, 4.0)
@@ -93,6 +95,7 @@ def make_set(kind: str, n: int, seed: int = 0, ranges: dict | None = None) -> di
         }
         sim = SimAPI(NPIX, band, model)
         psf_ee[i] = encircled_energy(band["kernel_point_source"], PIXSCALE).numpy()
+        psf[i] = fwhm, beta
         theta_e, q, phi = rng.uniform(*lr["theta_E"]), rng.uniform(*lr["q"]), rng.uniform(0, np.pi)
         e1, e2 = phi_q2_ellipticity(phi, q)
         cx, cy = rng.uniform(*lr["center"], 2)
@@ -138,7 +141,7 @@ def make_set(kind: str, n: int, seed: int = 0, ranges: dict | None = None) -> di
         noisy = clean + sim.noise_for_model(clean, seed=int(rng.integers(2**31)))
         images[i, 0] = noisy
         labels[i] = [theta_e, e1, e2, cx, cy, g1, g2, _mu_f(sim, kw_lens, kw_source)]
-    return {"images": images, "labels": labels, "psf_ee": psf_ee, "kind": kind}
+    return {"images": images, "labels": labels, "psf_ee": psf_ee, "psf": psf, "kind": kind}
 
 
 def _mu_f(sim, kw_lens, kw_source) -> float:
