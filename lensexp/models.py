@@ -182,21 +182,24 @@ class LensRegressor(nn.Module):
 
         if dropout_where not in DROPOUT_WHERE:
             raise ConfigError(f"model.dropout_where must be one of {DROPOUT_WHERE}, got '{dropout_where}'")
-        planes = 1 + len(EE_RADII) if psf_input == "channels" else 0  # the PSF as constant input planes
+        self.psf_mode = ("head" if psf_input else "none") if isinstance(psf_input, bool) else psf_input
+        if self.psf_mode not in PSF_INPUT:
+            raise ConfigError(f"model.psf_input must be one of {PSF_INPUT} (or true/false), got '{psf_input}'")
+        self.psf_input = self.psf_mode != "none"
+        self.n_cond = 1 + len(EE_RADII) if self.psf_input else 0
+        planes = self.n_cond if self.psf_mode == "channels" else 0  # the PSF as constant input planes
         try:
-            chans = int(in_chans) + planes
             self.backbone = timm.create_model(
-                backbone, pretrained=False, num_classes=0, in_chans=chans, **dict(backbone_kwargs or {})
+                backbone,
+                pretrained=False,
+                num_classes=0,
+                in_chans=int(in_chans) + planes,
+                **dict(backbone_kwargs or {}),
             )
         except RuntimeError as exc:
             if "Unknown model" in str(exc):
                 raise ConfigError(f"unknown timm backbone '{backbone}' (see timm.list_models())") from exc
             raise
-        self.psf_mode = {True: "head", False: "none"}.get(psf_input, psf_input)
-        if self.psf_mode not in PSF_INPUT:
-            raise ConfigError(f"model.psf_input must be one of {PSF_INPUT} (or true/false), got '{psf_input}'")
-        self.psf_input = self.psf_mode != "none"
-        self.n_cond = 1 + len(EE_RADII) if self.psf_input else 0
         feat = self.backbone.num_features + (self.n_cond if self.psf_mode == "head" else 0)
         self.head = nn.Sequential(nn.Linear(feat, head_hidden), nn.GELU(), nn.Linear(head_hidden, n_outputs))
         self.min_input_size = int(min_input_size) if min_input_size else None

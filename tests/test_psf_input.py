@@ -111,8 +111,9 @@ def test_the_regressor_reads_the_psf_beside_the_image(mode):
     with torch.no_grad():
         assert not torch.allclose(net(x, a), net(x, b))
         torch.testing.assert_close(net(x), net(x, psf_condition(None, 2)))
-    with pytest.raises(ConfigError, match="psf_input must be one of"):
-        LensRegressor("test_resnet", 1, 16, psf_input="kernel")
+    for bad in ("kernel", [1.0], 1):
+        with pytest.raises(ConfigError, match="psf_input must be one of"):
+            LensRegressor("test_resnet", 1, 16, psf_input=bad)
 
 
 PSF_RUN = ["model.psf_input=true", "psf_dropout=0.5"]
