@@ -170,9 +170,9 @@ def prepare(lens: LensFiles, pred: Predictor, cfg: DictConfig) -> tuple[np.ndarr
     [R]: NaN unless the network takes the PSF and the lens has one) through the shared validation
     (:func:`lensexp.inputs.load`: the lens folder's ``psf.fits`` or the file's ``PSF`` extension),
     ICA, resampling to the network's grid and masks; or :class:`BadInput`."""
-    extensions = ("PSF",) if getattr(pred, "psf_input", False) else ()
-    data = load(lens, None if cfg.pixscale is None else float(cfg.pixscale), extensions=extensions)
-    ee = pred.psf_description(data.psf, data.pixscale) if getattr(pred, "psf_input", False) else None
+    wants_psf = getattr(pred, "psf_input", False)  # density-map predictors have no PSF input
+    data = load(lens, None if cfg.pixscale is None else float(cfg.pixscale), extensions=("PSF",) if wants_psf else ())
+    ee = pred.psf_description(data.psf, data.pixscale) if wants_psf else None
     if cfg.ica:
         from lensexp.ica import cube_source
 
