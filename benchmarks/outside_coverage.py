@@ -34,10 +34,11 @@ def evaluate(module, images, truth, cal, n_mc: int = 16, batch: int = 64, seed: 
     """Before/after summaries (:func:`lensexp.calibrate.summarise`) of in-memory images [N, C, H, W]
     (``psf_ee`` [N, R]: their PSFs, told to a network that takes them)."""
     torch.manual_seed(seed)
-    loader = [{"image": images[i : i + batch], "labels": truth[i : i + batch]} for i in range(0, len(images), batch)]
-    if psf_ee is not None:
-        for i, b in enumerate(loader):
-            b["psf_ee"] = psf_ee[i * batch : (i + 1) * batch]
+    loader = [
+        {"image": images[i : i + batch], "labels": truth[i : i + batch]}
+        | ({"psf_ee": psf_ee[i : i + batch]} if psf_ee is not None else {})
+        for i in range(0, len(images), batch)
+    ]
     c = collect(module, loader, n_mc, progress=False)
     return {"before": summarise(module, c), "after": summarise(module, c, cal) if cal is not None else None, "c": c}
 

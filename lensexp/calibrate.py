@@ -67,8 +67,7 @@ def collect(
     dev = module.device
     for batch in tqdm(loader, desc="posterior", unit="batch", disable=not progress):
         t0 = time.perf_counter()
-        psf = {"psf_ee": batch.get("psf_ee")} if getattr(module, "psf_input", False) else {}
-        s, c = module.posterior(batch["image"].to(dev), n_mc, n_samples, g, **psf)
+        s, c = module.posterior(batch["image"].to(dev), n_mc, n_samples, g, psf_ee=batch.get("psf_ee"))
         busy += time.perf_counter() - t0
         out["samples"].append(s)
         out["centre"].append(c)

@@ -102,8 +102,7 @@ class Predictor:
         [B, C, npix, npix] in any flux unit; ``psf_ee`` [B, R]: their PSFs' encircled energy for
         a ``psf_input`` network (:meth:`psf_description`; None or NaN rows: unknown)."""
         g = generator or torch.Generator().manual_seed(self.seed)
-        psf = {"psf_ee": psf_ee} if self.psf_input else {}
-        samples, centre = self.module.posterior(images.to(self.device), self.n_mc, self.n_samples, g, **psf)
+        samples, centre = self.module.posterior(images.to(self.device), self.n_mc, self.n_samples, g, psf_ee=psf_ee)
         if self.calibration is not None:
             snr = image_snr(images) if self.calibration.method != "global" else None
             samples = self.calibration.apply(samples, centre, snr)
