@@ -57,12 +57,14 @@ def prior_ranges(preset: str) -> dict:
     return {k: tuple(float(v) for v in lens[k]) for k in NARROW}
 
 
-def make_set(kind: str, n: int, seed: int = 0, ranges: dict | None = None) -> dict:
+def make_set(kind: str, n: int, seed: int = 0, ranges: dict | None = None, models: bool = False) -> dict:
     """``{"images": [n, 1, 64, 64] float32 e-/s, "labels": [n, 8] float32, "psf_ee": [n, R] float32
     (each image's PSF kernel described as networks with ``model.psf_input`` take it), "psf": [n, 2]
     float32 (the kernel's FWHM in arcsec and Moffat beta), "kind": kind}``;
     ``ranges``: the lens parameters' uniform ranges (:data:`NARROW` by default, or
-    :func:`prior_ranges`); the images' sources, PSFs and noise are those of ``kind`` either way."""
+    :func:`prior_ranges`); the images' sources, PSFs and noise are those of ``kind`` either way.
+    ``models=True`` adds ``"models"``: per image ``(sim, image_model, kw_lens, kw_source)``, the
+    lenstronomy objects and keywords that made its noiseless image (for information bounds)."""
     from lensexp.sim.psf import EE_RADII, encircled_energy
 
     from lenstronomy.LensModel.lens_model import LensModel
@@ -80,6 +82,7 @@ def make_set(kind: str, n: int, seed: int = 0, ranges: dict | None = None) -> di
     psf_ee = np.zeros((n, len(EE_RADII)), np.float32)
     psf = np.zeros((n, 2), np.float32)  # FWHM [arcsec] and Moffat beta of each image's kernel
     lens_model = LensModel(["SIE", "SHEAR"])
+    kept = []
     for i in range(n):
         fwhm, beta = rng.uniform(0.12, 0.30), rng.uniform(2.0, 4.0)
         band = {
@@ -141,7 +144,10 @@ def make_set(kind: str, n: int, seed: int = 0, ranges: dict | None = None) -> di
         noisy = clean + sim.noise_for_model(clean, seed=int(rng.integers(2**31)))
         images[i, 0] = noisy
         labels[i] = [theta_e, e1, e2, cx, cy, g1, g2, _mu_f(sim, kw_lens, kw_source)]
-    return {"images": images, "labels": labels, "psf_ee": psf_ee, "psf": psf, "kind": kind}
+        if models:
+            kept.append((sim, image_model, kw_lens, kw_source))
+    out = {"images": images, "labels": labels, "psf_ee": psf_ee, "psf": psf, "kind": kind}
+    return out | ({"models": kept} if models else {})
 
 
 def _mu_f(sim, kw_lens, kw_source) -> float:

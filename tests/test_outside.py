@@ -96,3 +96,22 @@ def test_recalibration_is_applied_per_image_on_outside_lenses(calibrated):
     rows = table_rows(module.labels, res)
     assert rows["n"] == 24 and set(rows["labels"]) == set(module.labels)
     assert sum(g["n"] for g in after["groups"]["snr"].values()) <= 24
+
+
+def test_information_bound_belongs_to_the_images_and_is_numerically_stable():
+    """``benchmarks/information_floor.py``: the kept lenstronomy models made the set's images (noise
+    residuals of unit variance under the noise the bound assumes), the Cramer-Rao bound does not
+    depend on the difference step, and it falls with the source's flux."""
+    from information_floor import fisher_bound
+
+    d = make_set("faint_arcs", 4, 0, models=True)
+    for (sim, image_model, kw_lens, kw_source), img in zip(d["models"], d["images"]):
+        clean = image_model.image(kw_lens, kw_source)
+        z = (img[0] - clean) / sim.estimate_noise(clean)
+        assert 0.9 < z.std() < 1.1 and abs(z.mean()) < 0.05
+    sim, image_model, kw_lens, kw_source = d["models"][0]
+    b = fisher_bound(sim, image_model, kw_lens, kw_source)
+    assert b.shape == (7,) and np.all(np.isfinite(b)) and np.all(b > 0)
+    np.testing.assert_allclose(fisher_bound(sim, image_model, kw_lens, kw_source, step=2.5e-4), b, rtol=0.02)
+    brighter = [dict(kw_source[0], amp=kw_source[0]["amp"] * 16)]  # 3 mag brighter: noise up by at most 4x
+    assert np.all(fisher_bound(sim, image_model, kw_lens, brighter) < b / 3)
