@@ -50,28 +50,42 @@ class TimeBudget(pl.Callback):
     then holds its peak until the end of the first validation; there the run's speed (steps per
     second, validation included) fixes the number of epochs that fit the budget - the nearest
     multiple of ``check_val_every_n_epoch``, within ``trainer.max_epochs`` - and the cosine decay ends with
-    them (Li et al. 2020, "Budgeted training"). The plan is written to ``RUN/schedule.json`` and
-    kept in the checkpoint, so a resumed run continues it; given the plan, the run is
-    deterministic by seed (only the epoch count depends on the machine's speed).
+    them (Li et al. 2020, "Budgeted training"). Until ``revise_until`` of the budget has passed,
+    each later validation revises the count from the speed measured since the start, so that a
+    first few epochs slowed by another process on the same cores (a plan 25 % short was measured)
+    do not decide the whole run; the decay then ends with the revised count (the learning rate
+    moves by a few per cent at a revision, the cosine being near its peak). The plan is written to
+    ``RUN/schedule.json`` (with its ``revisions``) and kept in the checkpoint, so a resumed run
+    continues it; given the plan, the run is deterministic by seed (only the epoch count depends
+    on the machine's speed).
     """
 
-    def __init__(self, budget: float, run_dir: str | Path | None = None):
+    def __init__(self, budget: float, run_dir: str | Path | None = None, revise_until: float = 0.5):
         self.budget = float(budget)
         self.run_dir = Path(run_dir) if run_dir else None
+        self.revise_until = float(revise_until)
         self.plan: dict | None = None  # {"epochs", "total", "warm", ...} once fixed
+        self._resumed = False
 
     def on_train_start(self, trainer, pl_module):
         steps = max(int(trainer.num_training_batches), 1)
         self._t0, self._step0 = time.perf_counter(), int(trainer.global_step)
-        if self.plan:  # resumed: continue the plan in the checkpoint
+        if self.plan:  # resumed: continue the plan in the checkpoint (no further revisions)
+            self._resumed = True
             trainer.fit_loop.max_epochs = int(self.plan["epochs"])
             pl_module.lr_plan.warm, pl_module.lr_plan.total = int(self.plan["warm"]), int(self.plan["total"])
             return
         pl_module.lr_plan.warm, pl_module.lr_plan.total = min(steps, pl_module.lr_plan.warm), None
 
     def on_validation_end(self, trainer, pl_module):
-        if self.plan is None and not trainer.sanity_checking:
+        if trainer.sanity_checking:
+            return
+        if self.plan is None:
             self._fix(trainer, pl_module)
+        elif not self._resumed:
+            early = time.perf_counter() - self._t0 < self.revise_until * self.budget
+            if trainer.strategy.broadcast(early, 0):  # rank 0's clock decides: every DDP rank revises, or none
+                self._fix(trainer, pl_module, revise=True)
 
     def on_train_epoch_end(self, trainer, pl_module):
         if self.plan is not None:
@@ -80,7 +94,7 @@ class TimeBudget(pl.Callback):
         if not trainer.enable_validation or late:
             self._fix(trainer, pl_module)
 
-    def _fix(self, trainer, pl_module) -> None:
+    def _fix(self, trainer, pl_module, revise: bool = False) -> None:
         steps_epoch = max(int(trainer.num_training_batches), 1)
         done = int(trainer.current_epoch) + 1
         elapsed = time.perf_counter() - self._t0
@@ -88,27 +102,40 @@ class TimeBudget(pl.Callback):
         every = int(trainer.check_val_every_n_epoch or 1)
         fit = (self.budget - elapsed) * rate / steps_epoch + done  # epochs that fit in the budget
         epochs = max(done + 1, int(round(fit / every)) * every)  # the last epoch validates
-        cap = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else epochs
-        epochs = int(min(epochs, cap))
-        plan = {
-            "budget_s": self.budget,
-            "fixed_after_s": round(elapsed, 2),
-            "steps_per_s": round(rate, 3),
-            "epochs": epochs,
-            "warm": int(pl_module.lr_plan.warm),
-            "total": epochs * steps_epoch,
-        }
-        self.plan = trainer.strategy.broadcast(plan, 0)  # one plan for every DDP rank: rank 0's
+        cap = trainer.max_epochs if not revise and trainer.max_epochs and trainer.max_epochs > 0 else None
+        cap = self.plan.get("cap") if revise else cap
+        epochs = int(min(epochs, cap or epochs))
+        old = self.plan
+        if revise:
+            plan = old
+            if epochs != int(old["epochs"]):
+                step = {"after_s": round(elapsed, 2), "steps_per_s": round(rate, 3), "from": old["epochs"]}
+                step["epochs"] = epochs
+                plan = dict(old, epochs=epochs, total=epochs * steps_epoch, revisions=[*old.get("revisions", []), step])
+        else:
+            plan = {
+                "budget_s": self.budget,
+                "fixed_after_s": round(elapsed, 2),
+                "steps_per_s": round(rate, 3),
+                "epochs": epochs,
+                "warm": int(pl_module.lr_plan.warm),
+                "total": epochs * steps_epoch,
+                "cap": cap,
+            }
+        self.plan = trainer.strategy.broadcast(plan, 0)  # one plan for every DDP rank: rank 0's (all ranks call)
+        if revise and self.plan == old:
+            return
         epochs = int(self.plan["epochs"])
         trainer.fit_loop.max_epochs = epochs
         pl_module.lr_plan.total = self.plan["total"]
         log.info(
-            "time budget %.0f s: %.2f steps/s after %.0f s -> %d epochs (%d steps), learning rate annealed over them",
+            "time budget %.0f s: %.2f steps/s after %.0f s -> %d epochs (%d steps), learning rate annealed over them%s",
             self.budget,
             rate,
             elapsed,
             epochs,
             self.plan["total"],
+            " (revised)" if revise else "",
         )
         if self.run_dir is not None and trainer.is_global_zero:
             from lensexp.files import write_text_atomic

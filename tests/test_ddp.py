@@ -54,10 +54,10 @@ from lensexp.data import LensDataModule
 class SkewedBudget(TimeBudget):
     """Rank 1 believes it has ten times the budget: alone it would plan far more epochs."""
 
-    def _fix(self, trainer, pl_module):
-        if trainer.global_rank == 1:
+    def _fix(self, trainer, pl_module, revise=False):
+        if trainer.global_rank == 1 and not revise:
             self.budget *= 10
-        super()._fix(trainer, pl_module)
+        super()._fix(trainer, pl_module, revise)
 
     def on_train_end(self, trainer, pl_module):
         out = {"step": int(trainer.global_step), "plan": self.plan}

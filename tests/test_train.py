@@ -6,9 +6,11 @@ import csv
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from lensexp.config import CONF_DIR, compose_config
@@ -274,3 +276,41 @@ def test_training_from_shards_is_deterministic_by_seed(tmp_path):
         weights.append(ck["state_dict"])
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+class SlowStart(pl.Callback):
+    """Sleeps after each training step of the first ``epochs`` epochs: another process busy on
+    the cores while the time budget measures the speed."""
+
+    def __init__(self, seconds: float = 0.5, epochs: int = 2):
+        self.seconds, self.epochs = seconds, epochs
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch < self.epochs:
+            time.sleep(self.seconds)
+
+
+def test_time_budget_revises_a_plan_made_while_the_machine_was_busy(tmp_path):
+    """A plan fixed from slowed first epochs is revised upwards at the next validations (from
+    the speed since the start), each revision kept in RUN/schedule.json, and the run still ends
+    on the revised plan's last step with the learning rate annealed."""
+    import json
+
+    over = [
+        *FAST,
+        "time_budget=00:00:00:08",
+        "trainer.max_epochs=500",
+        "+trainer.check_val_every_n_epoch=2",
+        "+callbacks.slow_start._target_=tests.test_train.SlowStart",
+    ]
+    run(compose_config("train", over), tmp_path)
+    plan = json.loads((tmp_path / "schedule.json").read_text())
+    revised = plan.get("revisions", [])
+    assert revised and revised[-1]["epochs"] == plan["epochs"]
+    first = revised[0]  # the speed since the start rose once the machine was free: more epochs fit
+    assert first["steps_per_s"] > plan["steps_per_s"] and plan["epochs"] > first["from"]
+    step, epoch = _last_step(tmp_path)
+    assert step == plan["total"] == 2 * plan["epochs"] and epoch == plan["epochs"] - 1
+    ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    lr = compose_config("train", over).optim.lr
+    assert abs(ck["lr_schedulers"][0]["_last_lr"][0] - 0.01 * lr) < 1e-9 * lr
