@@ -20,7 +20,10 @@ from lensexp.errors import ConfigError
 # training settings of each module kind; the rest of a checkpoint's hyper-parameters is its
 # ``spec`` (what rebuilds the network, loss and label scaler: lensexp.build), checked there
 _SHARED = frozenset({"lr", "weight_decay", "n_mc_val", "input_norm", "data_info", "posterior_centre", "augment"})
-SETTINGS = {"params": _SHARED | {"psf_dropout"}, "kappa": _SHARED | {"kappa_floor", "task", "target", "kappa_max"}}
+SETTINGS = {
+    "params": _SHARED | {"psf_dropout"},
+    "kappa": _SHARED | {"kappa_floor", "task", "target", "kappa_max", "weight"},
+}
 SPEC_KEYS = {
     "params": frozenset({"model", "loss", "in_chans", "labels", "label_fit_batches"}),
     "kappa": frozenset({"model", "in_chans"}),

@@ -4,7 +4,8 @@ The network (:class:`~lensexp.kappa_net.KappaUNet`) predicts, per pixel, a Gauss
 ``u = log kappa`` (kappa clamped to [``kappa_floor``, 1 / ``kappa_floor``]): the logarithm tames
 the central cusp (kappa ~ 1/r) and the outskirts alike, and keeps the cusp's mass so that the
 Einstein radius of the mean map stays right (clipping kappa at 3 would lose ~8 % of it). The loss
-is the Gaussian negative log-likelihood in ``u``. Maps come from ``n_mc`` MC-dropout passes, each
+is the Gaussian negative log-likelihood in ``u`` (``weight=kappa``: each pixel's term weighted by
+its clipped kappa, as the score counts errors in kappa). Maps come from ``n_mc`` MC-dropout passes, each
 widened by its aleatoric sigma: samples of ``kappa = exp(u)``, whose mean is the predicted map
 and whose spread is its uncertainty. Validation logs the score of issue 15 (mean |kappa error|,
 kappa clipped at 3, in the 0.3-2" annulus), the coverage of the per-pixel 68.3/95.5 % intervals
@@ -29,6 +30,7 @@ from lensexp.sim.normalize import normalize
 
 TASK = "kappa"
 TARGETS = ("log", "linear")
+WEIGHTS = ("none", "kappa")
 
 
 class KappaModule(EvalHooks, pl.LightningModule):
@@ -52,10 +54,13 @@ class KappaModule(EvalHooks, pl.LightningModule):
         spec: dict | None = None,
         posterior_centre: str = "mc_mean",
         augment: str = "none",
+        weight: str = "none",
     ):
         super().__init__()
         if target not in TARGETS:
             raise ConfigError(f"kappa target must be one of {TARGETS}, got '{target}'")
+        if weight not in WEIGHTS:
+            raise ConfigError(f"kappa.weight must be one of {WEIGHTS}, got '{weight}'")
         check_centre(posterior_centre)
         check_augment(augment)
         self.save_hyperparameters(ignore=["net"])
@@ -80,10 +85,24 @@ class KappaModule(EvalHooks, pl.LightningModule):
         return self.net(normalize(images, self.hparams.input_norm))
 
     @staticmethod
-    def nll(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean Gaussian negative log-likelihood of ``target`` [B, N, N] under ``out`` [B, 2, N, N]."""
+    def nll(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean Gaussian negative log-likelihood of ``target`` [B, N, N] under ``out`` [B, 2, N, N],
+        each pixel's term multiplied by ``weight`` [B, N, N] when given (mean 1 per map)."""
         mu, log_sigma = out[:, 0], out[:, 1]
-        return (0.5 * ((target - mu) * torch.exp(-log_sigma)) ** 2 + log_sigma).mean() + 0.5 * math.log(2 * math.pi)
+        per_pixel = 0.5 * ((target - mu) * torch.exp(-log_sigma)) ** 2 + log_sigma
+        if weight is not None:
+            per_pixel = per_pixel * weight
+        return per_pixel.mean() + 0.5 * math.log(2 * math.pi)
+
+    def pixel_weight(self, kappa: torch.Tensor) -> torch.Tensor | None:
+        """Per-pixel loss weights [B, N, N] of the true maps, or None (``weight=none``). ``kappa``:
+        the convergence clipped at 3 (the score's clip), scaled to mean 1 per map, so that a pixel
+        counts as much as an error in log kappa costs in kappa itself (|d kappa| = kappa |d log
+        kappa|): the score is an absolute error in kappa, the loss one in log kappa."""
+        if self.hparams.get("weight", "none") != "kappa":
+            return None
+        w = kappa.nan_to_num(kappa_maps.KAPPA_CLIP, posinf=kappa_maps.KAPPA_CLIP).clamp(0.0, kappa_maps.KAPPA_CLIP)
+        return w / w.mean(dim=(-2, -1), keepdim=True).clamp(min=1e-6)
 
     @torch.no_grad()
     def predict_mc(self, images: torch.Tensor, n_mc: int) -> torch.Tensor:
@@ -144,7 +163,8 @@ class KappaModule(EvalHooks, pl.LightningModule):
         if train and self.hparams.get("augment", "none") == "d4":
             turns = random_turns(kappa.shape[0], kappa.device)
             images, kappa = d4_image_each(images, turns), d4_image_each(kappa, turns)
-        return float32(self.nll, self(images), self.to_net(kappa))
+        w = self.pixel_weight(kappa)
+        return float32(lambda out, target: self.nll(out, target, w), self(images), self.to_net(kappa))
 
     def _eval_step(self, batch, batch_idx: int, prefix: str):
         kappa = batch["kappa"]

@@ -272,3 +272,29 @@ def test_fit_refuses_a_density_map_checkpoint_for_init_cnn(kappa_ckpt, tmp_path)
     with pytest.raises(ConfigError, match="density-map checkpoint"):
         fit(cfg)
     assert not (tmp_path / "fits.csv").exists()
+
+
+def test_kappa_weighted_loss_counts_pixels_as_the_score_does():
+    """``kappa.weight=kappa``: each pixel's NLL term weighted by its true kappa clipped at 3 (mean
+    1 per map), so an error in log kappa costs in proportion to the error in kappa it makes
+    (|d kappa| = kappa |d log kappa|); ``none`` is the plain mean; anything else is refused."""
+    from lensexp.kappa_module import KappaModule
+
+    net = KappaUNet("test_resnet", 1, dropout=0.0)
+    plain, weighted = KappaModule(net), KappaModule(net, weight="kappa")
+    kappa = torch.tensor([[[0.1, 0.5], [2.0, 9.0]]])  # the 9 counts as the clip, 3
+    w = weighted.pixel_weight(kappa)
+    assert plain.pixel_weight(kappa) is None
+    torch.testing.assert_close(w, torch.tensor([[[0.1, 0.5], [2.0, 3.0]]]) / 1.4)
+    out = torch.zeros(1, 2, 2, 2, requires_grad=True)  # mean 0, log sigma 0
+    target = torch.ones(1, 2, 2)
+    KappaModule.nll(out, target, w).backward()
+    g = out.grad[0, 0]  # d loss / d mean per pixel: -(target - mean) * weight / n
+    torch.testing.assert_close(g, -w[0] / 4)
+    torch.testing.assert_close(KappaModule.nll(out, target, torch.ones(1, 2, 2)), KappaModule.nll(out, target))
+    with pytest.raises(ConfigError, match="kappa.weight must be one of"):
+        KappaModule(net, weight="annulus")
+    from lensexp.checkpoints import split_hparams  # a checkpoint trained with it loads again
+
+    settings, _ = split_hparams({"task": "kappa", "weight": "kappa", "spec": {"model": {}}}, "ckpt")
+    assert settings["weight"] == "kappa"
