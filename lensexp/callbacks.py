@@ -102,15 +102,21 @@ class TimeBudget(pl.Callback):
         every = int(trainer.check_val_every_n_epoch or 1)
         fit = (self.budget - elapsed) * rate / steps_epoch + done  # epochs that fit in the budget
         epochs = max(done + 1, int(round(fit / every)) * every)  # the last epoch validates
-        cap = trainer.max_epochs if not revise and trainer.max_epochs and trainer.max_epochs > 0 else None
-        cap = self.plan.get("cap") if revise else cap
-        epochs = int(min(epochs, cap or epochs))
         old = self.plan
+        if revise:  # trainer.max_epochs is the plan's count by now: the cap is the one the plan kept
+            cap = old.get("cap")
+        else:
+            cap = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        epochs = int(min(epochs, cap or epochs))
         if revise:
             plan = old
             if epochs != int(old["epochs"]):
-                step = {"after_s": round(elapsed, 2), "steps_per_s": round(rate, 3), "from": old["epochs"]}
-                step["epochs"] = epochs
+                step = {
+                    "after_s": round(elapsed, 2),
+                    "steps_per_s": round(rate, 3),
+                    "from": old["epochs"],
+                    "epochs": epochs,
+                }
                 plan = dict(old, epochs=epochs, total=epochs * steps_epoch, revisions=[*old.get("revisions", []), step])
         else:
             plan = {
