@@ -38,19 +38,25 @@ SOURCE_SKIP = ("image",)  # the COSMOS pixels themselves are known (the same gal
 STEP = 1e-3  # central-difference step, in each parameter's own unit (arcsec, ellipticity, Sersic R and n)
 
 
+def _shifted(kwargs_list: list[dict], i: int, key: str, h: float) -> list[dict]:
+    """A copy of lenstronomy keyword dicts with ``kwargs_list[i][key]`` moved by ``h``."""
+    out = [dict(c) for c in kwargs_list]
+    out[i][key] += h
+    return out
+
+
 def fisher_matrix(sim, image_model, kw_lens, kw_source, step: float = STEP) -> tuple[np.ndarray, list[str]]:
     """Fisher matrix [P, P] of one noiseless image and its parameter names: the 7 lens parameters
     first, then the source's (its amplitude as ``log_amp``, so that one prior width fits a set)."""
     clean = image_model.image(kw_lens, kw_source)
     var = sim.estimate_noise(clean) ** 2
+
+    def central(moved):  # d image / d parameter, ``moved(h)``: the keywords with it moved by h
+        return (image_model.image(*moved(step)) - image_model.image(*moved(-step))) / (2 * step)
+
     cols, names = [], []
     for key, k in LENS_KEYS:
-        d = []
-        for sgn in (1, -1):
-            kl = [dict(c) for c in kw_lens]
-            kl[k][key] += sgn * step
-            d.append(image_model.image(kl, kw_source))
-        cols.append((d[0] - d[1]) / (2 * step))
+        cols.append(central(lambda h, key=key, k=k: (_shifted(kw_lens, k, key, h), kw_source)))
         names.append(key)
     src = kw_source[0]
     for key, value in src.items():
@@ -60,11 +66,7 @@ def fisher_matrix(sim, image_model, kw_lens, kw_source, step: float = STEP) -> t
             cols.append(clean)
             names.append("log_amp")
             continue
-        d = []
-        for sgn in (1, -1):
-            ks = [dict(src, **{key: value + sgn * step})]
-            d.append(image_model.image(kw_lens, ks))
-        cols.append((d[0] - d[1]) / (2 * step))
+        cols.append(central(lambda h, key=key: (kw_lens, _shifted(kw_source, 0, key, h))))
         names.append(f"source_{key}")
     j = np.stack([c.ravel() for c in cols], 1)
     return j.T @ (j / var.ravel()[:, None]), names
