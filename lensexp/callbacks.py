@@ -2,7 +2,8 @@
 
 :class:`Throughput` logs the network's size and the training images per second of each epoch;
 :class:`WandbSummary` adds a table of the last validation metrics to a W&B run;
-:class:`TimeBudget` fits the number of epochs and the learning-rate schedule to a wall-time budget.
+:class:`TimeBudget` fits the number of epochs and the learning-rate schedule to a wall-time budget;
+:class:`EMA` validates, tests and saves an exponential moving average of the weights.
 :func:`build_callbacks` and :func:`build_loggers` turn the ``callbacks`` and ``logger`` config
 groups into objects (``_target_`` + :func:`hydra.utils.instantiate`).
 """
@@ -16,7 +17,10 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
+
+from pytorch_lightning.callbacks import WeightAveraging
 
 from lensexp.metrics import SHORT
 
@@ -155,6 +159,31 @@ class TimeBudget(pl.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         plan = state_dict.get("plan")
         self.plan = dict(plan) if plan else None
+
+
+class EMA(WeightAveraging):
+    """Exponential moving average of the weights, updated after every optimiser step by
+    Lightning's :class:`~pytorch_lightning.callbacks.WeightAveraging`: validation, the test and
+    ``state_dict`` of every checkpoint use the average (the raw weights travel beside it as
+    ``current_model_state``, so a resumed run continues both); at the end of fitting the average
+    replaces the raw weights. Buffers are copied, not averaged: the label scaler is fitted on the
+    first batches and an average would mix it with its unfitted start, and batch-norm statistics
+    stay those of the raw weights (close to the average's at an annealed learning rate). The decay
+    warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates - an average over about
+    the last tenth of the steps so far, until ``decay`` (0.999: ~1 000 steps) takes over."""
+
+    def __init__(self, decay: float = 0.999):
+        from lensexp.errors import ConfigError
+
+        if not 0.0 < float(decay) < 1.0:
+            raise ConfigError(f"callbacks.ema.decay must be in (0, 1), got {decay}")
+        self.decay = float(decay)
+        super().__init__(use_buffers=False, multi_avg_fn=self._update)
+
+    @torch.no_grad()
+    def _update(self, averaged: list, current: list, n_averaged) -> None:
+        n = float(n_averaged)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(self.decay, (1.0 + n) / (10.0 + n)))
 
 
 class Throughput(pl.Callback):

@@ -314,3 +314,36 @@ def test_time_budget_revises_a_plan_made_while_the_machine_was_busy(tmp_path):
     ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     lr = compose_config("train", over).optim.lr
     assert abs(ck["lr_schedulers"][0]["_last_lr"][0] - 0.01 * lr) < 1e-9 * lr
+
+
+def test_ema_validates_saves_and_resumes_the_average(tmp_path):
+    """With ``callbacks.ema`` the checkpoint's ``state_dict`` (what ``load_module`` reads,
+    weights-only) is the moving average of the raw weights it also carries, its buffers (label
+    scaler, batch-norm statistics) the raw ones; the average follows ``(1 - w) * avg + w * raw``
+    each step; a resumed run continues both."""
+    from lensexp.callbacks import EMA
+    from lensexp.checkpoints import load_module
+
+    ema = ["+callbacks.ema._target_=lensexp.callbacks.EMA", "+callbacks.ema.decay=0.5"]
+    base = [*FAST, "callbacks.lr_monitor=false", *ema]
+    run(compose_config("train", [*base, "trainer.max_epochs=1"]), tmp_path)
+    ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    raw, avg = ck["current_model_state"], ck["state_dict"]
+    assert int(ck["averaging_state"]["n_averaged"]) == 2  # 2 steps
+    moved = [k for k in raw if not torch.equal(raw[k], avg[k])]
+    assert moved and all(k.startswith("net.") and "running_" not in k for k in moved)  # weights, not buffers
+    assert torch.equal(avg["scaler.label_std"], raw["scaler.label_std"])  # the fitted scaler, exactly
+    loaded = load_module(tmp_path / "checkpoints" / "last.ckpt").state_dict()
+    assert all(torch.equal(loaded[k], avg[k]) for k in moved)
+    run(compose_config("train", [*base, "trainer.max_epochs=2"]), tmp_path)  # same run dir: resumes
+    ck2 = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert ck2["global_step"] == 4 and int(ck2["averaging_state"]["n_averaged"]) == 4
+    # the update rule with its warm-up: after n updates the weight of the new value is 1 - min(decay, (1+n)/(10+n))
+    cb = EMA(decay=0.5)
+    a, c = [torch.zeros(3)], [torch.ones(3)]
+    cb._update(a, c, torch.tensor(1))  # min(0.5, 2/11) = 2/11 -> weight 9/11
+    torch.testing.assert_close(a[0], torch.full((3,), 9 / 11))
+    cb._update(a, c, torch.tensor(100))  # decay 0.5 -> halfway to 1
+    torch.testing.assert_close(a[0], torch.full((3,), 10 / 11))
+    with pytest.raises(ConfigError, match="decay must be in"):
+        EMA(decay=1.0)
