@@ -54,8 +54,9 @@ class TimeBudget(pl.Callback):
     then holds its peak until the end of the first validation; there the run's speed (steps per
     second, validation included) fixes the number of epochs that fit the budget - the nearest
     multiple of ``check_val_every_n_epoch``, within ``trainer.max_epochs`` - and the cosine decay ends with
-    them (Li et al. 2020, "Budgeted training"). Until ``revise_until`` of the budget has passed,
-    each later validation revises the count from the speed measured since the start, so that a
+    them (Li et al. 2020, "Budgeted training"); without validation, or with a cap that ends the run
+    before the first one, the plan is made at the end of an epoch instead. Until ``revise_until``
+    of the budget has passed, each later validation revises the count from the speed measured since the start, so that a
     first few epochs slowed by another process on the same cores (a plan 25 % short was measured)
     do not decide the whole run; the decay then ends with the revised count (the learning rate
     moves by a few per cent at a revision, the cosine being near its peak). The plan is written to
@@ -94,8 +95,10 @@ class TimeBudget(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         if self.plan is not None:
             return
-        late = (trainer.current_epoch + 1) >= 2 * int(trainer.check_val_every_n_epoch or 1)  # no validation yet
-        if not trainer.enable_validation or late:
+        every = int(trainer.check_val_every_n_epoch or 1)
+        late = (trainer.current_epoch + 1) >= 2 * every  # no validation yet
+        capped = 0 < (trainer.max_epochs or 0) <= every  # the cap ends the run before any validation
+        if not trainer.enable_validation or late or capped:
             self._fix(trainer, pl_module)
 
     def _fix(self, trainer, pl_module, revise: bool = False) -> None:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lensexp.cli import clean_errors, log
 from lensexp.errors import ConfigError
@@ -38,6 +38,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     validate_config(cfg.data)
     budget = parse_duration(cfg.time_budget) if cfg.get("time_budget") else None  # a bad value: one line, first
+    if cfg.get("make_data"):
+        make_data(cfg)
     set_threads()
     pl.seed_everything(int(cfg.seed), workers=True)
     dm = LensDataModule(cfg.data, **cfg.datamodule, seed=int(cfg.seed))
@@ -81,6 +83,35 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
 
             wandb.finish()
     return metrics
+
+
+def make_data(cfg: DictConfig) -> None:
+    """Simulate the run's shard set ``datamodule.root`` from its own ``data`` config before
+    training, as ``make_data`` says (``n``, ``splits``, ``seed``, ``workers``): an experiment
+    that trains from shards then runs on its own (on-the-fly data: nothing to make).
+    ``lensexp.simulate`` resumes a partial set and finds a complete one in a second; a set made
+    with other settings is refused (one line). Under DDP the launching process (rank 0) makes it
+    before the other ranks start."""
+    import os
+
+    from lensexp.config import compose_config
+    from lensexp.simulate import run as simulate
+
+    if cfg.datamodule.source != "shards":
+        log.info("make_data ignored: datamodule.source=%s simulates while training", cfg.datamodule.source)
+        return
+    if int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0:
+        return
+    md = cfg.make_data
+    sim = compose_config("simulate", [f"out={cfg.datamodule.root}", "progress=false"])
+    with open_dict(sim):
+        sim.data = cfg.data
+        for key in ("n", "splits", "seed", "workers"):
+            if md.get(key) is not None:
+                sim[key] = md[key]
+    t0 = time.perf_counter()
+    simulate(sim)
+    log.info("training data in %s ready after %.0f s", cfg.datamodule.root, time.perf_counter() - t0)
 
 
 def build_module(cfg: DictConfig):

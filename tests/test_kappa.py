@@ -113,6 +113,7 @@ def kappa_ckpt(tmp_path_factory):
         "train",
         [
             "experiment=kappa_quickstart",
+            "datamodule.source=on_the_fly",  # the quickstart's own 66 560-lens shard set is too big for a test
             SERSIC,
             "datamodule.num_workers=0",
             "datamodule.batch_size=16",
@@ -121,6 +122,7 @@ def kappa_ckpt(tmp_path_factory):
             "datamodule.shard_size=32",
             "datamodule.sim_batch_size=32",
             "trainer.max_epochs=2",
+            "trainer.check_val_every_n_epoch=1",
             "logger=wandb",  # the default logger: its end-of-fit summary once crashed density-map runs
             "logger.wandb.mode=offline",
             "+trainer.enable_progress_bar=false",
@@ -215,6 +217,7 @@ def test_a_briefly_trained_network_beats_the_lookup_on_a_held_out_class(tmp_path
         "train",
         [
             "experiment=kappa_quickstart",
+            "datamodule.source=on_the_fly",  # the quickstart's own 66 560-lens shard set is too big for a test
             *over,
             "datamodule.num_workers=0",
             "datamodule.train_epoch_size=2048",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -193,6 +195,12 @@ def test_time_budget_fits_epochs_and_ends_annealed(tmp_path):
     assert wall < 6 + 20  # the budget, plus start-up and the last validation
     run(compose_config("train", over), tmp_path)  # same run dir: resumes, the plan is complete
     assert _last_step(tmp_path)[0] == step
+    # an epoch cap below the validation period: the plan is fixed after the first epoch, annealed to the cap
+    short = [*FAST, "time_budget=00:00:10:00", "trainer.max_epochs=2", "+trainer.check_val_every_n_epoch=4"]
+    run(compose_config("train", short), tmp_path / "short")
+    assert json.loads((tmp_path / "short" / "schedule.json").read_text())["epochs"] == 2
+    ck = torch.load(tmp_path / "short" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert abs(ck["lr_schedulers"][0]["_last_lr"][0] - 0.01 * lr) < 1e-9 * lr
     with pytest.raises(ConfigError, match="time_budget must look like"):
         run(compose_config("train", [*FAST, "time_budget=ten minutes"]), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()  # refused before any logger or checkpoint is made
@@ -347,3 +355,37 @@ def test_ema_validates_saves_and_resumes_the_average(tmp_path):
     torch.testing.assert_close(a[0], torch.full((3,), 10 / 11))
     with pytest.raises(ConfigError, match="decay must be in"):
         EMA(decay=1.0)
+
+
+def test_make_data_simulates_the_shard_set_once_then_trains_from_it(tmp_path):
+    """``make_data`` writes ``datamodule.root`` from the run's own data config before training
+    (density maps included), finds it complete on a rerun (nothing rewritten), and a set made
+    with other settings is refused in one line; on-the-fly runs have nothing to make."""
+    root = tmp_path / "shards"
+    base = [
+        *FAST,
+        "task=kappa",
+        "data=kappa",
+        "data.source.kind=sersic",
+        "model=kappa_unet",
+        "callbacks.lr_monitor=false",
+        "datamodule.source=shards",
+        f"datamodule.root={root}",
+        "make_data={n: 48, splits: {train: 32, val: 16, test: 0}, seed: 3, workers: 1}",
+        "trainer.max_epochs=1",
+    ]
+    out = run(compose_config("train", base), tmp_path / "run")
+    assert torch.isfinite(torch.tensor(out["train/loss"]))
+    man = json.loads((root / "manifest.json").read_text())
+    assert man["count"] == 48 and {s["name"].split("/")[0] for s in man["shards"]} == {"train", "val"}
+    shard = sorted(root.glob("train/shard-*.tar"))[0]
+    names = {m.name.split(".", 1)[1] for m in tarfile.open(shard)}
+    assert {"image.npy", "kappa.npy", "params.json"} <= names  # the run's preset: maps included
+    stamp = shard.stat().st_mtime_ns
+    run(compose_config("train", [*base, "trainer.max_epochs=2"]), tmp_path / "run")  # resumes; the set is complete
+    assert shard.stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match="different configuration"):
+        run(compose_config("train", [*base, "make_data.seed=4"]), tmp_path / "other")
+    fly = [*base, "datamodule.source=on_the_fly", f"datamodule.root={tmp_path / 'unused'}"]
+    run(compose_config("train", fly), tmp_path / "fly")  # simulated while training: nothing to make
+    assert not (tmp_path / "unused").exists() and (tmp_path / "fly" / "checkpoints" / "last.ckpt").is_file()
