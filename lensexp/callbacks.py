@@ -19,7 +19,6 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-
 from pytorch_lightning.callbacks import WeightAveraging
 
 from lensexp.metrics import SHORT
@@ -53,16 +52,16 @@ class TimeBudget(pl.Callback):
     slow one at a high learning rate. Here the warm-up lasts the first epoch, the learning rate
     then holds its peak until the end of the first validation; there the run's speed (steps per
     second, validation included) fixes the number of epochs that fit the budget - the nearest
-    multiple of ``check_val_every_n_epoch``, within ``trainer.max_epochs`` - and the cosine decay ends with
-    them (Li et al. 2020, "Budgeted training"); without validation, or with a cap that ends the run
-    before the first one, the plan is made at the end of an epoch instead. Until ``revise_until``
-    of the budget has passed, each later validation revises the count from the speed measured since the start, so that a
-    first few epochs slowed by another process on the same cores (a plan 25 % short was measured)
-    do not decide the whole run; the decay then ends with the revised count (the learning rate
-    moves by a few per cent at a revision, the cosine being near its peak). The plan is written to
-    ``RUN/schedule.json`` (with its ``revisions``) and kept in the checkpoint, so a resumed run
-    continues it; given the plan, the run is deterministic by seed (only the epoch count depends
-    on the machine's speed).
+    multiple of ``check_val_every_n_epoch``, within ``trainer.max_epochs`` - and the cosine decay
+    ends with them (Li et al. 2020, "Budgeted training"); without validation, or with a cap that
+    ends the run before the first one, the plan is made at the end of an epoch instead. Until
+    ``revise_until`` of the budget has passed, each later validation revises the count from the
+    speed measured since the start, so that a first few epochs slowed by another process on the
+    same cores (a plan 25 % short was measured) do not decide the whole run; the decay then ends
+    with the revised count (the learning rate moves by a few per cent at a revision, the cosine
+    being near its peak). The plan is written to ``RUN/schedule.json`` (with its ``revisions``) and
+    kept in the checkpoint, so a resumed run continues it; given the plan, the run is
+    deterministic by seed (only the epoch count depends on the machine's speed).
     """
 
     def __init__(self, budget: float, run_dir: str | Path | None = None, revise_until: float = 0.5):

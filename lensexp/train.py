@@ -90,8 +90,8 @@ def make_data(cfg: DictConfig) -> None:
     training, as ``make_data`` says (``n``, ``splits``, ``seed``, ``workers``): an experiment
     that trains from shards then runs on its own (on-the-fly data: nothing to make).
     ``lensexp.simulate`` resumes a partial set and finds a complete one in a second; a set made
-    with other settings is refused (one line). Under DDP the launching process (rank 0) makes it
-    before the other ranks start."""
+    with other settings is refused (one line). Under DDP rank 0 makes it; the other ranks wait
+    for rank 0 when the process group starts, before any shard is read."""
     import os
 
     from lensexp.config import compose_config
