@@ -194,6 +194,8 @@ def run_ensemble(cfg: DictConfig, run_dir: str | Path) -> dict:
     from lensexp.ensemble import write_manifest
 
     run_dir, n = Path(run_dir), int(cfg.ensemble.n)
+    if cfg.get("make_data"):
+        make_data(cfg)  # once for all members: each run would re-hash the whole set
     members, metrics = [], {}
     for k in range(n):
         mdir = run_dir / "members" / str(k)
@@ -204,6 +206,7 @@ def run_ensemble(cfg: DictConfig, run_dir: str | Path) -> dict:
         mcfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
         mcfg.seed = int(cfg.seed) + k
         mcfg.ensemble.n = 1
+        mcfg.make_data = None
         if cfg.ensemble.split_budget:
             mcfg.datamodule.train_epoch_size = max(1, int(cfg.datamodule.train_epoch_size) // n)
             if "max_time" in mcfg.trainer:
