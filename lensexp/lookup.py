@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,9 @@ from lensexp.errors import ConfigError
 from lensexp.kappa_module import evaluate_maps
 from lensexp.sim.normalize import normalize
 
-CLASSES = ("sie", "epl_narrow", "sie_pair", "sie_subhalo", "epl")
+log = logging.getLogger("lensexp.lookup")
+
+CLASSES = ("sie", "epl_narrow", "sie_blobs", "sie_pair", "sie_subhalo", "epl")
 UNSEEN = ("sie_pair", "sie_subhalo", "epl")  # never in a training family of data=kappa
 
 
@@ -37,6 +40,18 @@ def default_classes(train_kind: str) -> list[str]:
     """The classes compared when none are given: the checkpoint's training family first, then the
     unseen ones."""
     return [train_kind, *[k for k in UNSEEN if k != train_kind]]
+
+
+def bank_family(root: str | Path) -> str | None:
+    """The mass family (``data.mass.kind``) a shard set was simulated with, from its manifest;
+    ``None`` when the manifest does not say."""
+    from lensexp.shard_set import MANIFEST
+
+    try:
+        cfg = json.loads(Path(root, MANIFEST).read_text())["config"]["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return str((cfg.get("mass") or {}).get("kind", "sie"))
 
 
 class LookupBank:
@@ -66,6 +81,7 @@ class LookupBank:
             if max_n and len(images) >= max_n:
                 break
         self.input_norm = input_norm
+        self.family = bank_family(root)
         self.shape = tuple(images[0].shape)
         self.kappa = torch.stack(maps)
         self.vectors = self._vectors(torch.stack(images))
@@ -185,6 +201,15 @@ def run(cfg: DictConfig) -> list[dict]:
     pred = KappaPredictor(module, int(data_cfg.npix), pixscale, int(cfg.n_mc))
     bank = LookupBank(cfg.bank, str(module.hparams.input_norm), cfg.get("max_bank"))
     train_kind = str(OmegaConf.select(data_cfg, "mass.kind", default="sie"))
+    if bank.family is not None and bank.family != train_kind:
+        log.warning(
+            "look-up bank '%s' holds mass family '%s' but the network was trained on '%s': the test "
+            "compares against a bank of the training family (simulate one with data.mass.kind=%s)",
+            cfg.bank,
+            bank.family,
+            train_kind,
+            train_kind,
+        )
     classes = list(cfg.classes) if cfg.classes else default_classes(train_kind)
     rows, firsts, per_lens = [], {}, []
     for j, kind in enumerate(classes):

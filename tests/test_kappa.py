@@ -262,6 +262,23 @@ def test_lookup_command_is_deterministic_by_seed(kappa_ckpt, tmp_path):
     assert tables[0] == tables[1] and len(tables[0].splitlines()) == 13
 
 
+def test_lookup_warns_when_the_bank_is_not_of_the_training_family(kappa_ckpt, tmp_path, caplog):
+    """A bank simulated with another mass family than the network's would make the look-up
+    baseline silently stronger or weaker: the command says so (the family from the manifest)."""
+    from lensexp.lookup import bank_family
+    from lensexp.lookup import run as lookup
+    from lensexp.simulate import run as simulate
+
+    bank = tmp_path / "bank"
+    over = ["data=kappa", "data.mass.kind=sie_blobs", SERSIC, "n=20", "seed=11", f"out={bank}", "progress=false"]
+    simulate(compose_config("simulate", over))
+    assert bank_family(bank) == "sie_blobs" and bank_family(tmp_path) is None
+    over = [f"ckpt={kappa_ckpt}", f"bank={bank}", f"out={tmp_path / 'o'}", "n=2", "classes=[sie]", "n_mc=2"]
+    with caplog.at_level("WARNING", logger="lensexp.lookup"):
+        lookup(compose_config("lookup", over))
+    assert "holds mass family 'sie_blobs' but the network was trained on 'sie'" in caplog.text
+
+
 def test_fit_refuses_a_density_map_checkpoint_for_init_cnn(kappa_ckpt, tmp_path):
     """init=cnn with a kappa checkpoint is one clear error before any lens is fitted (it used to
     fail on every lens with an AttributeError in the error table)."""

@@ -4,6 +4,9 @@ Profiles, in lenstronomy's conventions (1.14), pure and batched like :mod:`lense
 
 * :func:`sis_deflection`, :func:`sis_convergence`: singular isothermal sphere (lenstronomy
   ``SIS``), ``theta_E`` [arcsec], ``kappa = theta_E / (2 r)``.
+* :func:`gaussian_deflection`, :func:`gaussian_convergence`: circular Gaussian convergence
+  (lenstronomy ``GAUSSIAN``), ``kappa = amp / (2 pi sigma^2) exp(-r^2 / (2 sigma^2))``, ``amp``
+  its total mass [arcsec^2] (a point mass of Einstein radius ``sqrt(amp / pi)``).
 * :func:`epl_deflection`, :func:`epl_convergence`: elliptical power law (lenstronomy ``EPL``,
   Tessore & Metcalf 2015): ``kappa = (3 - gamma) / 2 (theta_E / sqrt(q x'^2 + y'^2 / q))^(gamma-1)``,
   ``gamma`` the 3-D slope (2 = SIE), ``e1, e2`` as for the SIE.
@@ -11,10 +14,14 @@ Profiles, in lenstronomy's conventions (1.14), pure and batched like :mod:`lense
 Families (``data.mass.kind``): ``sie`` (SIE + shear: the training family of ``data=kappa``),
 ``epl_narrow`` (the main lens a power law with a slope near isothermal, 2 +- 0.15 in
 ``data=kappa``: a broader training family on request), ``sie_pair`` (a
-second SIE beside the main one), ``sie_subhalo`` (an SIS subhalo near the Einstein ring) and
-``epl`` (the main lens a power law with a slope away from isothermal, 2 +- 0.25-0.5). The eight
+second SIE beside the main one), ``sie_subhalo`` (an SIS subhalo near the Einstein ring),
+``epl`` (the main lens a power law with a slope away from isothermal, 2 +- 0.25-0.5) and
+``sie_blobs`` (SIE + shear + :data:`N_BLOBS` Gaussian convergence clumps anywhere within 1.5
+theta_E: a training family that shows the network mass off the main profile in a shape none of
+the test classes has). The eight
 labels always describe the main lens (for the power laws its theta_E, e1, e2, centre) and the
-shear; the other components travel in the parameter dict under ``m2_*`` / ``sub_*`` / ``epl_gamma``.
+shear; the other components travel in the parameter dict under ``m2_*`` / ``sub_*`` / ``epl_gamma``
+/ ``blob<j>_*``.
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ from lensexp.errors import ConfigError
 from lensexp.sim import lens as lensmod
 from lensexp.sim.ranges import check_range, draw
 
-MASS_KINDS = ("sie", "epl_narrow", "sie_pair", "sie_subhalo", "epl")
+MASS_KINDS = ("sie", "epl_narrow", "sie_pair", "sie_subhalo", "epl", "sie_blobs")
+N_BLOBS = 2  # Gaussian clumps per lens in ``sie_blobs`` (a clump drawn with mass 0 is absent)
+BLOB_KEYS = tuple(f"blob{j}_{k}" for j in range(N_BLOBS) for k in ("amp", "sigma", "center_x", "center_y"))
 EPL_KINDS = ("epl", "epl_narrow")  # the main lens a power law (its own gamma_offset range each)
 # parameters each family adds to the eight labels (kept in the samples' meta)
 COMPONENT_KEYS = {
@@ -36,6 +45,7 @@ COMPONENT_KEYS = {
     "sie_subhalo": ("sub_theta_E", "sub_center_x", "sub_center_y"),
     "epl": ("epl_gamma",),
     "epl_narrow": ("epl_gamma",),
+    "sie_blobs": BLOB_KEYS,
 }
 # most terms of the hypergeometric series (|z| = (1-q)/(1+q) = 0.82 at q = 0.1 needs ~130 for 1e-11)
 _EPL_TERMS = 160
@@ -54,6 +64,27 @@ def sis_convergence(x, y, theta_E, center_x=0.0, center_y=0.0):
     """SIS convergence ``theta_E / (2 r)`` (infinite at the centre)."""
     x, y, theta_E, center_x, center_y = lensmod._as_tensors(x, y, theta_E, center_x, center_y)
     return theta_E / (2.0 * torch.hypot(x - center_x, y - center_y))
+
+
+def gaussian_deflection(x, y, amp, sigma, center_x=0.0, center_y=0.0):
+    """Deflection of a circular Gaussian convergence (lenstronomy ``GAUSSIAN``): the mass inside
+    r over pi r, ``amp (1 - exp(-u)) / (pi r^2) (dx, dy)`` with ``u = r^2 / (2 sigma^2)``; finite
+    (zero) at the centre."""
+    x, y, amp, sigma, center_x, center_y = lensmod._as_tensors(x, y, amp, sigma, center_x, center_y)
+    dx, dy = x - center_x, y - center_y
+    inv2s2 = 0.5 / (sigma * sigma)
+    u = (dx * dx + dy * dy) * inv2s2
+    # (1 - e^-u) / u, its series below u = 1e-6 (where -expm1(-u) / u rounds)
+    f = torch.where(u > 1e-6, -torch.expm1(-u) / torch.where(u > 1e-6, u, 1.0), 1.0 - 0.5 * u)
+    scale = amp * inv2s2 / math.pi * f
+    return dx * scale, dy * scale
+
+
+def gaussian_convergence(x, y, amp, sigma, center_x=0.0, center_y=0.0):
+    """Circular Gaussian convergence ``amp / (2 pi sigma^2) exp(-r^2 / (2 sigma^2))``."""
+    x, y, amp, sigma, center_x, center_y = lensmod._as_tensors(x, y, amp, sigma, center_x, center_y)
+    inv2s2 = 0.5 / (sigma * sigma)
+    return amp * inv2s2 / math.pi * torch.exp(-((x - center_x) ** 2 + (y - center_y) ** 2) * inv2s2)
 
 
 def _rotated(x, y, e1, e2, center_x, center_y):
@@ -120,6 +151,10 @@ def check_mass_config(m) -> str:
         check_range("data.mass.subhalo.radius", m.subhalo.radius, 0.0)
     elif kind in EPL_KINDS:
         check_range(f"data.mass.{kind}.gamma_offset", m[kind].gamma_offset, 0.0, 0.9)
+    elif kind == "sie_blobs":
+        check_range("data.mass.blobs.mass", m.blobs.mass, 0.0)
+        check_range("data.mass.blobs.sigma", m.blobs.sigma, 0.0, strict_low=True)
+        check_range("data.mass.blobs.radius", m.blobs.radius, 0.0)
     return kind
 
 
@@ -142,7 +177,19 @@ def draw_components(m, kind: str, p: dict, rng: torch.Generator) -> dict:
     elif kind in EPL_KINDS:
         sign = torch.where(torch.rand(n, generator=rng, device=dev) < 0.5, -1.0, 1.0).to(dt)
         out["epl_gamma"] = 2.0 + sign * d(m[kind].gamma_offset)
+    elif kind == "sie_blobs":
+        for j in range(N_BLOBS):  # mass as the Einstein radius of a point of that mass, in theta_E
+            out[f"blob{j}_amp"] = math.pi * (p["theta_E"] * d(m.blobs.mass)) ** 2
+            out[f"blob{j}_sigma"] = d(m.blobs.sigma)
+            r, a = p["theta_E"] * d(m.blobs.radius), ang()
+            out[f"blob{j}_center_x"] = p["center_x"] + r * torch.cos(a)
+            out[f"blob{j}_center_y"] = p["center_y"] + r * torch.sin(a)
     return out
+
+
+def _blobs(c) -> list[tuple]:
+    """(amp, sigma, center_x, center_y) of each ``sie_blobs`` clump, from the column getter ``c``."""
+    return [tuple(c(f"blob{j}_{k}") for k in ("amp", "sigma", "center_x", "center_y")) for j in range(N_BLOBS)]
 
 
 def _col(p: dict, k: str, like: torch.Tensor) -> torch.Tensor:
@@ -159,6 +206,9 @@ def extra_deflection(kind: str, p: dict, x: torch.Tensor, y: torch.Tensor):
         return lensmod.sie_deflection(x, y, c("m2_theta_E"), c("m2_e1"), c("m2_e2"), c("m2_center_x"), c("m2_center_y"))
     if kind == "sie_subhalo":
         return sis_deflection(x, y, c("sub_theta_E"), c("sub_center_x"), c("sub_center_y"))
+    if kind == "sie_blobs":
+        parts = [gaussian_deflection(x, y, *b) for b in _blobs(c)]
+        return sum(a for a, _ in parts), sum(b for _, b in parts)
     return epl_deflection(x, y, c("theta_E"), c("epl_gamma"), c("e1"), c("e2"), c("center_x"), c("center_y"))
 
 
@@ -175,4 +225,6 @@ def convergence_map(kind: str, p: dict, x: torch.Tensor, y: torch.Tensor) -> tor
         )
     elif kind == "sie_subhalo":
         kappa = kappa + sis_convergence(x, y, c("sub_theta_E"), c("sub_center_x"), c("sub_center_y"))
+    elif kind == "sie_blobs":
+        kappa = kappa + sum(gaussian_convergence(x, y, *b) for b in _blobs(c))
     return kappa

@@ -64,11 +64,18 @@ def lens_coefficients(p: dict) -> tuple:
     )
 
 
+# C++ kernels built with floating-point contraction (a * b + c as one FMA): the SIE + Sersic ray
+# kernel at 64 px runs 47.0 instead of 52.5 us per image on one core (AMD EPYC Zen 5, 2026-12-06,
+# same process); rounding moves by float32 ulps (mean relative error against float64 2.2e-7 instead
+# of 2.4e-7). -funsafe-math-optimizations was measured too: 4 % alone, slower with contraction.
+KERNEL_OPTIONS = {"cpp.enable_floating_point_contract_flag": "fast"}
+
+
 def batch_dynamic(fn):
-    """``torch.compile`` of ``fn`` with the batch size symbolic: dim 0 of every tensor argument
-    (also inside tuples) longer than one is marked dynamic, everything else stays static, so one
-    kernel serves every batch and subset size (a batch of one specialises once)."""
-    compiled = torch.compile(fn)  # automatic dynamic: marked dims symbolic, the others static
+    """``torch.compile`` of ``fn`` (:data:`KERNEL_OPTIONS`) with the batch size symbolic: dim 0 of
+    every tensor argument (also inside tuples) longer than one is marked dynamic, everything else
+    stays static, so one kernel serves every batch and subset size (a batch of one specialises once)."""
+    compiled = torch.compile(fn, options=KERNEL_OPTIONS)  # automatic dynamic: marked dims symbolic
 
     def call(*args, **kw):
         for a in args:

@@ -59,6 +59,26 @@ def test_sis_matches_lenstronomy():
     )
 
 
+@pytest.mark.parametrize("sigma", [0.05, 0.3, 1.2])
+def test_gaussian_convergence_matches_lenstronomy(sigma):
+    kw = dict(amp=0.4, sigma=sigma, center_x=0.2, center_y=-0.1)
+    lm = LensModel(["GAUSSIAN"])
+    x = np.concatenate([X, [0.2, 0.2 + 1e-9]])  # the centre itself and a hair beside it
+    y = np.concatenate([Y, [-0.1, -0.1]])
+    ax, ay = lm.alpha(x, y, [kw])
+    bx, by = mass.gaussian_deflection(torch.tensor(x), torch.tensor(y), **kw)
+    np.testing.assert_allclose(bx.numpy(), ax, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(by.numpy(), ay, rtol=1e-6, atol=1e-12)
+    k = mass.gaussian_convergence(torch.tensor(x), torch.tensor(y), **kw).numpy()
+    np.testing.assert_allclose(k, lm.kappa(x, y, [kw]), rtol=1e-6, atol=1e-12)  # lenstronomy rounds at ~1e-16
+    # independent of lenstronomy: the mass inside r, as the deflection says, is the integral of kappa
+    r = np.linspace(0.0, 4 * sigma, 40001)
+    kr = mass.gaussian_convergence(torch.tensor(r), 0.0, 0.4, sigma).numpy()
+    m_int = np.concatenate([[0], np.cumsum(np.diff(r) * 0.5 * (kr[1:] * r[1:] + kr[:-1] * r[:-1]))]) * 2 * np.pi
+    a_r = mass.gaussian_deflection(torch.tensor(r), 0.0, 0.4, sigma)[0].numpy()
+    np.testing.assert_allclose(a_r[500:], m_int[500:] / (np.pi * r[500:]), rtol=1e-5)
+
+
 def _lenstronomy_model(kind, lab, meta, i):
     """lenstronomy model list and keywords of lens ``i`` of a simulated batch (main lens + shear + component)."""
     main = dict(theta_E=lab[i, 0], e1=lab[i, 1], e2=lab[i, 2], center_x=lab[i, 3], center_y=lab[i, 4])
@@ -71,6 +91,9 @@ def _lenstronomy_model(kind, lab, meta, i):
         return ["SIE", "SHEAR", "SIE"], [main, shear, comp]
     if kind == "sie_subhalo":
         return ["SIE", "SHEAR", "SIS"], [main, shear, {k[4:]: v for k, v in m.items()}]
+    if kind == "sie_blobs":
+        blobs = [{k: m[f"blob{j}_{k}"] for k in ("amp", "sigma", "center_x", "center_y")} for j in range(mass.N_BLOBS)]
+        return ["SIE", "SHEAR", *["GAUSSIAN"] * len(blobs)], [main, shear, *blobs]
     return ["SIE", "SHEAR"], [main, shear]
 
 
@@ -99,7 +122,7 @@ def test_preset_kappa_is_the_analytic_convergence_of_its_components(kind):
         assert np.all(kappa[i] > 0) and kappa.dtype == np.float64 and b.meta["kappa"].dtype == torch.float32
 
 
-@pytest.mark.parametrize("kind", ["sie_pair", "sie_subhalo", "epl", "epl_narrow"])
+@pytest.mark.parametrize("kind", ["sie_pair", "sie_subhalo", "epl", "epl_narrow", "sie_blobs"])
 def test_ray_shooting_of_each_family_matches_lenstronomy(kind):
     cfg = load_data_preset("kappa", [f"data.mass.kind={kind}", "data.source.kind=sersic"])
     sim = Simulator(cfg)
@@ -126,6 +149,8 @@ def test_bad_mass_settings_are_one_line():
 
     with pytest.raises(ConfigError, match="data.mass.kind must be one of"):
         Simulator(load_data_preset("kappa", ["data.mass.kind=nfw"]))
+    with pytest.raises(ConfigError, match="data.mass.blobs.sigma"):
+        Simulator(load_data_preset("kappa", ["data.mass.kind=sie_blobs", "data.mass.blobs.sigma=[0,0.1]"]))
     with pytest.raises(ConfigError, match="data.mass.subhalo.theta_E"):
         Simulator(load_data_preset("kappa", ["data.mass.kind=sie_subhalo", "data.mass.subhalo.theta_E=[0.3,0.1]"]))
     with pytest.raises(ConfigError, match="data.mass.epl_narrow.gamma_offset"):
