@@ -102,10 +102,17 @@ class LookupBank:
 
 
 def class_set(data_cfg: DictConfig, kind: str, n: int, seed: int):
-    """``n`` simulated lenses of mass class ``kind`` on the training grid: (images, true maps)."""
+    """``n`` simulated lenses of mass class ``kind`` on the training grid: (images, true maps).
+    Family ranges the training config lacks (a checkpoint older than the family) come from the
+    ``kappa`` preset; those it has are kept."""
+    from lensexp.config import load_data_preset
     from lensexp.sim.render import Simulator
 
-    cfg = OmegaConf.merge(data_cfg, {"mass": {"kind": kind, "kappa_map": True}})
+    cfg = OmegaConf.merge(data_cfg)  # a copy that may take keys the saved config lacks
+    OmegaConf.set_struct(cfg, False)
+    cfg.mass = OmegaConf.merge(
+        load_data_preset("kappa").mass, data_cfg.get("mass") or {}, {"kind": kind, "kappa_map": True}
+    )
     b = Simulator(cfg).sample(n, seed=seed)
     return b.images, b.meta["kappa"]
 

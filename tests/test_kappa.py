@@ -262,6 +262,21 @@ def test_lookup_command_is_deterministic_by_seed(kappa_ckpt, tmp_path):
     assert tables[0] == tables[1] and len(tables[0].splitlines()) == 13
 
 
+def test_lookup_classes_work_with_a_training_config_older_than_the_family():
+    """A checkpoint's data config saved before a mass family existed lacks its ranges: the test
+    set takes them from the preset (it used to end in an omegaconf 'Missing key' error)."""
+    from omegaconf import OmegaConf
+
+    from lensexp.lookup import class_set
+
+    old = load_data_preset("kappa", [SERSIC])
+    mass = OmegaConf.to_container(old.mass)
+    mass.pop("blobs")
+    old.mass = OmegaConf.create(mass)
+    images, kappa = class_set(old, "sie_blobs", 2, seed=5)
+    assert images.shape == (2, 1, 64, 64) and kappa.shape == (2, 64, 64) and torch.all(kappa > 0)
+
+
 def test_lookup_warns_when_the_bank_is_not_of_the_training_family(kappa_ckpt, tmp_path, caplog):
     """A bank simulated with another mass family than the network's would make the look-up
     baseline silently stronger or weaker: the command says so (the family from the manifest)."""
