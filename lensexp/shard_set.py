@@ -132,8 +132,9 @@ def write_json_atomic(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
-def prepare_out(out: Path, fp: dict, overwrite: bool) -> None:
-    """Create/check OUT: writable, and empty or holding a set made with the same fingerprint."""
+def prepare_out(out: Path, fp: dict, overwrite: bool, identity=lambda d: d) -> None:
+    """Create/check OUT: writable, and empty or holding a set made with the same fingerprint
+    (compared through ``identity``, which drops what does not shape the bytes)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -147,7 +148,7 @@ def prepare_out(out: Path, fp: dict, overwrite: bool) -> None:
     if old.exists() and not existing:  # a record without shards (a run that failed early) blocks nothing
         old.unlink()
     if existing:
-        same = old.exists() and json.loads(old.read_text()) == fp
+        same = old.exists() and identity(json.loads(old.read_text())) == identity(fp)
         if not same and not overwrite:
             raise ConfigError(
                 f"'{out}' holds shards from a different configuration (see {old.name}); "

@@ -47,7 +47,7 @@ from lensexp.shard_set import (
     write_manifests,
 )
 from lensexp.shards import LabelStats, TarShardWriter, json_rows, npy_bytes
-from lensexp.sim.mass import COMPONENT_KEYS
+from lensexp.sim.mass import COMPONENT_KEYS, drawn_family
 from lensexp.sim.priors import LABELS
 from lensexp.sim.psf import EE_KEYS
 from lensexp.sim.render import effective_batch_size
@@ -232,6 +232,14 @@ def fingerprint(cfg: DictConfig) -> dict:
     }
 
 
+def set_identity(fp: dict) -> dict:
+    """A :func:`fingerprint` as sets are compared: ``data.mass`` without the ranges of families the
+    set does not draw (:func:`lensexp.sim.mass.drawn_family`), so a preset that gains a family, or
+    whose other families' ranges change, still finds and resumes its earlier sets."""
+    data = fp.get("data") or {}
+    return {**fp, "data": {**data, "mass": drawn_family(data["mass"])}} if isinstance(data.get("mass"), dict) else fp
+
+
 # ---------------------------------------------------------------------------- workers
 _SIM = None
 
@@ -276,7 +284,7 @@ def run(cfg: DictConfig) -> dict | None:
     validate_config(cfg.data)  # before anything is written: a bad setting leaves no record behind
     specs = plan_shards(int(cfg.n), cfg.splits, int(cfg.shard_size), int(cfg.seed))
     fp = fingerprint(cfg)
-    prepare_out(out, fp, bool(cfg.overwrite))
+    prepare_out(out, fp, bool(cfg.overwrite), set_identity)
     chosen = [specs[i] for i in parse_range(cfg.get("shard_range"), len(specs))]
     mine = {s.name for s in chosen}  # re-hashed; shards of other ranges are checked by size
     records = {s.name: r for s in specs if (r := finished_record(out, s, s.name in mine)) is not None}

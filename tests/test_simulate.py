@@ -115,6 +115,24 @@ def test_refuses_other_config_unless_overwrite(tmp_path):
     assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in man["shards"]]
 
 
+def test_a_set_is_found_again_when_only_families_it_does_not_draw_change(tmp_path):
+    """A kappa set made before its preset gained a mass family (or with other ranges for a family it
+    does not draw) is the same data: found complete. A change to the drawn family's ranges is not."""
+    from lensexp.shard_set import FINGERPRINT
+
+    over = ["data=kappa", *BASE[1:], f"out={tmp_path}", "n=40", "shard_size=20", "seed=1", "data.mass.kind=sie_subhalo"]
+    man = run(compose_config("simulate", over))
+    fp_path = tmp_path / FINGERPRINT
+    old = json.loads(fp_path.read_text())
+    del old["data"]["mass"]["blobs"]  # as written before sie_blobs existed
+    old["data"]["mass"]["pair"]["separation"] = [0.5, 1.0]
+    fp_path.write_text(json.dumps(old))
+    again = run(compose_config("simulate", [*over, "data.mass.epl.gamma_offset=[0.3,0.4]"]))
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in man["shards"]]
+    with pytest.raises(ConfigError, match="different configuration"):
+        run(compose_config("simulate", [*over, "data.mass.subhalo.radius=[0.9,1.1]"]))
+
+
 def test_a_set_in_an_older_sample_format_is_made_again(tmp_path):
     """A set written before the samples described their PSF (no ``sample_format`` in its
     fingerprint) is neither resumed nor reused: refused, or rewritten with ``overwrite=true``."""

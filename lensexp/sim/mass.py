@@ -47,6 +47,14 @@ COMPONENT_KEYS = {
     "epl_narrow": ("epl_gamma",),
     "sie_blobs": BLOB_KEYS,
 }
+# the config block (``data.mass.<block>``) of each family's ranges; only the drawn family's shapes the data
+FAMILY_BLOCKS = {
+    "sie_pair": "pair",
+    "sie_subhalo": "subhalo",
+    "epl_narrow": "epl_narrow",
+    "epl": "epl",
+    "sie_blobs": "blobs",
+}
 # most terms of the hypergeometric series (|z| = (1-q)/(1+q) = 0.82 at q = 0.1 needs ~130 for 1e-11)
 _EPL_TERMS = 160
 
@@ -190,6 +198,13 @@ def draw_components(m, kind: str, p: dict, rng: torch.Generator) -> dict:
 def _blobs(c) -> list[tuple]:
     """(amp, sigma, center_x, center_y) of each ``sie_blobs`` clump, from the column getter ``c``."""
     return [tuple(c(f"blob{j}_{k}") for k in ("amp", "sigma", "center_x", "center_y")) for j in range(N_BLOBS)]
+
+
+def drawn_family(mass: dict) -> dict:
+    """A plain ``data.mass`` dict without the range blocks (:data:`FAMILY_BLOCKS`) of the families
+    other than its ``kind``: what the draws depend on."""
+    mine = FAMILY_BLOCKS.get(str(mass.get("kind", "sie")))
+    return {k: v for k, v in mass.items() if k == mine or k not in FAMILY_BLOCKS.values()}
 
 
 def _col(p: dict, k: str, like: torch.Tensor) -> torch.Tensor:
