@@ -25,7 +25,6 @@ from common import ensure_allocator_env, machine_info
 from omegaconf import OmegaConf
 
 from lensexp.checkpoints import run_config
-
 from lensexp.config import compose_config
 from lensexp.lookup import run as lookup
 from lensexp.shard_set import MANIFEST

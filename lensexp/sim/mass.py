@@ -35,7 +35,7 @@ from lensexp.sim import lens as lensmod
 from lensexp.sim.ranges import check_range, draw
 
 MASS_KINDS = ("sie", "epl_narrow", "sie_pair", "sie_subhalo", "epl", "sie_blobs")
-N_BLOBS = 2  # Gaussian clumps per lens in ``sie_blobs`` (a clump drawn with mass 0 is absent)
+N_BLOBS = 2  # Gaussian clumps per lens in ``sie_blobs`` (masses drawn from 0: some lenses are nearly plain SIEs)
 BLOB_KEYS = tuple(f"blob{j}_{k}" for j in range(N_BLOBS) for k in ("amp", "sigma", "center_x", "center_y"))
 EPL_KINDS = ("epl", "epl_narrow")  # the main lens a power law (its own gamma_offset range each)
 # parameters each family adds to the eight labels (kept in the samples' meta)
