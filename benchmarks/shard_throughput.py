@@ -9,8 +9,9 @@ fsync, manifest) pinned to one core with one thread, for three settings:
 * ``tiny`` and ``hst`` - the presets with full realism (COSMOS + Sersic sources with clumps,
   mu_F rejection, lens light where the preset has it, PSF banks, cosmic rays, hot pixels, masks).
 
-Each figure is a *marginal* rate: two runs of n1 and n2 images into fresh folders, rate =
-(n2 - n1) / (t2 - t1), so start-up (imports, PSF and COSMOS banks, compilation) drops out; the
+Each figure is a *marginal* rate: runs of n1 and n2 images into fresh folders, rate =
+(n2 - n1) / (t2 - t1) with t1, t2 the fastest of ``REPEATS`` alternating runs of each size after one
+warm-up run of each, so start-up (imports, PSF and COSMOS banks, compilation) drops out; the
 start-up of the first run in the process (kernels compiled, or loaded from the on-disk cache
 ``lensexp.runtime.compile_cache_dir``) is reported on its own. lenstronomy renders the matched image
 (no writing) on the same core in the same process; the ratio is against it.
@@ -18,6 +19,8 @@ start-up of the first run in the process (kernels compiled, or loaded from the o
     python benchmarks/shard_throughput.py                       # matched, tiny, hst; compiled
     python benchmarks/shard_throughput.py --settings matched --eager
     python benchmarks/shard_throughput.py --json benchmarks/results/shard_throughput_cpu.json
+
+Each setting runs in a process of its own (``--in-process`` keeps them in one).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
+import math  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -44,6 +49,7 @@ TARGETS = {
     "hst": ">= 400 img/s",
 }
 SIZES = {"matched": (2000, 10000), "tiny": (1000, 5000), "hst": (128, 640)}
+REPEATS = 3  # timed runs of each size after the warm-up ones; the fastest of each counts
 
 
 def make_config(setting: str, n: int, out: Path, compile: bool, workers: int, extra=()):
@@ -92,7 +98,10 @@ def main(argv=None):
     ap.add_argument("--scale", type=float, default=1.0, help="multiply the image counts (quicker or steadier)")
     ap.add_argument("--set", nargs="*", default=[], help="extra simulate overrides, e.g. batch_size=256")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--in-process", action="store_true", help="all settings in this process (else one process each)")
     args = ap.parse_args(argv)
+    if len(args.settings) > 1 and not args.in_process:
+        return _one_process_each(args)
     if args.workers == 1 and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     import torch
@@ -105,11 +114,17 @@ def main(argv=None):
         ref_run = lenstronomy_runner(matched_config(npix))
         n_ref = max(20, 1600 // (npix // 32) ** 2)
         n1, n2 = (max(64, int(n * args.scale)) for n in SIZES[setting])
+        run = functools.partial(timed_run, setting, compile=compile, workers=args.workers, extra=args.set)
         ref = ref_run(n_ref)
-        t0, _ = timed_run(setting, n1, compile, args.workers, args.set)  # the first run: compiles or loads kernels
+        t0, _ = run(n1)  # the first run: compiles or loads kernels
+        run(n2)  # and the larger run's shapes
         ref = max(ref, ref_run(n_ref))  # interleaved: both see the same machine state
-        t1, mb1 = timed_run(setting, n1, compile, args.workers, args.set)
-        t2, mb2 = timed_run(setting, n2, compile, args.workers, args.set)
+        # the fastest of REPEATS alternating runs of each size: a second run of a size still carried
+        # ~0.3 s of warm-up at hst (0.71 against 0.40 s for 128 images), which read as +50 % rate
+        t1, mb1, t2, mb2 = math.inf, 0.0, math.inf, 0.0
+        for _ in range(REPEATS):
+            (a, mb1), (b, mb2) = run(n1), run(n2)
+            t1, t2 = min(t1, a), min(t2, b)
         ref = max(ref, ref_run(n_ref))
         rate = (n2 - n1) / (t2 - t1)
         mb_s = (mb2 - mb1) / (t2 - t1)
@@ -132,6 +147,27 @@ def main(argv=None):
             f"{setting:8s} {npix:3d} px  {rate:7.0f} img/s  {mb_s:6.1f} MB/s  start-up {startup:5.1f} s   "
             f"lenstronomy {ref:6.1f} img/s (render only)  ratio {rate / ref:5.1f}x   target {TARGETS[setting]}",
         )
+    save(rows, args.json)
+    return rows
+
+
+def _one_process_each(args) -> list:
+    """Each setting in a fresh process: measured after other settings in one process, the `hst`
+    rate read 325-346 img/s against 469-513 alone or after `tiny` (2026-12-06, same quarter-hour),
+    so no setting inherits another's allocator, kernel-cache or thread state."""
+    import json
+    import subprocess
+    import sys
+
+    rows = []
+    for setting in args.settings:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "rows.json"
+            cmd = [sys.executable, __file__, "--settings", setting, "--in-process", "--json", str(out)]
+            cmd += ["--workers", str(args.workers), "--scale", str(args.scale), *(["--eager"] if args.eager else [])]
+            cmd += ["--set", *args.set] if args.set else []
+            subprocess.run(cmd, check=True)
+            rows += json.loads(out.read_text())
     save(rows, args.json)
     return rows
 
