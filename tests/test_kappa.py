@@ -4,6 +4,7 @@ with kappa_out, fresh on-the-fly epochs, and the network against the nearest-ima
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -260,6 +261,28 @@ def test_lookup_command_is_deterministic_by_seed(kappa_ckpt, tmp_path):
         lookup(compose_config("lookup", over))
         tables.append((tmp_path / d / "per_lens.csv").read_text())
     assert tables[0] == tables[1] and len(tables[0].splitlines()) == 13
+
+
+def test_kappa_lookup_benchmark_makes_a_bank_of_the_training_family(kappa_ckpt, tmp_path, monkeypatch):
+    """``benchmarks/kappa_lookup.py``: the missing bank is simulated with the checkpoint's own
+    mass family; ``--classes`` picks the test classes."""
+    import sys
+
+    from lensexp.lookup import bank_family
+    from lensexp.paths import PROJECT_ROOT
+
+    monkeypatch.syspath_prepend(str(PROJECT_ROOT / "benchmarks"))
+    sys.modules.pop("kappa_lookup", None)
+    import kappa_lookup
+
+    bank, out = tmp_path / "bank", tmp_path / "out"
+    args = ["--ckpt", str(kappa_ckpt), "--bank", str(bank), "--bank-n", "24", "--n", "3", "--out", str(out)]
+    assert kappa_lookup.main([*args, "--classes", "sie_pair", "sie"]) == 0
+    assert bank_family(bank) == "sie"
+    rows = json.loads((out / "kappa_lookup.json").read_text())["rows"]
+    assert [r["class"] for r in rows] == ["sie_pair", "sie"] and "bank_s" in json.loads(
+        (out / "kappa_lookup.json").read_text()
+    )["timing"]
 
 
 def test_lookup_classes_work_with_a_training_config_older_than_the_family():
