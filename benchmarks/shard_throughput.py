@@ -152,9 +152,10 @@ def main(argv=None):
 
 
 def _one_process_each(args) -> list:
-    """Each setting in a fresh process: measured after other settings in one process, the `hst`
-    rate read 325-346 img/s against 469-513 alone or after `tiny` (2026-12-06, same quarter-hour),
-    so no setting inherits another's allocator, kernel-cache or thread state."""
+    """Each setting in a fresh process, so that no setting inherits another's allocator, kernel
+    cache or thread state. (The `hst` scatter of 2026-12-06 - 325-513 img/s - was not that: in
+    its own process the old one-run reading gave 347 too; the warm-up and fastest-of-REPEATS
+    reading in :func:`main` removed it.)"""
     import json
     import subprocess
     import sys
