@@ -22,7 +22,7 @@ from lensexp.errors import ConfigError
 _SHARED = frozenset({"lr", "weight_decay", "n_mc_val", "input_norm", "data_info", "posterior_centre", "augment"})
 SETTINGS = {
     "params": _SHARED | {"psf_dropout"},
-    "kappa": _SHARED | {"kappa_floor", "task", "target", "kappa_max", "weight"},
+    "kappa": _SHARED | {"kappa_floor", "task", "target", "kappa_max", "weight", "beta"},
 }
 SPEC_KEYS = {
     "params": frozenset({"model", "loss", "in_chans", "labels", "label_fit_batches"}),

@@ -5,8 +5,9 @@ The network (:class:`~lensexp.kappa_net.KappaUNet`) predicts, per pixel, a Gauss
 the central cusp (kappa ~ 1/r) and the outskirts alike, and keeps the cusp's mass so that the
 Einstein radius of the mean map stays right (clipping kappa at 3 would lose ~8 % of it). The loss
 is the Gaussian negative log-likelihood in ``u`` (``weight=kappa``: each pixel's term weighted by
-its clipped kappa, as the score counts errors in kappa). Maps come from ``n_mc`` MC-dropout passes, each
-widened by its aleatoric sigma: samples of ``kappa = exp(u)``, whose mean is the predicted map
+its clipped kappa, as the score counts errors in kappa; ``beta`` > 0: beta-NLL, each term also
+times sigma^(2 beta), detached). Maps come from ``n_mc`` MC-dropout passes, each widened by its
+aleatoric sigma: samples of ``kappa = exp(u)``, whose mean is the predicted map
 and whose spread is its uncertainty. Validation logs the score of issue 15 (mean |kappa error|,
 kappa clipped at 3, in the 0.3-2" annulus), the coverage of the per-pixel 68.3/95.5 % intervals
 there, and the error of the Einstein radius read off the mean map.
@@ -55,12 +56,15 @@ class KappaModule(EvalHooks, pl.LightningModule):
         posterior_centre: str = "mc_mean",
         augment: str = "none",
         weight: str = "none",
+        beta: float = 0.0,
     ):
         super().__init__()
         if target not in TARGETS:
             raise ConfigError(f"kappa target must be one of {TARGETS}, got '{target}'")
         if weight not in WEIGHTS:
             raise ConfigError(f"kappa.weight must be one of {WEIGHTS}, got '{weight}'")
+        if not 0.0 <= float(beta) <= 1.0:
+            raise ConfigError(f"kappa.beta must be in [0, 1] (0: Gaussian NLL, 0.5: beta-NLL), got {beta}")
         check_centre(posterior_centre)
         check_augment(augment)
         self.save_hyperparameters(ignore=["net"])
@@ -85,11 +89,18 @@ class KappaModule(EvalHooks, pl.LightningModule):
         return self.net(normalize(images, self.hparams.input_norm))
 
     @staticmethod
-    def nll(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    def nll(
+        out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None, beta: float = 0.0
+    ) -> torch.Tensor:
         """Mean Gaussian negative log-likelihood of ``target`` [B, N, N] under ``out`` [B, 2, N, N],
-        each pixel's term multiplied by ``weight`` [B, N, N] when given (mean 1 per map)."""
+        each pixel's term multiplied by ``weight`` [B, N, N] when given (mean 1 per map) and, for
+        ``beta`` > 0, by ``sigma^(2 beta)`` held constant in the gradient (beta-NLL, Seitzer et al.
+        2022, as :class:`lensexp.losses.BetaNLL`: pixels the network is unsure of keep their pull on
+        the mean; the sigma that minimises each term is unchanged)."""
         mu, log_sigma = out[:, 0], out[:, 1]
         per_pixel = 0.5 * ((target - mu) * torch.exp(-log_sigma)) ** 2 + log_sigma
+        if beta:
+            per_pixel = per_pixel * torch.exp(2.0 * beta * log_sigma.detach())
         if weight is not None:
             per_pixel = per_pixel * weight
         return per_pixel.mean() + 0.5 * math.log(2 * math.pi)
@@ -163,8 +174,8 @@ class KappaModule(EvalHooks, pl.LightningModule):
         if train and self.hparams.get("augment", "none") == "d4":
             turns = random_turns(kappa.shape[0], kappa.device)
             images, kappa = d4_image_each(images, turns), d4_image_each(kappa, turns)
-        w = self.pixel_weight(kappa)
-        return float32(lambda out, target: self.nll(out, target, w), self(images), self.to_net(kappa))
+        w, beta = self.pixel_weight(kappa), float(self.hparams.get("beta", 0.0))
+        return float32(lambda out, target: self.nll(out, target, w, beta), self(images), self.to_net(kappa))
 
     def _eval_step(self, batch, batch_idx: int, prefix: str):
         kappa = batch["kappa"]

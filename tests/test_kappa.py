@@ -356,3 +356,28 @@ def test_kappa_weighted_loss_counts_pixels_as_the_score_does():
 
     settings, _ = split_hparams({"task": "kappa", "weight": "kappa", "spec": {"model": {}}}, "ckpt")
     assert settings["weight"] == "kappa"
+
+
+def test_kappa_beta_nll_keeps_the_pull_of_uncertain_pixels_and_their_sigma():
+    """``kappa.beta``: each pixel's NLL term times sigma^(2 beta), held constant in the gradient
+    (beta-NLL). The mean's gradient is the residual / sigma^(2 - 2 beta) instead of / sigma^2; the
+    sigma that minimises each term (|residual|) is the same; 0 is the plain NLL; [0, 1] only."""
+    from lensexp.kappa_module import KappaModule
+
+    log_sigma = torch.tensor([[[0.0, 1.0], [-1.0, 2.0]]])
+    target = torch.tensor([[[1.0, -2.0], [0.5, 3.0]]])
+    out = torch.stack([torch.zeros(1, 2, 2), log_sigma], 1).requires_grad_(True)
+    KappaModule.nll(out, target, None, 0.5).backward()
+    sigma = log_sigma.exp()
+    torch.testing.assert_close(out.grad[:, 0], -target / sigma / 4)  # n = 4 pixels
+    at_optimum = torch.stack([torch.zeros(1, 2, 2), target.abs().log()], 1).requires_grad_(True)
+    KappaModule.nll(at_optimum, target, None, 0.5).backward()
+    torch.testing.assert_close(at_optimum.grad[:, 1], torch.zeros(1, 2, 2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(KappaModule.nll(out, target, None, 0.0), KappaModule.nll(out, target))
+    net = KappaUNet("test_resnet", 1, dropout=0.0)
+    with pytest.raises(ConfigError, match="kappa.beta must be in"):
+        KappaModule(net, beta=1.5)
+    from lensexp.checkpoints import split_hparams  # a checkpoint trained with it loads again
+
+    settings, _ = split_hparams({"task": "kappa", "beta": 0.5, "spec": {"model": {}}}, "ckpt")
+    assert settings["beta"] == 0.5
