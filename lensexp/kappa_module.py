@@ -25,6 +25,7 @@ from lensexp.errors import ConfigError
 from torch import nn
 
 from lensexp.labels import D4, check_augment, d4_image_each, d4_unturn, random_turns
+from lensexp.losses import beta_weight
 from lensexp.module import EvalHooks, check_centre, gather_lenses, warmup_cosine
 from lensexp.models import float32, set_mc_dropout
 from lensexp.sim.normalize import normalize
@@ -100,7 +101,7 @@ class KappaModule(EvalHooks, pl.LightningModule):
         mu, log_sigma = out[:, 0], out[:, 1]
         per_pixel = 0.5 * ((target - mu) * torch.exp(-log_sigma)) ** 2 + log_sigma
         if beta:
-            per_pixel = per_pixel * torch.exp(2.0 * beta * log_sigma.detach())
+            per_pixel = per_pixel * beta_weight(log_sigma, beta)
         if weight is not None:
             per_pixel = per_pixel * weight
         return per_pixel.mean() + 0.5 * math.log(2 * math.pi)

@@ -83,6 +83,13 @@ class GaussianNLL(Loss):
         return mu + sigma * eps
 
 
+def beta_weight(log_sigma: torch.Tensor, beta: float) -> torch.Tensor:
+    """The beta-NLL weight ``sigma^(2 beta)`` of each Gaussian term, held constant in the gradient
+    (Seitzer et al. 2022): the mean's gradient becomes residual / sigma^(2 - 2 beta), the sigma that
+    minimises each term is unchanged."""
+    return torch.exp(2.0 * beta * log_sigma.detach())
+
+
 class BetaNLL(GaussianNLL):
     """beta-NLL (Seitzer et al. 2022): the Gaussian NLL per label times ``sigma^(2 beta)``
     (detached). With ``beta = 0`` it is :class:`GaussianNLL`, with 1 the mean's gradient is the
@@ -96,7 +103,7 @@ class BetaNLL(GaussianNLL):
     def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         mu, log_sigma = self.split(out)
         z2 = ((y - mu) * torch.exp(-log_sigma)) ** 2
-        weight = torch.exp(2.0 * self.beta * log_sigma.detach())
+        weight = beta_weight(log_sigma, self.beta)
         return (weight * (0.5 * z2 + log_sigma + 0.5 * math.log(2 * math.pi))).sum(-1).mean()
 
 
