@@ -45,9 +45,12 @@ def _shifted(kwargs_list: list[dict], i: int, key: str, h: float) -> list[dict]:
     return out
 
 
-def fisher_matrix(sim, image_model, kw_lens, kw_source, step: float = STEP) -> tuple[np.ndarray, list[str]]:
-    """Fisher matrix [P, P] of one noiseless image and its parameter names: the 7 lens parameters
-    first, then the source's (its amplitude as ``log_amp``, so that one prior width fits a set)."""
+def fisher_matrix(
+    sim, image_model, kw_lens, kw_source, step: float = STEP, lens_keys=LENS_KEYS
+) -> tuple[np.ndarray, list[str]]:
+    """Fisher matrix [P, P] of one noiseless image and its parameter names: the lens parameters
+    ``lens_keys`` ((keyword, index of the lens model) pairs; the 7 of SIE + shear by default) first,
+    then the source's (its amplitude as ``log_amp``, so that one prior width fits a set)."""
     clean = image_model.image(kw_lens, kw_source)
     var = sim.estimate_noise(clean) ** 2
 
@@ -55,7 +58,7 @@ def fisher_matrix(sim, image_model, kw_lens, kw_source, step: float = STEP) -> t
         return (image_model.image(*moved(step)) - image_model.image(*moved(-step))) / (2 * step)
 
     cols, names = [], []
-    for key, k in LENS_KEYS:
+    for key, k in lens_keys:
         cols.append(central(lambda h, key=key, k=k: (_shifted(kw_lens, k, key, h), kw_source)))
         names.append(key)
     src = kw_source[0]
@@ -72,18 +75,27 @@ def fisher_matrix(sim, image_model, kw_lens, kw_source, step: float = STEP) -> t
     return j.T @ (j / var.ravel()[:, None]), names
 
 
-def lens_bound(f: np.ndarray, prior_var: np.ndarray | None = None) -> np.ndarray:
-    """Standard deviations [7] of the lens parameters from ``inv(F + diag(1 / prior_var))``:
-    without ``prior_var`` the Cramer-Rao bound (``inf`` where F is singular), with it the width of
-    the Laplace posterior under Gaussian priors of those variances."""
+def posterior_cov(f: np.ndarray, prior_var: np.ndarray | None = None) -> np.ndarray | None:
+    """``inv(F + diag(1 / prior_var))`` [P, P]: without ``prior_var`` the Cramer-Rao covariance,
+    with it that of the Laplace posterior under Gaussian priors of those variances; None where
+    singular."""
     if prior_var is not None:
         f = f + np.diag(1.0 / np.asarray(prior_var))
     scale = np.sqrt(np.clip(np.diag(f), 1e-300, None))  # precondition: parameters differ by orders of magnitude
     try:
-        cov = np.linalg.inv(f / np.outer(scale, scale)) / np.outer(scale, scale)
+        return np.linalg.inv(f / np.outer(scale, scale)) / np.outer(scale, scale)
     except np.linalg.LinAlgError:
-        return np.full(len(LENS_KEYS), np.inf)
-    d = np.diag(cov)[: len(LENS_KEYS)]
+        return None
+
+
+def lens_bound(f: np.ndarray, prior_var: np.ndarray | None = None, n_lens: int = len(LENS_KEYS)) -> np.ndarray:
+    """Standard deviations [n_lens] of the lens parameters (the first ``n_lens``) from
+    :func:`posterior_cov`: the Cramer-Rao bound without ``prior_var`` (``inf`` where F is
+    singular), with it the width of the Laplace posterior."""
+    cov = posterior_cov(f, prior_var)
+    if cov is None:
+        return np.full(n_lens, np.inf)
+    d = np.diag(cov)[:n_lens]
     return np.where(d > 0, np.sqrt(np.abs(d)), np.inf)
 
 

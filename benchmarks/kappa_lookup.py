@@ -42,10 +42,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     timing = {}
     if not (Path(args.bank) / MANIFEST).is_file():
-        rc = run_config(args.ckpt)
-        kind = str(OmegaConf.select(rc.data, "mass.kind", default="sie")) if rc is not None else "sie"
+        rc = run_config(args.ckpt)  # without a run config the preset's own family, as lensexp.lookup assumes
+        kind = OmegaConf.select(rc.data, "mass.kind", default="sie") if rc is not None else None
         t0 = time.perf_counter()
-        over = ["data=kappa", f"data.mass.kind={kind}", f"n={args.bank_n}", "seed=11", "workers=2", f"out={args.bank}"]
+        over = ["data=kappa", *([f"data.mass.kind={kind}"] if kind else [])]
+        over += [f"n={args.bank_n}", "seed=11", "workers=2", f"out={args.bank}"]
         simulate(compose_config("simulate", over))
         timing["bank_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
