@@ -9,10 +9,10 @@ Sets (lenstronomy ``SimAPI``, the ``data=kappa`` grid, detector and priors: 64 p
 sky 22 mag/arcsec^2, read noise 4 e-, Gaussian PSFs of FWHM 0.1-0.25", theta_E 0.5-2", q 0.3-1,
 centre +-0.25", shear +-0.1, Sersic sources of AB 21-24 within 0.6 theta_E of the lens centre):
 
-* ``sie``: SIE + shear, the training family;
+* ``epl_narrow``: the training family (an elliptical power law, lenstronomy ``EPL``, of slope
+  2 +- 0-0.15, + shear); ``sie``: SIE + shear (slope 2 exactly);
 * ``sie_pair``, ``sie_subhalo``, ``epl``: the look-up test's unseen classes, drawn as ``data=kappa``
-  draws them (a second SIE, an SIS near the ring; the main lens an elliptical power law of slope
-  2 +- 0.25-0.5, lenstronomy ``EPL``).
+  draws them (a second SIE, an SIS near the ring; the main lens a power law of slope 2 +- 0.25-0.5).
 
 For each lens the Fisher matrix of its noiseless image (``information_floor.fisher_matrix``: central
 differences in every lens parameter - the other profile's and the slope included - and every
@@ -49,10 +49,11 @@ MODELS = {
     "sie_pair": ["SIE", "SIE"],
     "sie_subhalo": ["SIE", "SIS"],
     "epl": ["EPL"],
+    "epl_narrow": ["EPL"],
 }
 SETS = tuple(MODELS)
 ANNULUS, CLIP = (0.3, 2.0), 3.0  # lensexp.kappa_maps.ANNULUS, KAPPA_CLIP
-SLOPE_OFFSET = (0.25, 0.5)  # |gamma - 2| of the epl class (mass.epl.gamma_offset)
+SLOPE_OFFSET = {"epl": (0.25, 0.5), "epl_narrow": (0.0, 0.15)}  # |gamma - 2| (mass.<kind>.gamma_offset)
 MAIN_KEYS = ("theta_E", "e1", "e2", "center_x", "center_y")
 PROFILE_KEYS = {"SIE": MAIN_KEYS, "EPL": (*MAIN_KEYS, "gamma"), "SIS": ("theta_E", "center_x", "center_y")}
 STEP = 1e-3
@@ -72,8 +73,8 @@ def components(kind: str, main: dict, rng) -> list[dict]:
     from lenstronomy.Util.param_util import phi_q2_ellipticity
 
     te, cx, cy = main["theta_E"], main["center_x"], main["center_y"]
-    if kind == "epl":
-        main["gamma"] = 2.0 + rng.choice([-1.0, 1.0]) * rng.uniform(*SLOPE_OFFSET)
+    if kind in SLOPE_OFFSET:
+        main["gamma"] = 2.0 + rng.choice([-1.0, 1.0]) * rng.uniform(*SLOPE_OFFSET[kind])
         return []
     if kind == "sie_pair":
         r, a = te * rng.uniform(0.6, 1.4), rng.uniform(0, 2 * np.pi)
@@ -208,7 +209,7 @@ def ideal_errors(d: dict, kind: str) -> dict:
         sd = np.sqrt(np.clip(np.einsum("pm,pq,qm->m", j, cov, j), 0, None))
         out["kappa_mae"].append(float(np.sqrt(2 / np.pi) * sd.mean()))
         out["theta_E_sd"].append(float(np.sqrt(cov[0, 0])))
-        if kind == "epl":
+        if "gamma" in names:
             g = names.index("gamma")
             out["slope_sd"].append(float(np.sqrt(cov[g, g])))
     return {k: np.array(v) for k, v in out.items()}
@@ -298,7 +299,7 @@ def main() -> None:
             "per_lens_ideal": ideal["kappa_mae"].tolist(),
             "networks": {},
         }
-        if name == "epl":
+        if name in SLOPE_OFFSET:
             s["slope_sd_median"] = float(np.median(ideal["slope_sd"]))
             s["slope_sd_below_0.1"] = float(np.mean(ideal["slope_sd"] < 0.1))
         for ckpt in args.ckpt:

@@ -11,9 +11,9 @@ Profiles, in lenstronomy's conventions (1.14), pure and batched like :mod:`lense
   Tessore & Metcalf 2015): ``kappa = (3 - gamma) / 2 (theta_E / sqrt(q x'^2 + y'^2 / q))^(gamma-1)``,
   ``gamma`` the 3-D slope (2 = SIE), ``e1, e2`` as for the SIE.
 
-Families (``data.mass.kind``): ``sie`` (SIE + shear: the training family of ``data=kappa``),
-``epl_narrow`` (the main lens a power law with a slope near isothermal, 2 +- 0.15 in
-``data=kappa``: a broader training family on request), ``sie_pair`` (a
+Families (``data.mass.kind``): ``epl_narrow`` (the main lens a power law with a slope near
+isothermal, 2 +- 0.15, + shear: the training family of ``data=kappa``), ``sie`` (SIE + shear: a
+training family on request, the default before 2026-12-06), ``sie_pair`` (a
 second SIE beside the main one), ``sie_subhalo`` (an SIS subhalo near the Einstein ring),
 ``epl`` (the main lens a power law with a slope away from isothermal, 2 +- 0.25-0.5) and
 ``sie_blobs`` (SIE + shear + :data:`N_BLOBS` Gaussian convergence clumps anywhere within 1.5
