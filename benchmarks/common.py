@@ -70,3 +70,13 @@ def save(rows: list, path: str | None) -> None:
     """Write the rows as JSON to ``path`` (when given), e.g. ``benchmarks/results/*.json``."""
     if path:
         Path(path).write_text(json.dumps(rows, indent=2))
+
+
+def write_results(out: str | Path, stem: str, res, md: str) -> None:
+    """``out/<stem>.json`` (``res``) and ``out/<stem>.md`` (``md``, also printed): a results folder."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=2))
+    (out / f"{stem}.md").write_text(md)
+    print(md)
+    print(f"wrote {out}/{stem}.json and .md", file=sys.stderr)

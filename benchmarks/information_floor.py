@@ -24,13 +24,10 @@ the source's Poisson noise: lenstronomy's ``estimate_noise``).
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-from common import ensure_allocator_env, machine_info
+from common import ensure_allocator_env, machine_info, write_results
 from outside_sets import LABELS, SETS, make_set
 
 LENS_KEYS = (("theta_E", 0), ("e1", 0), ("e2", 0), ("center_x", 0), ("center_y", 0), ("gamma1", 1), ("gamma2", 1))
@@ -210,12 +207,7 @@ def main() -> None:
             + (f", network {s['network_rmse']['theta_E']:.4f}" if err is not None else ""),
             flush=True,
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "information_floor.json").write_text(json.dumps(res, indent=2))
-    (out / "information_floor.md").write_text(markdown(res))
-    print(markdown(res))
-    print(f"wrote {out}/information_floor.json and .md", file=sys.stderr)
+    write_results(args.out, "information_floor", res, markdown(res))
 
 
 if __name__ == "__main__":

@@ -32,13 +32,10 @@ With ``--ckpt`` each network's error on the same images, with ``--bank`` the loo
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-from common import ensure_allocator_env, machine_info
+from common import ensure_allocator_env, machine_info, write_results
 from information_floor import fisher_matrix, posterior_cov
 
 NPIX, PIXSCALE, ZEROPOINT = 64, 0.1, 25.9
@@ -316,12 +313,7 @@ def main() -> None:
             + (f", look-up {s['lookup']:.4f}" if "lookup" in s else ""),
             flush=True,
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kappa_floor.json").write_text(json.dumps(res, indent=2))
-    (out / "kappa_floor.md").write_text(markdown(res))
-    print(markdown(res))
-    print(f"wrote {out}/kappa_floor.json and .md", file=sys.stderr)
+    write_results(args.out, "kappa_floor", res, markdown(res))
 
 
 if __name__ == "__main__":

@@ -17,13 +17,11 @@ sets' narrower ranges (coverage is nominal only averaged over the prior the post
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
 import torch
-from common import ensure_allocator_env, machine_info
+from common import ensure_allocator_env, machine_info, write_results
 from outside_sets import SETS, make_set, prior_ranges
 
 from lensexp.calibrate import CAL_FILE, collect, read_calibration, summarise
@@ -132,12 +130,7 @@ def main() -> None:
             f"{r['theta_E'].get('cov68_after', float('nan')):.3f}",
             flush=True,
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "outside_coverage.json").write_text(json.dumps(results, indent=2))
-    (out / "outside_coverage.md").write_text(markdown(results, module.labels))
-    print(markdown(results, module.labels))
-    print(f"wrote {out}/outside_coverage.json and .md", file=sys.stderr)
+    write_results(args.out, "outside_coverage", results, markdown(results, module.labels))
 
 
 if __name__ == "__main__":
