@@ -1,8 +1,8 @@
 """Density maps: the network against the nearest-image look-up, per mass class, timed in one run.
 
-Makes (or reuses) the look-up bank with the contract command
-``python -m lensexp.simulate data=kappa n=20000 seed=11 workers=2 out=BANK`` (with the checkpoint's
-own ``data.mass.kind`` when it was trained on another family: the bank is of the training family),
+Makes (or reuses) the look-up bank, by default ``shards/kappa_bank_<family>``, with the contract
+command ``python -m lensexp.simulate data=kappa n=20000 seed=11 workers=2 out=BANK`` (with the
+checkpoint's own ``data.mass.kind``: the bank is of the training family),
 then runs
 ``python -m lensexp.lookup`` on a density-map checkpoint (``experiment=kappa_quickstart``) and
 prints, per class, the mean |kappa error| (kappa clipped at 3, 0.3-2" annulus) of network and
@@ -10,7 +10,7 @@ look-up and their ratio, against the targets of issue 15 (<= 0.04 on the trainin
 <= 0.4 on each unseen class). Results, with the machine, go to ``--out``.
 
     python benchmarks/kappa_lookup.py --ckpt outputs/runs/kappa_quickstart/checkpoints/last.ckpt
-    python benchmarks/kappa_lookup.py --ckpt RUN/checkpoints/last.ckpt --bank shards/kappa_bank_sie_blobs \
+    python benchmarks/kappa_lookup.py --ckpt RUN/checkpoints/last.ckpt \
         --classes sie sie_pair sie_subhalo epl sie_blobs   # the default test sets first (seed 2026 + index)
 """
 
@@ -25,7 +25,7 @@ from common import ensure_allocator_env, machine_info
 from omegaconf import OmegaConf
 
 from lensexp.checkpoints import run_config
-from lensexp.config import compose_config
+from lensexp.config import compose_config, load_data_preset
 from lensexp.lookup import run as lookup
 from lensexp.shard_set import MANIFEST
 from lensexp.simulate import run as simulate
@@ -34,19 +34,21 @@ from lensexp.simulate import run as simulate
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="task=kappa checkpoint")
-    ap.add_argument("--bank", default="shards/kappa_bank")
+    ap.add_argument("--bank", default=None, help="the look-up bank (default shards/kappa_bank_<training family>)")
     ap.add_argument("--bank-n", type=int, default=20000)
     ap.add_argument("--n", type=int, default=256, help="test lenses per class")
     ap.add_argument("--out", default="benchmarks/results/kappa_lookup")
     ap.add_argument("--classes", nargs="*", default=None, help="mass classes (default: training family, unseen)")
     args = ap.parse_args(argv)
     timing = {}
+    rc = run_config(args.ckpt)  # without a run config the preset's own family, as lensexp.lookup assumes
+    kind = str(
+        OmegaConf.select(rc.data, "mass.kind", default="sie") if rc is not None else load_data_preset("kappa").mass.kind
+    )
+    args.bank = args.bank or f"shards/kappa_bank_{kind}"  # one bank per family: a stale bank of another is not reused
     if not (Path(args.bank) / MANIFEST).is_file():
-        rc = run_config(args.ckpt)  # without a run config the preset's own family, as lensexp.lookup assumes
-        kind = OmegaConf.select(rc.data, "mass.kind", default="sie") if rc is not None else None
         t0 = time.perf_counter()
-        over = ["data=kappa", *([f"data.mass.kind={kind}"] if kind else [])]
-        over += [f"n={args.bank_n}", "seed=11", "workers=2", f"out={args.bank}"]
+        over = ["data=kappa", f"data.mass.kind={kind}", f"n={args.bank_n}", "seed=11", "workers=2", f"out={args.bank}"]
         simulate(compose_config("simulate", over))
         timing["bank_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
