@@ -5,9 +5,10 @@ lenstronomy like ``data=kappa``'s (issue 15).
     python benchmarks/kappa_floor.py --n 256 [--ckpt RUN/checkpoints/last.ckpt [RUN2/...] --bank shards/kappa_bank] \
         --out benchmarks/results/kappa_floor
 
-Sets (lenstronomy ``SimAPI``, the ``data=kappa`` grid, detector and priors: 64 px at 0.1", 1 000 s,
-sky 22 mag/arcsec^2, read noise 4 e-, Gaussian PSFs of FWHM 0.1-0.25", theta_E 0.5-2", q 0.3-1,
-centre +-0.25", shear +-0.1, Sersic sources of AB 21-24 within 0.6 theta_E of the lens centre):
+Sets (lenstronomy ``SimAPI``; the ``data=kappa`` grid, detector and priors, read from the preset:
+64 px at 0.1", 1 000 s, sky 22 mag/arcsec^2, read noise 4 e-, Gaussian PSFs of FWHM 0.1-0.25",
+theta_E 0.5-2", q 0.3-1, centre +-0.25", shear +-0.1, Sersic sources of AB 21-24 within 0.6 theta_E
+of the lens centre):
 
 * ``epl_narrow``: the training family (an elliptical power law, lenstronomy ``EPL``, of slope
   2 +- 0-0.15, + shear); ``sie``: SIE + shear (slope 2 exactly);
@@ -38,9 +39,8 @@ import numpy as np
 from common import ensure_allocator_env, machine_info, write_results
 from information_floor import fisher_matrix, posterior_cov
 
-NPIX, PIXSCALE, ZEROPOINT = 64, 0.1, 25.9
-# the look-up test's classes (conf/data/kappa.yaml, lensexp/sim/mass.py: draw_components) as lenstronomy
-# models, the external shear last
+# the look-up test's classes (lensexp/sim/mass.py: draw_components) as lenstronomy models, the
+# external shear last; every range comes from the data=kappa preset (conf/data/kappa.yaml)
 MODELS = {
     "sie": ["SIE"],
     "sie_pair": ["SIE", "SIE"],
@@ -49,11 +49,17 @@ MODELS = {
     "epl_narrow": ["EPL"],
 }
 SETS = tuple(MODELS)
+SLOPED = ("epl", "epl_narrow")  # the main lens a power law of slope 2 +- mass.<kind>.gamma_offset
 ANNULUS, CLIP = (0.3, 2.0), 3.0  # lensexp.kappa_maps.ANNULUS, KAPPA_CLIP
-SLOPE_OFFSET = {"epl": (0.25, 0.5), "epl_narrow": (0.0, 0.15)}  # |gamma - 2| (mass.<kind>.gamma_offset)
 MAIN_KEYS = ("theta_E", "e1", "e2", "center_x", "center_y")
 PROFILE_KEYS = {"SIE": MAIN_KEYS, "EPL": (*MAIN_KEYS, "gamma"), "SIS": ("theta_E", "center_x", "center_y")}
 STEP = 1e-3
+
+
+def uniform(rng, lohi) -> float:
+    """A uniform draw in ``lohi`` = [low, high]; the value itself, with no draw, for a fixed one."""
+    lo, hi = (float(v) for v in lohi)
+    return lo if lo == hi else float(rng.uniform(lo, hi))
 
 
 def lens_keys(kind: str) -> tuple:
@@ -64,71 +70,79 @@ def lens_keys(kind: str) -> tuple:
     return (*keys, ("gamma1", len(models)), ("gamma2", len(models)))
 
 
-def components(kind: str, main: dict, rng) -> list[dict]:
-    """Keywords of the profiles other than the main lens (for ``epl``: the main lens's slope),
-    drawn as ``lensexp.sim.mass.draw_components`` draws them (distances in units of theta_E)."""
+def components(kind: str, main: dict, mass, rng) -> list[dict]:
+    """Keywords of the profiles other than the main lens (for the power laws: the main lens's
+    slope), drawn from the preset's ``mass`` ranges as ``lensexp.sim.mass.draw_components`` draws
+    them (distances in units of theta_E)."""
     from lenstronomy.Util.param_util import phi_q2_ellipticity
 
     te, cx, cy = main["theta_E"], main["center_x"], main["center_y"]
-    if kind in SLOPE_OFFSET:
-        main["gamma"] = 2.0 + rng.choice([-1.0, 1.0]) * rng.uniform(*SLOPE_OFFSET[kind])
+    if kind in SLOPED:
+        main["gamma"] = 2.0 + rng.choice([-1.0, 1.0]) * uniform(rng, mass[kind].gamma_offset)
         return []
     if kind == "sie_pair":
-        r, a = te * rng.uniform(0.6, 1.4), rng.uniform(0, 2 * np.pi)
-        e1, e2 = phi_q2_ellipticity(rng.uniform(0, np.pi), rng.uniform(0.5, 1.0))
-        m2 = {"theta_E": te * rng.uniform(0.3, 0.8), "e1": e1, "e2": e2}
+        r, a = te * uniform(rng, mass.pair.separation), rng.uniform(0, 2 * np.pi)
+        e1, e2 = phi_q2_ellipticity(rng.uniform(0, np.pi), uniform(rng, mass.pair.q))
+        m2 = {"theta_E": te * uniform(rng, mass.pair.theta_E_ratio), "e1": e1, "e2": e2}
         return [m2 | {"center_x": cx + r * np.cos(a), "center_y": cy + r * np.sin(a)}]
     if kind == "sie_subhalo":
-        r, a = te * rng.uniform(0.8, 1.2), rng.uniform(0, 2 * np.pi)
-        return [{"theta_E": rng.uniform(0.15, 0.35), "center_x": cx + r * np.cos(a), "center_y": cy + r * np.sin(a)}]
+        r, a = te * uniform(rng, mass.subhalo.radius), rng.uniform(0, 2 * np.pi)
+        sub = {"theta_E": uniform(rng, mass.subhalo.theta_E)}
+        return [sub | {"center_x": cx + r * np.cos(a), "center_y": cy + r * np.sin(a)}]
     return []
 
 
 def make_set(kind: str, n: int, seed: int = 0) -> dict:
-    """``{"images": [n, 1, 64, 64] float32 e-/s, "kappa": [n, 64, 64] float64 (the true convergence
+    """``{"images": [n, 1, N, N] float32 e-/s, "kappa": [n, N, N] float64 (the true convergence
     at the pixel centres), "kappa_main": the same for the main lens alone as an SIE (its parameters
     but slope 2, without the other profiles), "models": per lens (sim, image_model, kw_lens,
-    kw_source), "x", "y": pixel centres [64, 64] arcsec}``."""
+    kw_source), "x", "y": pixel centres [N, N] arcsec}``, on the ``data=kappa`` grid and detector
+    with its Gaussian PSFs, lens priors and Sersic sources (offsets uniform in area)."""
     from lenstronomy.LensModel.lens_model import LensModel
     from lenstronomy.SimulationAPI.sim_api import SimAPI
     from lenstronomy.Util.param_util import phi_q2_ellipticity
 
+    from lensexp.config import load_data_preset
+
     if kind not in SETS:
         raise ValueError(f"unknown set '{kind}' (sets: {SETS})")
+    c = load_data_preset("kappa")
+    lens, src, inst, npix = c.lens, c.source, c.instrument, int(c.npix)
     rng = np.random.default_rng([seed, 15, SETS.index(kind)])
     model = {"lens_model_list": [*MODELS[kind], "SHEAR"], "source_light_model_list": ["SERSIC_ELLIPSE"]}
     mass, main_sie = LensModel(MODELS[kind]), LensModel(["SIE"])
-    images = np.zeros((n, 1, NPIX, NPIX), np.float32)
-    kappa, kappa_main = np.zeros((n, NPIX, NPIX)), np.zeros((n, NPIX, NPIX))
+    images = np.zeros((n, 1, npix, npix), np.float32)
+    kappa, kappa_main = np.zeros((n, npix, npix)), np.zeros((n, npix, npix))
     kept, x, y = [], None, None
     for i in range(n):
         band = {
-            "pixel_scale": PIXSCALE,
-            "exposure_time": 1000.0,
-            "magnitude_zero_point": ZEROPOINT,
-            "read_noise": 4.0,
-            "ccd_gain": 2.5,
-            "sky_brightness": 22.0,
+            "pixel_scale": float(c.pixscale),
+            "exposure_time": uniform(rng, inst.exposure_time),
+            "magnitude_zero_point": float(inst.zeropoint),
+            "read_noise": uniform(rng, inst.read_noise),
+            "ccd_gain": float(inst.gain),
+            "sky_brightness": uniform(rng, inst.sky_mag),
             "num_exposures": 1,
             "psf_type": "GAUSSIAN",
-            "seeing": rng.uniform(0.1, 0.25),
+            "seeing": uniform(rng, c.psf.fwhm),
         }
-        sim = SimAPI(NPIX, band, model)
+        sim = SimAPI(npix, band, model)
         if x is None:
-            x, y = (c.reshape(NPIX, NPIX) for c in sim.data_class.pixel_coordinates)
-        theta_e, q, phi = rng.uniform(0.5, 2.0), rng.uniform(0.3, 1.0), rng.uniform(0, np.pi)
+            x, y = (v.reshape(npix, npix) for v in sim.data_class.pixel_coordinates)
+        theta_e, q, phi = uniform(rng, lens.theta_E), uniform(rng, lens.q), uniform(rng, lens.phi)
         e1, e2 = phi_q2_ellipticity(phi, q)
-        cx, cy = rng.uniform(-0.25, 0.25, 2)
+        cx, cy = uniform(rng, lens.center), uniform(rng, lens.center)
         kw_main = {"theta_E": theta_e, "e1": e1, "e2": e2, "center_x": cx, "center_y": cy}
-        kw_mass = [kw_main, *components(kind, kw_main, rng)]
-        g1, g2 = rng.uniform(-0.1, 0.1, 2)
+        kw_mass = [kw_main, *components(kind, kw_main, c.mass, rng)]
+        g1, g2 = uniform(rng, lens.gamma), uniform(rng, lens.gamma)
         kw_lens = [*kw_mass, {"gamma1": g1, "gamma2": g2, "ra_0": 0.0, "dec_0": 0.0}]
-        r, a = theta_e * 0.6 * np.sqrt(rng.uniform()), rng.uniform(0, 2 * np.pi)
-        se1, se2 = phi_q2_ellipticity(rng.uniform(0, np.pi), rng.uniform(0.4, 1.0))
+        lo, hi = (float(v) for v in src.offset)
+        r, a = theta_e * np.sqrt(uniform(rng, (lo * lo, hi * hi))), rng.uniform(0, 2 * np.pi)
+        se1, se2 = phi_q2_ellipticity(rng.uniform(0, np.pi), uniform(rng, src.sersic.q))
         kw_src = {
-            "magnitude": rng.uniform(21.0, 24.0),
-            "R_sersic": rng.uniform(0.1, 0.6),
-            "n_sersic": rng.uniform(0.7, 4.0),
+            "magnitude": uniform(rng, src.mag),
+            "R_sersic": uniform(rng, src.sersic.R_sersic),
+            "n_sersic": uniform(rng, src.sersic.n),
             "e1": se1,
             "e2": se2,
             "center_x": cx + r * np.cos(a),
@@ -221,7 +235,7 @@ def network_maps(ckpt: str, images: np.ndarray, n_mc: int, seed: int = 0) -> np.
 
     torch.manual_seed(seed)
     module = load_module(ckpt)
-    pred = KappaPredictor(module, NPIX, PIXSCALE, n_mc)
+    pred = KappaPredictor(module, images.shape[-1], module.pixscale, n_mc)
     g = torch.Generator().manual_seed(seed)
     im = torch.from_numpy(images)
     return torch.cat([pred.samples(im[i : i + 64], g)[1] for i in range(0, len(im), 64)]).double().numpy()
@@ -296,7 +310,7 @@ def main() -> None:
             "per_lens_ideal": ideal["kappa_mae"].tolist(),
             "networks": {},
         }
-        if name in SLOPE_OFFSET:
+        if name in SLOPED:
             s["slope_sd_median"] = float(np.median(ideal["slope_sd"]))
             s["slope_sd_below_0.1"] = float(np.mean(ideal["slope_sd"] < 0.1))
         for ckpt in args.ckpt:
