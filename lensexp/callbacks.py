@@ -188,6 +188,21 @@ class EMA(WeightAveraging):
         torch._foreach_lerp_(averaged, current, 1.0 - min(self.decay, (1.0 + n) / (10.0 + n)))
 
 
+DATA_KEY = "lensexp_data_fingerprint"  # checkpoint key: the run's data config (lensexp.train.data_fingerprint)
+
+
+class DataFingerprint(pl.Callback):
+    """Writes ``fingerprint`` (the run's data config, :func:`lensexp.train.data_fingerprint`)
+    into every checkpoint under :data:`DATA_KEY`, so that rerunning a folder with other data is
+    refused instead of resumed (:func:`lensexp.train.resume_checkpoint`)."""
+
+    def __init__(self, fingerprint: str):
+        self.fingerprint = str(fingerprint)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[DATA_KEY] = self.fingerprint
+
+
 class Throughput(pl.Callback):
     """``model/params`` at the start; ``train/img_per_s`` (training images per second of wall
     time, data loading included) at the end of every epoch."""

@@ -8,11 +8,14 @@
 
 A run directory RUN holds ``checkpoints/last.ckpt`` (and the best by validation loss),
 ``.hydra/config.yaml``, ``csv/`` metrics and an offline W&B run under ``wandb/``. Rerunning with
-the same ``hydra.run.dir`` resumes from ``last.ckpt`` exactly (or give ``ckpt_path=...``).
+the same ``hydra.run.dir`` resumes from ``last.ckpt`` exactly (or give ``ckpt_path=...``); a
+rerun whose ``data`` config differs from the one the checkpoint was trained on is refused, since
+it would continue (or, when finished, keep) a network of other data.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -29,8 +32,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     import pytorch_lightning as pl
     import torch
 
-    from lensexp.callbacks import TimeBudget, build_callbacks, build_loggers, parse_duration
-    from lensexp.checkpoints import read_checkpoint
+    from lensexp.callbacks import DataFingerprint, TimeBudget, build_callbacks, build_loggers, parse_duration
     from lensexp.data import LensDataModule
     from lensexp.runtime import resolve_precision, set_threads
     from lensexp.sim.schema import validate_config
@@ -38,6 +40,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     validate_config(cfg.data)
     budget = parse_duration(cfg.time_budget) if cfg.get("time_budget") else None  # a bad value: one line, first
+    ckpt = resume_checkpoint(cfg, run_dir)  # before any data are made: a refusal costs nothing
     if cfg.get("make_data"):
         make_data(cfg)
     set_threads()
@@ -58,16 +61,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     callbacks = build_callbacks(cfg.callbacks, str(run_dir / "checkpoints"), bool(loggers))
     if budget:  # epochs and learning-rate schedule fitted to the wall time
         callbacks["time_budget"] = TimeBudget(budget, run_dir)
+    callbacks["data_fingerprint"] = DataFingerprint(data_fingerprint(cfg))
     trainer = pl.Trainer(
         **trainer_kw, logger=loggers or False, callbacks=list(callbacks.values()), default_root_dir=str(run_dir)
     )
-    ckpt = cfg.ckpt_path
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if ckpt is None and last.exists():
-        ckpt = str(last)
-        log.info("resuming from %s", ckpt)
-    if ckpt is not None:
-        read_checkpoint(ckpt)  # weights-only; a bad or code-running file is one line, before any work
     try:
         t0 = time.perf_counter()
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
@@ -83,6 +80,41 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
 
             wandb.finish()
     return metrics
+
+
+def data_fingerprint(cfg: DictConfig) -> str:
+    """sha256 of the run's ``data`` config as composed, interpolations unresolved (so the same on
+    any machine whatever its data paths): stored in every checkpoint of the run."""
+    text = json.dumps(OmegaConf.to_container(cfg.data, resolve=False), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """The checkpoint the run continues from: ``ckpt_path`` when given, else ``RUN/checkpoints/last.ckpt``
+    when there is one (loaded weights-only: a bad file is one line, before any work). Resuming
+    ``last.ckpt`` by rerunning in the same folder with another ``data`` config is refused in one
+    line (it would continue, or when finished silently keep, a network of other data); a
+    ``ckpt_path`` given on purpose may start from other data (logged). Checkpoints from before the
+    fingerprint carry none and resume as before."""
+    from lensexp.callbacks import DATA_KEY
+    from lensexp.checkpoints import read_checkpoint
+
+    ckpt, explicit = cfg.ckpt_path, cfg.ckpt_path is not None
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if ckpt is None and last.exists():
+        ckpt = str(last)
+        log.info("resuming from %s", ckpt)
+    if ckpt is None:
+        return None
+    saved = read_checkpoint(ckpt).get(DATA_KEY)
+    if saved is not None and saved != data_fingerprint(cfg):
+        if not explicit:
+            raise ConfigError(
+                f"'{run_dir}' holds a run trained on another data config than this one (e.g. another preset or "
+                "data.mass.kind): give a new hydra.run.dir, or ckpt_path= to start from that checkpoint on purpose"
+            )
+        log.info("ckpt_path %s was trained on another data config; continuing on this one", ckpt)
+    return str(ckpt)
 
 
 def make_data(cfg: DictConfig) -> None:

@@ -102,6 +102,26 @@ def test_resume_continues_from_saved_step(tmp_path):
     assert max(int(r["epoch"]) for r in rows) == 2
 
 
+def test_rerun_with_other_data_is_refused_not_resumed(tmp_path):
+    """Rerunning a run folder with another data config (e.g. a new default mass family) would
+    continue, or when finished silently keep, a network of other data: refused in one line before
+    any work; the same data resume; ``ckpt_path=`` given on purpose starts from it on other data."""
+    from lensexp.callbacks import DATA_KEY
+
+    base = [*FAST, "callbacks.lr_monitor=false"]
+    run(compose_config("train", [*base, "trainer.max_epochs=1"]), tmp_path)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert len(torch.load(last, weights_only=True)[DATA_KEY]) == 64
+    other = [*base, "data.lens.theta_E=[0.5,2.0]", "trainer.max_epochs=2"]
+    with pytest.raises(ConfigError, match="another data config"):
+        run(compose_config("train", other), tmp_path)
+    assert _last_step(tmp_path) == (2, 0)  # untouched
+    run(compose_config("train", [*base, "trainer.max_epochs=2"]), tmp_path)  # same data: resumes
+    assert _last_step(tmp_path)[0] == 4
+    run(compose_config("train", [*other, f"ckpt_path={last}", "trainer.max_epochs=3"]), tmp_path / "new")
+    assert _last_step(tmp_path / "new")[0] == 6
+
+
 def test_cli_run_directory_contract(tmp_path):
     """`python -m lensexp.train experiment=quickstart hydra.run.dir=RUN` leaves what conventions.md lists."""
     run_dir = tmp_path / "RUN"
