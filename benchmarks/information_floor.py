@@ -105,15 +105,19 @@ def fisher_bound(sim, image_model, kw_lens, kw_source, step: float = STEP) -> np
 def set_prior_var(d: dict, names: list[str]) -> np.ndarray:
     """Each parameter's variance over the set (its lenses' labels, its sources' keywords): the
     spread of the prior the set was drawn from, as a Gaussian's."""
-    cols = []
-    for name in names:
-        if name in LABELS:
-            cols.append(d["labels"][:, LABELS.index(name)])
-        elif name == "log_amp":
-            cols.append(np.log([m[3][0]["amp"] for m in d["models"]]))
-        else:
-            cols.append(np.array([m[3][0][name.removeprefix("source_")] for m in d["models"]]))
-    return np.array([np.var(c) for c in cols])
+    lens = [d["labels"][:, LABELS.index(n)] for n in names if n in LABELS]
+    return np.array([np.var(c) for c in lens + source_columns(d["models"], [n for n in names if n not in LABELS])])
+
+
+def source_columns(models: list, names: list[str]) -> list:
+    """Per source parameter name of a Fisher matrix (``log_amp``, ``source_<keyword>``), its values
+    over the set's lenstronomy models ``(sim, image_model, kw_lens, kw_source)``."""
+    return [
+        np.log([m[3][0]["amp"] for m in models])
+        if name == "log_amp"
+        else np.array([m[3][0][name.removeprefix("source_")] for m in models])
+        for name in names
+    ]
 
 
 def network_errors(ckpt: str, images: np.ndarray, truth: np.ndarray, n_mc: int) -> np.ndarray:

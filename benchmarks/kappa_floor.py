@@ -37,7 +37,9 @@ import time
 
 import numpy as np
 from common import ensure_allocator_env, machine_info, write_results
-from information_floor import fisher_matrix, posterior_cov
+from information_floor import fisher_matrix, posterior_cov, source_columns
+
+from lensexp.kappa_maps import KAPPA_CLIP, annulus_mask
 
 # the look-up test's classes (lensexp/sim/mass.py: draw_components) as lenstronomy models, the
 # external shear last; every range comes from the data=kappa preset (conf/data/kappa.yaml)
@@ -50,7 +52,6 @@ MODELS = {
 }
 SETS = tuple(MODELS)
 SLOPED = ("epl", "epl_narrow")  # the main lens a power law of slope 2 +- mass.<kind>.gamma_offset
-ANNULUS, CLIP = (0.3, 2.0), 3.0  # lensexp.kappa_maps.ANNULUS, KAPPA_CLIP
 MAIN_KEYS = ("theta_E", "e1", "e2", "center_x", "center_y")
 PROFILE_KEYS = {"SIE": MAIN_KEYS, "EPL": (*MAIN_KEYS, "gamma"), "SIS": ("theta_E", "center_x", "center_y")}
 STEP = 1e-3
@@ -96,7 +97,7 @@ def make_set(kind: str, n: int, seed: int = 0) -> dict:
     """``{"images": [n, 1, N, N] float32 e-/s, "kappa": [n, N, N] float64 (the true convergence
     at the pixel centres), "kappa_main": the same for the main lens alone as an SIE (its parameters
     but slope 2, without the other profiles), "models": per lens (sim, image_model, kw_lens,
-    kw_source), "x", "y": pixel centres [N, N] arcsec}``, on the ``data=kappa`` grid and detector
+    kw_source), "x", "y": pixel centres [N, N] arcsec, "pixscale": arcsec/px}``, on the ``data=kappa`` grid and detector
     with its Gaussian PSFs, lens priors and Sersic sources (offsets uniform in area)."""
     from lenstronomy.LensModel.lens_model import LensModel
     from lenstronomy.SimulationAPI.sim_api import SimAPI
@@ -155,18 +156,17 @@ def make_set(kind: str, n: int, seed: int = 0) -> dict:
         kappa[i] = mass.kappa(x, y, kw_mass)
         kappa_main[i] = main_sie.kappa(x, y, [{k: kw_main[k] for k in MAIN_KEYS}])
         kept.append((sim, image_model, kw_lens, kw_source))
-    return {"images": images, "kappa": kappa, "kappa_main": kappa_main, "models": kept, "x": x, "y": y}
+    out = {"images": images, "kappa": kappa, "kappa_main": kappa_main, "models": kept}
+    return out | {"x": x, "y": y, "pixscale": float(c.pixscale)}
 
 
-def annulus(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Boolean [N, N]: pixel centres 0.3-2" from the image centre (the score's annulus)."""
-    r = np.hypot(x, y)
-    return (r >= ANNULUS[0]) & (r <= ANNULUS[1])
+def annulus_error(pred: np.ndarray, truth: np.ndarray, pixscale: float) -> np.ndarray:
+    """The score of issue 15 per map [B] (:func:`lensexp.kappa_maps.annulus_error`) of numpy maps."""
+    import torch
 
+    from lensexp.kappa_maps import annulus_error as score
 
-def annulus_error(pred: np.ndarray, truth: np.ndarray, ring: np.ndarray) -> np.ndarray:
-    """Mean |min(pred, 3) - min(truth, 3)| per map [B] over the annulus (lensexp.kappa_maps.annulus_error)."""
-    return np.abs(np.minimum(pred, CLIP) - np.minimum(truth, CLIP))[..., ring].mean(-1)
+    return score(torch.from_numpy(np.asarray(pred)), torch.from_numpy(np.asarray(truth)), pixscale).numpy()
 
 
 def kappa_jacobian(kw_lens: list[dict], models: list[str], keys: tuple, x, y, step: float = STEP) -> np.ndarray:
@@ -184,9 +184,9 @@ def kappa_jacobian(kw_lens: list[dict], models: list[str], keys: tuple, x, y, st
             continue
         v = kw[k][key]
         kw[k][key] = v + step
-        hi = np.minimum(mass.kappa(x, y, kw), CLIP)
+        hi = np.minimum(mass.kappa(x, y, kw), KAPPA_CLIP)
         kw[k][key] = v - step
-        lo = np.minimum(mass.kappa(x, y, kw), CLIP)
+        lo = np.minimum(mass.kappa(x, y, kw), KAPPA_CLIP)
         kw[k][key] = v
         rows.append((hi - lo) / (2 * step))
     return np.stack(rows)
@@ -197,12 +197,7 @@ def prior_var(models: list, names: list[str], keys: tuple) -> np.ndarray:
     keywords and log amplitude in the order of ``names``): the spread of the prior the set was
     drawn from, as a Gaussian's."""
     cols = [[m[2][k][key] for m in models] for key, k in keys]
-    for name in names[len(keys) :]:
-        if name == "log_amp":
-            cols.append(np.log([m[3][0]["amp"] for m in models]))
-        else:
-            cols.append([m[3][0][name.removeprefix("source_")] for m in models])
-    return np.array([np.var(c) for c in cols])
+    return np.array([np.var(c) for c in cols + source_columns(models, names[len(keys) :])])
 
 
 def ideal_errors(d: dict, kind: str) -> dict:
@@ -211,7 +206,7 @@ def ideal_errors(d: dict, kind: str) -> dict:
     keys = lens_keys(kind)
     fishers = [fisher_matrix(*m, lens_keys=keys) for m in d["models"]]
     pv = prior_var(d["models"], fishers[0][1], keys)
-    ring = annulus(d["x"], d["y"])
+    ring = annulus_mask(d["x"].shape[-1], d["pixscale"]).numpy()
     xs, ys = d["x"][ring], d["y"][ring]
     out = {"kappa_mae": [], "theta_E_sd": [], "slope_sd": []}
     for (f, names), (_, _, kw_lens, _) in zip(fishers, d["models"]):
@@ -301,11 +296,10 @@ def main() -> None:
     for name in args.sets:
         t0 = time.perf_counter()
         d = make_set(name, args.n, args.seed)
-        ring = annulus(d["x"], d["y"])
         ideal = ideal_errors(d, name)
         s = {
             "ideal": float(ideal["kappa_mae"].mean()),
-            "main_sie": float(annulus_error(d["kappa_main"], d["kappa"], ring).mean()),
+            "main_sie": float(annulus_error(d["kappa_main"], d["kappa"], d["pixscale"]).mean()),
             "theta_E_sd_median": float(np.median(ideal["theta_E_sd"])),
             "per_lens_ideal": ideal["kappa_mae"].tolist(),
             "networks": {},
@@ -315,10 +309,10 @@ def main() -> None:
             s["slope_sd_below_0.1"] = float(np.mean(ideal["slope_sd"] < 0.1))
         for ckpt in args.ckpt:
             maps = network_maps(ckpt, d["images"], args.n_mc)
-            s["networks"][ckpt] = float(annulus_error(maps, d["kappa"], ring).mean())
+            s["networks"][ckpt] = float(annulus_error(maps, d["kappa"], d["pixscale"]).mean())
         if args.bank:
             maps = lookup_maps(args.bank, norm, d["images"])
-            s["lookup"] = float(annulus_error(maps, d["kappa"], ring).mean())
+            s["lookup"] = float(annulus_error(maps, d["kappa"], d["pixscale"]).mean())
         s["seconds"] = time.perf_counter() - t0
         res["sets"][name] = s
         print(
