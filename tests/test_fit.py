@@ -540,6 +540,7 @@ def test_bad_input_messages(fits_set, tmp_path):
         (["init=truth"], "init=truth needs truth="),
         (["init=truth", "truth=/nonexistent/truth.csv"], "truth file not found"),
         (["n_starts=0"], "n_starts must be >= 1"),
+        (["lbfgs.sie_candidates=0"], "lbfgs.sie_candidates must be >= 1"),
         (["adam.supersample=-1"], "adam.supersample must be >= 0"),
         (["shear_max=0"], "shear_max must be in"),
         (["center_prior=-0.1"], "center_prior must be > 0"),

@@ -154,3 +154,31 @@ def test_kappa_floor_maps_the_same_lenses_and_carries_the_posterior_to_the_map()
     base = ideal_errors(s, "sie")["kappa_mae"]
     s["models"] = [(sim, im, kl, [dict(ks[0], amp=ks[0]["amp"] * 16)]) for sim, im, kl, ks in s["models"]]
     assert np.all(base > 0) and np.all(ideal_errors(s, "sie")["kappa_mae"] < base / 2)
+
+
+def test_mc_turns_passes_turn_each_gaussian_back_to_the_image_frame():
+    """``benchmarks/mc_turns.py``: with dropout off, the 8 turned passes average to the ``d4``
+    centre (computed by another path, :meth:`point_estimate`); each pass's sigma is the network's
+    sigma on the turned image, moved to the label it turns into (transpose: centre x <-> y) and
+    rescaled by the labels' spreads; labels that do not turn keep theirs."""
+    from mc_turns import turned_passes
+
+    from lensexp.labels import D4, d4_image
+    from lensexp.models import MCDropout
+    from tests.test_d4 import _module
+
+    m = _module()
+    for mod in m.modules():
+        if isinstance(mod, MCDropout):
+            mod.p = 0.0
+    m.mc_passes = lambda n: n  # 8 deterministic passes, one per turn
+    m.scaler.label_std.copy_(torch.linspace(0.5, 2.0, len(m.labels)))  # unequal spreads: a missed swap shows
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(4))
+    means, sigmas = turned_passes(m, x, 8)
+    assert means.shape == sigmas.shape == (8, 2, len(m.labels)) and bool((sigmas > 0).all())
+    assert torch.allclose(means.mean(0), m.point_estimate(x, "d4"), atol=1e-5)
+    k = D4.index((True, False, False))
+    _, raw = m.loss_fn.mean_std(m(d4_image(x, *D4[k])))
+    col, std = {n: i for i, n in enumerate(m.labels)}, m.scaler.label_std
+    for a, b in (("center_x", "center_y"), ("center_y", "center_x"), ("e1", "e1"), ("theta_E", "theta_E")):
+        assert torch.allclose(sigmas[k, :, col[a]] * std[col[a]], raw[:, col[b]] * std[col[b]], rtol=1e-5), a

@@ -18,9 +18,10 @@ noise model with torch autograd:
 3. **L-BFGS** (strong Wolfe) polishes the ``lbfgs.polish`` best starts of each lens, amplitudes
    free, with the model's own variance ``sigma^2 = sky/t + read^2/t^2 + gain^2/(12 t^2) +
    model/t`` (``lensexp.sim.instrument``) re-evaluated between rounds.
-4. ``mass_model=sie`` (the default with ``lens_light=true``): the shear of the best fit is set
-   and held at zero and the fit polished again as an SIE, the model of the published SLACS
-   parameters (Bolton et al. 2008), searched in the wider SIE + shear space first.
+4. ``mass_model=sie`` (the default with ``lens_light=true``), the model of the published SLACS
+   parameters (Bolton et al. 2008): Adam explores in the wider SIE + shear space, then the
+   polished starts hold the shear at zero (``lbfgs.sie_direct``; with ``false`` they are polished
+   with the shear first and the ``lbfgs.sie_candidates`` best are polished again as SIEs).
 5. Optionally (``laplace=true``) the Laplace approximation: the inverse Hessian of ``-ln L`` in
    physical parameters gives ``p_std``.
 

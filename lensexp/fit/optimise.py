@@ -50,6 +50,8 @@ class FitSettings:
     center_sigma: float | None = None  # arcsec: Gaussian prior on mass centre - light centre (with lens light)
     shapelets: int | None = None  # n_max of a shapelet source added last (lensexp.fit.shapelets), kept by BIC
     shear: bool = True  # False: the search keeps the shear, the final model (polish from the best, shapelets) is an SIE
+    sie_direct: bool = False  # shear=False: the explored starts polished as SIEs at once (conf default: true)
+    sie_candidates: int = 1  # shear=False, not direct: this many SIE + shear polishes (best first) redone as SIEs
 
 
 def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: LensModel, fs: FitSettings, rngs):
@@ -120,17 +122,20 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
     results = []
     for b in range(B):
         t1 = time.perf_counter()
-        best = None
+        best, polished = None, []
+        direct = not fs.shear and fs.sie_direct
+        sp = space.fixing({"gamma1": 0.0, "gamma2": 0.0}) if direct else space
         for j in distinct_starts(order[b].tolist(), p1[b * S : (b + 1) * S, 0].tolist(), max(1, fs.polish)):
-            res = _polish(p1[b * S + j], obs, b, space, model, fs)
+            res = _polish(p1[b * S + j].clamp(sp.lo, sp.hi), obs, b, sp, model, fs)
             res["start"] = j
             log.debug("lens %d start %d: explored loss %.1f, polished theta_E %.4f nll %.1f", b, j,
                       float(loss1[b, j]), float(res["p"]["theta_E"]), res["nll"])  # fmt: skip
+            polished.append(res)
             if best is None or res["nll"] < best["nll"]:
                 best = res
-        sp = space
-        if not fs.shear:
-            best, sp = _without_shear(best, obs, b, space, model, fs)
+        if not fs.shear and not direct:
+            rest = sorted((r for r in polished if r is not best), key=lambda r: _finite_or_inf(r["nll"]))
+            best, sp = _without_shear([best, *rest][: max(1, fs.sie_candidates)], obs, b, space, model, fs)
         n_sh = 0
         if fs.shapelets is not None:
             best, n_sh = _add_shapelets(best, obs, b, sp, model, fs)
@@ -146,17 +151,29 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
     return results
 
 
-def _without_shear(best: dict, obs, b: int, space, model, fs) -> tuple[dict, ParamSpace]:
-    """The SIE model (``mass_model=sie``): polished from the best SIE + shear fit with the shear
-    set and held at zero. Searching with the shear free and dropping it last keeps the basin the
+def _finite_or_inf(x) -> float:
+    x = float(x)
+    return x if math.isfinite(x) else math.inf
+
+
+def _without_shear(cands: list[dict], obs, b: int, space, model, fs) -> tuple[dict, ParamSpace]:
+    """The SIE model (``mass_model=sie``): each SIE + shear fit of ``cands`` (best first; the
+    ``lbfgs.sie_candidates`` best) polished again with the shear set and held at zero; the best
+    SIE ``-ln L`` is kept. Searching with the shear free and dropping it last keeps the basins the
     richer model found (an SIE search alone let lens-light and source structure pull the mass
-    centre or grow the source instead). Returns the result and the space with the shear fixed."""
+    centre or grow the source instead); the best SIE + shear fit need not give the best SIE.
+    Returns the result and the space with the shear fixed."""
     sp = space.fixing({"gamma1": 0.0, "gamma2": 0.0})
-    p0 = torch.stack([best["p"][n] for n in space.names]).clamp(sp.lo, sp.hi)
-    res = _polish(p0, obs, b, sp, model, fs)
-    res["start"] = best["start"]
-    log.debug("lens %d: SIE + shear -ln L %.1f, SIE %.1f", b, best["nll"], res["nll"])
-    return res, sp
+    best = None
+    for c in cands:
+        p0 = torch.stack([c["p"][n] for n in space.names]).clamp(sp.lo, sp.hi)
+        res = _polish(p0, obs, b, sp, model, fs)
+        res["start"] = c["start"]
+        log.debug("lens %d start %d: SIE + shear -ln L %.1f, SIE %.1f, theta_E %.4f", b, c["start"], c["nll"],
+                  res["nll"], float(res["p"]["theta_E"]))  # fmt: skip
+        if best is None or res["nll"] < best["nll"]:
+            best = res
+    return best, sp
 
 
 def _add_shapelets(best: dict, obs, b: int, space, model, fs) -> tuple[dict, int]:

@@ -118,6 +118,7 @@ def check_config(cfg: DictConfig) -> None:
         ("adam.source_steps", 0),
         ("lbfgs.iters", 1),
         ("lbfgs.polish", 1),
+        ("lbfgs.sie_candidates", 1),
         ("lbfgs.irls_rounds", 1),
         ("lbfgs.light_iters", 0),
         ("adam.light_steps", 0),
@@ -218,6 +219,8 @@ def run(cfg: DictConfig) -> dict:
         center_sigma=float(cfg.center_prior) if cfg.center_prior else None,
         shapelets=None if cfg.source_shapelets is None else int(cfg.source_shapelets),
         shear=str(cfg.mass_model) == "sie_shear",
+        sie_candidates=int(cfg.lbfgs.sie_candidates),
+        sie_direct=bool(cfg.lbfgs.sie_direct),
     )
     cols = columns(lens_light, fs.laplace, int(cfg.source_components), n_comp, fs.shapelets is not None)
     done = _resume(partial, cols) if cfg.resume else set()
