@@ -50,7 +50,7 @@ class FitSettings:
     center_sigma: float | None = None  # arcsec: Gaussian prior on mass centre - light centre (with lens light)
     shapelets: int | None = None  # n_max of a shapelet source added last (lensexp.fit.shapelets), kept by BIC
     shear: bool = True  # False: the search keeps the shear, the final model (polish from the best, shapelets) is an SIE
-    sie_direct: bool = False  # shear=False: the explored starts polished as SIEs at once (conf default: true)
+    sie_direct: bool = True  # shear=False: the explored starts polished as SIEs at once (False: the older path below)
     sie_candidates: int = 1  # shear=False, not direct: this many SIE + shear polishes (best first) redone as SIEs
 
 
