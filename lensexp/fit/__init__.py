@@ -25,6 +25,9 @@ noise model with torch autograd:
 5. Optionally (``laplace=true``) the Laplace approximation: the inverse Hessian of ``-ln L`` in
    physical parameters gives ``p_std``.
 
+Speed: ``compile=auto`` (CPU with a C++ compiler) runs the gradients through compiled Sérsic and
+SIE per-ray functions (:mod:`lensexp.fit.kernels`); ``compile=false`` keeps eager torch.
+
 Priors: parameters live in boxes; theta_E and each shear component are bounded by the data
 preset's prior (``theta_E_range``, ``shear_max``; ``source_R_max`` bounds the source's size on
 request), and with lens light a Gaussian of width

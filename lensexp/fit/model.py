@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from lensexp.sim.priors import LABELS
-from lensexp.sim.trace import render_sersic
+from lensexp.sim.trace import EAGER, Pointwise, render_sersic
 from lensexp.sim.source import sersic_total_flux
 
 MASS = LABELS[:-1]
@@ -177,19 +177,37 @@ class ParamSpace:
 class LensModel:
     """Unit-amplitude component images [M, K, N, N] on one grid: K = ``n_src`` lensed source
     Sérsics (1 or 2) + ``n_light`` (0-3) concentric Sérsic lens-light components (centre ``ll_x,
-    ll_y``, free of the mass centre) + ``n_comp`` (0-2) unlensed companion Sérsics."""
+    ll_y``, free of the mass centre) + ``n_comp`` (0-2) unlensed companion Sérsics, rendered
+    with the per-ray functions ``pw`` (``lensexp.fit.kernels``: compiled or the library's)."""
 
-    def __init__(self, npix: int, pixscale: float, supersample: int, n_light: int, n_src: int = 1, n_comp: int = 0):
+    def __init__(
+        self,
+        npix: int,
+        pixscale: float,
+        supersample: int,
+        n_light: int,
+        n_src: int = 1,
+        n_comp: int = 0,
+        pw: Pointwise = EAGER,
+    ):
         self.npix, self.pixscale, self.ss = int(npix), float(pixscale), int(supersample)
         self.n_light, self.n_src, self.n_comp = int(n_light), int(n_src), int(n_comp)
         self.lens_light = self.n_light > 0
         self.K = self.n_src + self.n_light + self.n_comp
+        self.pw = pw
 
     def like(self, npix: int | None = None, supersample: int | None = None) -> LensModel:
         """The same components on another (centred) grid or supersampling."""
         return LensModel(
-            npix or self.npix, self.pixscale, supersample or self.ss, self.n_light, self.n_src, self.n_comp
+            npix or self.npix, self.pixscale, supersample or self.ss, self.n_light, self.n_src, self.n_comp, self.pw
         )
+
+    def eager(self) -> LensModel:
+        """The same model rendered with the library's eager per-ray functions (second derivatives,
+        e.g. the Laplace Hessian: compiled kernels have a first backward only)."""
+        m = self.like()
+        m.pw = EAGER
+        return m
 
     def light_templates(self, p: dict, psf: torch.Tensor | None) -> torch.Tensor:
         """The lens-light components alone [M, n_light, N, N] (one centre, ``ll_x, ll_y``)."""
@@ -205,7 +223,7 @@ class LensModel:
         for prefix in prefixes:
             c = centre_of(prefix)
             light = _unit_sersic(p, prefix, p[c + "x"], p[c + "y"])
-            out.append(render_sersic(None, light, self.npix, self.pixscale, self.ss, psf, p[c + "x"].dtype))
+            out.append(render_sersic(None, light, self.npix, self.pixscale, self.ss, psf, p[c + "x"].dtype, self.pw))
         return torch.stack(out, 1)
 
     def source_templates(self, p: dict, psf: torch.Tensor | None) -> torch.Tensor:
@@ -214,7 +232,7 @@ class LensModel:
         out = []
         for prefix in SOURCE_PREFIXES[: self.n_src]:
             src = _unit_sersic(p, prefix, p[prefix + "x"], p[prefix + "y"])
-            out.append(render_sersic(lens, src, self.npix, self.pixscale, self.ss, psf, p["theta_E"].dtype))
+            out.append(render_sersic(lens, src, self.npix, self.pixscale, self.ss, psf, p["theta_E"].dtype, self.pw))
         return torch.stack(out, 1)
 
     def templates(self, p: dict, psf: torch.Tensor | None) -> torch.Tensor:
@@ -256,9 +274,10 @@ def _unit_sersic(p: dict, prefix: str, center_x, center_y) -> dict:
 def solve_amplitudes(T: torch.Tensor, d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Weighted least-squares amplitudes [M, K] of templates T [M, K, N, N] for data d and
     inverse-variance weights w [M, N, N] (differentiable; clamped at >= 0)."""
-    Tf, df, wf = T.flatten(2), d.flatten(1), w.flatten(1)
-    A = torch.einsum("mkp,mlp,mp->mkl", Tf, Tf, wf)
-    b = torch.einsum("mkp,mp,mp->mk", Tf, df, wf)
+    Tf = T.flatten(2)
+    Tw = Tf * w.flatten(1)[:, None]  # as batched matrix products: a three-operand einsum formed [M, K, K, P]
+    A = torch.bmm(Tw, Tf.transpose(1, 2))
+    b = torch.bmm(Tw, d.flatten(1)[:, :, None])[..., 0]
     diag = A.diagonal(dim1=1, dim2=2)
     eye = torch.eye(T.shape[1], dtype=T.dtype, device=T.device)
     # a component with no flux on the used pixels (e.g. a source mapped off the data) gets amplitude 0

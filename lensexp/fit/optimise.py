@@ -78,6 +78,7 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
         light = {**light, "p": light["p"].to(dt), "image": light["image"].to(dt)}
         if fs.ring_start:
             starts = ring_starts(obs, light, model, S, rngs)
+        log.debug("light-only fit of %d lenses: %.1f s", B, time.perf_counter() - t0)
     idx = torch.arange(B, device=dev).repeat_interleave(S)
     p0 = torch.zeros(B * S, len(space.names), dtype=dt, device=dev)
     p0[:, : len(MASS)] = starts.reshape(B * S, -1).to(dt)
@@ -118,6 +119,7 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
     loss1 = torch.where(torch.isfinite(loss1), loss1, torch.full_like(loss1, math.inf)).reshape(B, S)
     order = loss1.argsort(1)
     shared = (time.perf_counter() - t0) / B
+    log.debug("exploration of %d starts (%d steps) done at %.1f s", B * S, fs.adam_steps, time.perf_counter() - t0)
 
     results = []
     for b in range(B):
@@ -303,7 +305,7 @@ def _laplace(res, obs, b, space, model, fs, n_sh: int = 0) -> dict:
     profiled."""
     x0 = torch.cat([torch.stack([res["p"][n] for n in space.names]), res["amps"]]).detach()
     P, w = len(space.names), obs.use[b : b + 1] / res["var"]
-    args = (obs, b, space, model)
+    args = (obs, b, space, model.eager())
     if n_sh:
         x0 = torch.cat([x0, res["p"]["sh_beta"].reshape(1).to(x0)])
         f = lambda x: shapelets.profiled_loss(x, w, *args, n_sh, fs.outlier_sigma, fs.center_sigma, res["sh_npix"])  # noqa: E731

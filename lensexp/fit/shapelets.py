@@ -18,7 +18,7 @@ import torch
 
 from lensexp.fit.lbfgs import minimise
 from lensexp.fit.model import MASS, center_penalty, likelihood_terms, rho
-from lensexp.sim.trace import convolve_psf, lens_coefficients, shoot, subpixel_planes
+from lensexp.sim.trace import EAGER, convolve_psf, lens_coefficients, shoot, subpixel_planes
 
 
 def n_basis(n_max: int) -> int:
@@ -66,9 +66,10 @@ def intrinsic_flux(beta: torch.Tensor, n_max: int) -> torch.Tensor:
     return beta[..., None] ** 2 * i
 
 
-def shapelet_templates(p: dict, n_max: int, npix: int, pixscale: float, supersample: int, psf=None):
+def shapelet_templates(p: dict, n_max: int, npix: int, pixscale: float, supersample: int, psf=None, pw=EAGER):
     """Lensed unit-coefficient shapelet images of one lens: (PSF-convolved [K, N, N], lensed flux
-    before the PSF [K]) for parameters ``p`` (scalars: mass, ``src_x``, ``src_y``, ``sh_beta``)."""
+    before the PSF [K]) for parameters ``p`` (scalars: mass, ``src_x``, ``src_y``, ``sh_beta``);
+    rays shot with the per-ray functions ``pw``."""
     dt = p["theta_E"].dtype
     x, y = subpixel_planes(npix, pixscale, supersample, dt, p["theta_E"].device)
     coef = lens_coefficients({k: p[k].reshape(1) for k in MASS})
@@ -77,7 +78,7 @@ def shapelet_templates(p: dict, n_max: int, npix: int, pixscale: float, supersam
     beta = p["sh_beta"].reshape(1, 1)
     total = 0.0
     for k in range(planes):
-        bx, by = shoot(xs[k : k + 1], ys[k : k + 1], coef)
+        bx, by = shoot(xs[k : k + 1], ys[k : k + 1], coef, pw=pw)
         total = total + shapelet_sb(bx - p["src_x"], by - p["src_y"], beta, n_max)[0]
     img = (total * (pixscale / supersample) ** 2).reshape(-1, npix, npix)
     return convolve_psf(img, psf), img.sum((1, 2))
@@ -112,7 +113,7 @@ def profiled_model(pv, amps, beta, w, obs, b, space, model, n_max, outlier_sigma
     base = (amps[None, :, None, None] * model.templates(pd, obs.psf[sl])).sum(1)
     q = {k: pd[k][0] for k in (*MASS, "src_x", "src_y")}
     n_c = min(npix_sh or model.npix, model.npix)
-    S, flux = shapelet_templates({**q, "sh_beta": beta}, n_max, n_c, model.pixscale, model.ss, obs.psf[b])
+    S, flux = shapelet_templates({**q, "sh_beta": beta}, n_max, n_c, model.pixscale, model.ss, obs.psf[b], model.pw)
     k = (model.npix - n_c) // 2
     S = torch.nn.functional.pad(S, (k, k, k, k)) if k else S
     r = (d - base)[0]

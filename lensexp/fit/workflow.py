@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lensexp.errors import ConfigError
+from lensexp.fit import kernels
 from lensexp.fit.data import Loader
 from lensexp.fit.model import MASS, LensModel, Observation, ParamSpace, amp_names, param_names
 from lensexp.fit.optimise import FitSettings, fit_batch
@@ -165,6 +166,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"center_prior must be > 0 arcsec (or null: no prior), got {cfg.center_prior}")
     if cfg.supersample is not None and int(cfg.supersample) < 1:
         raise ConfigError(f"supersample must be >= 1, got {cfg.supersample}")
+    kernels.resolve(cfg.compile, "cpu")  # true | false | auto, else one clear message
     for key in ("dtype", "adam.dtype"):
         if str(OmegaConf.select(cfg, key)) not in ("float32", "float64"):
             raise ConfigError(f"{key} must be float32 or float64, got '{OmegaConf.select(cfg, key)}'")
@@ -330,7 +332,8 @@ def _fit_group(group: list[dict], cfg, fs, pred, truth, ss, lens_light, dtype, d
         int(cfg.source_components),
         int(cfg.companions),
     ).to(device=device)
-    model = LensModel(n, scale, ss, lens_light, int(cfg.source_components), int(cfg.companions))
+    pw = kernels.pointwise(kernels.resolve(cfg.compile, device))
+    model = LensModel(n, scale, ss, lens_light, int(cfg.source_components), int(cfg.companions), pw)
     stack = lambda key: torch.from_numpy(np.stack([g[key] for g in group]))  # noqa: E731
     obs = Observation(
         stack("data").to(dtype),

@@ -8,12 +8,28 @@ flux per pixel [e-/s], and the standalone renderers the fit uses (:func:`render_
 
 from __future__ import annotations
 
+from typing import NamedTuple
+from collections.abc import Callable
+
 import torch
 
 from lensexp.sim import lens as lensmod
 from lensexp.sim.priors import LABELS
 from lensexp.sim.psf import DIRECT_MAX, direct_convolve, fast_fft_size, fft_convolve, kernel_rfft
 from lensexp.sim.source import gaussian_clumps_sb, sersic_coefficients, sersic_sb_rotated, source_plane_grid
+
+
+class Pointwise(NamedTuple):
+    """The per-ray functions the renderers call, with the signatures of
+    :func:`source.sersic_sb_rotated` and :func:`lens.sie_deflection_rotated`: the library's by
+    default (:data:`EAGER`); the fit passes compiled ones for the calls autograd records
+    (``lensexp.fit.kernels``)."""
+
+    sersic: Callable
+    deflection: Callable
+
+
+EAGER = Pointwise(sersic_sb_rotated, lensmod.sie_deflection_rotated)
 
 
 def pixel_grid(npix: int, pixscale: float, supersample: int = 1, dtype=torch.float64, device=None):
@@ -94,23 +110,23 @@ def cosmos_grid(x, y, lens_coef, gal_coef, extra=None):
     return source_plane_grid(bx, by, gal_coef)
 
 
-def shoot(x, y, lens_coef, extra=None):
+def shoot(x, y, lens_coef, extra=None, pw: Pointwise = EAGER):
     """Source-plane positions (bx, by) [B, P] of the sub-pixel planes x, y [P] (SIE + shear,
     minus an ``extra`` deflection (ax, ay) [B, P] of further mass components when given)."""
     cx, cy, g1, g2, *sie = lens_coef
-    ax, ay = lensmod.sie_deflection_rotated(x - cx, y - cy, *sie)
+    ax, ay = pw.deflection(x - cx, y - cy, *sie)
     bx, by = x - ax - (g1 * x + g2 * y), y - ay - (g2 * x - g1 * y)
     if extra is not None:
         bx, by = bx - extra[0].to(bx.dtype), by - extra[1].to(by.dtype)
     return bx, by
 
 
-def lensed_sersic_sb(x, y, lens_coef, src_coef, clumps, extra=None):
+def lensed_sersic_sb(x, y, lens_coef, src_coef, clumps, extra=None, pw: Pointwise = EAGER):
     """SB [e-/s/arcsec^2] of Sérsic + clumps sources seen through SIE + shear at image-plane
     positions x, y ([P] or [B, P]; coefficients as in :func:`trace_sersic`, each [B, 1])."""
     sx, sy, *sc = src_coef
-    bx, by = shoot(x, y, lens_coef, extra)
-    sb = sersic_sb_rotated(bx - sx, by - sy, *sc)
+    bx, by = shoot(x, y, lens_coef, extra, pw)
+    sb = pw.sersic(bx - sx, by - sy, *sc)
     if clumps[0].shape[-1] > 0:
         sb = sb + gaussian_clumps_sb(bx, by, *clumps)
     return sb
@@ -123,16 +139,16 @@ def sersic_sb(x, y, coef):
     return sersic_sb_rotated(x - cx, y - cy, *sc)
 
 
-def sersic_image(x, y, coef, npix, supersample, pixscale):
+def sersic_image(x, y, coef, npix, supersample, pixscale, pw: Pointwise = EAGER):
     """Unlensed Sérsic (e.g. lens light) binned from sub-pixel planes to flux per pixel [B, N, N]."""
     cx, cy, *sc = coef
     planes = supersample * supersample
     xs, ys = x.reshape(planes, 1, -1), y.reshape(planes, 1, -1)
-    total = sum(sersic_sb_rotated(xs[k] - cx, ys[k] - cy, *sc) for k in range(planes))
+    total = sum(pw.sersic(xs[k] - cx, ys[k] - cy, *sc) for k in range(planes))
     return (total * (pixscale / supersample) ** 2).reshape(-1, npix, npix)
 
 
-def trace_sersic(x, y, lens_coef, src_coef, clumps, npix, supersample, pixscale, extra=None):
+def trace_sersic(x, y, lens_coef, src_coef, clumps, npix, supersample, pixscale, extra=None, pw: Pointwise = EAGER):
     """Ray-trace the sub-pixel grid through SIE + shear, evaluate Sérsic + clumps and bin to flux
     per pixel [B, N, N] (e-/s).
 
@@ -149,7 +165,7 @@ def trace_sersic(x, y, lens_coef, src_coef, clumps, npix, supersample, pixscale,
     n = xs.shape[-1]
     for k in range(planes):
         ek = None if extra is None else (extra[0][:, k * n : (k + 1) * n], extra[1][:, k * n : (k + 1) * n])
-        sb = lensed_sersic_sb(xs[k], ys[k], lens_coef, src_coef, clumps, ek)
+        sb = lensed_sersic_sb(xs[k], ys[k], lens_coef, src_coef, clumps, ek, pw)
         total = sb if total is None else total + sb
     return (total * (pixscale / supersample) ** 2).reshape(-1, npix, npix)
 
@@ -170,20 +186,22 @@ def render_sersic(
     supersample: int = 2,
     psf_kernel: torch.Tensor | None = None,
     dtype=torch.float64,
+    pw: Pointwise = EAGER,
 ) -> torch.Tensor:
     """Noiseless image [B, N, N] (e-/s per pixel) of an elliptical Sérsic lensed by SIE + shear.
 
     ``lens``: ``theta_E, e1, e2, center_x, center_y, gamma1, gamma2`` (floats or tensors [B]);
     ``source``: lenstronomy ``SERSIC_ELLIPSE`` keywords ``amp, R_sersic, n_sersic, e1, e2,
     center_x, center_y``. ``psf_kernel`` [k, k] or [B, k, k] (unit sum) convolves in 'same' mode
-    as lenstronomy does. ``lens=None``: the Sérsic seen directly (e.g. the lens light). The
-    building block of the simulator and of maximum-likelihood fits.
+    as lenstronomy does. ``lens=None``: the Sérsic seen directly (e.g. the lens light). ``pw``:
+    the per-ray functions (:class:`Pointwise`). The building block of the simulator and of
+    maximum-likelihood fits.
     """
     if lens is None:
         coef = _source_coefficients(source, dtype)
         B = max(v.shape[0] for v in coef)
         x, y = subpixel_planes(npix, pixscale, supersample, dtype, coef[0].device)
-        img = sersic_image(x, y, tuple(t.expand(B, 1) for t in coef), npix, supersample, pixscale)
+        img = sersic_image(x, y, tuple(t.expand(B, 1) for t in coef), npix, supersample, pixscale, pw)
         return convolve_psf(img, psf_kernel)
 
     def col(v):
@@ -198,7 +216,7 @@ def render_sersic(
     lens_coef = tuple(t.expand(B, 1) for t in lens_coef)
     src_coef = tuple(t.expand(B, 1) for t in src_coef)
     img = trace_sersic(
-        x.reshape(1, -1), y.reshape(1, -1), lens_coef, src_coef, (empty,) * 4, npix, supersample, pixscale
+        x.reshape(1, -1), y.reshape(1, -1), lens_coef, src_coef, (empty,) * 4, npix, supersample, pixscale, pw=pw
     )
     return convolve_psf(img, psf_kernel)
 
