@@ -78,7 +78,11 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
         light = {**light, "p": light["p"].to(dt), "image": light["image"].to(dt)}
         if fs.ring_start:
             starts = ring_starts(obs, light, model, S, rngs)
-        log.debug("light-only fit of %d lenses: %.1f s", B, time.perf_counter() - t0)
+        if log.isEnabledFor(logging.DEBUG):
+            w, img = o1.weights(), light["image"].to(o1.data.dtype)
+            chi = (rho(w * (o1.data - img) ** 2, fs.outlier_sigma) * (w > 0)).sum((1, 2)).tolist()
+            log.debug("light-only fit of %d lenses: %.1f s, robust chi-square %s", B, time.perf_counter() - t0,
+                      " ".join(f"{c:.1f}" for c in chi))  # fmt: skip
     idx = torch.arange(B, device=dev).repeat_interleave(S)
     p0 = torch.zeros(B * S, len(space.names), dtype=dt, device=dev)
     p0[:, : len(MASS)] = starts.reshape(B * S, -1).to(dt)
