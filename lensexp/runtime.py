@@ -144,12 +144,17 @@ def resolve_compile(setting, n_images: int, npix: int, supersample: int, device:
         return s == "true"
     if s != "auto":
         raise ConfigError(f"compile must be true, false or auto, got '{setting}'")
-    if str(device).startswith("cpu"):
-        import shutil
-
-        if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
-            return False
+    if str(device).startswith("cpu") and not has_cxx_compiler():
+        return False
     return n_images * (npix * supersample) ** 2 >= COMPILE_MIN_RAYS
+
+
+def has_cxx_compiler() -> bool:
+    """Whether a C++ compiler (``c++``, ``g++`` or ``clang++``) is on the PATH: inductor's CPU
+    kernels need one."""
+    import shutil
+
+    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 
 
 # x86 feature flags (Linux /proc/cpuinfo) of hardware bfloat16 arithmetic

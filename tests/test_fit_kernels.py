@@ -44,8 +44,7 @@ def test_compiled_per_ray_functions_give_the_eager_templates_and_gradients():
 
 
 def test_compiled_shapelets_give_the_eager_templates():
-    p = {k: torch.tensor(v, dtype=torch.float64) for k, v in VALUES.items()} | {"sh_beta": torch.tensor(0.2)}
-    p = {k: v.double() for k, v in p.items()}
+    p = {k: torch.tensor(v, dtype=torch.float64) for k, v in {**VALUES, "sh_beta": 0.2}.items()}
     p["theta_E"].requires_grad_(True)
     S_ref, _ = shapelet_templates(p, 3, NPIX, PIX, 2, None, EAGER)
     S, _ = shapelet_templates(p, 3, NPIX, PIX, 2, None, kernels.taped_pointwise())
@@ -64,9 +63,15 @@ def test_forward_only_calls_stay_eager():
     assert torch.equal(T, T_ref)
 
 
-def test_compile_setting():
+def test_compile_setting(monkeypatch):
+    import shutil
+
     assert kernels.resolve(True, "cpu") is True and kernels.resolve("false", "cpu") is False
     assert kernels.resolve("auto", "cuda") is False  # not measured on GPUs
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+    assert kernels.resolve("auto", "cpu") is True
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no C++ compiler: eager
+    assert kernels.resolve("auto", "cpu") is False
     assert kernels.pointwise(False) is EAGER
     with pytest.raises(ConfigError, match="compile must be true, false or auto"):
         kernels.resolve("sometimes", "cpu")

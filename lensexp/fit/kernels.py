@@ -7,19 +7,18 @@ functions alone (:data:`lensexp.sim.trace.EAGER`, small graphs: the sub-pixel lo
 amplitudes and the likelihood stay eager) fuses each into one kernel per direction. Only the calls
 autograd records use them; forward-only calls (ranking, reporting) stay eager, which halves the
 kernels to compile. Compiled kernels are cached on disk (``lensexp.runtime.compile_cache_dir``),
-so the first run on a machine pays the compilation once (about a minute on a 2-core Intel Xeon)
+so the first run on a machine pays the compilation once (~40 s on a 2-core Intel Xeon)
 and later runs load them in about a second (README "Real lenses": measured timings).
 """
 
 from __future__ import annotations
 
 import functools
-import shutil
 
 import torch
 
 from lensexp.errors import ConfigError
-from lensexp.runtime import compile_cache_dir
+from lensexp.runtime import compile_cache_dir, has_cxx_compiler
 from lensexp.sim.trace import EAGER, KERNEL_OPTIONS, Pointwise
 
 
@@ -31,7 +30,7 @@ def resolve(setting, device) -> bool:
         return s == "true"
     if s != "auto":
         raise ConfigError(f"compile must be true, false or auto, got '{setting}'")
-    return str(device).startswith("cpu") and any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+    return str(device).startswith("cpu") and has_cxx_compiler()
 
 
 def pointwise(compiled: bool) -> Pointwise:

@@ -196,18 +196,11 @@ class LensModel:
         self.K = self.n_src + self.n_light + self.n_comp
         self.pw = pw
 
-    def like(self, npix: int | None = None, supersample: int | None = None) -> LensModel:
-        """The same components on another (centred) grid or supersampling."""
-        return LensModel(
-            npix or self.npix, self.pixscale, supersample or self.ss, self.n_light, self.n_src, self.n_comp, self.pw
-        )
-
-    def eager(self) -> LensModel:
-        """The same model rendered with the library's eager per-ray functions (second derivatives,
-        e.g. the Laplace Hessian: compiled kernels have a first backward only)."""
-        m = self.like()
-        m.pw = EAGER
-        return m
+    def like(self, npix: int | None = None, supersample: int | None = None, pw: Pointwise | None = None) -> LensModel:
+        """The same components on another (centred) grid or supersampling, or with other per-ray
+        functions (``pw=EAGER`` for second derivatives: compiled kernels have a first backward only)."""
+        grid = (npix or self.npix, self.pixscale, supersample or self.ss)
+        return LensModel(*grid, self.n_light, self.n_src, self.n_comp, pw or self.pw)
 
     def light_templates(self, p: dict, psf: torch.Tensor | None) -> torch.Tensor:
         """The lens-light components alone [M, n_light, N, N] (one centre, ``ll_x, ll_y``)."""

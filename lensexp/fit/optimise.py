@@ -25,6 +25,7 @@ from lensexp.fit.model import (
     solve_amplitudes,
 )
 from lensexp.fit.starts import init_source
+from lensexp.sim.trace import EAGER
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +310,7 @@ def _laplace(res, obs, b, space, model, fs, n_sh: int = 0) -> dict:
     profiled."""
     x0 = torch.cat([torch.stack([res["p"][n] for n in space.names]), res["amps"]]).detach()
     P, w = len(space.names), obs.use[b : b + 1] / res["var"]
-    args = (obs, b, space, model.eager())
+    args = (obs, b, space, model.like(pw=EAGER))  # a Hessian: second derivatives, eager
     if n_sh:
         x0 = torch.cat([x0, res["p"]["sh_beta"].reshape(1).to(x0)])
         f = lambda x: shapelets.profiled_loss(x, w, *args, n_sh, fs.outlier_sigma, fs.center_sigma, res["sh_npix"])  # noqa: E731
