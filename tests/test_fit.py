@@ -19,8 +19,10 @@ from lensexp.fit import (
     LensModel,
     Observation,
     ParamSpace,
+    check_config,
     fit_batch,
     likelihood_terms,
+    rho,
     run,
 )
 from lensexp.sim.psf import draw_kernel
@@ -770,3 +772,24 @@ def test_lbfgs_finishes_the_light_fit_where_adam_stops_short():
     two = Observation(*(torch.cat([t, t]) for t in (obs.data, obs.use, obs.psf, obs.bg_var, obs.inv_t)))
     pair = fit_light(two, space, model, 50, 0.05, None, lbfgs_iters=500)
     assert torch.allclose(pair["p"][0], finished["p"][0], atol=1e-3)  # to the optimiser's tolerance (~1e-4)
+
+
+def test_light_starts_keep_each_lens_best_start():
+    """``adam.light_starts``: every lens is fitted from each start variant and the lowest robust
+    chi-square is kept; one start is the single-start fit exactly."""
+    from lensexp.fit.light import LIGHT_START_VARIANTS, fit_light
+    from lensexp.fit.workflow import resolve_search
+
+    obs, img, sigma, npix, pix = elliptical_with_envelope()
+    two = Observation(*(torch.cat([t, t]) for t in (obs.data, obs.use, obs.psf, obs.bg_var, obs.inv_t)))
+    space, model = ParamSpace.for_grid(npix, pix, 3), LensModel(npix, pix, 2, 3)
+    one = fit_light(two, space, model, 30, 0.05, 10.0)
+    many = fit_light(two, space, model, 30, 0.05, 10.0, n_starts=3)
+    assert one["chi2"].shape == (2, 1) and many["chi2"].shape == (2, len(LIGHT_START_VARIANTS))
+    torch.testing.assert_close(many["chi2"][:, 0], one["chi2"][:, 0])  # the first start is the single one
+    assert len(set(many["chi2"][0].tolist())) == 3  # the starts reach different fits
+    w = two.weights()
+    kept = (rho(w * (two.data - many["image"]) ** 2, 10.0) * (w > 0)).sum((1, 2))
+    torch.testing.assert_close(kept, many["chi2"].amin(1))  # the best start's image and parameters
+    with pytest.raises(ConfigError, match="adam.light_starts must be 1-3"):
+        check_config(resolve_search(compose_config("fit", ["input=x", "adam.light_starts=4"])))

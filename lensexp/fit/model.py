@@ -302,6 +302,10 @@ class Observation:
             bg = bg[:, None, None]
         return bg + model.clamp(min=0) * self.inv_t[idx, None, None]
 
+    def select(self, idx: torch.Tensor) -> Observation:
+        """The lenses ``idx`` [M] (repeats allowed: e.g. one row per start)."""
+        return Observation(self.data[idx], self.use[idx], self.psf[idx], self.bg_var[idx], self.inv_t[idx])
+
     def to(self, dtype=None, device=None) -> Observation:
         return Observation(
             *(

@@ -45,6 +45,7 @@ class FitSettings:
     laplace: bool = False
     light_steps: int = 0  # > 0 (with lens light): fit the light alone first (lensexp.fit.light)
     light_lbfgs_iters: int = 0  # then L-BFGS on the light alone, to convergence (at most this many iterations)
+    light_starts: int = 1  # starts of the light-only fit per lens (lensexp.fit.light.LIGHT_START_VARIANTS), best kept
     adam_supersample: int | None = None  # rays per pixel per axis while exploring; None = the model's
     adam_half_width: float | None = None  # arcsec: explore and rank starts on the centred cut-out of this half-width
     ring_start: bool = False  # with light_steps: mass starts from the residual ring, not the given ones
@@ -74,16 +75,20 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
         o1 = obs.to(fs.adam_dtype)
         whole = model.like(supersample=ss_explore)
         light = fit_light(
-            o1, space.to(fs.adam_dtype), whole, fs.light_steps, fs.adam_lr, fs.outlier_sigma, fs.light_lbfgs_iters
+            o1,
+            space.to(fs.adam_dtype),
+            whole,
+            fs.light_steps,
+            fs.adam_lr,
+            fs.outlier_sigma,
+            fs.light_lbfgs_iters,
+            fs.light_starts,
         )
         light = {**light, "p": light["p"].to(dt), "image": light["image"].to(dt)}
         if fs.ring_start:
             starts = ring_starts(obs, light, model, S, rngs)
-        if log.isEnabledFor(logging.DEBUG):
-            w, img = o1.weights(), light["image"].to(o1.data.dtype)
-            chi = (rho(w * (o1.data - img) ** 2, fs.outlier_sigma) * (w > 0)).sum((1, 2)).tolist()
-            log.debug("light-only fit of %d lenses: %.1f s, robust chi-square %s", B, time.perf_counter() - t0,
-                      " ".join(f"{c:.1f}" for c in chi))  # fmt: skip
+        log.debug("light-only fit of %d lenses: %.1f s, robust chi-square per start %s", B, time.perf_counter() - t0,
+                  light["chi2"].tolist())  # fmt: skip
     idx = torch.arange(B, device=dev).repeat_interleave(S)
     p0 = torch.zeros(B * S, len(space.names), dtype=dt, device=dev)
     p0[:, : len(MASS)] = starts.reshape(B * S, -1).to(dt)

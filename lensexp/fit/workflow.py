@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from lensexp.errors import ConfigError
 from lensexp.fit import kernels
 from lensexp.fit.data import Loader
+from lensexp.fit.light import LIGHT_START_VARIANTS
 from lensexp.fit.model import MASS, LensModel, Observation, ParamSpace, amp_names, param_names
 from lensexp.fit.optimise import FitSettings, fit_batch
 from lensexp.fit.plots import fit_figure
@@ -123,6 +124,7 @@ def check_config(cfg: DictConfig) -> None:
         ("lbfgs.irls_rounds", 1),
         ("lbfgs.light_iters", 0),
         ("adam.light_steps", 0),
+        ("adam.light_starts", 1),
         ("max_npix", 16),
     )
     for key, lo in ints:
@@ -133,6 +135,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"psf file not found: '{cfg.psf}'")
     if cfg.psf_fwhm is not None and not float(cfg.psf_fwhm) > 0:
         raise ConfigError(f"psf_fwhm must be > 0 arcsec, got {cfg.psf_fwhm}")
+    if int(cfg.adam.light_starts) > len(LIGHT_START_VARIANTS):
+        raise ConfigError(f"adam.light_starts must be 1-{len(LIGHT_START_VARIANTS)}, got {cfg.adam.light_starts}")
     if int(cfg.source_components) not in (1, 2):
         raise ConfigError(f"source_components must be 1 or 2, got {cfg.source_components}")
     if int(cfg.lens_light_components) not in (1, 2, 3):
@@ -215,6 +219,7 @@ def run(cfg: DictConfig) -> dict:
         laplace=bool(cfg.laplace),
         light_steps=int(cfg.adam.light_steps) if lens_light else 0,
         light_lbfgs_iters=int(cfg.lbfgs.light_iters) if lens_light else 0,
+        light_starts=int(cfg.adam.light_starts),
         adam_supersample=int(cfg.adam.supersample) if cfg.adam.supersample else None,
         adam_half_width=float(cfg.adam.half_width) if cfg.adam.half_width else None,
         ring_start=bool(cfg.ring_start) and cfg.init == "prior",
