@@ -133,10 +133,9 @@ def compile_cache_dir() -> Path:
     return path
 
 
-def resolve_compile(setting, n_images: int, npix: int, supersample: int, device: str = "cpu") -> bool:
-    """``compile`` = true / false / auto -> bool. ``auto`` compiles when the run traces at least
-    :data:`COMPILE_MIN_RAYS` rays (``n * (npix * supersample)^2``) and, on CPU, a C++ compiler
-    is on the PATH (inductor needs one)."""
+def compile_choice(setting) -> bool | None:
+    """A ``compile`` setting (true / false / auto, bool or string) -> True, False, or None for
+    auto; anything else is refused in one message."""
     if isinstance(setting, bool):
         return setting
     s = str(setting).lower()
@@ -144,6 +143,16 @@ def resolve_compile(setting, n_images: int, npix: int, supersample: int, device:
         return s == "true"
     if s != "auto":
         raise ConfigError(f"compile must be true, false or auto, got '{setting}'")
+    return None
+
+
+def resolve_compile(setting, n_images: int, npix: int, supersample: int, device: str = "cpu") -> bool:
+    """``compile`` = true / false / auto -> bool. ``auto`` compiles when the run traces at least
+    :data:`COMPILE_MIN_RAYS` rays (``n * (npix * supersample)^2``) and, on CPU, a C++ compiler
+    is on the PATH (inductor needs one)."""
+    choice = compile_choice(setting)
+    if choice is not None:
+        return choice
     if str(device).startswith("cpu") and not has_cxx_compiler():
         return False
     return n_images * (npix * supersample) ** 2 >= COMPILE_MIN_RAYS

@@ -17,19 +17,16 @@ import functools
 
 import torch
 
-from lensexp.errors import ConfigError
-from lensexp.runtime import compile_cache_dir, has_cxx_compiler
+from lensexp.runtime import compile_cache_dir, compile_choice, has_cxx_compiler
 from lensexp.sim.trace import EAGER, KERNEL_OPTIONS, Pointwise
 
 
 def resolve(setting, device) -> bool:
     """``compile`` = true / false / auto -> bool; auto: on CPU when a C++ compiler is on the PATH
     (inductor needs one); off on GPUs (not measured there)."""
-    s = str(setting).lower()
-    if s in ("true", "false"):
-        return s == "true"
-    if s != "auto":
-        raise ConfigError(f"compile must be true, false or auto, got '{setting}'")
+    choice = compile_choice(setting)
+    if choice is not None:
+        return choice
     return str(device).startswith("cpu") and has_cxx_compiler()
 
 

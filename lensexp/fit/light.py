@@ -92,8 +92,9 @@ def fit_light(
     cols = _light_columns(space, model.n_light)
     lo, hi = space.lo[cols], space.hi[cols]
     p0 = []
-    for r, n in variants:
-        start = {"ll_x": m0["ll_x"], "ll_y": m0["ll_y"], "ll_R": r * m0["R"], "ll_n": torch.full_like(m0["R"], n)}
+    for r_factor, n_sersic in variants:
+        start = {"ll_x": m0["ll_x"], "ll_y": m0["ll_y"], "ll_R": r_factor * m0["R"]}
+        start["ll_n"] = torch.full_like(m0["R"], n_sersic)
         start.update({"ll_e1": m0["e1"], "ll_e2": m0["e2"]})
         start.update(extra_light_starts(start, model.n_light))
         p0.append(torch.stack([start[n] for n in names], 1))
@@ -104,7 +105,7 @@ def fit_light(
     opt = torch.optim.Adam([u], lr=lr)
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        light_loss(u, lo, hi, model, names, obs.psf, d, w, outlier_sigma)[0].backward()
+        light_loss(u, lo, hi, model, names, obs.psf, d, w, outlier_sigma)[0].sum().backward()
         u.grad.nan_to_num_(0.0, 0.0, 0.0)
         opt.step()
     u = u.detach()
@@ -113,21 +114,21 @@ def fit_light(
         fit = lambda b: _light_lbfgs(u[b], o64, b, lo, hi, model, names, outlier_sigma, lbfgs_iters)  # noqa: E731
         u = torch.stack([fit(b) for b in range(len(u))])
     with torch.no_grad():
-        _, p, image = light_loss(u, lo, hi, model, names, obs.psf, d, w, outlier_sigma)
-        chi = (rho(w * (d - image) ** 2, outlier_sigma) * (w > 0)).sum((1, 2)).reshape(B, len(variants))
+        chi, p, image = light_loss(u, lo, hi, model, names, obs.psf, d, w, outlier_sigma)
+        chi = chi.reshape(B, len(variants))
         best = torch.arange(B, device=chi.device) * len(variants) + chi.nan_to_num(math.inf).argmin(1)
     return {"p": p[best], "image": image[best], "names": names, "chi2": chi}
 
 
 def light_loss(u, lo, hi, model: LensModel, names, psf, d, w, outlier_sigma):
-    """(robust chi-square summed over lenses, physical parameters [B, P], model image [B, N, N])
+    """(robust chi-square per lens [B], physical parameters [B, P], model image [B, N, N])
     of the light alone at unconstrained parameters ``u`` [B, P] (box ``lo``-``hi``), amplitudes
     profiled by weighted least squares."""
     p = lo + (hi - lo) * torch.sigmoid(u)
     T = model.light_templates(dict(zip(names, p.unbind(1))), psf)
     amps = solve_amplitudes(T, d, w)
     image = (amps[:, :, None, None] * T).sum(1)
-    return (rho(w * (d - image) ** 2, outlier_sigma) * (w > 0)).sum(), p, image
+    return (rho(w * (d - image) ** 2, outlier_sigma) * (w > 0)).sum((1, 2)), p, image
 
 
 def _light_lbfgs(u0, o64: Observation, b: int, lo, hi, model: LensModel, names, outlier_sigma, iters: int):
@@ -138,7 +139,8 @@ def _light_lbfgs(u0, o64: Observation, b: int, lo, hi, model: LensModel, names, 
     d, w, psf = o64.data[b : b + 1], o64.weights()[b : b + 1], o64.psf[b : b + 1]
     lo, hi = lo.to(f64), hi.to(f64)
     u = u0.to(f64)[None].clone().requires_grad_(True)
-    minimise([u], lambda: light_loss(u, lo, hi, model, names, psf, d, w, outlier_sigma)[0], iters, tolerance_grad=1e-7)
+    loss = lambda: light_loss(u, lo, hi, model, names, psf, d, w, outlier_sigma)[0].sum()  # noqa: E731
+    minimise([u], loss, iters, tolerance_grad=1e-7)
     return u.detach()[0].to(u0.dtype)
 
 
