@@ -32,3 +32,29 @@ def test_shard_throughput_reads_a_marginal_rate_against_lenstronomy(tmp_path):
 def test_shard_throughput_measures_each_setting_in_its_own_process(tmp_path):
     rows = _run(tmp_path, "matched", "matched")
     assert [r["setting"] for r in rows] == ["matched", "matched"] and all(r["img_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_light_starts_compares_settings_on_a_real_lens(tmp_path):
+    """benchmarks/light_starts.py: every setting's light fit of each lens folder, and a summary
+    whose best setting per lens is at the best optimum found."""
+    from lensexp.paths import SHARED_DATA
+
+    slacs = SHARED_DATA / "slacs_dev"
+    if not slacs.is_dir():
+        pytest.skip(f"SLACS development sample not found at {slacs} (../shared/data is absent)")
+    d = tmp_path / "one"
+    d.mkdir()
+    (d / "J1204+0358").symlink_to(slacs / "J1204+0358", target_is_directory=True)
+    out = tmp_path / "light.json"
+    script = PROJECT_ROOT / "benchmarks" / "light_starts.py"
+    cmd = [sys.executable, str(script), "--data", str(d), "--settings", "1:0", "2:5", "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=tmp_path, timeout=600)
+    res = json.loads(out.read_text())
+    (row,) = res["rows"]
+    chi = [row[s]["chi2"] for s in ("1:0", "2:5")]
+    assert row["name"] == "J1204+0358" and all(0 < c < 1e6 for c in chi)
+    best = res["summary"]["1:0" if chi[0] <= chi[1] else "2:5"]
+    assert best["lenses_at_best_within_1"] == 1 and best["summed_excess_chi2"] == 0
+    with pytest.raises(subprocess.CalledProcessError):
+        subprocess.run([*cmd[:5], "3-40"], check=True, cwd=tmp_path, timeout=60, capture_output=True)

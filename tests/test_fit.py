@@ -793,3 +793,28 @@ def test_light_starts_keep_each_lens_best_start():
     torch.testing.assert_close(kept, many["chi2"].amin(1))  # the best start's image and parameters
     with pytest.raises(ConfigError, match="adam.light_starts must be 1-3"):
         check_config(resolve_search(compose_config("fit", ["input=x", "adam.light_starts=4"])))
+
+
+def test_light_screen_finishes_only_each_lens_best_start():
+    """``lbfgs.light_screen_iters``: every start gets the screen's L-BFGS iterations, the best
+    per lens (as a screen-only run ranks them) is finished and kept, improving on its screen."""
+    from lensexp.fit.light import fit_light
+    from lensexp.fit.workflow import resolve_search
+
+    obs, img, sigma, npix, pix = elliptical_with_envelope()
+    two = Observation(*(torch.cat([t, t]) for t in (obs.data, obs.use, obs.psf, obs.bg_var, obs.inv_t)))
+    space, model = ParamSpace.for_grid(npix, pix, 3), LensModel(npix, pix, 2, 3)
+    screened = fit_light(two, space, model, 20, 0.05, 10.0, lbfgs_iters=4, n_starts=3)
+    finished = fit_light(two, space, model, 20, 0.05, 10.0, lbfgs_iters=30, n_starts=3, screen_iters=4)
+    pick = screened["chi2"].argmin(1)
+    lens = torch.arange(2)
+    # the losers keep their screen, the winner (same start as the screen-only ranking) is finished
+    loser = torch.ones_like(finished["chi2"], dtype=torch.bool)
+    loser[lens, pick] = False
+    torch.testing.assert_close(finished["chi2"][loser], screened["chi2"][loser])
+    assert (finished["chi2"][lens, pick] < screened["chi2"][lens, pick] - 1).all()
+    w = two.weights()
+    kept = (rho(w * (two.data - finished["image"]) ** 2, 10.0) * (w > 0)).sum((1, 2))
+    torch.testing.assert_close(kept, finished["chi2"][lens, pick])
+    with pytest.raises(ConfigError, match="lbfgs.light_screen_iters must be >= 0"):
+        check_config(resolve_search(compose_config("fit", ["input=x", "lbfgs.light_screen_iters=-1"])))

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 
-def minimise(params: list[torch.Tensor], loss_fn, max_iter: int, tolerance_grad: float = 1e-10) -> None:
+def minimise(params: list[torch.Tensor], loss_fn, max_iter: int, tolerance_grad: float = 1e-10) -> tuple[int, int]:
     """L-BFGS (strong Wolfe line search, history 20) of ``loss_fn()`` over ``params`` in place,
     at most ``max_iter`` iterations, stopping when the loss changes by < 1e-9 (``-ln L`` units:
     far below any meaningful change); a non-finite loss reads as 1e300 (the line search backs
-    off) and NaN gradients as 0."""
+    off) and NaN gradients as 0. Returns (iterations, loss evaluations)."""
     opt = torch.optim.LBFGS(
         params,
         lr=1.0,
@@ -31,3 +31,5 @@ def minimise(params: list[torch.Tensor], loss_fn, max_iter: int, tolerance_grad:
         return loss
 
     opt.step(closure)
+    state = opt.state[params[0]]
+    return int(state.get("n_iter", 0)), int(state.get("func_evals", 0))

@@ -12,6 +12,7 @@ from the light.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -27,6 +28,8 @@ from lensexp.fit.model import (
     solve_amplitudes,
 )
 from lensexp.sim.trace import pixel_grid
+
+log = logging.getLogger(__name__)
 
 
 def weighted_median(values: torch.Tensor, weights: torch.Tensor, q: float = 0.5) -> torch.Tensor:
@@ -76,12 +79,16 @@ def fit_light(
     outlier_sigma,
     lbfgs_iters: int = 0,
     n_starts: int = 1,
+    screen_iters: int = 0,
 ) -> dict:
     """Light-only fit of every lens, Adam (``steps``) then, with ``lbfgs_iters``, L-BFGS lens by
     lens in float64 to convergence: ``p`` [B, n light parameters] (physical, in the order of
     :func:`~lensexp.fit.model.light_names`) and the model ``image`` [B, N, N] (``obs``'s dtype).
     With ``n_starts`` > 1 each lens is fitted from the first ``n_starts`` of
-    :data:`LIGHT_START_VARIANTS` and the lowest robust chi-square is kept.
+    :data:`LIGHT_START_VARIANTS` and the lowest robust chi-square is kept; with ``screen_iters``
+    (0 < screen_iters < lbfgs_iters) every start gets only that many L-BFGS iterations and the
+    best one per lens is then finished (to ``lbfgs_iters`` in all), so the extra starts cost a
+    screen, not a whole fit.
 
     Adam alone is far from converged after a few hundred steps on bright ellipticals (SLACS: the
     loss still fell by 300-1 700 between 150 and 1 500 steps), and the mass fit inherits that
@@ -109,15 +116,29 @@ def fit_light(
         u.grad.nan_to_num_(0.0, 0.0, 0.0)
         opt.step()
     u = u.detach()
+    screen = lbfgs_iters
+    if len(variants) > 1 and screen_iters > 0:
+        screen = min(int(screen_iters), lbfgs_iters)
     if lbfgs_iters > 0:
         o64 = obs.to(torch.float64)
-        fit = lambda b: _light_lbfgs(u[b], o64, b, lo, hi, model, names, outlier_sigma, lbfgs_iters)  # noqa: E731
-        u = torch.stack([fit(b) for b in range(len(u))])
+        fit = lambda b, n: _light_lbfgs(u[b], o64, b, lo, hi, model, names, outlier_sigma, n)  # noqa: E731
+        u = torch.stack([fit(b, screen) for b in range(len(u))])
+    best = _best_start(u, lo, hi, model, names, obs, d, w, outlier_sigma, B, len(variants))
+    if 0 < screen < lbfgs_iters:  # finish the screen's winner of each lens
+        u = u.clone()
+        for b in best.tolist():
+            u[b] = fit(b, lbfgs_iters - screen)
     with torch.no_grad():
         chi, p, image = light_loss(u, lo, hi, model, names, obs.psf, d, w, outlier_sigma)
         chi = chi.reshape(B, len(variants))
-        best = torch.arange(B, device=chi.device) * len(variants) + chi.nan_to_num(math.inf).argmin(1)
     return {"p": p[best], "image": image[best], "names": names, "chi2": chi}
+
+
+def _best_start(u, lo, hi, model: LensModel, names, obs: Observation, d, w, outlier_sigma, B: int, S: int):
+    """Rows of ``u`` [B * S, P] (lens-major) with each lens's lowest robust chi-square [B]."""
+    with torch.no_grad():
+        chi = light_loss(u, lo, hi, model, names, obs.psf, d, w, outlier_sigma)[0].reshape(B, S)
+    return torch.arange(B, device=chi.device) * S + chi.nan_to_num(math.inf).argmin(1)
 
 
 def light_loss(u, lo, hi, model: LensModel, names, psf, d, w, outlier_sigma):
@@ -140,7 +161,8 @@ def _light_lbfgs(u0, o64: Observation, b: int, lo, hi, model: LensModel, names, 
     lo, hi = lo.to(f64), hi.to(f64)
     u = u0.to(f64)[None].clone().requires_grad_(True)
     loss = lambda: light_loss(u, lo, hi, model, names, psf, d, w, outlier_sigma)[0].sum()  # noqa: E731
-    minimise([u], loss, iters, tolerance_grad=1e-7)
+    n_iter, n_eval = minimise([u], loss, iters, tolerance_grad=1e-7)
+    log.debug("light L-BFGS of start %d: %d iterations (of %d), %d evaluations", b, n_iter, iters, n_eval)
     return u.detach()[0].to(u0.dtype)
 
 

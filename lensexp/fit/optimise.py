@@ -46,6 +46,7 @@ class FitSettings:
     light_steps: int = 0  # > 0 (with lens light): fit the light alone first (lensexp.fit.light)
     light_lbfgs_iters: int = 0  # then L-BFGS on the light alone, to convergence (at most this many iterations)
     light_starts: int = 1  # starts of the light-only fit per lens (lensexp.fit.light.LIGHT_START_VARIANTS), best kept
+    light_screen_iters: int = 0  # light_starts > 1: L-BFGS iterations per start before the best is finished; 0 = all
     adam_supersample: int | None = None  # rays per pixel per axis while exploring; None = the model's
     adam_half_width: float | None = None  # arcsec: explore and rank starts on the centred cut-out of this half-width
     ring_start: bool = False  # with light_steps: mass starts from the residual ring, not the given ones
@@ -83,6 +84,7 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
             fs.outlier_sigma,
             fs.light_lbfgs_iters,
             fs.light_starts,
+            fs.light_screen_iters,
         )
         light = {**light, "p": light["p"].to(dt), "image": light["image"].to(dt)}
         if fs.ring_start:

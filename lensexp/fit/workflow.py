@@ -123,6 +123,7 @@ def check_config(cfg: DictConfig) -> None:
         ("lbfgs.sie_candidates", 1),
         ("lbfgs.irls_rounds", 1),
         ("lbfgs.light_iters", 0),
+        ("lbfgs.light_screen_iters", 0),
         ("adam.light_steps", 0),
         ("adam.light_starts", 1),
         ("max_npix", 16),
@@ -220,6 +221,7 @@ def run(cfg: DictConfig) -> dict:
         light_steps=int(cfg.adam.light_steps) if lens_light else 0,
         light_lbfgs_iters=int(cfg.lbfgs.light_iters) if lens_light else 0,
         light_starts=int(cfg.adam.light_starts),
+        light_screen_iters=int(cfg.lbfgs.light_screen_iters),
         adam_supersample=int(cfg.adam.supersample) if cfg.adam.supersample else None,
         adam_half_width=float(cfg.adam.half_width) if cfg.adam.half_width else None,
         ring_start=bool(cfg.ring_start) and cfg.init == "prior",
@@ -325,6 +327,32 @@ def _fit_safely(group: list[dict], errors: list, *args) -> list[dict]:
 
 def _fit_group(group: list[dict], cfg, fs, pred, truth, ss, lens_light, dtype, device) -> list[dict]:
     """Fit loaded files sharing one grid; returns their CSV rows."""
+    space, model, obs = prepare_group(group, cfg, ss, lens_light, dtype, device)
+    scale = model.pixscale
+    rngs = [lens_generator(int(cfg.seed), g["name"]) for g in group]
+    t0 = time.perf_counter()
+    starts = starts_for(cfg, group, pred, truth, rngs, dtype).to(device)
+    t_init = (time.perf_counter() - t0) / len(group)
+    rows = []
+    for b, (g, res) in enumerate(zip(group, fit_batch(obs, starts, space, model, fs, rngs))):
+        res["seconds"] += t_init
+        res["noise_source"], res["sky_ratio"] = g["noise_source"], g["sky_ratio"]
+        rows.append(result_row(g["name"], res, space, amp_names(lens_light, model.n_src, model.n_comp), g["offset"]))
+        if cfg.save_plots:
+            with torch.no_grad():
+                T = model.templates({k: v[None] for k, v in res["p"].items()}, obs.psf[b : b + 1])[0]
+            amps, n_src = res["amps"], model.n_src
+            if res.get("sh_n_max"):  # the kept shapelets drawn as one more source component
+                T = torch.cat([T[:n_src], res["sh_image"][None], T[n_src:]])
+                amps, n_src = torch.cat([amps[:n_src], amps.new_ones(1), amps[n_src:]]), n_src + 1
+            lens = {**{k: res["p"][k] for k in ("theta_E", "center_x", "center_y")}, "chi2_dof": rows[-1]["chi2_dof"]}
+            png = Path(cfg.save_plots)
+            fit_figure(obs.data[b], T, amps, res["var"], obs.use[b], scale, g["name"], lens, png, n_src)
+    return rows
+
+
+def prepare_group(group: list[dict], cfg, ss: int, lens_light: int, dtype, device):
+    """The parameter space, forward model and batched observation of loaded files sharing one grid."""
     n, scale = group[0]["data"].shape[-1], group[0]["scale"]
     space = ParamSpace.for_grid(
         n,
@@ -347,26 +375,7 @@ def _fit_group(group: list[dict], cfg, fs, pred, truth, ss, lens_light, dtype, d
         _bg_stack(group, dtype),
         torch.tensor([g["inv_t"] for g in group], dtype=dtype),
     ).to(device=device)
-    rngs = [lens_generator(int(cfg.seed), g["name"]) for g in group]
-    t0 = time.perf_counter()
-    starts = starts_for(cfg, group, pred, truth, rngs, dtype).to(device)
-    t_init = (time.perf_counter() - t0) / len(group)
-    rows = []
-    for b, (g, res) in enumerate(zip(group, fit_batch(obs, starts, space, model, fs, rngs))):
-        res["seconds"] += t_init
-        res["noise_source"], res["sky_ratio"] = g["noise_source"], g["sky_ratio"]
-        rows.append(result_row(g["name"], res, space, amp_names(lens_light, model.n_src, model.n_comp), g["offset"]))
-        if cfg.save_plots:
-            with torch.no_grad():
-                T = model.templates({k: v[None] for k, v in res["p"].items()}, obs.psf[b : b + 1])[0]
-            amps, n_src = res["amps"], model.n_src
-            if res.get("sh_n_max"):  # the kept shapelets drawn as one more source component
-                T = torch.cat([T[:n_src], res["sh_image"][None], T[n_src:]])
-                amps, n_src = torch.cat([amps[:n_src], amps.new_ones(1), amps[n_src:]]), n_src + 1
-            lens = {**{k: res["p"][k] for k in ("theta_E", "center_x", "center_y")}, "chi2_dof": rows[-1]["chi2_dof"]}
-            png = Path(cfg.save_plots)
-            fit_figure(obs.data[b], T, amps, res["var"], obs.use[b], scale, g["name"], lens, png, n_src)
-    return rows
+    return space, model, obs
 
 
 def lens_generator(seed: int, name: str) -> torch.Generator:
