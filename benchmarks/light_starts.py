@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     torch.set_flush_denormal(True)
     loader, files = Loader(cfg, None), list_inputs(cfg.input)
     adam_dtype = getattr(torch, str(cfg.adam.dtype))
-    ss = int(cfg.adam.supersample or cfg.supersample or cfg.data.supersample)
+    ss = int(cfg.adam.supersample or cfg.supersample or cfg.data.supersample)  # the fit's exploration rays
+    outlier_sigma = float(cfg.outlier_sigma) if cfg.outlier_sigma else None
     rows = []
     print(f"{'lens':12s} " + " ".join(f"{s:>18s}" for s in args.settings), "  (robust chi-square, seconds)")
     for f in files:
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
         for (n, k), label in zip(settings, args.settings):
             t0 = time.perf_counter()
             light = fit_light(
-                o1, s1, model, int(cfg.adam.light_steps), float(cfg.adam.lr), float(cfg.outlier_sigma),
+                o1, s1, model, int(cfg.adam.light_steps), float(cfg.adam.lr), outlier_sigma,
                 int(cfg.lbfgs.light_iters), n, k,
             )  # fmt: skip
             row[label] = {"chi2": float(light["chi2"].amin()), "seconds": time.perf_counter() - t0}
