@@ -123,22 +123,18 @@ def fit_light(
         o64 = obs.to(torch.float64)
         fit = lambda b, n: _light_lbfgs(u[b], o64, b, lo, hi, model, names, outlier_sigma, n)  # noqa: E731
         u = torch.stack([fit(b, screen) for b in range(len(u))])
-    best = _best_start(u, lo, hi, model, names, obs, d, w, outlier_sigma, B, len(variants))
+    S = len(variants)
+    loss = lambda u: light_loss(u, lo, hi, model, names, obs.psf, d, w, outlier_sigma)  # noqa: E731
+    with torch.no_grad():
+        chi, p, image = loss(u)
+    best = torch.arange(B, device=chi.device) * S + chi.reshape(B, S).nan_to_num(math.inf).argmin(1)
     if 0 < screen < lbfgs_iters:  # finish the screen's winner of each lens
         u = u.clone()
         for b in best.tolist():
             u[b] = fit(b, lbfgs_iters - screen)
-    with torch.no_grad():
-        chi, p, image = light_loss(u, lo, hi, model, names, obs.psf, d, w, outlier_sigma)
-        chi = chi.reshape(B, len(variants))
-    return {"p": p[best], "image": image[best], "names": names, "chi2": chi}
-
-
-def _best_start(u, lo, hi, model: LensModel, names, obs: Observation, d, w, outlier_sigma, B: int, S: int):
-    """Rows of ``u`` [B * S, P] (lens-major) with each lens's lowest robust chi-square [B]."""
-    with torch.no_grad():
-        chi = light_loss(u, lo, hi, model, names, obs.psf, d, w, outlier_sigma)[0].reshape(B, S)
-    return torch.arange(B, device=chi.device) * S + chi.nan_to_num(math.inf).argmin(1)
+        with torch.no_grad():
+            chi, p, image = loss(u)
+    return {"p": p[best], "image": image[best], "names": names, "chi2": chi.reshape(B, S)}
 
 
 def light_loss(u, lo, hi, model: LensModel, names, psf, d, w, outlier_sigma):
