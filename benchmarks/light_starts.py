@@ -2,10 +2,10 @@
 
 For every lens folder of ``--data`` (default ``../shared/data/slacs_dev``), loaded and set up as
 ``lensexp.fit ... pixscale=0.05 lens_light=true`` does, the light-only stage
-(:func:`lensexp.fit.light.fit_light`, Adam then L-BFGS) runs once per setting ``STARTS:SCREEN``
-(``adam.light_starts`` and ``lbfgs.light_screen_iters``); printed per lens and summed: the kept
-robust chi-square and the seconds. A lower chi-square is a better optimum of the same
-objective; the mass search starts from the light it is given.
+(:func:`lensexp.fit.optimise.light_stage`, Adam then L-BFGS, as the fit runs it) runs once per
+setting ``STARTS:SCREEN`` (``adam.light_starts`` and ``lbfgs.light_screen_iters``); printed per
+lens and summed: the kept robust chi-square and the seconds. A lower chi-square is a better
+optimum of the same objective; the mass search starts from the light it is given.
 
     python benchmarks/light_starts.py                          # 1:0 3:0 3:40 3:80
     python benchmarks/light_starts.py --settings 1:0 3:60 --out benchmarks/results/light_starts.json
@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,8 +25,8 @@ from common import ensure_allocator_env, machine_info
 
 from lensexp.config import compose_config
 from lensexp.fit.data import Loader
-from lensexp.fit.light import fit_light
-from lensexp.fit.workflow import prepare_group, resolve_search
+from lensexp.fit.optimise import light_stage
+from lensexp.fit.workflow import fit_settings, prepare_group, resolve_search
 from lensexp.inputs import list_inputs
 from lensexp.paths import SHARED_DATA
 from lensexp.runtime import set_threads
@@ -52,22 +53,18 @@ def main(argv=None) -> int:
     set_threads()
     torch.set_flush_denormal(True)
     loader, files = Loader(cfg, None), list_inputs(cfg.input)
-    adam_dtype = getattr(torch, str(cfg.adam.dtype))
-    ss = int(cfg.adam.supersample or cfg.supersample or cfg.data.supersample)  # the fit's exploration rays
-    outlier_sigma = float(cfg.outlier_sigma) if cfg.outlier_sigma else None
+    n_light = int(cfg.lens_light_components)
+    fs = fit_settings(cfg, n_light)
+    ss = int(cfg.supersample or cfg.data.supersample)
     rows = []
     print(f"{'lens':12s} " + " ".join(f"{s:>18s}" for s in args.settings), "  (robust chi-square, seconds)")
     for f in files:
         item = {**loader(f), "name": f.name}
-        space, model, obs = prepare_group([item], cfg, ss, int(cfg.lens_light_components), torch.float64, "cpu")
-        o1, s1 = obs.to(adam_dtype), space.to(adam_dtype)
+        space, model, obs = prepare_group([item], cfg, ss, n_light, getattr(torch, str(cfg.dtype)), "cpu")
         row = {"name": f.name}
         for (n, k), label in zip(settings, args.settings):
             t0 = time.perf_counter()
-            light = fit_light(
-                o1, s1, model, int(cfg.adam.light_steps), float(cfg.adam.lr), outlier_sigma,
-                int(cfg.lbfgs.light_iters), n, k,
-            )  # fmt: skip
+            light = light_stage(obs, space, model, replace(fs, light_starts=n, light_screen_iters=k))
             row[label] = {"chi2": float(light["chi2"].amin()), "seconds": time.perf_counter() - t0}
         rows.append(row)
         print(f"{f.name:12s} " + " ".join(f"{row[s]['chi2']:11.1f} {row[s]['seconds']:5.1f}s" for s in args.settings))

@@ -73,20 +73,7 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
     # exploration (light-only fit, Adam over every start) may trace fewer rays; ranking and polish use `model`
     ss_explore = fs.adam_supersample or model.ss
     if model.lens_light and fs.light_steps > 0:
-        o1 = obs.to(fs.adam_dtype)
-        whole = model.like(supersample=ss_explore)
-        light = fit_light(
-            o1,
-            space.to(fs.adam_dtype),
-            whole,
-            fs.light_steps,
-            fs.adam_lr,
-            fs.outlier_sigma,
-            fs.light_lbfgs_iters,
-            fs.light_starts,
-            fs.light_screen_iters,
-        )
-        light = {**light, "p": light["p"].to(dt), "image": light["image"].to(dt)}
+        light = light_stage(obs, space, model, fs)
         if fs.ring_start:
             starts = ring_starts(obs, light, model, S, rngs)
         log.debug("light-only fit of %d lenses: %.1f s, robust chi-square per start %s", B, time.perf_counter() - t0,
@@ -163,6 +150,26 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
             best["p"]["mu_F"] = model.mu_F({k: v[None] for k, v in best["p"].items()}, best["amps"][None], extra)[0]
         results.append(best)
     return results
+
+
+def light_stage(obs: Observation, space: ParamSpace, model: LensModel, fs: FitSettings) -> dict:
+    """The light-only fit as :func:`fit_batch` runs it first (:func:`lensexp.fit.light.fit_light`
+    in ``fs.adam_dtype`` with the exploration's supersampling); ``p`` and ``image`` returned in
+    ``obs``'s dtype."""
+    whole = model.like(supersample=fs.adam_supersample or model.ss)
+    light = fit_light(
+        obs.to(fs.adam_dtype),
+        space.to(fs.adam_dtype),
+        whole,
+        fs.light_steps,
+        fs.adam_lr,
+        fs.outlier_sigma,
+        fs.light_lbfgs_iters,
+        fs.light_starts,
+        fs.light_screen_iters,
+    )
+    dt = obs.data.dtype
+    return {**light, "p": light["p"].to(dt), "image": light["image"].to(dt)}
 
 
 def _finite_or_inf(x) -> float:

@@ -208,29 +208,7 @@ def run(cfg: DictConfig) -> dict:
     ss = int(cfg.supersample or cfg.data.supersample)
     lens_light = int(cfg.lens_light_components) if cfg.lens_light else 0
     n_comp = int(cfg.companions)
-    fs = FitSettings(
-        adam_steps=int(cfg.adam.steps),
-        adam_lr=float(cfg.adam.lr),
-        source_steps=int(cfg.adam.source_steps),
-        adam_dtype=getattr(torch, str(cfg.adam.dtype)),
-        lbfgs_iters=int(cfg.lbfgs.iters),
-        polish=int(cfg.lbfgs.polish),
-        irls_rounds=int(cfg.lbfgs.irls_rounds),
-        outlier_sigma=float(cfg.outlier_sigma) if cfg.outlier_sigma else None,
-        laplace=bool(cfg.laplace),
-        light_steps=int(cfg.adam.light_steps) if lens_light else 0,
-        light_lbfgs_iters=int(cfg.lbfgs.light_iters) if lens_light else 0,
-        light_starts=int(cfg.adam.light_starts),
-        light_screen_iters=int(cfg.lbfgs.light_screen_iters),
-        adam_supersample=int(cfg.adam.supersample) if cfg.adam.supersample else None,
-        adam_half_width=float(cfg.adam.half_width) if cfg.adam.half_width else None,
-        ring_start=bool(cfg.ring_start) and cfg.init == "prior",
-        center_sigma=float(cfg.center_prior) if cfg.center_prior else None,
-        shapelets=None if cfg.source_shapelets is None else int(cfg.source_shapelets),
-        shear=str(cfg.mass_model) == "sie_shear",
-        sie_candidates=int(cfg.lbfgs.sie_candidates),
-        sie_direct=bool(cfg.lbfgs.sie_direct),
-    )
+    fs = fit_settings(cfg, lens_light)
     cols = columns(lens_light, fs.laplace, int(cfg.source_components), n_comp, fs.shapelets is not None)
     done = _resume(partial, cols) if cfg.resume else set()
     if not cfg.resume:
@@ -282,6 +260,33 @@ def run(cfg: DictConfig) -> dict:
     os.replace(partial, out)
     print(f"wrote {out} ({n_ok} lenses) and {err_path} ({len(errors)} skipped)")
     return {"n": n_ok, "errors": errors}
+
+
+def fit_settings(cfg: DictConfig, lens_light: int) -> FitSettings:
+    """The optimiser's settings from a resolved fit config (``lens_light``: light components, 0 = none)."""
+    return FitSettings(
+        adam_steps=int(cfg.adam.steps),
+        adam_lr=float(cfg.adam.lr),
+        source_steps=int(cfg.adam.source_steps),
+        adam_dtype=getattr(torch, str(cfg.adam.dtype)),
+        lbfgs_iters=int(cfg.lbfgs.iters),
+        polish=int(cfg.lbfgs.polish),
+        irls_rounds=int(cfg.lbfgs.irls_rounds),
+        outlier_sigma=float(cfg.outlier_sigma) if cfg.outlier_sigma else None,
+        laplace=bool(cfg.laplace),
+        light_steps=int(cfg.adam.light_steps) if lens_light else 0,
+        light_lbfgs_iters=int(cfg.lbfgs.light_iters) if lens_light else 0,
+        light_starts=int(cfg.adam.light_starts),
+        light_screen_iters=int(cfg.lbfgs.light_screen_iters),
+        adam_supersample=int(cfg.adam.supersample) if cfg.adam.supersample else None,
+        adam_half_width=float(cfg.adam.half_width) if cfg.adam.half_width else None,
+        ring_start=bool(cfg.ring_start) and cfg.init == "prior",
+        center_sigma=float(cfg.center_prior) if cfg.center_prior else None,
+        shapelets=None if cfg.source_shapelets is None else int(cfg.source_shapelets),
+        shear=str(cfg.mass_model) == "sie_shear",
+        sie_candidates=int(cfg.lbfgs.sie_candidates),
+        sie_direct=bool(cfg.lbfgs.sie_direct),
+    )
 
 
 def _resume(partial: Path, cols: list[str]) -> set:
