@@ -58,3 +58,21 @@ def test_light_starts_compares_settings_on_a_real_lens(tmp_path):
     assert best["lenses_at_best_within_1"] == 1 and best["summed_excess_chi2"] == 0
     with pytest.raises(subprocess.CalledProcessError):
         subprocess.run([*cmd[:5], "3-40"], check=True, cwd=tmp_path, timeout=60, capture_output=True)
+
+
+def test_psf_routes_agree_and_name_the_fastest(tmp_path):
+    """benchmarks/psf_routes.py: the three routes give the same image to float rounding on a preset
+    of Gaussian kernels, and the row names the fastest and the route PSFBank takes."""
+    out = tmp_path / "routes.json"
+    script = PROJECT_ROOT / "benchmarks" / "psf_routes.py"
+    cmd = [sys.executable, str(script), "--presets", "tiny", "--repeats", "1", "--json", str(out)]
+    subprocess.run(cmd, check=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    (row,) = json.loads(out.read_text())
+    assert (row["preset"], row["npix"], row["kernel_px"]) == ("tiny", 64, 11)
+    assert row["rank1_excess"] < 1e-6  # pixel-integrated Gaussians are separable
+    assert row["direct_rel_diff"] < 1e-5 and row["separable_rel_diff"] < 1e-5
+    times = {r: row[f"{r}_us"] for r in ("direct", "separable", "fft")}
+    assert all(t > 0 for t in times.values()) and row["fastest"] == min(times, key=times.get)
+    from lensexp.sim.psf import DIRECT_MAX
+
+    assert row["lensexp_route"] == ("direct" if 11 <= DIRECT_MAX else "fft") and row["lensexp_over_fastest"] >= 1.0
