@@ -14,7 +14,7 @@ from lensexp.config import compose_config
 from lensexp.errors import ConfigError
 from lensexp.fit import FitSettings, LensModel, ParamSpace, fit_batch
 from lensexp.fit import shapelets as sh
-from lensexp.fit.workflow import check_config, columns, resolve_search
+from lensexp.fit.workflow import check_config, columns, resolve_search, source_shift, warn_source_shift
 from lensexp.sim.psf import draw_kernel
 from lensexp.sim.trace import render_sersic
 from tests.test_fit import noisy_observation
@@ -96,6 +96,9 @@ def test_shapelets_fit_a_structured_source_and_are_kept():
     obs = observation(knots=True)
     plain, res = fit(obs, None), fit(obs, 6, laplace=True)
     assert res["sh_n_max"] == 6 and res["sh_dnll"] > sh.bic_threshold(6, res["n_pix"])
+    # the stage starts from the Sérsic-source fit: its theta_E is the plain fit's, to the bit
+    assert res["sh_theta_E0"] == float(plain["p"]["theta_E"])
+    assert source_shift(res) == pytest.approx(float(res["p"]["theta_E"]) / float(plain["p"]["theta_E"]) - 1)
     assert plain["chi2"] / plain["n_pix"] > 1.3  # the knots are more than one Sérsic can fit
     assert res["chi2"] / res["n_pix"] < 1.1  # at the noise
     assert float(res["p"]["theta_E"]) == pytest.approx(LENS["theta_E"], rel=0.01)
@@ -121,6 +124,7 @@ def test_a_plain_sersic_source_keeps_the_sersic_fit():
     res = fit(obs, 6)
     assert res["sh_n_max"] == 0 and math.isnan(float(res["p"]["sh_beta"]))
     assert res["sh_dnll"] < sh.bic_threshold(6, res["n_pix"])
+    assert res["sh_theta_E0"] == float(res["p"]["theta_E"]) and source_shift(res) == 0.0  # the Sérsic fit stands
     assert float(res["p"]["theta_E"]) == pytest.approx(LENS["theta_E"], rel=0.01)
 
 
@@ -138,5 +142,21 @@ def test_config_and_columns(tmp_path):
     }
     assert auto == {"true": 6, "false": None}  # real galaxies (lens light) get shapelets, simulations fit as before
     cols = columns(3, True, shapelets=True)
-    assert {"sh_n_max", "sh_beta", "sh_dnll", "sh_beta_std"} <= set(cols)
+    assert {"sh_n_max", "sh_beta", "sh_dnll", "sh_theta_E0", "sh_beta_std"} <= set(cols)
     assert "sh_n_max" not in columns(3, False)
+
+
+def test_a_large_source_model_shift_is_said_in_the_log(caplog):
+    """A kept shapelet source that moved theta_E by more than SOURCE_SHIFT_WARN is named in a
+    warning; a small move, or shapelets not kept, says nothing."""
+
+    def res(theta_E, theta_E0, kept=6):
+        return {"p": {"theta_E": torch.tensor(theta_E)}, "sh_n_max": kept, "sh_theta_E0": theta_E0}
+
+    with caplog.at_level("WARNING", logger="lensexp.fit"):
+        warn_source_shift("J-small", res(1.02, 1.0))
+        warn_source_shift("J-not-kept", res(0.8, 1.0, kept=0))
+        assert not caplog.records
+        warn_source_shift("J-large", res(0.92, 1.0))
+    (rec,) = caplog.records
+    assert "J-large" in rec.getMessage() and "-8.0 %" in rec.getMessage() and "sh_theta_E0" in rec.getMessage()

@@ -199,8 +199,9 @@ def _without_shear(cands: list[dict], obs, b: int, space, model, fs) -> tuple[di
 
 def _add_shapelets(best: dict, obs, b: int, space, model, fs) -> tuple[dict, int]:
     """The shapelet stage (:func:`shapelets.refine`) from the polished best; kept when the BIC
-    prefers it. Returns the result (with ``sh_n_max``, ``sh_dnll`` and ``p['sh_beta']``, NaN when
-    not kept) and the adopted n_max (0: not kept)."""
+    prefers it. Returns the result (with ``sh_n_max``, ``sh_dnll``, ``sh_theta_E0`` - the Sérsic-
+    source fit's theta_E the stage started from - and ``p['sh_beta']``, NaN when not kept) and
+    the adopted n_max (0: not kept)."""
     n_max = int(fs.shapelets)
     fov = model.npix * model.pixscale
     half = fs.adam_half_width and max(fs.adam_half_width, 1.6 * float(best["p"]["theta_E"]))
@@ -210,7 +211,7 @@ def _add_shapelets(best: dict, obs, b: int, space, model, fs) -> tuple[dict, int
     keep = gain > shapelets.bic_threshold(n_max, best["n_pix"])
     log.debug("lens %d shapelets n_max %d: -ln L %.1f better (kept: %s)", b, n_max, gain, keep)
     out = sh if keep else best
-    out.update(sh_n_max=n_max if keep else 0, sh_dnll=gain, sh_npix=n_sh)
+    out.update(sh_n_max=n_max if keep else 0, sh_dnll=gain, sh_npix=n_sh, sh_theta_E0=float(best["p"]["theta_E"]))
     out["p"].setdefault("sh_beta", torch.tensor(math.nan, dtype=obs.data.dtype))
     out["start"] = best["start"]
     return out, n_max if keep else 0
