@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 import time
 import zlib
@@ -47,11 +48,16 @@ SHAPELET_COLUMNS = ["sh_n_max", "sh_beta", "sh_dnll", "sh_theta_E0"]
 SOURCE_SHIFT_WARN = 0.05
 
 
+def shift_of(theta_E: float, theta_E0: float, sh_n_max) -> float:
+    """``theta_E / theta_E0 - 1`` when shapelets were kept (``sh_n_max`` > 0), else 0 (also for a
+    missing, NaN, order)."""
+    kept = sh_n_max is not None and sh_n_max == sh_n_max and sh_n_max > 0
+    return float(theta_E) / float(theta_E0) - 1.0 if kept else 0.0
+
+
 def source_shift(res: dict) -> float:
-    """Fractional change of theta_E made by the kept shapelet source (0 when not kept or absent)."""
-    if not res.get("sh_n_max"):
-        return 0.0
-    return float(res["p"]["theta_E"]) / res["sh_theta_E0"] - 1.0
+    """Fractional change of theta_E made by the kept shapelet source of a fit result (0 when not kept)."""
+    return shift_of(res["p"]["theta_E"], res.get("sh_theta_E0", math.nan), res.get("sh_n_max"))
 
 
 def warn_source_shift(name: str, res: dict) -> None:
