@@ -12,7 +12,7 @@ preset's grid, kernel size and simulation batch, in one process on one core:
 * ``fft`` - the batched real FFT at the padded size (``fft_convolve``),
 
 on Gaussian kernels across the preset's FWHM range (``matched``: the one kernel of
-``benchmarks/sim_speed.py``'s settings, 7 px at 64 px), and prints microseconds per image, the fastest
+``benchmarks/sim_speed.py``'s settings, 9 px at 64 px), and prints microseconds per image, the fastest
 route, the route ``PSFBank`` takes today and how much slower that is than the fastest. Every route
 is checked against the FFT (relative difference printed).
 
