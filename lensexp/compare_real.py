@@ -149,6 +149,9 @@ def figure(methods: dict, pub: dict, path: Path, sim=None) -> None:
         hi95 = np.array([est[n]["hi95"] for n in names])
         yerr = np.vstack([y - lo95, hi95 - y]) if np.isfinite(lo95).all() else None
         ax.errorbar(x, y, yerr=yerr, fmt="o", ms=4, color=c, capsize=2, lw=1, label=name)
+        warned = np.array([abs(est[n].get("source_shift", 0.0)) > SOURCE_SHIFT_WARN for n in names], bool)
+        if warned.any():  # fits whose theta_E the source model moved (the fit's warning): ringed
+            ax.plot(x[warned], y[warned], "o", ms=10, mfc="none", mec=c, lw=1, label=f"{name}: source-dependent")
     ax.plot([lo, hi], [lo, hi], "k:", lw=1)
     ax.plot([lo, hi], [0.95 * lo, 0.95 * hi], color="0.5", lw=0.6, ls="--")
     ax.plot([lo, hi], [1.05 * lo, 1.05 * hi], color="0.5", lw=0.6, ls="--", label="±5 %")
