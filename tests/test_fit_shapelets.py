@@ -14,7 +14,14 @@ from lensexp.config import compose_config
 from lensexp.errors import ConfigError
 from lensexp.fit import FitSettings, LensModel, ParamSpace, fit_batch
 from lensexp.fit import shapelets as sh
-from lensexp.fit.workflow import check_config, columns, resolve_search, source_shift, warn_source_shift
+from lensexp.fit.workflow import (
+    check_config,
+    columns,
+    resolve_search,
+    source_shift,
+    warn_at_edge,
+    warn_source_shift,
+)
 from lensexp.sim.psf import draw_kernel
 from lensexp.sim.trace import render_sersic
 from tests.test_fit import noisy_observation
@@ -160,3 +167,18 @@ def test_a_large_source_model_shift_is_said_in_the_log(caplog):
         warn_source_shift("J-large", res(0.92, 1.0))
     (rec,) = caplog.records
     assert "J-large" in rec.getMessage() and "-8.0 %" in rec.getMessage() and "sh_theta_E0" in rec.getMessage()
+
+
+def test_a_mass_parameter_at_its_box_edge_is_said_in_the_log(caplog):
+    """theta_E fitted at the edge of its box is named in a warning; inside the box, or a fixed
+    (lo == hi) shear, says nothing."""
+    space = ParamSpace.for_grid(NPIX, PIX, 0, shear_max=0.1, theta_E_range=(0.3, 2.2)).fixing(
+        {"gamma1": 0.0, "gamma2": 0.0}
+    )
+    p = {n: torch.tensor(0.0, dtype=torch.float64) for n in space.names}
+    with caplog.at_level("WARNING", logger="lensexp.fit"):
+        warn_at_edge("J-inside", {"p": {**p, "theta_E": torch.tensor(1.2)}}, space)
+        assert not caplog.records
+        warn_at_edge("J-edge", {"p": {**p, "theta_E": torch.tensor(2.199991)}}, space)
+    (rec,) = caplog.records
+    assert "J-edge" in rec.getMessage() and "theta_E = 2.2" in rec.getMessage() and "gamma" not in rec.getMessage()

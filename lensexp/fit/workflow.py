@@ -61,6 +61,23 @@ def source_shift(res: dict) -> float:
     return shift_of(res["p"]["theta_E"], res.get("sh_theta_E0", math.nan), res.get("sh_n_max"))
 
 
+EDGE_FRAC = 1e-3  # a mass parameter closer than this fraction of its box to an edge is reported
+
+
+def warn_at_edge(name: str, res: dict, space: ParamSpace) -> None:
+    """Log a warning naming the mass parameters that ended at an edge of their box (``theta_E_range``,
+    the shear prior, the centre's F/8, |e| < 0.7): the likelihood's optimum lies beyond what the
+    priors allow, so the fit is unreliable (e.g. a simulated SLACS-like lens of theta_E 1.76" fitted at
+    the 2.2" edge). Fixed parameters (an SIE's zero shear) are not checked."""
+    at = []
+    for n, lo, hi in zip(space.names, space.lo.tolist(), space.hi.tolist()):
+        v = float(res["p"][n])
+        if n in MASS and hi > lo and min(v - lo, hi - v) < EDGE_FRAC * (hi - lo):
+            at.append(f"{n} = {v:.4g} (box [{lo:.3g}, {hi:.3g}])")
+    if at:
+        log.warning("%s: %s at the edge of its box: the priors hold the fit, treat it with care", name, "; ".join(at))
+
+
 def warn_source_shift(name: str, res: dict) -> None:
     """Log a warning when the kept shapelets moved theta_E by more than :data:`SOURCE_SHIFT_WARN`."""
     if abs(shift := source_shift(res)) > SOURCE_SHIFT_WARN:
@@ -372,6 +389,7 @@ def _fit_group(group: list[dict], cfg, fs, pred, truth, ss, lens_light, dtype, d
         res["seconds"] += t_init
         res["noise_source"], res["sky_ratio"] = g["noise_source"], g["sky_ratio"]
         warn_source_shift(g["name"], res)
+        warn_at_edge(g["name"], res, space)
         rows.append(result_row(g["name"], res, space, amp_names(lens_light, model.n_src, model.n_comp), g["offset"]))
         if cfg.save_plots:
             with torch.no_grad():
