@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from lensexp.compare import write_tables
 from lensexp.errors import ConfigError
-from lensexp.fit.workflow import SOURCE_SHIFT_WARN, shift_of
+from lensexp.fit.workflow import shift_of, source_dependent
 from lensexp.io import read_table
 from lensexp.paths import resolve_path
 
@@ -79,10 +79,11 @@ def estimates(table: dict, peer: bool = False) -> dict:
 
 def source_stable(est: dict) -> dict | None:
     """The lenses of a fit table whose theta_E the shapelet source moved by at most
-    ``SOURCE_SHIFT_WARN`` (the ones the fit does not warn about); None for tables without the column."""
+    ``SOURCE_SHIFT_WARN`` (the ones the fit does not warn about, :func:`source_dependent`); None for
+    tables without the column."""
     if not any("source_shift" in e for e in est.values()):
         return None
-    return {n: e for n, e in est.items() if abs(e.get("source_shift", 0.0)) <= SOURCE_SHIFT_WARN}
+    return {n: e for n, e in est.items() if not source_dependent(e.get("source_shift", 0.0))}
 
 
 def summary_row(name: str, est: dict, pub: dict, systematic: float) -> dict:
@@ -149,7 +150,7 @@ def figure(methods: dict, pub: dict, path: Path, sim=None) -> None:
         hi95 = np.array([est[n]["hi95"] for n in names])
         yerr = np.vstack([y - lo95, hi95 - y]) if np.isfinite(lo95).all() else None
         ax.errorbar(x, y, yerr=yerr, fmt="o", ms=4, color=c, capsize=2, lw=1, label=name)
-        warned = np.array([abs(est[n].get("source_shift", 0.0)) > SOURCE_SHIFT_WARN for n in names], bool)
+        warned = np.array([source_dependent(est[n].get("source_shift", 0.0)) for n in names], bool)
         if warned.any():  # fits whose theta_E the source model moved (the fit's warning): ringed
             ax.plot(x[warned], y[warned], "o", ms=10, mfc="none", mec=c, lw=1, label=f"{name}: source-dependent")
     ax.plot([lo, hi], [lo, hi], "k:", lw=1)
@@ -174,12 +175,12 @@ def run(cfg: DictConfig) -> list[dict]:
     if cfg.peer:
         methods[str(cfg.peer_name)] = estimates(read_table(cfg.peer, "peer table"), peer=True)
     sys_frac = float(cfg.systematic)
+    stable = {k: source_stable(est) for k, est in methods.items()}
     rows = []
     for k, est in methods.items():
         rows.append(summary_row(k, est, pub, sys_frac))
-        stable = source_stable(est)
-        if stable:  # the same method on the lenses it does not warn about
-            rows.append(summary_row(f"{k} (source-stable)", stable, pub, sys_frac))
+        if stable[k]:  # the same method on the lenses it does not warn about
+            rows.append(summary_row(f"{k} (source-stable)", stable[k], pub, sys_frac))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     sim = None
@@ -199,7 +200,7 @@ def run(cfg: DictConfig) -> list[dict]:
     lens_cols = ["name", "published_theta_E", "published_q"] + [
         f"{k}/{c}" for k in methods for c in ("theta_E", "frac", "q")
     ]
-    lens_cols += [f"{k}/source_shift" for k, est in methods.items() if source_stable(est) is not None]
+    lens_cols += [f"{k}/source_shift" for k in methods if stable[k] is not None]
     write_tables(
         per_lens, out, lens_cols, "real_lenses", "Real lenses, per lens", "frac = estimate / published - 1.", ()
     )

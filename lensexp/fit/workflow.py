@@ -56,6 +56,11 @@ def shift_of(theta_E: float, theta_E0: float, sh_n_max) -> float:
     return float(theta_E) / float(theta_E0) - 1.0 if kept else 0.0
 
 
+def source_dependent(shift: float) -> bool:
+    """Whether a fit whose shapelets moved theta_E by ``shift`` is warned about (> SOURCE_SHIFT_WARN)."""
+    return abs(shift) > SOURCE_SHIFT_WARN
+
+
 def source_shift(res: dict) -> float:
     """Fractional change of theta_E made by the kept shapelet source of a fit result (0 when not kept)."""
     return shift_of(res["p"]["theta_E"], res.get("sh_theta_E0", math.nan), res.get("sh_n_max"))
@@ -80,7 +85,7 @@ def warn_at_edge(name: str, res: dict, space: ParamSpace) -> None:
 
 def warn_source_shift(name: str, res: dict) -> None:
     """Log a warning when the kept shapelets moved theta_E by more than :data:`SOURCE_SHIFT_WARN`."""
-    if abs(shift := source_shift(res)) > SOURCE_SHIFT_WARN:
+    if source_dependent(shift := source_shift(res)):
         log.warning(
             "%s: theta_E moved %+.1f %% when the source got shapelets (%.3f -> %.3f arcsec): the fit depends "
             "on the source model, treat its theta_E with care (column sh_theta_E0)",
