@@ -212,7 +212,7 @@ def test_center_prior_pulls_the_mass_towards_the_light_and_enters_the_nll():
     """Gaussian prior on mass centre - light centre: 0.5 (0.3^2 + 0.4^2) / 0.1^2 = 12.5 by hand;
     a fit whose true mass sits 0.2" from the light ends nearer the light, and its -ln posterior
     is the likelihood's plus the prior's."""
-    from lensexp.fit.optimise import center_penalty
+    from lensexp.fit.model import center_penalty, prior_penalty
 
     p = {
         "center_x": torch.tensor(0.3),
@@ -254,9 +254,40 @@ def test_center_prior_pulls_the_mass_towards_the_light_and_enters_the_nll():
             * LensModel(NPIX, PIX, 2, True).templates({k: v[None] for k, v in res["p"].items()}, psf[None])[0]
         ).sum(0)
         lik = likelihood_terms(m[None], img, obs.use, res["var"][None], 10.0)["nll"]
-        assert res["nll"] == pytest.approx(float(lik[0]) + float(center_penalty(res["p"], sigma)), rel=1e-9)
+        assert res["nll"] == pytest.approx(float(lik[0]) + float(prior_penalty(res["p"], sigma)), rel=1e-9)
     assert offsets[None] == pytest.approx(0.2, abs=0.01)
     assert offsets[0.005] < 0.5 * offsets[None]
+
+
+def test_the_mass_ellipticity_stays_inside_the_modulus_prior():
+    """The wall: 0 for |e| < 0.7 (and a finite, zero gradient at e = 0), by hand beyond it
+    (|e| = 0.71: ((0.71^2 - 0.49) / (2 0.7 0.002))^2 / 2 = 12.68); a noiseless lens of q = 0.11
+    (|e| = 0.8 on the diagonal, each component inside the +-0.7 box) is fitted at |e| ~ 0.7, where
+    the box alone let it reach its truth."""
+    from lensexp.fit.model import ellipticity_wall
+
+    e = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    wall = ellipticity_wall({"e1": e[0], "e2": e[1]})
+    wall.backward()
+    assert wall.item() == 0.0 and e.grad.tolist() == [0.0, 0.0]
+    assert float(ellipticity_wall({"e1": torch.tensor(0.69), "e2": torch.tensor(0.0)})) == 0.0
+    c = torch.tensor(0.71 / math.sqrt(2), dtype=torch.float64)
+    v = float(ellipticity_wall({"e1": c, "e2": c}))
+    assert v == pytest.approx(0.5 * ((0.71**2 - 0.49) / (2 * 0.7 * 0.002)) ** 2, rel=1e-9)
+    psf = psf_kernel()
+    flat = {**LENS, "e1": 0.8 / math.sqrt(2), "e2": 0.8 / math.sqrt(2)}
+    img = render_sersic(flat, SRC, NPIX, PIX, 2, psf)
+    start = torch.tensor([[flat[k] for k in MASS]], dtype=torch.float64) - 0.02
+    res = fit_batch(
+        observation(img, psf),
+        start[:, None],
+        ParamSpace.for_grid(NPIX, PIX, False),
+        LensModel(NPIX, PIX, 2, False),
+        FitSettings(adam_steps=60, lbfgs_iters=100, polish=1, irls_rounds=1),
+        [torch.Generator().manual_seed(0)],
+    )[0]
+    modulus = math.hypot(float(res["p"]["e1"]), float(res["p"]["e2"]))
+    assert 0.69 < modulus < 0.71
 
 
 def test_theta_E_is_boxed_by_the_data_preset_prior_unless_given(tmp_path):

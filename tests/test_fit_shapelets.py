@@ -182,3 +182,11 @@ def test_a_mass_parameter_at_its_box_edge_is_said_in_the_log(caplog):
         warn_at_edge("J-edge", {"p": {**p, "theta_E": torch.tensor(2.199991)}}, space)
     (rec,) = caplog.records
     assert "J-edge" in rec.getMessage() and "theta_E = 2.2" in rec.getMessage() and "gamma" not in rec.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lensexp.fit"):  # both components inside +-0.7, the modulus at 0.7
+        warn_at_edge("J-round", {"p": {**p, "theta_E": torch.tensor(1.2), "e1": torch.tensor(0.49)}}, space)
+        assert not caplog.records
+        diagonal = {"e1": torch.tensor(0.4951), "e2": torch.tensor(0.4951)}
+        warn_at_edge("J-flat", {"p": {**p, "theta_E": torch.tensor(1.2), **diagonal}}, space)
+    (rec,) = caplog.records
+    assert "J-flat" in rec.getMessage() and "|e| = 0.7002" in rec.getMessage() and "theta_E" not in rec.getMessage()

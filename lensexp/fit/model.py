@@ -92,7 +92,8 @@ class ParamSpace:
     ) -> ParamSpace:
         """Bounds for an ``npix`` grid of ``pixscale`` arcsec/px (field of view ``F``): theta_E in
         [0.05", F/2] (within ``theta_E_range`` when given: the CLI takes the data preset's prior),
-        |e| components < 0.7 (q > 0.18), lens (and lens-light) centre within F/8 of
+        |e| components within +-0.7 (the mass's modulus below 0.7, q > 0.18, by
+        :func:`ellipticity_wall`), lens (and lens-light) centre within F/8 of
         the cut-out's centre (0.8" at 64 x 0.1"), |gamma1|, |gamma2| < ``shear_max`` (the CLI
         takes it from the data preset's shear prior), source in the field, R_sersic in
         [pixscale/4, F/4] (at most ``src_R_max`` when given), n in [0.3, 6] (a second source
@@ -338,6 +339,25 @@ def rho(z2: torch.Tensor, outlier_sigma: float | None) -> torch.Tensor:
     if not outlier_sigma:
         return 0.5 * z2
     return -torch.logaddexp(-0.5 * z2, torch.full_like(z2, -0.5 * outlier_sigma**2))
+
+
+E_MAX = 0.7  # largest mass ellipticity modulus |e| = (1 - q) / (1 + q): q > 0.18
+E_WALL = 0.002  # width of the wall beyond E_MAX (-ln prior 12.5 at |e| = E_MAX + 5 E_WALL)
+
+
+def ellipticity_wall(p: dict):
+    """``-ln`` of the prior |e| < :data:`E_MAX` on the mass ellipticity: 0 inside, a steep
+    quadratic wall outside (``0.5 ((|e| - E_MAX) / E_WALL)^2`` to first order, written in |e|^2 so
+    the gradient is finite at e = 0). The box of ``e1``, ``e2`` alone (each within +-0.7) lets its
+    corners reach |e| = 0.99, q = 0.005: a simulated SLACS-like lens fitted a cosmic-ray streak
+    with a q = 0.09 mass there."""
+    excess = torch.relu(p["e1"] ** 2 + p["e2"] ** 2 - E_MAX**2) / (2 * E_MAX * E_WALL)
+    return 0.5 * excess**2
+
+
+def prior_penalty(p: dict, center_sigma: float | None):
+    """``-ln`` of the fit's priors beyond its boxes: :func:`center_penalty` + :func:`ellipticity_wall`."""
+    return center_penalty(p, center_sigma) + ellipticity_wall(p)
 
 
 def center_penalty(p: dict, sigma: float | None):

@@ -19,7 +19,7 @@ from lensexp.fit.model import (
     Observation,
     ParamSpace,
     amp_names,
-    center_penalty,
+    prior_penalty,
     likelihood_terms,
     rho,
     solve_amplitudes,
@@ -254,7 +254,7 @@ def own_cutouts(obs: Observation, sides: list[int]) -> Observation:
 def _profiled_loss(p, obs, idx, w, d, space, model, outlier_sigma, center_sigma=None):
     """Stage-1 loss [M]: robust chi-square with data-based weights ``w``, amplitudes solved by
     weighted least squares (outliers of the current model down-weighted, as in IRLS), plus the
-    centre prior (:func:`center_penalty`)."""
+    priors (:func:`prior_penalty`: mass centre near the light, mass |e| < 0.7)."""
     pd = space.as_dict(p)
     T = model.templates(pd, obs.psf[idx])
     amps = solve_amplitudes(T, d, w)
@@ -263,7 +263,7 @@ def _profiled_loss(p, obs, idx, w, d, space, model, outlier_sigma, center_sigma=
         inlier = torch.exp(-0.5 * z2.detach() + rho(z2.detach(), outlier_sigma))  # P(inlier | z)
         amps = solve_amplitudes(T, d, w * inlier)
         z2 = w * (d - (amps[:, :, None, None] * T).sum(1)) ** 2
-    return (rho(z2, outlier_sigma) * (w > 0)).sum((1, 2)) + center_penalty(pd, center_sigma)
+    return (rho(z2, outlier_sigma) * (w > 0)).sum((1, 2)) + prior_penalty(pd, center_sigma)
 
 
 def _component_model(p, amps, obs, b, space, model):
@@ -274,11 +274,11 @@ def _component_model(p, amps, obs, b, space, model):
 
 def _lens_loss(p, amps, w, obs, b, space, model, outlier_sigma, center_sigma):
     """``-ln`` posterior of lens ``b`` for physical parameters p [P] and amplitudes [K] with the
-    pixel weights ``w`` held fixed: robust chi-square plus the centre prior (what the polish
+    pixel weights ``w`` held fixed: robust chi-square plus the priors (what the polish
     minimises and the Laplace approximation differentiates)."""
     d, use = obs.data[b : b + 1], obs.use[b : b + 1]
     chi = (rho(w * (d - _component_model(p, amps, obs, b, space, model)) ** 2, outlier_sigma) * use).sum()
-    return chi + center_penalty(space.as_dict(p), center_sigma)
+    return chi + prior_penalty(space.as_dict(p), center_sigma)
 
 
 def _polish(p_start, obs, b, space, model, fs):
@@ -309,7 +309,7 @@ def _polish(p_start, obs, b, space, model, fs):
     with torch.no_grad():
         terms = likelihood_terms(m, d, use, var, fs.outlier_sigma)
         p_fit = space.as_dict(space.to_p(u).detach())
-        terms["nll"] = terms["nll"] + center_penalty(p_fit, fs.center_sigma)  # -ln posterior: ranks the polished starts
+        terms["nll"] = terms["nll"] + prior_penalty(p_fit, fs.center_sigma)  # -ln posterior: ranks the polished starts
     return {
         "p": p_fit,
         "amps": torch.exp(la).detach(),

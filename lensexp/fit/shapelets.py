@@ -17,7 +17,7 @@ import math
 import torch
 
 from lensexp.fit.lbfgs import minimise
-from lensexp.fit.model import MASS, center_penalty, likelihood_terms, rho
+from lensexp.fit.model import MASS, prior_penalty, likelihood_terms, rho
 from lensexp.sim.trace import EAGER, convolve_psf, lens_coefficients, shoot, subpixel_planes
 
 
@@ -132,7 +132,7 @@ def profiled_loss(x, w, obs, b, space, model, n_max, outlier_sigma, center_sigma
     m = profiled_model(x[:P], x[P:-1], x[-1], w, obs, b, space, model, n_max, outlier_sigma, npix_sh)[0]
     d, use = obs.data[b : b + 1], obs.use[b : b + 1]
     chi = (rho(w * (d - m) ** 2, outlier_sigma) * use).sum()
-    return chi + center_penalty(space.as_dict(x[:P]), center_sigma)
+    return chi + prior_penalty(space.as_dict(x[:P]), center_sigma)
 
 
 def refine(best: dict, obs, b: int, space, model, fs, n_max: int, beta_box: tuple[float, float], npix_sh=None) -> dict:
@@ -166,7 +166,7 @@ def refine(best: dict, obs, b: int, space, model, fs, n_max: int, beta_box: tupl
     with torch.no_grad():
         terms = likelihood_terms(m, d, use, var, fs.outlier_sigma)
         p_fit = space.as_dict(pv)
-        terms["nll"] = terms["nll"] + center_penalty(p_fit, fs.center_sigma)
+        terms["nll"] = terms["nll"] + prior_penalty(p_fit, fs.center_sigma)
         p_fit["sh_beta"] = beta
         return {
             "p": p_fit,

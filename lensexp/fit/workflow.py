@@ -18,7 +18,7 @@ from lensexp.errors import ConfigError
 from lensexp.fit import kernels
 from lensexp.fit.data import Loader
 from lensexp.fit.light import LIGHT_START_VARIANTS
-from lensexp.fit.model import MASS, LensModel, Observation, ParamSpace, amp_names, param_names
+from lensexp.fit.model import E_MAX, MASS, LensModel, Observation, ParamSpace, amp_names, param_names
 from lensexp.fit.optimise import FitSettings, fit_batch
 from lensexp.fit.plots import fit_figure
 from lensexp.fit.starts import starts_for
@@ -71,7 +71,8 @@ EDGE_FRAC = 1e-3  # a mass parameter closer than this fraction of its box to an 
 
 def warn_at_edge(name: str, res: dict, space: ParamSpace) -> None:
     """Log a warning naming the mass parameters that ended at an edge of their box (``theta_E_range``,
-    the shear prior, the centre's F/8, |e| < 0.7): the likelihood's optimum lies beyond what the
+    the shear prior, the centre's F/8, e1, e2 within +-0.7) or of the ellipticity wall (|e| < 0.7,
+    :func:`~lensexp.fit.model.ellipticity_wall`): the likelihood's optimum lies beyond what the
     priors allow, so the fit is unreliable (e.g. a simulated SLACS-like lens of theta_E 1.76" fitted at
     the 2.2" edge). Fixed parameters (an SIE's zero shear) are not checked."""
     at = []
@@ -79,6 +80,9 @@ def warn_at_edge(name: str, res: dict, space: ParamSpace) -> None:
         v = float(res["p"][n])
         if n in MASS and hi > lo and min(v - lo, hi - v) < EDGE_FRAC * (hi - lo):
             at.append(f"{n} = {v:.4g} (box [{lo:.3g}, {hi:.3g}])")
+    e = math.hypot(float(res["p"]["e1"]), float(res["p"]["e2"]))
+    if e > E_MAX * (1 - EDGE_FRAC):
+        at.append(f"|e| = {e:.4g} (q = {(1 - e) / (1 + e):.3g}; prior |e| < {E_MAX})")
     if at:
         log.warning("%s: %s at the edge of its box: the priors hold the fit, treat it with care", name, "; ".join(at))
 
