@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from lensexp.compare import write_tables
 from lensexp.errors import ConfigError
-from lensexp.fit.workflow import shift_of, source_dependent
+from lensexp.fit.results import shift_of, source_dependent
 from lensexp.io import read_table
 from lensexp.paths import resolve_path
 

@@ -97,7 +97,7 @@ def test_two_component_source_is_recovered_and_mu_F_weighs_both():
     """``source_components=2``: a disc with a compact offset knot is fitted to the noise floor
     from a start near the truth (the components' order is free: matched by size), and ``mu_F``
     is the lensed flux of both over their intrinsic flux (finer renders, by hand)."""
-    from lensexp.fit.workflow import columns
+    from lensexp.fit.results import columns
 
     psf = psf_kernel()
     knot = dict(amp=60.0, R_sersic=0.06, n_sersic=1.0, e1=-0.1, e2=0.1, center_x=0.22, center_y=0.02)

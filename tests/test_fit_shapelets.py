@@ -14,14 +14,8 @@ from lensexp.config import compose_config
 from lensexp.errors import ConfigError
 from lensexp.fit import FitSettings, LensModel, ParamSpace, fit_batch
 from lensexp.fit import shapelets as sh
-from lensexp.fit.workflow import (
-    check_config,
-    columns,
-    resolve_search,
-    source_shift,
-    warn_at_edge,
-    warn_source_shift,
-)
+from lensexp.fit.results import columns, source_shift, warn_at_edge, warn_source_shift
+from lensexp.fit.workflow import check_config, resolve_search
 from lensexp.sim.psf import draw_kernel
 from lensexp.sim.trace import render_sersic
 from tests.test_fit import noisy_observation

@@ -30,8 +30,10 @@ SIE per-ray functions (:mod:`lensexp.fit.kernels`); ``compile=false`` keeps eage
 
 Priors: parameters live in boxes; theta_E and each shear component are bounded by the data
 preset's prior (``theta_E_range``, ``shear_max``; ``source_R_max`` bounds the source's size on
-request), and with lens light a Gaussian of width
-``center_prior`` ties the mass centre to the light's; ``nll`` is then the ``-ln`` posterior.
+request), the mass ellipticity by |e| < 0.7 (:func:`~lensexp.fit.model.ellipticity_wall`), and with
+lens light a Gaussian of width ``center_prior`` ties the mass centre to the light's; ``nll`` is then
+the ``-ln`` posterior. :mod:`lensexp.fit.results` writes the rows and warns about fits held by a
+prior's edge or moved by the shapelet source.
 
 The likelihood is Gaussian plus a flat outlier term beyond ``outlier_sigma`` (cosmic rays, hot
 pixels, source knots a Sérsic lacks; :func:`rho`), so every fit of a file is scored on the same
@@ -66,4 +68,5 @@ from lensexp.fit.model import (  # noqa: F401
 from lensexp.fit.optimise import FitSettings, fit_batch  # noqa: F401
 from lensexp.fit.starts import cnn_starts, init_source, prior_mass  # noqa: F401
 from lensexp.fit.data import load_psf  # noqa: F401
-from lensexp.fit.workflow import INITS, check_config, columns, run  # noqa: F401
+from lensexp.fit.results import columns  # noqa: F401
+from lensexp.fit.workflow import INITS, check_config, run  # noqa: F401
