@@ -19,8 +19,8 @@ from lensexp.fit.model import (
     Observation,
     ParamSpace,
     amp_names,
-    prior_penalty,
     likelihood_terms,
+    prior_penalty,
     rho,
     solve_amplitudes,
 )

@@ -17,7 +17,7 @@ import math
 import torch
 
 from lensexp.fit.lbfgs import minimise
-from lensexp.fit.model import MASS, prior_penalty, likelihood_terms, rho
+from lensexp.fit.model import MASS, likelihood_terms, prior_penalty, rho
 from lensexp.sim.trace import EAGER, convolve_psf, lens_coefficients, shoot, subpixel_planes
 
 

@@ -18,9 +18,9 @@ from lensexp.fit import kernels
 from lensexp.fit.data import Loader
 from lensexp.fit.light import LIGHT_START_VARIANTS
 from lensexp.fit.model import MASS, LensModel, Observation, ParamSpace, amp_names
-from lensexp.fit.results import columns, result_row, warn_at_edge, warn_source_shift
 from lensexp.fit.optimise import FitSettings, fit_batch
 from lensexp.fit.plots import fit_figure
+from lensexp.fit.results import columns, result_row, warn_at_edge, warn_source_shift
 from lensexp.fit.starts import starts_for
 from lensexp.files import check_writable, clean_stale, temp_path
 from lensexp.inputs import list_inputs
