@@ -12,8 +12,9 @@ fits). Each method is a ``predict`` or ``fit`` CSV; its ``q`` comes from ``e1, e
 median |fractional error|, fraction off by more than 20 %, median |q error|, seconds per lens and,
 where the method gives 95.5 % intervals, the fraction holding the published value (interval
 widened in quadrature by ``systematic`` x theta_E for the published value's own error); for a
-``fit`` table with ``sh_theta_E0`` also a row ``<method> (source-stable)``: the lenses whose
-theta_E the shapelet source moved by at most 5 % (the fit warns about the others) - and
+``fit`` table with ``sh_theta_E0`` also a row ``<method> (unwarned)``: the lenses the fit does not
+warn about (theta_E moved by at most 5 % by the shapelet source, mass centre within 0.3" of the
+light's, :func:`lensexp.fit.results.warned`) - and
 ``real_lenses.csv`` (per lens), ``real_vs_published.png`` (Hezaveh et al. 2017 Fig. 1: the
 simulated test set's 68/95 % bands of estimate against truth, with the real lenses as coloured
 points and 95 % error bars).
@@ -29,7 +30,7 @@ from omegaconf import DictConfig
 
 from lensexp.compare import write_tables
 from lensexp.errors import ConfigError
-from lensexp.fit.results import shift_of, source_dependent
+from lensexp.fit.results import shift_of, warned
 from lensexp.io import read_table
 from lensexp.paths import resolve_path
 
@@ -71,19 +72,25 @@ def estimates(table: dict, peer: bool = False) -> dict:
             e["lo95"], e["hi95"] = r["theta_E"] - 2 * r["theta_E_std"], r["theta_E"] + 2 * r["theta_E_std"]
         else:
             e["lo95"] = e["hi95"] = math.nan
-        if "sh_theta_E0" in r:  # a fit table: theta_E moved by the source model (lensexp.fit.workflow)
+        if "sh_theta_E0" in r:  # a fit table: theta_E moved by the source model (lensexp.fit.results)
             e["source_shift"] = shift_of(r["theta_E"], r["sh_theta_E0"], r.get("sh_n_max"))
+            e["off_light"] = r.get("off_light", math.nan)
         out[n] = e
     return out
 
 
-def source_stable(est: dict) -> dict | None:
-    """The lenses of a fit table whose theta_E the shapelet source moved by at most
-    ``SOURCE_SHIFT_WARN`` (the ones the fit does not warn about, :func:`source_dependent`); None for
-    tables without the column."""
+def is_warned(e: dict) -> bool:
+    """Whether the fit warned about this lens (:func:`lensexp.fit.results.warned`: theta_E moved by the
+    source model, or the mass centre off the light)."""
+    return warned(e.get("source_shift", 0.0), e.get("off_light", math.nan))
+
+
+def unwarned(est: dict) -> dict | None:
+    """The lenses of a fit table the fit does not warn about (:func:`is_warned`); None for tables
+    without the fit's readouts (``sh_theta_E0``)."""
     if not any("source_shift" in e for e in est.values()):
         return None
-    return {n: e for n, e in est.items() if not source_dependent(e.get("source_shift", 0.0))}
+    return {n: e for n, e in est.items() if not is_warned(e)}
 
 
 def summary_row(name: str, est: dict, pub: dict, systematic: float) -> dict:
@@ -150,9 +157,9 @@ def figure(methods: dict, pub: dict, path: Path, sim=None) -> None:
         hi95 = np.array([est[n]["hi95"] for n in names])
         yerr = np.vstack([y - lo95, hi95 - y]) if np.isfinite(lo95).all() else None
         ax.errorbar(x, y, yerr=yerr, fmt="o", ms=4, color=c, capsize=2, lw=1, label=name)
-        warned = np.array([source_dependent(est[n].get("source_shift", 0.0)) for n in names], bool)
-        if warned.any():  # fits whose theta_E the source model moved (the fit's warning): ringed
-            ax.plot(x[warned], y[warned], "o", ms=10, mfc="none", mec=c, lw=1, label=f"{name}: source-dependent")
+        ringed = np.array([is_warned(est[n]) for n in names], bool)
+        if ringed.any():  # fits the fit warns about (source model, mass off the light): ringed
+            ax.plot(x[ringed], y[ringed], "o", ms=10, mfc="none", mec=c, lw=1, label=f"{name}: warned")
     ax.plot([lo, hi], [lo, hi], "k:", lw=1)
     ax.plot([lo, hi], [0.95 * lo, 0.95 * hi], color="0.5", lw=0.6, ls="--")
     ax.plot([lo, hi], [1.05 * lo, 1.05 * hi], color="0.5", lw=0.6, ls="--", label="±5 %")
@@ -175,12 +182,12 @@ def run(cfg: DictConfig) -> list[dict]:
     if cfg.peer:
         methods[str(cfg.peer_name)] = estimates(read_table(cfg.peer, "peer table"), peer=True)
     sys_frac = float(cfg.systematic)
-    stable = {k: source_stable(est) for k, est in methods.items()}
+    trusted = {k: unwarned(est) for k, est in methods.items()}
     rows = []
     for k, est in methods.items():
         rows.append(summary_row(k, est, pub, sys_frac))
-        if stable[k]:  # the same method on the lenses it does not warn about
-            rows.append(summary_row(f"{k} (source-stable)", stable[k], pub, sys_frac))
+        if trusted[k]:  # the same method on the lenses it does not warn about
+            rows.append(summary_row(f"{k} (unwarned)", trusted[k], pub, sys_frac))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     sim = None
@@ -196,11 +203,12 @@ def run(cfg: DictConfig) -> list[dict]:
                 r[f"{k}/frac"] = est[n]["theta_E"] / pub[n]["theta_E"] - 1
                 r[f"{k}/q"] = est[n]["q"]
                 r[f"{k}/source_shift"] = est[n].get("source_shift")
+                r[f"{k}/off_light"] = est[n].get("off_light")
         per_lens.append(r)
     lens_cols = ["name", "published_theta_E", "published_q"] + [
         f"{k}/{c}" for k in methods for c in ("theta_E", "frac", "q")
     ]
-    lens_cols += [f"{k}/source_shift" for k in methods if stable[k] is not None]
+    lens_cols += [f"{k}/{c}" for k in methods if trusted[k] is not None for c in ("source_shift", "off_light")]
     write_tables(
         per_lens, out, lens_cols, "real_lenses", "Real lenses, per lens", "frac = estimate / published - 1.", ()
     )

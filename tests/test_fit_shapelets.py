@@ -14,7 +14,7 @@ from lensexp.config import compose_config
 from lensexp.errors import ConfigError
 from lensexp.fit import FitSettings, LensModel, ParamSpace, fit_batch
 from lensexp.fit import shapelets as sh
-from lensexp.fit.results import columns, source_shift, warn_at_edge, warn_source_shift
+from lensexp.fit.results import columns, off_light, source_shift, warn_at_edge, warn_off_light, warn_source_shift
 from lensexp.fit.workflow import check_config, resolve_search
 from lensexp.sim.psf import draw_kernel
 from lensexp.sim.trace import render_sersic
@@ -145,6 +145,7 @@ def test_config_and_columns(tmp_path):
     cols = columns(3, True, shapelets=True)
     assert {"sh_n_max", "sh_beta", "sh_dnll", "sh_theta_E0", "sh_beta_std"} <= set(cols)
     assert "sh_n_max" not in columns(3, False)
+    assert "off_light" in columns(3, False) and "off_light" not in columns(0, False)
 
 
 def test_a_large_source_model_shift_is_said_in_the_log(caplog):
@@ -184,3 +185,22 @@ def test_a_mass_parameter_at_its_box_edge_is_said_in_the_log(caplog):
         warn_at_edge("J-flat", {"p": {**p, "theta_E": torch.tensor(1.2), **diagonal}}, space)
     (rec,) = caplog.records
     assert "J-flat" in rec.getMessage() and "|e| = 0.7002" in rec.getMessage() and "theta_E" not in rec.getMessage()
+
+
+def test_a_mass_centre_far_from_the_light_is_said_in_the_log(caplog):
+    """off_light is the mass-to-light centre distance by hand (0.3, 0.4 -> 0.5"), NaN without lens
+    light; beyond 0.3" the fit warns, naming the lens and the distance; within it, or without lens
+    light, it says nothing."""
+
+    def res(cx, cy, lx=0.0, ly=0.0):
+        return {"p": {"center_x": torch.tensor(cx), "center_y": torch.tensor(cy), "ll_x": lx, "ll_y": ly}}
+
+    assert off_light(res(0.3, 0.4)["p"]) == pytest.approx(0.5)
+    assert math.isnan(off_light({"center_x": 0.3, "center_y": 0.4}))
+    with caplog.at_level("WARNING", logger="lensexp.fit"):
+        warn_off_light("J-near", res(0.12, -0.25, 0.02, 0.03))  # 0.297"
+        warn_off_light("J-no-light", {"p": {"center_x": 0.9, "center_y": 0.0}})
+        assert not caplog.records
+        warn_off_light("J-far", res(0.02, 0.92))
+    (rec,) = caplog.records
+    assert "J-far" in rec.getMessage() and "0.92 arcsec" in rec.getMessage() and "off_light" in rec.getMessage()

@@ -20,7 +20,7 @@ from lensexp.fit.light import LIGHT_START_VARIANTS
 from lensexp.fit.model import MASS, LensModel, Observation, ParamSpace, amp_names
 from lensexp.fit.optimise import FitSettings, fit_batch
 from lensexp.fit.plots import fit_figure
-from lensexp.fit.results import columns, result_row, warn_at_edge, warn_source_shift
+from lensexp.fit.results import columns, result_row, warn_at_edge, warn_off_light, warn_source_shift
 from lensexp.fit.starts import starts_for
 from lensexp.files import check_writable, clean_stale, temp_path
 from lensexp.inputs import list_inputs
@@ -304,6 +304,7 @@ def _fit_group(group: list[dict], cfg, fs, pred, truth, ss, lens_light, dtype, d
         res["seconds"] += t_init
         res["noise_source"], res["sky_ratio"] = g["noise_source"], g["sky_ratio"]
         warn_source_shift(g["name"], res)
+        warn_off_light(g["name"], res)
         warn_at_edge(g["name"], res, space)
         rows.append(result_row(g["name"], res, space, amp_names(lens_light, model.n_src, model.n_comp), g["offset"]))
         if cfg.save_plots:
