@@ -45,11 +45,16 @@ def off_light(p: dict) -> float:
     return math.hypot(float(p["center_x"]) - float(p["ll_x"]), float(p["center_y"]) - float(p["ll_y"]))
 
 
+def far_from_light(off: float) -> bool:
+    """Whether a mass centre ``off`` arcsec from the light's is warned about (> OFF_LIGHT_WARN; NaN: no)."""
+    return off > OFF_LIGHT_WARN
+
+
 def warned(shift: float, off: float) -> bool:
     """Whether the fit warns about a lens: its shapelet source moved theta_E by more than
     :data:`SOURCE_SHIFT_WARN` (:func:`source_dependent`) or its mass centre lies more than
     :data:`OFF_LIGHT_WARN` from the light's (NaN: no lens light, not warned)."""
-    return source_dependent(shift) or off > OFF_LIGHT_WARN
+    return source_dependent(shift) or far_from_light(off)
 
 
 def source_shift(res: dict) -> float:
@@ -91,7 +96,7 @@ def warn_source_shift(name: str, res: dict) -> None:
 def warn_off_light(name: str, res: dict) -> None:
     """Log a warning when the mass centre ended more than :data:`OFF_LIGHT_WARN` from the light's: the
     data pulled it far into the tail of the centre prior, typically onto a companion or an arc."""
-    if (off := off_light(res["p"])) > OFF_LIGHT_WARN:
+    if far_from_light(off := off_light(res["p"])):
         log.warning(
             "%s: the mass centre lies %.2f arcsec from the lens light's (more than %.1f): a companion or an arc may "
             "have been taken for an image, treat its theta_E with care (column off_light)",
