@@ -364,10 +364,14 @@ def center_penalty(p: dict, sigma: float | None):
     """``-ln`` of a Gaussian prior of width ``sigma`` [arcsec] on the offset between the mass
     centre and the lens light's centre (0 without lens light or prior): an elliptical's light
     traces the stellar mass that dominates inside theta_E, so the mass centre does not wander
-    onto an arc or a neighbour. Shape of ``p``'s entries (``[M]`` or scalar)."""
-    if not sigma or "ll_x" not in p:
+    onto an arc or a neighbour. Shape of ``p``'s entries (``[M]`` or scalar); ``sigma`` a float
+    or one per entry [M]."""
+    if sigma is None or (not torch.is_tensor(sigma) and not sigma) or "ll_x" not in p:
         return 0.0
-    return 0.5 * ((p["center_x"] - p["ll_x"]) ** 2 + (p["center_y"] - p["ll_y"]) ** 2) / sigma**2
+    d2 = (p["center_x"] - p["ll_x"]) ** 2 + (p["center_y"] - p["ll_y"]) ** 2
+    # per-entry sigmas squared in float64 and then rounded, as a Python float's square is: the same numbers either way
+    var = sigma.to(torch.float64).square().to(d2.dtype) if torch.is_tensor(sigma) else sigma**2
+    return 0.5 * d2 / var
 
 
 def likelihood_terms(model, data, use, var, outlier_sigma) -> dict:
