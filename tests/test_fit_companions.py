@@ -97,13 +97,13 @@ def test_anchored_starts_copy_the_first_starts_onto_the_light_with_a_tight_centr
     p = torch.arange(B * S * 7, dtype=torch.float64).reshape(B * S, 7)
     jit = -torch.arange(B * S * 4, dtype=torch.float64).reshape(B * S, 4)
     light = {"names": ["ll_R", "ll_x", "ll_y"], "p": torch.tensor([[1.0, 0.5, -0.5], [1.0, 0.25, 0.75]])}
-    (q, j), sigma = anchored((p, jit), B, S, A, fs, light)
+    q, j, sigma = anchored(p, jit, B, S, A, fs, light)
     assert q[:, 0].tolist() == [0, 7, 14, 0, 7, 21, 28, 35, 21, 28]  # theta_E column: lens 0's starts, copies, lens 1's
     assert q[:, 3:5].tolist()[3:5] == [[0.5, -0.5]] * 2 and q[:, 3:5].tolist()[8:] == [[0.25, 0.75]] * 2
     assert torch.equal(q[:3], p[:3]) and torch.equal(q[3, 5:], p[0, 5:])
     assert torch.equal(j[[3, 4, 8, 9]], jit[[0, 1, 3, 4]])
     assert sigma.tolist() == [0.1, 0.1, 0.1, 0.02, 0.02] * 2
-    assert anchored((p, jit), B, S, 0, fs, light) == ((p, jit), 0.1)
+    assert anchored(p, jit, B, S, 0, fs, light) == (p, jit, 0.1)
     g = torch.Generator().manual_seed(0)
     for dt in (torch.float32, torch.float64):
         d = {k: torch.randn(10, generator=g, dtype=dt) for k in ("center_x", "center_y", "ll_x", "ll_y")}

@@ -86,7 +86,7 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
     p0[:, : len(MASS)] = starts.reshape(B * S, -1).to(dt)
     jitter = torch.cat([2 * torch.rand(S, 4, generator=r, dtype=dt) - 1 for r in rngs]).to(dev)
     A = min(fs.anchored_starts, S) if light is not None and fs.center_sigma else 0
-    (p0, jitter), sigma = anchored((p0, jitter), B, S, A, fs, light)
+    p0, jitter, sigma = anchored(p0, jitter, B, S, A, fs, light)
     idx = torch.arange(B, device=dev).repeat_interleave(S + A)
     p0 = init_source(space, p0.clamp(space.lo, space.hi), obs, idx, model, jitter, light)
 
@@ -132,12 +132,11 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
         best, polished = None, []
         direct = not fs.shear and fs.sie_direct
         sp = space.fixing({"gamma1": 0.0, "gamma2": 0.0}) if direct else space
-        picks = distinct_starts(order[b].tolist(), p1[b * (S + A) :, 0][:S].tolist(), max(1, fs.polish))
+        theta = p1[b * (S + A) : (b + 1) * (S + A), 0].tolist()
+        picks = distinct_starts(order[b].tolist(), theta[:S], max(1, fs.polish))
         if A:  # the best distinct anchored starts, polished with the others
-            rows = p1[b * (S + A) :, 0][S : S + A].tolist()
-            picks += [
-                S + j for j in distinct_starts(loss1[b, S:].argsort(stable=True).tolist(), rows, fs.anchored_polish)
-            ]
+            ranked = loss1[b, S:].argsort(stable=True).tolist()
+            picks += [S + j for j in distinct_starts(ranked, theta[S:], fs.anchored_polish)]
         for j in picks:
             res = _polish(p1[b * (S + A) + j].clamp(sp.lo, sp.hi), obs, b, sp, model, fs)
             res["start"] = j
@@ -164,28 +163,28 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
     return results
 
 
-def anchored(rows: tuple, B: int, S: int, A: int, fs: FitSettings, light: dict | None) -> tuple[tuple, object]:
-    """Per-start tensors ``rows`` ([B * S, ...] each: the starts, their jitter) followed, per lens,
-    by copies of its first ``A`` rows (the ring start and its first jittered copies) whose mass
-    centre is moved onto the light's, and the centre prior of each start: ``fs.center_sigma`` for
-    the free starts, ``fs.anchor_sigma`` for the copies, which explore with the mass tied to the
-    light. The free starts can all drift into a basin where the mass sits off the light with a
-    neighbour galaxy taken for an image (SLACS J1134 at seed 2: 0.9" off, theta_E +34 %,
-    -ln posterior 382 worse than its anchored fit); the ``fs.anchored_polish`` best distinct
-    anchored starts are polished beside them under the same posterior, so such a basin is kept
-    only when it is the more probable."""
+def anchored(p: torch.Tensor, jitter: torch.Tensor, B: int, S: int, A: int, fs: FitSettings, light: dict | None):
+    """Starts ``p`` [B * S, P] and their ``jitter`` [B * S, 4] followed, per lens, by copies of its
+    first ``A`` (the ring start and its first jittered copies) with the mass centre moved onto the
+    light-only fit's, and the centre prior of each start: ``fs.center_sigma`` for the free starts,
+    ``fs.anchor_sigma`` for the copies, which explore with the mass tied to the light. Returns
+    ``(p, jitter, sigma)``. The free starts can all drift into a basin where the mass sits off the
+    light with a neighbour galaxy taken for an image (SLACS J1134 at seed 2: 0.9" off, theta_E
+    +34 %, -ln posterior 382 worse than its anchored fit); the ``fs.anchored_polish`` best
+    distinct anchored starts are polished beside them under the same posterior, so such a basin
+    is kept only when it is the more probable."""
     if not A:
-        return rows, fs.center_sigma
-    out = []
-    for k, t in enumerate(rows):
-        q = t.reshape(B, S, *t.shape[1:])
-        copies = q[:, :A].clone()
-        if k == 0:  # the starts: mass centre (columns 3, 4 of MASS) onto the light-only fit's centre
-            centre = light["p"][:, [light["names"].index("ll_x"), light["names"].index("ll_y")]]
-            copies[..., 3:5] = centre[:, None].to(copies)
-        out.append(torch.cat([q, copies], 1).reshape(B * (S + A), *t.shape[1:]))
-    sigma = torch.tensor([fs.center_sigma] * S + [fs.anchor_sigma] * A, dtype=torch.float64, device=rows[0].device)
-    return tuple(out), sigma.repeat(B)
+        return p, jitter, fs.center_sigma
+
+    def with_copies(t: torch.Tensor) -> torch.Tensor:
+        q = t.reshape(B, S, -1)
+        return torch.cat([q, q[:, :A]], 1).reshape(B * (S + A), -1)
+
+    p, jitter = with_copies(p), with_copies(jitter)
+    centre = light["p"][:, [light["names"].index("ll_x"), light["names"].index("ll_y")]]
+    p.view(B, S + A, -1)[:, S:, 3:5] = centre[:, None].to(p)  # columns 3, 4 of MASS: the mass centre
+    sigma = torch.tensor([fs.center_sigma] * S + [fs.anchor_sigma] * A, dtype=torch.float64, device=p.device)
+    return p, jitter, sigma.repeat(B)
 
 
 def light_stage(obs: Observation, space: ParamSpace, model: LensModel, fs: FitSettings) -> dict:
