@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lensexp.fit import shapelets
+from lensexp.fit import pixelated, shapelets
 from lensexp.fit.lbfgs import minimise
 from lensexp.fit.light import fit_light, ring_starts
 from lensexp.fit.model import (
@@ -55,6 +55,7 @@ class FitSettings:
     anchor_sigma: float = 0.02  # arcsec: their centre prior while exploring
     anchored_polish: int = 1  # the best distinct anchored starts polished beside the free ones
     shapelets: int | None = None  # n_max of a shapelet source added last (lensexp.fit.shapelets), kept by BIC
+    pixels: int | None = None  # nodes per side of a pixelated source fitted last (lensexp.fit.pixelated)
     shear: bool = True  # False: the search keeps the shear, the final model (polish from the best, shapelets) is an SIE
     sie_direct: bool = True  # shear=False: the explored starts polished as SIEs at once (False: the older path below)
     sie_candidates: int = 1  # shear=False, not direct: this many SIE + shear polishes (best first) redone as SIEs
@@ -151,13 +152,20 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
         n_sh = 0
         if fs.shapelets is not None:
             best, n_sh = _add_shapelets(best, obs, b, sp, model, fs)
-        if fs.laplace:
+        if fs.pixels:
+            best = _add_pixels(best, polished, S, obs, b, sp, model, fs)
+        if fs.laplace and not fs.pixels:
             best["std"] = _laplace(best, obs, b, sp, model, fs, n_sh)
         n_free = int(sp.free.sum())
-        best["dof"] = max(best["n_pix"] - n_free - model.K - (n_sh and shapelets.n_basis(n_sh) + 1), 1)
+        n_lin = model.K + (n_sh and shapelets.n_basis(n_sh) + 1)
+        if "px_n_eff" in best:  # the pixelated source's effective number of parameters replaces the source's
+            n_lin = model.K - model.n_src + best["px_n_eff"]
+        best["dof"] = max(best["n_pix"] - n_free - n_lin, 1)
         best["seconds"] = shared + time.perf_counter() - t1
         with torch.no_grad():
-            extra = best["sh_flux"] if best.get("sh_n_max") else (0.0, 0.0)  # kept shapelets' (lensed, intrinsic)
+            # (lensed, intrinsic) flux of the kept shapelets or of the pixelated source that replaces them
+            extra = best["sh_flux"] if best.get("sh_n_max") and "px_flux" not in best else (0.0, 0.0)
+            extra = best.get("px_flux", extra)
             best["p"]["mu_F"] = model.mu_F({k: v[None] for k, v in best["p"].items()}, best["amps"][None], extra)[0]
         results.append(best)
     return results
@@ -250,6 +258,21 @@ def _add_shapelets(best: dict, obs, b: int, space, model, fs) -> tuple[dict, int
     out["p"].setdefault("sh_beta", torch.tensor(math.nan, dtype=obs.data.dtype))
     out["start"] = best["start"]
     return out, n_max if keep else 0
+
+
+def _add_pixels(best: dict, polished: list[dict], S: int, obs, b: int, space, model, fs) -> dict:
+    """The pixelated stage (:func:`pixelated.refine`) from the best fit and, when another won the
+    polish of the anchored starts (mass on the light), from that one too; the more probable by
+    the evidence is kept (columns ``px_*``)."""
+    cands = [best]
+    anchored_fits = [r for r in polished if r["start"] >= S and r["start"] != best["start"]]
+    if anchored_fits:
+        cands.append(min(anchored_fits, key=lambda r: _finite_or_inf(r["nll"])))
+    half = fs.adam_half_width and max(fs.adam_half_width, 1.6 * float(best["p"]["theta_E"]))
+    out = pixelated.refine(cands, obs, b, space, model, fs, int(fs.pixels), explore_npix(model, half))
+    log.debug("lens %d pixelated source (%d^2 nodes): theta_E %.4f from %.4f, -ln E %.1f, ln lambda %.2f", b,
+              fs.pixels, float(out["p"]["theta_E"]), out["px_theta_E0"], out["px_nle"], out["px_log_lam"])  # fmt: skip
+    return out
 
 
 def distinct_starts(order: list[int], theta_E: list[float], k: int, min_sep: float = 0.05) -> list[int]:

@@ -12,6 +12,8 @@ from lensexp.fit.model import E_MAX, MASS, ParamSpace, amp_names, param_names
 log = logging.getLogger("lensexp.fit")
 
 SHAPELET_COLUMNS = ["sh_n_max", "sh_beta", "sh_dnll", "sh_theta_E0"]
+# the pixelated source (source_pixels=N): nodes per side, -ln evidence, ln lambda, the start's theta_E
+PIXEL_COLUMNS = ["px_n", "px_nle", "px_log_lam", "px_theta_E0"]
 # |theta_E / sh_theta_E0 - 1| above this: the fit's theta_E depends on the source model, said in the log.
 # On the 16 SLACS files (2026-12-07, seeds 0 and 1) the fits above it (5.4-25 %) are those of the three
 # lenses whose theta_E jumps between runs and of the one wrong in every run; the others moved by
@@ -107,16 +109,20 @@ def warn_off_light(name: str, res: dict) -> None:
         )  # fmt: skip
 
 
-def columns(n_light: int, laplace: bool, n_src: int = 1, n_comp: int = 0, shapelets: bool = False) -> list[str]:
+def columns(
+    n_light: int, laplace: bool, n_src: int = 1, n_comp: int = 0, shapelets: bool = False, pixels: bool = False
+) -> list[str]:
     """CSV columns: the contract's (``name``, mass labels, ``chi2_dof``, ``seconds``) first; with lens
     light ``off_light`` (:func:`off_light`); with
     ``shapelets`` the adopted order ``sh_n_max`` (0: the BIC kept the Sérsic-only fit), the
     shapelet scale ``sh_beta``, the gain in ``-ln L`` ``sh_dnll`` and ``sh_theta_E0``, the theta_E
-    of the Sérsic-source fit before the shapelets (a readout of the source model's pull)."""
+    of the Sérsic-source fit before the shapelets (a readout of the source model's pull); with
+    ``pixels`` :data:`PIXEL_COLUMNS` (the Sérsic source's amplitudes are then 0)."""
     extra = [n for n in param_names(n_light, n_src, n_comp) if n not in MASS] + amp_names(n_light, n_src, n_comp)
     cols = ["name", *MASS, "chi2_dof", "seconds", "mu_F", "nll", "n_pix", "n_out", "start", "noise_source", "sky_ratio"]
     cols += (["off_light"] if n_light else []) + extra + (SHAPELET_COLUMNS if shapelets else [])
-    if laplace:
+    cols += PIXEL_COLUMNS if pixels else []
+    if laplace and not pixels:
         cols += [f"{n}_std" for n in (*MASS, *extra, *(["sh_beta"] if shapelets else []))]
     return cols
 
@@ -143,6 +149,8 @@ def result_row(name: str, res: dict, space: ParamSpace, amps: list[str], offset=
     row.update({n: float(a) for n, a in zip(amps, res["amps"])})
     if "sh_n_max" in res:
         row.update({k: res[k] for k in ("sh_n_max", "sh_dnll", "sh_theta_E0")}, sh_beta=float(res["p"]["sh_beta"]))
+    if "px_nle" in res:
+        row.update({k: res[k] for k in PIXEL_COLUMNS})
     for n, s in res.get("std", {}).items():
         row[f"{n}_std"] = s
     return row

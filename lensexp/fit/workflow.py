@@ -107,6 +107,11 @@ def check_config(cfg: DictConfig) -> None:
     # order >= 1: sh_n_max = 0 in the table means "not kept", so an order of 0 would read as never kept
     if sh is not None and not (isinstance(sh, int) and not isinstance(sh, bool) and 1 <= sh <= 12):
         raise ConfigError(f"source_shapelets must be auto, null (none) or an order n_max in 1-12, got {sh}")
+    px_n = cfg.get("source_pixels")
+    if px_n is not None and not (isinstance(px_n, int) and not isinstance(px_n, bool) and 4 <= px_n <= 60):
+        raise ConfigError(f"source_pixels must be null (none) or nodes per side in 4-60, got {px_n}")
+    if px_n and cfg.laplace:
+        raise ConfigError("laplace=true is not available with source_pixels (no Laplace approximation of the evidence)")
     if int(cfg.companions) not in (0, 1, 2):
         raise ConfigError(f"companions must be 0, 1 or 2, got {cfg.companions}")
     if int(cfg.companions) and not (cfg.lens_light and int(cfg.adam.light_steps) > 0):
@@ -170,7 +175,8 @@ def run(cfg: DictConfig) -> dict:
     lens_light = int(cfg.lens_light_components) if cfg.lens_light else 0
     n_comp = int(cfg.companions)
     fs = fit_settings(cfg, lens_light)
-    cols = columns(lens_light, fs.laplace, int(cfg.source_components), n_comp, fs.shapelets is not None)
+    n_src, sh = int(cfg.source_components), fs.shapelets is not None
+    cols = columns(lens_light, fs.laplace, n_src, n_comp, sh, bool(fs.pixels))
     done = _resume(partial, cols) if cfg.resume else set()
     if not cfg.resume:
         partial.unlink(missing_ok=True)
@@ -247,6 +253,7 @@ def fit_settings(cfg: DictConfig, lens_light: int) -> FitSettings:
         anchor_sigma=float(cfg.adam.anchor_sigma),
         anchored_polish=int(cfg.lbfgs.anchored_polish),
         shapelets=None if cfg.source_shapelets is None else int(cfg.source_shapelets),
+        pixels=int(cfg.source_pixels) if cfg.get("source_pixels") else None,
         shear=str(cfg.mass_model) == "sie_shear",
         sie_candidates=int(cfg.lbfgs.sie_candidates),
         sie_direct=bool(cfg.lbfgs.sie_direct),
