@@ -150,13 +150,18 @@ def test_stage_recovers_theta_E_and_keeps_the_most_probable_start():
     assert 1 < res["px_n_eff"] < 16**2
 
 
-def test_config_columns_and_laplace_refused(tmp_path):
+def test_config_and_columns(tmp_path):
     cfg = resolve_search(compose_config("fit", [f"input={tmp_path}", "lens_light=true", "source_pixels=20"]))
     assert fit_settings(cfg, 3).pixels == 20
-    assert fit_settings(resolve_search(compose_config("fit", [f"input={tmp_path}"])), 0).pixels is None
+    default = fit_settings(resolve_search(compose_config("fit", [f"input={tmp_path}"])), 3)
+    assert (default.pixels, default.pixels_when) == (20, "warned")
+    assert (
+        fit_settings(resolve_search(compose_config("fit", [f"input={tmp_path}", "source_pixels=null"])), 3).pixels
+        is None
+    )
     assert columns(3, False, pixels=True)[-4:] == PIXEL_COLUMNS
-    with pytest.raises(ConfigError, match="laplace"):
-        check_config(resolve_search(compose_config("fit", [f"input={tmp_path}", "source_pixels=20", "laplace=true"])))
+    with pytest.raises(ConfigError, match="pixelated_when"):
+        check_config(resolve_search(compose_config("fit", [f"input={tmp_path}", "pixelated_when=sometimes"])))
     with pytest.raises(ConfigError, match="source_pixels"):
         check_config(resolve_search(compose_config("fit", [f"input={tmp_path}", "source_pixels=3"])))
 
@@ -175,3 +180,17 @@ def test_grid_is_centred_on_the_light_and_reaches_three_rms():
     assert inside.mean() > 0.95  # nearly all the light on the grid
     tiny = px.source_grid(bx * 1e-3, by * 1e-3, wt, 21)
     assert float(tiny[2]) * 10 == pytest.approx(0.1)  # at least 0.1" either side
+
+
+def test_which_fits_go_on_to_the_pixelated_source():
+    from lensexp.fit.optimise import needs_pixels
+
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    p = {"theta_E": t(1.0), "center_x": t(0.0), "center_y": t(0.0), "ll_x": t(0.05), "ll_y": t(0.0)}
+    calm = {"p": p, "sh_n_max": 6, "sh_theta_E0": 1.03}  # shapelets moved theta_E 3 %, mass 0.05" off the light
+    shifted = {**calm, "sh_theta_E0": 1.2}  # moved 17 %
+    off = {**calm, "p": {**p, "ll_x": t(0.45)}}  # mass 0.45" off the light
+    fs = FitSettings(pixels=20)
+    assert [needs_pixels(r, fs) for r in (calm, shifted, off)] == [False, True, True]
+    assert needs_pixels(calm, FitSettings(pixels=20, pixels_when="always"))
+    assert not needs_pixels(shifted, FitSettings(pixels=None))

@@ -24,6 +24,7 @@ from lensexp.fit.model import (
     rho,
     solve_amplitudes,
 )
+from lensexp.fit.results import off_light, source_shift, warned
 from lensexp.fit.starts import init_source
 from lensexp.sim.trace import EAGER
 
@@ -56,6 +57,7 @@ class FitSettings:
     anchored_polish: int = 1  # the best distinct anchored starts polished beside the free ones
     shapelets: int | None = None  # n_max of a shapelet source added last (lensexp.fit.shapelets), kept by BIC
     pixels: int | None = None  # nodes per side of a pixelated source fitted last (lensexp.fit.pixelated)
+    pixels_when: str = "warned"  # "warned": only for fits the log warns about (lensexp.fit.results.warned); "always"
     shear: bool = True  # False: the search keeps the shear, the final model (polish from the best, shapelets) is an SIE
     sie_direct: bool = True  # shear=False: the explored starts polished as SIEs at once (False: the older path below)
     sie_candidates: int = 1  # shear=False, not direct: this many SIE + shear polishes (best first) redone as SIEs
@@ -152,9 +154,11 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
         n_sh = 0
         if fs.shapelets is not None:
             best, n_sh = _add_shapelets(best, obs, b, sp, model, fs)
-        if fs.pixels:
+        if needs_pixels(best, fs):
             best = _add_pixels(best, polished, S, obs, b, sp, model, fs)
-        if fs.laplace and not fs.pixels:
+        if fs.laplace and "px_nle" in best:  # no Laplace approximation of the pixelated source's evidence
+            best["std"] = dict.fromkeys(_std_names(sp, model, n_sh), math.nan)
+        elif fs.laplace:
             best["std"] = _laplace(best, obs, b, sp, model, fs, n_sh)
         n_free = int(sp.free.sum())
         n_lin = model.K + (n_sh and shapelets.n_basis(n_sh) + 1)
@@ -258,6 +262,16 @@ def _add_shapelets(best: dict, obs, b: int, space, model, fs) -> tuple[dict, int
     out["p"].setdefault("sh_beta", torch.tensor(math.nan, dtype=obs.data.dtype))
     out["start"] = best["start"]
     return out, n_max if keep else 0
+
+
+def needs_pixels(best: dict, fs: FitSettings) -> bool:
+    """Whether the fit ``best`` goes on to the pixelated source: with ``fs.pixels``, always
+    (``pixels_when='always'``) or when the log warns about it (``'warned'``: its shapelets moved
+    theta_E by > 5 % or its mass left the light, :func:`lensexp.fit.results.warned`): the fits
+    whose source model is the suspect."""
+    if not fs.pixels:
+        return False
+    return fs.pixels_when == "always" or warned(source_shift(best), off_light(best["p"]))
 
 
 def _add_pixels(best: dict, polished: list[dict], S: int, obs, b: int, space, model, fs) -> dict:
@@ -396,5 +410,9 @@ def _laplace(res, obs, b, space, model, fs, n_sh: int = 0) -> dict:
         std[free] = torch.cholesky_inverse(torch.linalg.cholesky(H[free][:, free])).diagonal().sqrt()
     except torch.linalg.LinAlgError:  # not positive definite: no Gaussian approximation
         std[free] = math.nan
-    names = list(space.names) + amp_names(model.n_light, model.n_src, model.n_comp) + (["sh_beta"] if n_sh else [])
-    return {n: float(s) for n, s in zip(names, std)}
+    return {n: float(s) for n, s in zip(_std_names(space, model, n_sh), std)}
+
+
+def _std_names(space, model, n_sh: int) -> list[str]:
+    """Names of the Laplace approximation's std entries, in its order."""
+    return list(space.names) + amp_names(model.n_light, model.n_src, model.n_comp) + (["sh_beta"] if n_sh else [])

@@ -122,7 +122,7 @@ def columns(
     cols = ["name", *MASS, "chi2_dof", "seconds", "mu_F", "nll", "n_pix", "n_out", "start", "noise_source", "sky_ratio"]
     cols += (["off_light"] if n_light else []) + extra + (SHAPELET_COLUMNS if shapelets else [])
     cols += PIXEL_COLUMNS if pixels else []
-    if laplace and not pixels:
+    if laplace:
         cols += [f"{n}_std" for n in (*MASS, *extra, *(["sh_beta"] if shapelets else []))]
     return cols
 

@@ -110,8 +110,8 @@ def check_config(cfg: DictConfig) -> None:
     px_n = cfg.get("source_pixels")
     if px_n is not None and not (isinstance(px_n, int) and not isinstance(px_n, bool) and 4 <= px_n <= 60):
         raise ConfigError(f"source_pixels must be null (none) or nodes per side in 4-60, got {px_n}")
-    if px_n and cfg.laplace:
-        raise ConfigError("laplace=true is not available with source_pixels (no Laplace approximation of the evidence)")
+    if str(cfg.get("pixelated_when", "warned")) not in ("warned", "always"):
+        raise ConfigError(f"pixelated_when must be warned or always, got '{cfg.pixelated_when}'")
     if int(cfg.companions) not in (0, 1, 2):
         raise ConfigError(f"companions must be 0, 1 or 2, got {cfg.companions}")
     if int(cfg.companions) and not (cfg.lens_light and int(cfg.adam.light_steps) > 0):
@@ -254,6 +254,7 @@ def fit_settings(cfg: DictConfig, lens_light: int) -> FitSettings:
         anchored_polish=int(cfg.lbfgs.anchored_polish),
         shapelets=None if cfg.source_shapelets is None else int(cfg.source_shapelets),
         pixels=int(cfg.source_pixels) if cfg.get("source_pixels") else None,
+        pixels_when=str(cfg.get("pixelated_when", "warned")),
         shear=str(cfg.mass_model) == "sie_shear",
         sie_candidates=int(cfg.lbfgs.sie_candidates),
         sie_direct=bool(cfg.lbfgs.sie_direct),
