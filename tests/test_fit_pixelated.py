@@ -154,11 +154,7 @@ def test_config_and_columns(tmp_path):
     cfg = resolve_search(compose_config("fit", [f"input={tmp_path}", "lens_light=true", "source_pixels=20"]))
     assert fit_settings(cfg, 3).pixels == 20
     default = fit_settings(resolve_search(compose_config("fit", [f"input={tmp_path}"])), 3)
-    assert (default.pixels, default.pixels_when) == (20, "warned")
-    assert (
-        fit_settings(resolve_search(compose_config("fit", [f"input={tmp_path}", "source_pixels=null"])), 3).pixels
-        is None
-    )
+    assert (default.pixels, default.pixels_when) == (None, "warned")  # an option (README: its search is multimodal)
     assert columns(3, False, pixels=True)[-4:] == PIXEL_COLUMNS
     with pytest.raises(ConfigError, match="pixelated_when"):
         check_config(resolve_search(compose_config("fit", [f"input={tmp_path}", "pixelated_when=sometimes"])))
@@ -194,3 +190,13 @@ def test_which_fits_go_on_to_the_pixelated_source():
     assert [needs_pixels(r, fs) for r in (calm, shifted, off)] == [False, True, True]
     assert needs_pixels(calm, FitSettings(pixels=20, pixels_when="always"))
     assert not needs_pixels(shifted, FitSettings(pixels=None))
+
+
+def test_a_pixelated_refit_is_named_in_the_warning(caplog):
+    from lensexp.fit.results import warn_source_shift
+
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    res = {"p": {"theta_E": t(0.68)}, "sh_n_max": 6, "sh_theta_E0": 0.79, "px_nle": -3.1e4}
+    with caplog.at_level("WARNING", logger="lensexp.fit"):
+        warn_source_shift("J0000", res)
+    assert "0.680 arcsec with the pixelated source, 0.790 with the Sérsic source (-13.9 %)" in caplog.text

@@ -187,8 +187,8 @@ class PixelatedStage:
         psf = cut.psf[b : b + 1]
         S, _, idx = lensed_nodes({k: pd[k][0] for k in MASS}, grid, self.n, self.model.npix, self.model, psf[0],
                                  self.margin)  # fmt: skip
-        nle, s, a, m, L = evidence(S, idx, self._unlensed(pd, psf), cut.data[b].flatten(), w, self.H, log_lam,
-                                   self.logdet_H, var_term)  # fmt: skip
+        U = self._unlensed(pd, psf)
+        nle, s, a, m, L = evidence(S, idx, U, cut.data[b].flatten(), w, self.H, log_lam, self.logdet_H, var_term)
         return nle + prior_penalty(self.space.as_dict(pv), self.fs.center_sigma), s, a, m, L
 
     def run(self, start: dict) -> dict:

@@ -89,8 +89,15 @@ def warn_at_edge(name: str, res: dict, space: ParamSpace) -> None:
 
 
 def warn_source_shift(name: str, res: dict) -> None:
-    """Log a warning when the kept shapelets moved theta_E by more than :data:`SOURCE_SHIFT_WARN`."""
-    if source_dependent(shift := source_shift(res)):
+    """Log a warning when the kept shapelets (or the pixelated source that replaced them) moved
+    theta_E by more than :data:`SOURCE_SHIFT_WARN` from the Sérsic-source fit."""
+    if source_dependent(shift := source_shift(res)) and "px_nle" in res:
+        log.warning(
+            "%s: theta_E %.3f arcsec with the pixelated source, %.3f with the Sérsic source (%+.1f %%): the fit "
+            "depends on the source model, treat its theta_E with care (columns sh_theta_E0, px_theta_E0)",
+            name, float(res["p"]["theta_E"]), res["sh_theta_E0"], 100 * shift,
+        )  # fmt: skip
+    elif source_dependent(shift):
         log.warning(
             "%s: theta_E moved %+.1f %% when the source got shapelets (%.3f -> %.3f arcsec): the fit depends "
             "on the source model, treat its theta_E with care (column sh_theta_E0)",
