@@ -98,8 +98,7 @@ def fit_batch(obs: Observation, starts: torch.Tensor, space: ParamSpace, model: 
     # (never tighter than 1.6 x the typical theta_E start, so arcs of wide lenses stay inside)
     # each lens on its own cut-out (a batch shares the largest; pixels outside a lens's own are unused),
     # so a lens's fit does not depend on which lenses share its batch
-    halves = [fs.adam_half_width and max(fs.adam_half_width, 1.6 * float(t)) for t in starts[..., 0].median(1).values]
-    sides = [explore_npix(model, h) for h in halves]
+    sides = [arc_npix(model, fs, float(t)) for t in starts[..., 0].median(1).values]
     n_c = max(sides)
     ocut = own_cutouts(obs.crop(n_c), sides)
     coarse = model.like(n_c, ss_explore)
@@ -251,8 +250,7 @@ def _add_shapelets(best: dict, obs, b: int, space, model, fs) -> tuple[dict, int
     the adopted n_max (0: not kept)."""
     n_max = int(fs.shapelets)
     fov = model.npix * model.pixscale
-    half = fs.adam_half_width and max(fs.adam_half_width, 1.6 * float(best["p"]["theta_E"]))
-    n_sh = explore_npix(model, half)  # drawn where the arcs are, as Adam explores
+    n_sh = arc_npix(model, fs, float(best["p"]["theta_E"]))  # drawn where the arcs are, as Adam explores
     sh = shapelets.refine(best, obs, b, space, model, fs, n_max, (model.pixscale / 4, fov / 8), n_sh)
     gain = best["nll"] - sh["nll"]
     keep = gain > shapelets.bic_threshold(n_max, best["n_pix"])
@@ -282,8 +280,8 @@ def _add_pixels(best: dict, polished: list[dict], S: int, obs, b: int, space, mo
     anchored_fits = [r for r in polished if r["start"] >= S and r["start"] != best["start"]]
     if anchored_fits:
         cands.append(min(anchored_fits, key=lambda r: _finite_or_inf(r["nll"])))
-    half = fs.adam_half_width and max(fs.adam_half_width, 1.6 * float(best["p"]["theta_E"]))
-    out = pixelated.refine(cands, obs, b, space, model, fs, int(fs.pixels), explore_npix(model, half))
+    n_c = arc_npix(model, fs, float(best["p"]["theta_E"]))
+    out = pixelated.refine(cands, obs, b, space, model, fs, int(fs.pixels), n_c)
     log.debug("lens %d pixelated source (%d^2 nodes): theta_E %.4f from %.4f, -ln E %.1f, ln lambda %.2f", b,
               fs.pixels, float(out["p"]["theta_E"]), out["px_theta_E0"], out["px_nle"], out["px_log_lam"])  # fmt: skip
     return out
@@ -300,6 +298,13 @@ def distinct_starts(order: list[int], theta_E: list[float], k: int, min_sep: flo
             picked.append(j)
     picked += [j for j in order if j not in picked][: k - len(picked)]
     return picked
+
+
+def arc_npix(model: LensModel, fs: FitSettings, theta_E: float) -> int:
+    """Side [px] of the centred cut-out where a lens of ``theta_E`` [arcsec] has its arcs: half-width
+    ``fs.adam_half_width``, never under 1.6 theta_E (so arcs of wide lenses stay inside); the whole
+    grid when it is None. Adam explores, the shapelets and the pixelated source are drawn there."""
+    return explore_npix(model, fs.adam_half_width and max(fs.adam_half_width, 1.6 * theta_E))
 
 
 def explore_npix(model: LensModel, half_width: float | None) -> int:

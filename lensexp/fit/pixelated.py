@@ -92,10 +92,8 @@ def lensed_nodes(p: dict, grid, n: int, npix: int, model, psf, margin: int):
     pix = torch.arange(npix * npix, device=dev).repeat(model.ss**2)
     with torch.no_grad():  # the box: pixels with a ray within a cell of the grid (the zero ring included)
         x0, y0, step = grid
-        lo, hi = -1.0, float(n)
-        near = ((bx - x0) / step).clamp(lo - 1, hi).ge(lo) & ((by - y0) / step).clamp(lo - 1, hi).ge(lo)
-        near &= ((bx - x0) / step).lt(hi) & ((by - y0) / step).lt(hi)
-        hit = pix[near]
+        fx, fy = (bx - x0) / step, (by - y0) / step
+        hit = pix[(fx >= -1) & (fx < n) & (fy >= -1) & (fy < n)]
         if hit.numel():
             rows, cols = hit // npix, hit % npix
             r0, r1, c0, c1 = int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max())
@@ -224,7 +222,7 @@ class PixelatedStage:
             # effective number of source parameters (Suyu et al. 2006, eq. 20): n^2 - lambda tr(H (F + R)^-1)
             ns = self.n**2
             n_eff = ns - float(torch.exp(ll) * (self.H * torch.cholesky_inverse(L)[:ns, :ns]).sum())
-            pd = {k: v for k, v in space.as_dict(pv).items()}
+            pd = space.as_dict(pv)
             _, M, _ = lensed_nodes({k: pd[k] for k in MASS}, grid, self.n, self.model.npix, self.model, None, 0)
             lensed = float((s @ M).sum())
             intrinsic = float(s.sum() * grid[2] ** 2)  # bilinear nodes: each carries one cell's area (edges ~0)
@@ -257,7 +255,7 @@ def refine(cands: list[dict], obs, b: int, space, model, fs, n: int, npix: int) 
     m = stage.model
     full = torch.zeros_like(obs.data[b])
     k = (obs.data.shape[-1] - m.npix) // 2
-    full[k : k + m.npix, k : k + m.npix] = best["model"]  # the stage's likelihood is the cut-out's
+    full[k : k + m.npix, k : k + m.npix] = best["model"]  # the stage's likelihood (and nll, n_pix) is the cut-out's
     use = torch.zeros_like(obs.use[b])
     use[k : k + m.npix, k : k + m.npix] = obs.use[b, k : k + m.npix, k : k + m.npix]
     var = start["var"]
