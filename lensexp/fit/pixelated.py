@@ -162,9 +162,8 @@ class PixelatedStage:
         pd = {k: v.reshape(1) for k, v in start["p"].items()}
         src = (start["amps"][: m.n_src, None, None] * m.source_templates(pd, cut.psf[b : b + 1])[0]).sum(0)
         if start.get("sh_image") is not None:
-            k = (start["sh_image"].shape[-1] - m.npix) // 2
-            src = src + (start["sh_image"][k : k + m.npix, k : k + m.npix] if k else start["sh_image"])
-        sigma = self._var(start).sqrt()
+            src = src + self._centred(start["sh_image"])
+        sigma = self._centred(start["var"]).sqrt()
         arc = (src > sigma) & cut.use[b]
         if int(arc.sum()) < 4:  # too faint to see: the brightest quarter of the lensed source
             arc = src >= src.quantile(0.75)
@@ -173,10 +172,10 @@ class PixelatedStage:
         bx, by = shoot(x[None], y[None], coef, pw=m.pw)
         return source_grid(bx[0], by[0], (src * arc).flatten().clamp(min=0), self.n)
 
-    def _var(self, start: dict) -> torch.Tensor:
-        v = start["var"]
-        k = (v.shape[-1] - self.model.npix) // 2
-        return v[k : k + self.model.npix, k : k + self.model.npix] if k else v
+    def _centred(self, a: torch.Tensor) -> torch.Tensor:
+        """The stage's centred cut-out of a whole-grid map [N, N] (the start's variance, shapelet image)."""
+        k = (a.shape[-1] - self.model.npix) // 2
+        return a[k : k + self.model.npix, k : k + self.model.npix] if k else a
 
     def loss(self, pv, log_lam, grid, w, var_term):
         """``-ln`` posterior: -ln E plus the priors, and the solution."""
@@ -197,7 +196,7 @@ class PixelatedStage:
         ``model`` [N, N] (cut-out) and the fluxes ``(lensed, intrinsic)`` of the source."""
         b, cut, space = self.b, self.cut, self.space
         grid = tuple(t.detach() for t in self.grid_for(start))
-        var = self._var(start)
+        var = self._centred(start["var"])
         use = cut.use[b].flatten()
         w = use / var.flatten()
         var_term = 0.5 * float((torch.log(2 * math.pi * var.flatten()) * use).sum())

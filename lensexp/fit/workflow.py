@@ -107,10 +107,10 @@ def check_config(cfg: DictConfig) -> None:
     # order >= 1: sh_n_max = 0 in the table means "not kept", so an order of 0 would read as never kept
     if sh is not None and not (isinstance(sh, int) and not isinstance(sh, bool) and 1 <= sh <= 12):
         raise ConfigError(f"source_shapelets must be auto, null (none) or an order n_max in 1-12, got {sh}")
-    px_n = cfg.get("source_pixels")
+    px_n = cfg.source_pixels
     if px_n is not None and not (isinstance(px_n, int) and not isinstance(px_n, bool) and 4 <= px_n <= 60):
         raise ConfigError(f"source_pixels must be null (none) or nodes per side in 4-60, got {px_n}")
-    if str(cfg.get("pixelated_when", "warned")) not in ("warned", "always"):
+    if str(cfg.pixelated_when) not in ("warned", "always"):
         raise ConfigError(f"pixelated_when must be warned or always, got '{cfg.pixelated_when}'")
     if int(cfg.companions) not in (0, 1, 2):
         raise ConfigError(f"companions must be 0, 1 or 2, got {cfg.companions}")
@@ -253,8 +253,8 @@ def fit_settings(cfg: DictConfig, lens_light: int) -> FitSettings:
         anchor_sigma=float(cfg.adam.anchor_sigma),
         anchored_polish=int(cfg.lbfgs.anchored_polish),
         shapelets=None if cfg.source_shapelets is None else int(cfg.source_shapelets),
-        pixels=int(cfg.source_pixels) if cfg.get("source_pixels") else None,
-        pixels_when=str(cfg.get("pixelated_when", "warned")),
+        pixels=int(cfg.source_pixels) if cfg.source_pixels else None,
+        pixels_when=str(cfg.pixelated_when),
         shear=str(cfg.mass_model) == "sie_shear",
         sie_candidates=int(cfg.lbfgs.sie_candidates),
         sie_direct=bool(cfg.lbfgs.sie_direct),
