@@ -58,6 +58,7 @@ class FitSettings:
     shapelets: int | None = None  # n_max of a shapelet source added last (lensexp.fit.shapelets), kept by BIC
     pixels: int | None = None  # nodes per side of a pixelated source fitted last (lensexp.fit.pixelated)
     pixels_when: str = "warned"  # "warned": only for fits the log warns about (lensexp.fit.results.warned); "always"
+    positions_floor: float | None = 0.2  # arcsec: least positions threshold of the pixelated stage; None: no penalty
     shear: bool = True  # False: the search keeps the shear, the final model (polish from the best, shapelets) is an SIE
     sie_direct: bool = True  # shear=False: the explored starts polished as SIEs at once (False: the older path below)
     sie_candidates: int = 1  # shear=False, not direct: this many SIE + shear polishes (best first) redone as SIEs

@@ -16,6 +16,8 @@ priors on the unregularised amplitudes:
 penalises a source that is more complex than the data need, so a flexible source does not
 simply absorb any misfit. The grid covers the source-plane positions of the pixels where the
 starting model's lensed source is brighter than the noise, and stays fixed during the stage.
+The multiple images of the start's brightest source point may not be traced apart
+(:mod:`lensexp.fit.positions`), which rules out the demagnified-source modes of a flexible source.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 
 from lensexp.fit.lbfgs import minimise
 from lensexp.fit.model import MASS, likelihood_terms, prior_penalty
+from lensexp.fit.positions import penalty_from
 from lensexp.sim.trace import convolve_psf, lens_coefficients, shoot, subpixel_planes
 
 log = logging.getLogger(__name__)
@@ -157,7 +160,8 @@ class PixelatedStage:
         return torch.cat(parts).flatten(1)
 
     def grid_for(self, start: dict):
-        """Source grid from the start's lensed source: pixels above 1 sigma traced back."""
+        """Source grid from the start's lensed source (pixels above 1 sigma traced back) and the
+        image-plane positions (x, y) [arcsec] of its 25 brightest pixels, brightest first."""
         b, m, cut = self.b, self.model, self.cut
         pd = {k: v.reshape(1) for k, v in start["p"].items()}
         src = (start["amps"][: m.n_src, None, None] * m.source_templates(pd, cut.psf[b : b + 1])[0]).sum(0)
@@ -170,7 +174,18 @@ class PixelatedStage:
         x, y = subpixel_planes(m.npix, m.pixscale, 1, src.dtype, src.device)
         coef = lens_coefficients({k: pd[k] for k in MASS})
         bx, by = shoot(x[None], y[None], coef, pw=m.pw)
-        return source_grid(bx[0], by[0], (src * arc).flatten().clamp(min=0), self.n)
+        bright = torch.argsort(torch.where(cut.use[b], src, -math.inf).flatten(), descending=True)[:25].tolist()
+        peaks = [(float(x[k]), float(y[k])) for k in bright]
+        return source_grid(bx[0], by[0], (src * arc).flatten().clamp(min=0), self.n), peaks
+
+    def _positions(self, start: dict, peaks):
+        """The positions penalty of the start (:func:`lensexp.fit.positions.penalty_from`), or none."""
+        m = self.model
+        if self.fs.positions_floor is None:
+            return lambda p: 0.0
+        pen = penalty_from(start["p"], peaks, m.npix, m.pixscale, m.pw, floor=self.fs.positions_floor)
+        log.debug('lens %d: %d images of a source point, threshold %.3f"', self.b, len(pen.xy), pen.threshold)
+        return pen
 
     def _centred(self, a: torch.Tensor) -> torch.Tensor:
         """The stage's centred cut-out of a whole-grid map [N, N] (the start's variance, shapelet image)."""
@@ -178,7 +193,7 @@ class PixelatedStage:
         return a[k : k + self.model.npix, k : k + self.model.npix] if k else a
 
     def loss(self, pv, log_lam, grid, w, var_term):
-        """``-ln`` posterior: -ln E plus the priors, and the solution."""
+        """``-ln`` posterior: -ln E plus the priors and the positions penalty, and the solution."""
         b, cut = self.b, self.cut
         pd = self.space.as_dict(pv[None])
         psf = cut.psf[b : b + 1]
@@ -186,7 +201,8 @@ class PixelatedStage:
                                  self.margin)  # fmt: skip
         U = self._unlensed(pd, psf)
         nle, s, a, m, L = evidence(S, idx, U, cut.data[b].flatten(), w, self.H, log_lam, self.logdet_H, var_term)
-        return nle + prior_penalty(self.space.as_dict(pv), self.fs.center_sigma), s, a, m, L
+        p1 = self.space.as_dict(pv)
+        return nle + prior_penalty(p1, self.fs.center_sigma) + self.positions(p1), s, a, m, L
 
     def run(self, start: dict) -> dict:
         """L-BFGS over the non-linear parameters and ``ln lambda`` from ``start``; the node values
@@ -195,7 +211,9 @@ class PixelatedStage:
         posterior), ``log_lam``, ``nodes`` [n, n], ``grid``, ``amps`` (unlensed components),
         ``model`` [N, N] (cut-out) and the fluxes ``(lensed, intrinsic)`` of the source."""
         b, cut, space = self.b, self.cut, self.space
-        grid = tuple(t.detach() for t in self.grid_for(start))
+        grid, peaks = self.grid_for(start)
+        grid = tuple(t.detach() for t in grid)
+        self.positions = self._positions(start, peaks)
         var = self._centred(start["var"])
         use = cut.use[b].flatten()
         w = use / var.flatten()
@@ -205,6 +223,7 @@ class PixelatedStage:
             scan = [(float(self.loss(p0, torch.tensor(v, dtype=var.dtype), grid, w, var_term)[0]), v)
                     for v in range(-12, 13, 2)]  # fmt: skip
             log_lam0 = min(scan)[1]
+            log.debug("lens %d: start -ln posterior %.1f at ln lambda %d", self.b, min(scan)[0], log_lam0)
             if self.fs.outlier_sigma:
                 m = self.loss(p0, torch.tensor(float(log_lam0), dtype=var.dtype), grid, w, var_term)[3]
                 z2 = w * (cut.data[b].flatten() - m) ** 2
@@ -213,8 +232,9 @@ class PixelatedStage:
         ll = torch.tensor(float(log_lam0), dtype=var.dtype, requires_grad=True)
         t0 = time.perf_counter()
         its = minimise([u, ll], lambda: self.loss(space.to_p(u), ll, grid, w, var_term)[0], self.fs.lbfgs_iters)
-        log.debug("pixelated source from theta_E %.4f: %d iterations, %d evaluations, %.1f s", float(p0[0]), *its,
-                  time.perf_counter() - t0)  # fmt: skip
+        pen = float(self.positions(space.as_dict(space.to_p(u.detach()))))
+        log.debug("pixelated source from theta_E %.4f: %d iterations, %d evaluations, %.1f s, positions penalty %.2f",
+                  float(p0[0]), *its, time.perf_counter() - t0, pen)  # fmt: skip
         with torch.no_grad():
             pv = space.to_p(u)
             nle, s, a, m, L = self.loss(pv, ll, grid, w, var_term)

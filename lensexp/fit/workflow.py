@@ -112,6 +112,9 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"source_pixels must be null (none) or nodes per side in 4-60, got {px_n}")
     if str(cfg.pixelated_when) not in ("warned", "always"):
         raise ConfigError(f"pixelated_when must be warned or always, got '{cfg.pixelated_when}'")
+    pt = cfg.positions_threshold
+    if pt is not None and not (isinstance(pt, (int, float)) and not isinstance(pt, bool) and pt > 0):
+        raise ConfigError(f"positions_threshold must be null (off) or a positive number of arcsec, got {pt}")
     if int(cfg.companions) not in (0, 1, 2):
         raise ConfigError(f"companions must be 0, 1 or 2, got {cfg.companions}")
     if int(cfg.companions) and not (cfg.lens_light and int(cfg.adam.light_steps) > 0):
@@ -255,6 +258,7 @@ def fit_settings(cfg: DictConfig, lens_light: int) -> FitSettings:
         shapelets=None if cfg.source_shapelets is None else int(cfg.source_shapelets),
         pixels=int(cfg.source_pixels) if cfg.source_pixels else None,
         pixels_when=str(cfg.pixelated_when),
+        positions_floor=None if cfg.positions_threshold is None else float(cfg.positions_threshold),
         shear=str(cfg.mass_model) == "sie_shear",
         sie_candidates=int(cfg.lbfgs.sie_candidates),
         sie_direct=bool(cfg.lbfgs.sie_direct),
