@@ -161,7 +161,7 @@ class PixelatedStage:
 
     def grid_for(self, start: dict):
         """Source grid from the start's lensed source (pixels above 1 sigma traced back) and the
-        image-plane positions (x, y) [arcsec] of its 25 brightest pixels, brightest first."""
+        image-plane positions (x, y) [arcsec] of those pixels, brightest first."""
         b, m, cut = self.b, self.model, self.cut
         pd = {k: v.reshape(1) for k, v in start["p"].items()}
         src = (start["amps"][: m.n_src, None, None] * m.source_templates(pd, cut.psf[b : b + 1])[0]).sum(0)
@@ -174,7 +174,7 @@ class PixelatedStage:
         x, y = subpixel_planes(m.npix, m.pixscale, 1, src.dtype, src.device)
         coef = lens_coefficients({k: pd[k] for k in MASS})
         bx, by = shoot(x[None], y[None], coef, pw=m.pw)
-        bright = torch.argsort(torch.where(cut.use[b], src, -math.inf).flatten(), descending=True)[:25].tolist()
+        bright = torch.argsort(torch.where(arc, src, -math.inf).flatten(), descending=True)[: int(arc.sum())].tolist()
         peaks = [(float(x[k]), float(y[k])) for k in bright]
         return source_grid(bx[0], by[0], (src * arc).flatten().clamp(min=0), self.n), peaks
 
@@ -184,7 +184,10 @@ class PixelatedStage:
         if self.fs.positions_floor is None:
             return lambda p: 0.0
         pen = penalty_from(start["p"], peaks, m.npix, m.pixscale, m.pw, floor=self.fs.positions_floor)
-        log.debug('lens %d: %d images of a source point, threshold %.3f"', self.b, len(pen.xy), pen.threshold)
+        if len(pen.xy) > 1:
+            log.debug('lens %d: %d images of a source point, threshold %.3f"', self.b, len(pen.xy), pen.threshold)
+        else:
+            log.debug("lens %d: no multiply imaged source point in the start: no positions penalty", self.b)
         return pen
 
     def _centred(self, a: torch.Tensor) -> torch.Tensor:

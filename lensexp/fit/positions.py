@@ -82,19 +82,25 @@ class PositionsPenalty:
         return 0.5 * (over / (0.01 * self.threshold)) ** 2
 
 
-def penalty_from(p: dict, peaks: list, npix: int, pixscale: float, pw, factor: float = 3.0,
-                 floor: float = 0.2) -> PositionsPenalty:  # fmt: skip
+def penalty_from(p: dict, peaks: list, npix: int, pixscale: float, pw, factor: float = 3.0, floor: float = 0.2,
+                 tries: int = 50) -> PositionsPenalty:  # fmt: skip
     """The penalty of the images of the source point that an image-plane point of ``peaks`` (the
-    start's brightest lensed-source pixels, brightest first) traces to under the start's mass
-    ``p``: the first that is multiply imaged (a bright pixel may lie where the source is seen
-    once); no constraint when none is."""
+    start's lensed-source pixels, brightest first) traces to under the start's mass ``p``: the
+    first that is multiply imaged (a bright pixel may lie where the source is seen once, e.g. a
+    companion taken for an arc), trying at most ``tries`` source points at least a pixel apart;
+    no constraint when none is."""
     with torch.no_grad():
         pd = {k: p[k].detach().to(torch.float64) for k in MASS}
         t = torch.tensor(peaks, dtype=torch.float64, device=pd["theta_E"].device).reshape(-1, 2)
-        bx, by = traced(pd, t[:, 0], t[:, 1], pw)
-        xy = t[:0]
-        for i in range(len(t)):
-            xy = solve_images(pd, (float(bx[i]), float(by[i])), npix, pixscale, pw)
+        beta = torch.stack(traced(pd, t[:, 0], t[:, 1], pw), 1)
+        xy, tried = t[:0], []
+        for q in beta:
+            if len(tried) == tries:
+                break
+            if any(float((q - o).norm()) < pixscale for o in tried):
+                continue
+            tried.append(q)
+            xy = solve_images(pd, (float(q[0]), float(q[1])), npix, pixscale, pw)
             if len(xy) > 1:
                 break
         sep = float(max_separation(pd, xy, pw)) if len(xy) > 1 else 0.0
