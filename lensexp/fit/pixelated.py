@@ -16,7 +16,7 @@ priors on the unregularised amplitudes:
 penalises a source that is more complex than the data need, so a flexible source does not
 simply absorb any misfit. The grid covers the source-plane positions of the pixels where the
 starting model's lensed source is brighter than the noise, and stays fixed during the stage.
-The multiple images of the start's brightest source point may not be traced apart
+The multiple images of a bright source point of the start may not be traced apart
 (:mod:`lensexp.fit.positions`), which rules out the demagnified-source modes of a flexible source.
 """
 
@@ -30,8 +30,8 @@ import torch
 
 from lensexp.fit.lbfgs import minimise
 from lensexp.fit.model import MASS, likelihood_terms, prior_penalty
-from lensexp.fit.positions import penalty_from
-from lensexp.sim.trace import convolve_psf, lens_coefficients, shoot, subpixel_planes
+from lensexp.fit.positions import penalty_from, traced
+from lensexp.sim.trace import convolve_psf, subpixel_planes
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,7 @@ def lensed_nodes(p: dict, grid, n: int, npix: int, model, psf, margin: int):
     [n^2, P_box], before the PSF [n^2, P_box], the box pixels' flat indices in the grid [P_box])."""
     dt, dev = p["theta_E"].dtype, p["theta_E"].device
     x, y = subpixel_planes(npix, model.pixscale, model.ss, dt, dev)
-    bx, by = shoot(x[None], y[None], lens_coefficients({k: p[k].reshape(1) for k in MASS}), pw=model.pw)
-    bx, by = bx[0], by[0]
+    bx, by = traced(p, x, y, model.pw)
     pix = torch.arange(npix * npix, device=dev).repeat(model.ss**2)
     with torch.no_grad():  # the box: pixels with a ray within a cell of the grid (the zero ring included)
         x0, y0, step = grid
@@ -136,6 +135,10 @@ def evidence(S, idx, U, d, w, H, log_lam, logdet_H, var_term):
     return nle, s, x[ns:], m, L
 
 
+def _no_penalty(p: dict) -> float:
+    return 0.0
+
+
 class PixelatedStage:
     """The stage for one lens ``b`` of ``obs`` on its centred ``npix`` cut-out, from the result
     dict ``start`` (:func:`lensexp.fit.optimise.fit_batch`'s): see :meth:`run`."""
@@ -147,6 +150,7 @@ class PixelatedStage:
         self.H = regularisation(self.n, obs.data.dtype, obs.data.device)
         self.logdet_H = float(torch.linalg.slogdet(self.H)[1])
         self.margin = obs.psf.shape[-1] // 2
+        self.positions = _no_penalty  # set per start by run
 
     def _unlensed(self, pd: dict, psf) -> torch.Tensor:
         """Lens light and companions [K, P] of the cut-out."""
@@ -172,17 +176,16 @@ class PixelatedStage:
         if int(arc.sum()) < 4:  # too faint to see: the brightest quarter of the lensed source
             arc = src >= src.quantile(0.75)
         x, y = subpixel_planes(m.npix, m.pixscale, 1, src.dtype, src.device)
-        coef = lens_coefficients({k: pd[k] for k in MASS})
-        bx, by = shoot(x[None], y[None], coef, pw=m.pw)
+        bx, by = traced(start["p"], x, y, m.pw)
         bright = torch.argsort(torch.where(arc, src, -math.inf).flatten(), descending=True)[: int(arc.sum())].tolist()
         peaks = [(float(x[k]), float(y[k])) for k in bright]
-        return source_grid(bx[0], by[0], (src * arc).flatten().clamp(min=0), self.n), peaks
+        return source_grid(bx, by, (src * arc).flatten().clamp(min=0), self.n), peaks
 
     def _positions(self, start: dict, peaks):
         """The positions penalty of the start (:func:`lensexp.fit.positions.penalty_from`), or none."""
         m = self.model
         if self.fs.positions_floor is None:
-            return lambda p: 0.0
+            return _no_penalty
         pen = penalty_from(start["p"], peaks, m.npix, m.pixscale, m.pw, floor=self.fs.positions_floor)
         if len(pen.xy) > 1:
             log.debug('lens %d: %d images of a source point, threshold %.3f"', self.b, len(pen.xy), pen.threshold)
