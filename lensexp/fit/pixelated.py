@@ -165,7 +165,7 @@ class PixelatedStage:
 
     def grid_for(self, start: dict):
         """Source grid from the start's lensed source (pixels above 1 sigma traced back) and the
-        image-plane positions (x, y) [arcsec] of those pixels, brightest first."""
+        image-plane positions [K, 2] (x, y; arcsec) of those pixels, brightest first."""
         b, m, cut = self.b, self.model, self.cut
         pd = {k: v.reshape(1) for k, v in start["p"].items()}
         src = (start["amps"][: m.n_src, None, None] * m.source_templates(pd, cut.psf[b : b + 1])[0]).sum(0)
@@ -177,8 +177,8 @@ class PixelatedStage:
             arc = src >= src.quantile(0.75)
         x, y = subpixel_planes(m.npix, m.pixscale, 1, src.dtype, src.device)
         bx, by = traced(start["p"], x, y, m.pw)
-        bright = torch.argsort(torch.where(arc, src, -math.inf).flatten(), descending=True)[: int(arc.sum())].tolist()
-        peaks = [(float(x[k]), float(y[k])) for k in bright]
+        bright = torch.argsort(torch.where(arc, src, -math.inf).flatten(), descending=True)[: int(arc.sum())]
+        peaks = torch.stack([x[bright], y[bright]], 1)
         return source_grid(bx, by, (src * arc).flatten().clamp(min=0), self.n), peaks
 
     def _positions(self, start: dict, peaks):

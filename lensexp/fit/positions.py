@@ -82,16 +82,16 @@ class PositionsPenalty:
         return 0.5 * (over / (0.01 * self.threshold)) ** 2
 
 
-def penalty_from(p: dict, peaks: list, npix: int, pixscale: float, pw, factor: float = 3.0, floor: float = 0.2,
+def penalty_from(p: dict, peaks, npix: int, pixscale: float, pw, factor: float = 3.0, floor: float = 0.2,
                  tries: int = 50) -> PositionsPenalty:  # fmt: skip
-    """The penalty of the images of the source point that an image-plane point of ``peaks`` (the
-    start's lensed-source pixels, brightest first) traces to under the start's mass ``p``: the
-    first that is multiply imaged (a bright pixel may lie where the source is seen once, e.g. a
-    companion taken for an arc), trying at most ``tries`` source points at least a pixel apart;
-    no constraint when none is."""
+    """The penalty of the images of the source point that an image-plane point of ``peaks``
+    ([K, 2] or a list of (x, y) [arcsec]: the start's lensed-source pixels, brightest first)
+    traces to under the start's mass ``p``: the first that is multiply imaged (a bright pixel may
+    lie where the source is seen once, e.g. a companion taken for an arc), trying at most
+    ``tries`` source points at least a pixel apart; no constraint when none is."""
     with torch.no_grad():
         pd = {k: p[k].detach().to(torch.float64) for k in MASS}
-        t = torch.tensor(peaks, dtype=torch.float64, device=pd["theta_E"].device).reshape(-1, 2)
+        t = torch.as_tensor(peaks, dtype=torch.float64, device=pd["theta_E"].device).reshape(-1, 2)
         beta = torch.stack(traced(pd, t[:, 0], t[:, 1], pw), 1)
         xy, tried = t[:0], []
         for q in beta:
