@@ -150,7 +150,6 @@ class PixelatedStage:
         self.H = regularisation(self.n, obs.data.dtype, obs.data.device)
         self.logdet_H = float(torch.linalg.slogdet(self.H)[1])
         self.margin = obs.psf.shape[-1] // 2
-        self.positions = _no_penalty  # set per start by run
 
     def _unlensed(self, pd: dict, psf) -> torch.Tensor:
         """Lens light and companions [K, P] of the cut-out."""
@@ -198,8 +197,8 @@ class PixelatedStage:
         k = (a.shape[-1] - self.model.npix) // 2
         return a[k : k + self.model.npix, k : k + self.model.npix] if k else a
 
-    def loss(self, pv, log_lam, grid, w, var_term):
-        """``-ln`` posterior: -ln E plus the priors and the positions penalty, and the solution."""
+    def loss(self, pv, log_lam, grid, w, var_term, pen):
+        """``-ln`` posterior: -ln E plus the priors and the positions penalty ``pen``, and the solution."""
         b, cut = self.b, self.cut
         pd = self.space.as_dict(pv[None])
         psf = cut.psf[b : b + 1]
@@ -208,7 +207,7 @@ class PixelatedStage:
         U = self._unlensed(pd, psf)
         nle, s, a, m, L = evidence(S, idx, U, cut.data[b].flatten(), w, self.H, log_lam, self.logdet_H, var_term)
         p1 = self.space.as_dict(pv)
-        return nle + prior_penalty(p1, self.fs.center_sigma) + self.positions(p1), s, a, m, L
+        return nle + prior_penalty(p1, self.fs.center_sigma) + pen(p1), s, a, m, L
 
     def run(self, start: dict) -> dict:
         """L-BFGS over the non-linear parameters and ``ln lambda`` from ``start``; the node values
@@ -219,31 +218,30 @@ class PixelatedStage:
         b, cut, space = self.b, self.cut, self.space
         grid, peaks = self.grid_for(start)
         grid = tuple(t.detach() for t in grid)
-        self.positions = self._positions(start, peaks)
+        pen = self._positions(start, peaks)
         var = self._centred(start["var"])
         use = cut.use[b].flatten()
         w = use / var.flatten()
         var_term = 0.5 * float((torch.log(2 * math.pi * var.flatten()) * use).sum())
         p0 = torch.stack([start["p"][k] for k in space.names]).to(var.dtype).clamp(space.lo, space.hi)
         with torch.no_grad():  # ln lambda: the best of a coarse scan at the start
-            scan = [(float(self.loss(p0, torch.tensor(v, dtype=var.dtype), grid, w, var_term)[0]), v)
+            scan = [(float(self.loss(p0, torch.tensor(v, dtype=var.dtype), grid, w, var_term, pen)[0]), v)
                     for v in range(-12, 13, 2)]  # fmt: skip
             log_lam0 = min(scan)[1]
             log.debug("lens %d: start -ln posterior %.1f at ln lambda %d", self.b, min(scan)[0], log_lam0)
             if self.fs.outlier_sigma:
-                m = self.loss(p0, torch.tensor(float(log_lam0), dtype=var.dtype), grid, w, var_term)[3]
+                m = self.loss(p0, torch.tensor(float(log_lam0), dtype=var.dtype), grid, w, var_term, pen)[3]
                 z2 = w * (cut.data[b].flatten() - m) ** 2
                 w = w * (z2 < self.fs.outlier_sigma**2)
         u = space.to_u(p0).clone().requires_grad_(True)
         ll = torch.tensor(float(log_lam0), dtype=var.dtype, requires_grad=True)
         t0 = time.perf_counter()
-        its = minimise([u, ll], lambda: self.loss(space.to_p(u), ll, grid, w, var_term)[0], self.fs.lbfgs_iters)
-        pen = float(self.positions(space.as_dict(space.to_p(u.detach()))))
-        log.debug("pixelated source from theta_E %.4f: %d iterations, %d evaluations, %.1f s, positions penalty %.2f",
-                  float(p0[0]), *its, time.perf_counter() - t0, pen)  # fmt: skip
+        its = minimise([u, ll], lambda: self.loss(space.to_p(u), ll, grid, w, var_term, pen)[0], self.fs.lbfgs_iters)
         with torch.no_grad():
             pv = space.to_p(u)
-            nle, s, a, m, L = self.loss(pv, ll, grid, w, var_term)
+            log.debug("pixelated source from theta_E %.4f: %d iterations, %d evals, %.1f s, positions penalty %.2f",
+                      float(p0[0]), *its, time.perf_counter() - t0, float(pen(space.as_dict(pv))))  # fmt: skip
+            nle, s, a, m, L = self.loss(pv, ll, grid, w, var_term, pen)
             # effective number of source parameters (Suyu et al. 2006, eq. 20): n^2 - lambda tr(H (F + R)^-1)
             ns = self.n**2
             n_eff = ns - float(torch.exp(ll) * (self.H * torch.cholesky_inverse(L)[:ns, :ns]).sum())
