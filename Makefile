@@ -35,7 +35,7 @@ test-fast: venv
 
 bench: venv
 	$(BIN)/python benchmarks/sim_speed.py
-	$(BIN)/python benchmarks/shard_throughput.py --compile
+	$(BIN)/python benchmarks/shard_throughput.py  # compiled by default (--eager for eager)
 
 UQ := outputs/multirun/uncertainty
 uncertainty: venv  # MC dropout, deep ensemble, flow at an equal budget on the quickstart shards, calibrated on 5 000 + 5 000 fresh lenses
