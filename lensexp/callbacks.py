@@ -54,30 +54,32 @@ class TimeBudget(pl.Callback):
     second, validation included) fixes the number of epochs that fit the budget - the nearest
     multiple of ``check_val_every_n_epoch``, within ``trainer.max_epochs`` - and the cosine decay
     ends with them (Li et al. 2020, "Budgeted training"); without validation, or with a cap that
-    ends the run before the first one, the plan is made at the end of an epoch instead. Until
-    ``revise_until`` of the budget has passed, each later validation revises the count from the
-    speed measured since the start, so that a first few epochs slowed by another process on the
-    same cores (a plan 25 % short was measured) do not decide the whole run; the decay then ends
-    with the revised count (the learning rate moves by a few per cent at a revision, the cosine
-    being near its peak). The plan is written to ``RUN/schedule.json`` (with its ``revisions``) and
-    kept in the checkpoint, so a resumed run continues it; given the plan, the run is
-    deterministic by seed (only the epoch count depends on the machine's speed).
+    ends the run before the first one, the plan is made at the end of an epoch instead. Each later
+    validation but the plan's last revises the count from the speed since the previous one
+    (that validation included), so that first epochs slowed by another process on the same cores
+    do not decide the whole run (measured: plans 25 and 35 % short, the second with its slow
+    stretch past half the budget): the decay is stretched or compressed from the current rate on,
+    never jumps (:meth:`lensexp.module.LRPlan.revise`). The plan is written to ``RUN/schedule.json``
+    (with its ``revisions``) and kept in the checkpoint, so a resumed run continues it; given the
+    plan, the run is deterministic by seed (only the epoch count depends on the machine's speed).
     """
 
-    def __init__(self, budget: float, run_dir: str | Path | None = None, revise_until: float = 0.5):
+    def __init__(self, budget: float, run_dir: str | Path | None = None):
         self.budget = float(budget)
         self.run_dir = Path(run_dir) if run_dir else None
-        self.revise_until = float(revise_until)
         self.plan: dict | None = None  # {"epochs", "total", "warm", ...} once fixed
         self._resumed = False
 
     def on_train_start(self, trainer, pl_module):
         steps = max(int(trainer.num_training_batches), 1)
         self._t0, self._step0 = time.perf_counter(), int(trainer.global_step)
+        self._last = (self._t0, self._step0)  # the previous validation's (time, step)
         if self.plan:  # resumed: continue the plan in the checkpoint (no further revisions)
             self._resumed = True
             trainer.fit_loop.max_epochs = int(self.plan["epochs"])
-            pl_module.lr_plan.warm, pl_module.lr_plan.total = int(self.plan["warm"]), int(self.plan["total"])
+            lr = pl_module.lr_plan
+            lr.warm, lr.total = int(self.plan["warm"]), int(self.plan["total"])
+            lr.anchor_step, lr.anchor_progress = self.plan.get("anchor") or (None, 0.0)
             return
         pl_module.lr_plan.warm, pl_module.lr_plan.total = min(steps, pl_module.lr_plan.warm), None
 
@@ -86,10 +88,9 @@ class TimeBudget(pl.Callback):
             return
         if self.plan is None:
             self._fix(trainer, pl_module)
-        elif not self._resumed:
-            early = time.perf_counter() - self._t0 < self.revise_until * self.budget
-            if trainer.strategy.broadcast(early, 0):  # rank 0's clock decides: every DDP rank revises, or none
-                self._fix(trainer, pl_module, revise=True)
+        elif not self._resumed and int(trainer.current_epoch) + 1 < int(self.plan["epochs"]):
+            self._fix(trainer, pl_module, revise=True)  # every rank: _fix takes rank 0's plan
+        self._last = (time.perf_counter(), int(trainer.global_step))
 
     def on_train_epoch_end(self, trainer, pl_module):
         if self.plan is not None:
@@ -103,8 +104,10 @@ class TimeBudget(pl.Callback):
     def _fix(self, trainer, pl_module, revise: bool = False) -> None:
         steps_epoch = max(int(trainer.num_training_batches), 1)
         done = int(trainer.current_epoch) + 1
-        elapsed = time.perf_counter() - self._t0
-        rate = max(int(trainer.global_step) - self._step0, 1) / max(elapsed, 1e-9)
+        now, step = time.perf_counter(), int(trainer.global_step)
+        elapsed = now - self._t0
+        since = self._last if revise else (self._t0, self._step0)  # a revision: the speed since the last validation
+        rate = max(step - since[1], 1) / max(now - since[0], 1e-9)
         every = int(trainer.check_val_every_n_epoch or 1)
         fit = (self.budget - elapsed) * rate / steps_epoch + done  # epochs that fit in the budget
         epochs = max(done + 1, int(round(fit / every)) * every)  # the last epoch validates
@@ -117,13 +120,14 @@ class TimeBudget(pl.Callback):
         if revise:
             plan = old
             if epochs != int(old["epochs"]):
-                step = {
+                entry = {
                     "after_s": round(elapsed, 2),
                     "steps_per_s": round(rate, 3),
                     "from": old["epochs"],
                     "epochs": epochs,
                 }
-                plan = dict(old, epochs=epochs, total=epochs * steps_epoch, revisions=[*old.get("revisions", []), step])
+                revisions = [*old.get("revisions", []), entry]
+                plan = dict(old, epochs=epochs, total=epochs * steps_epoch, revisions=revisions)
         else:
             plan = {
                 "budget_s": self.budget,
@@ -139,7 +143,11 @@ class TimeBudget(pl.Callback):
             return
         epochs = int(self.plan["epochs"])
         trainer.fit_loop.max_epochs = epochs
-        pl_module.lr_plan.total = self.plan["total"]
+        if revise:  # the decay continues from the current rate (the same step on every rank)
+            pl_module.lr_plan.revise(step, self.plan["total"])
+            self.plan["anchor"] = [pl_module.lr_plan.anchor_step, pl_module.lr_plan.anchor_progress]
+        else:
+            pl_module.lr_plan.total = self.plan["total"]
         log.info(
             "time budget %.0f s: %.2f steps/s after %.0f s -> %d epochs (%d steps), learning rate annealed over them%s",
             self.budget,

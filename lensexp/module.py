@@ -335,18 +335,36 @@ def gather_lenses(module: pl.LightningModule, t: torch.Tensor, dim: int = 0) -> 
 class LRPlan:
     """Steps of the learning-rate schedule: linear warm-up over ``warm`` steps, then cosine decay
     to 1 % of the peak at ``total``; ``total=None`` holds the peak after the warm-up (a
-    :class:`~lensexp.callbacks.TimeBudget` run before it has measured its speed)."""
+    :class:`~lensexp.callbacks.TimeBudget` run before it has measured its speed).
+
+    A revised plan keeps the rate continuous: from ``anchor_step`` on, the cosine's progress
+    (0 after the warm-up, 1 at the end) runs linearly from ``anchor_progress`` to 1 at the new
+    ``total`` (:meth:`revise`), so the decay is stretched or compressed, never jumps."""
 
     warm: int
     total: int | None
+    anchor_step: int | None = None
+    anchor_progress: float = 0.0
+
+    def progress(self, step: int) -> float:
+        """Where ``step`` lies on the cosine, in [0, 1] (``total`` set, after the warm-up)."""
+        if self.anchor_step is not None and step >= self.anchor_step:
+            p0 = self.anchor_progress
+            return min(1.0, p0 + (1.0 - p0) * (step - self.anchor_step) / max(1, self.total - self.anchor_step))
+        return min(1.0, (step - self.warm) / max(1, self.total - self.warm))
 
     def factor(self, step: int) -> float:
         if step < self.warm:
             return (step + 1) / self.warm
         if self.total is None:
             return 1.0
-        t = min(1.0, (step - self.warm) / max(1, self.total - self.warm))
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * self.progress(step)))
+
+    def revise(self, step: int, total: int) -> None:
+        """End the decay at ``total`` instead, continuing from the rate at ``step``."""
+        if self.total is not None and step >= self.warm:
+            self.anchor_step, self.anchor_progress = int(step), self.progress(step)
+        self.total = int(total)
 
 
 def warmup_cosine(module: pl.LightningModule) -> dict:

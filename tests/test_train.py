@@ -192,6 +192,33 @@ def test_lr_plan_warms_up_holds_then_anneals():
     assert abs(plan.factor(14) - 0.01) < 1e-12 and plan.factor(99) == plan.factor(14)
 
 
+def test_lr_plan_revised_late_continues_from_the_current_rate():
+    """A revision stretches (or compresses) the rest of the cosine from the rate at its step: no
+    jump there, monotone after, 1 % of the peak at the new end; a resumed run takes the anchor
+    from the plan in the checkpoint."""
+    from types import SimpleNamespace
+
+    from lensexp.callbacks import TimeBudget
+    from lensexp.module import LRPlan
+
+    plan = LRPlan(warm=10, total=100)
+    before = plan.factor(70)
+    plan.revise(70, 160)  # more epochs fit than planned: stretched
+    assert plan.factor(70) == before and plan.factor(69) > before  # continuous, still decaying
+    tail = [plan.factor(k) for k in range(70, 161)]
+    assert all(a > b for a, b in zip(tail, tail[1:])) and abs(tail[-1] - 0.01) < 1e-12
+    assert plan.factor(100) > 0.1  # the old end lies half-way down the new tail
+    plan.revise(120, 130)  # then fewer: compressed, again without a jump
+    assert abs(plan.factor(120) - tail[50]) < 1e-12 and abs(plan.factor(130) - 0.01) < 1e-12
+    budget = TimeBudget(60.0)
+    budget.load_state_dict({"plan": {"epochs": 13, "warm": 10, "total": 130, "anchor": [120, plan.anchor_progress]}})
+    module = SimpleNamespace(lr_plan=LRPlan(warm=5, total=None))
+    trainer = SimpleNamespace(num_training_batches=10, global_step=120, fit_loop=SimpleNamespace(max_epochs=1))
+    budget.on_train_start(trainer, module)
+    assert trainer.fit_loop.max_epochs == 13
+    assert [module.lr_plan.factor(k) for k in (120, 125, 130)] == [plan.factor(k) for k in (120, 125, 130)]
+
+
 def test_time_budget_fits_epochs_and_ends_annealed(tmp_path):
     """``time_budget``: the epoch count is fixed from the measured speed at the first validation,
     written to RUN/schedule.json and kept in the checkpoint; the learning rate ends at 1 % of its
@@ -337,6 +364,39 @@ def test_time_budget_revises_a_plan_made_while_the_machine_was_busy(tmp_path):
     assert revised and revised[-1]["epochs"] == plan["epochs"]
     first = revised[0]  # the speed since the start rose once the machine was free: more epochs fit
     assert first["steps_per_s"] > plan["steps_per_s"] and plan["epochs"] > first["from"]
+    step, epoch = _last_step(tmp_path)
+    assert step == plan["total"] == 2 * plan["epochs"] and epoch == plan["epochs"] - 1
+    ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    lr = compose_config("train", over).optim.lr
+    assert abs(ck["lr_schedulers"][0]["_last_lr"][0] - 0.01 * lr) < 1e-9 * lr
+
+
+class SlowFirstHalf(SlowStart):
+    """Busy cores for the first 7 epochs: past half of a 16-s budget on any machine."""
+
+    def __init__(self):
+        super().__init__(seconds=0.5, epochs=7)
+
+
+def test_time_budget_revises_after_half_the_budget_without_a_jump(tmp_path):
+    """A slow stretch that outlasts half the budget still leaves the budget used: the validations
+    after it revise the plan from the speed since the previous one (measured: a quickstart whose
+    first 8 of 16 epochs ran at half speed ended 200 of its 570 s early); the decay is stretched
+    from the current rate and the run ends annealed on the revised plan's last step."""
+    import json
+
+    over = [
+        *FAST,
+        "time_budget=00:00:00:16",
+        "trainer.max_epochs=500",
+        "+trainer.check_val_every_n_epoch=2",
+        "+callbacks.slow_start._target_=tests.test_train.SlowFirstHalf",
+    ]
+    run(compose_config("train", over), tmp_path)
+    plan = json.loads((tmp_path / "schedule.json").read_text())
+    late = [r for r in plan.get("revisions", []) if r["after_s"] > 8.0 and r["epochs"] > r["from"]]
+    assert late, plan  # more epochs fit once the cores were free, past half the budget
+    assert plan["anchor"][0] >= 2 * 8 and 0 < plan["anchor"][1] < 1  # stretched from epoch 8 on, mid-decay
     step, epoch = _last_step(tmp_path)
     assert step == plan["total"] == 2 * plan["epochs"] and epoch == plan["epochs"] - 1
     ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
