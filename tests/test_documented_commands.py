@@ -134,3 +134,19 @@ def test_a_documented_command_composes(where, name, overrides):
         pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="Optuna sweeper: lensexp[sweep]")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         compose(config_name=name, overrides=overrides, return_hydra_config=True)
+
+
+def _github_slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation but '-' and '_' dropped,
+    spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_readme_links_point_at_its_headings():
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    body = re.sub(r"^```.*?^```", "", readme, flags=re.S | re.M)
+    anchors = {_github_slug(h) for h in re.findall(r"^#{1,6} (.+)$", body, re.M)}
+    links = set(re.findall(r"\]\(#([^)]+)\)", body))
+    assert links and not links - anchors, sorted(links - anchors)
+    files = {f for f in re.findall(r"\]\(([^)#:]+)\)", body)}
+    assert not [f for f in files if not (PROJECT_ROOT / f).exists()]
