@@ -3,8 +3,8 @@
 The encoder is any timm model created with ``features_only=True`` (never pretrained); the
 decoder upsamples its deepest features step by step, joining the encoder's feature map of the
 same stride (U-Net skip connections), then adds two coordinate channels (x, y of the pixel
-centres in units of the half field) before the output layers, so that maps tied to positions
-(a profile centred somewhere) are easy to form. The output layers run at ``head_stride`` (2:
+centres in units of the half field; ``coord_channels=false`` leaves them out) before the output
+layers, so that maps tied to positions (a profile centred somewhere) are easy to form. The output layers run at ``head_stride`` (2:
 half the input's resolution, 4x cheaper) and are upsampled bilinearly to the input's grid: per
 pixel the mean and log sigma of log kappa. Dropout sits before every weight layer and is
 kept on at test time for MC sampling (:func:`lensexp.models.add_dropout_before_weights`).
@@ -43,6 +43,7 @@ class KappaUNet(nn.Module):
         backbone_kwargs: dict | None = None,
         head_stride: int = 2,
         channels_last: bool = True,
+        coord_channels: bool = True,
     ):
         super().__init__()
         import timm
@@ -71,8 +72,9 @@ class KappaUNet(nn.Module):
             raise ConfigError(f"model.head_stride must be >= 1, got {head_stride}")
         skips = chans[-2::-1]  # the shallower stages, deepest first
         self.up = nn.ModuleList(_block(dec[i] + skips[i], dec[i + 1]) for i in range(len(skips)))
+        self.coord_channels = bool(coord_channels)
         self.head = nn.Sequential(
-            _block(dec[-1] + 2, head_channels),
+            _block(dec[-1] + 2 * self.coord_channels, head_channels),
             nn.Conv2d(head_channels, head_channels, 3, padding=1),
             nn.ReLU(),
             nn.Conv2d(head_channels, 2, 1),
@@ -98,7 +100,7 @@ class KappaUNet(nn.Module):
         size = (-(-H // self.head_stride), -(-W // self.head_stride))
         if d.shape[-2:] != size:
             d = F.interpolate(d, size=size, mode="bilinear", align_corners=False)
-        h = self.head[:-1](torch.cat([d, coordinate_channels(d)], 1))
+        h = self.head[:-1](torch.cat([d, coordinate_channels(d)], 1) if self.coord_channels else d)
         out = float32(self.head[-1], h)  # the map and its log sigma in float32 under mixed precision
         if out.shape[-2:] != (H, W):  # smooth maps: the last step is a bilinear upsampling
             out = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)

@@ -29,6 +29,24 @@ def test_decoder_output_has_the_input_grid(npix, head_stride):
     assert net.n_dropout > 10  # dropout before every weight layer
 
 
+def test_decoder_without_coordinate_channels_is_shift_equivariant_away_from_the_edges():
+    """``coord_channels=false``: the head sees no pixel positions, so an image shifted by the
+    encoder's stride (32 px) gives the shifted map far from the zero-padded edges (with them the
+    head is told where it is, and the map differs)."""
+    torch.manual_seed(0)
+    plain = KappaUNet("test_resnet", in_chans=1, dropout=0.0, coord_channels=False).eval()
+    told = KappaUNet("test_resnet", in_chans=1, dropout=0.0).eval()
+    told.load_state_dict({**plain.state_dict(), **{k: v for k, v in told.state_dict().items() if "head.0" in k}})
+    assert plain.head[0][0].in_channels + 2 == told.head[0][0].in_channels
+    x = torch.zeros(1, 1, 192, 192)
+    x[..., 64:96, 64:96] = torch.randn(32, 32)
+    shifted = torch.roll(x, (32, 32), (-2, -1))
+    with torch.no_grad():
+        a, b = plain(x)[..., 56:104, 56:104], plain(shifted)[..., 88:136, 88:136]
+        c, d = told(x)[..., 56:104, 56:104], told(shifted)[..., 88:136, 88:136]
+    assert torch.allclose(a, b, atol=1e-4) and not torch.allclose(c, d, atol=1e-3)
+
+
 def test_decoder_channels_must_match_the_encoder():
     from lensexp.errors import ConfigError
 
