@@ -5,9 +5,9 @@ decoder upsamples its deepest features step by step, joining the encoder's featu
 same stride (U-Net skip connections), then adds two coordinate channels (x, y of the pixel
 centres in units of the half field; ``coord_channels=false`` leaves them out) before the output
 layers, so that maps tied to positions (a profile centred somewhere) are easy to form. The
-output layers run at ``head_stride`` (2: half the input's resolution, 4x cheaper) and are upsampled bilinearly to the input's grid: per
-pixel the mean and log sigma of log kappa. Dropout sits before every weight layer and is
-kept on at test time for MC sampling (:func:`lensexp.models.add_dropout_before_weights`).
+output layers run at ``head_stride`` (2: half the input's resolution, 4x cheaper) and are
+upsampled bilinearly to the input's grid: per pixel the mean and log sigma of log kappa.
+Dropout sits before every weight layer and is kept on at test time for MC sampling (:func:`lensexp.models.add_dropout_before_weights`).
 """
 
 from __future__ import annotations
