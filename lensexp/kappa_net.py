@@ -7,7 +7,8 @@ centres in units of the half field; ``coord_channels=false`` leaves them out) be
 layers, so that maps tied to positions (a profile centred somewhere) are easy to form. The
 output layers run at ``head_stride`` (2: half the input's resolution, 4x cheaper) and are
 upsampled bilinearly to the input's grid: per pixel the mean and log sigma of log kappa.
-Dropout sits before every weight layer and is kept on at test time for MC sampling (:func:`lensexp.models.add_dropout_before_weights`).
+Dropout sits before every weight layer and is kept on at test time for MC sampling
+(:func:`lensexp.models.add_dropout_before_weights`).
 """
 
 from __future__ import annotations
