@@ -29,21 +29,28 @@ def _no_exec(*args):
     raise AssertionError(f"the script re-executed itself before parsing its options: {args[1]}")
 
 
+FENCED = re.compile(r"^```[a-z]*\n(.*?)^```", re.S | re.M)
+
+
+def _find(pattern: re.Pattern, start: str) -> list[tuple[str, str, str]]:
+    """(where, name, arguments) of each match of ``pattern`` in the Makefile recipes, the README's
+    code blocks and its inline code (inline code that begins with ``start``)."""
+    make = (PROJECT_ROOT / "Makefile").read_text().replace("\\\n", " ")
+    found = [("Makefile", m.group(1), m.group(2)) for m in pattern.finditer(make)]
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    for block in FENCED.findall(readme):
+        found += [("README block", m.group(1), m.group(2)) for m in pattern.finditer(block.replace("\\\n", " "))]
+    for code in re.findall(f"`({re.escape(start)}[^`]*)`", FENCED.sub("", readme)):
+        found += [("README inline", m.group(1), m.group(2)) for m in pattern.finditer(" ".join(code.split()))]
+    return found
+
+
 def documented_commands() -> list[tuple[str, str, list[str]]]:
     """(where, script, argv) for each ``python benchmarks/X.py ...`` in the Makefile recipes, the
     README's code blocks and its inline code; commands with placeholders (``...``, ``[--opt]``)
     are left out."""
-    found = []
-    make = (PROJECT_ROOT / "Makefile").read_text().replace("\\\n", " ")
-    found += [("Makefile", m.group(1), m.group(2)) for m in CMD.finditer(make)]
-    readme = (PROJECT_ROOT / "README.md").read_text()
-    fenced = re.compile(r"^```[a-z]*\n(.*?)^```", re.S | re.M)
-    for block in fenced.findall(readme):
-        found += [("README block", m.group(1), m.group(2)) for m in CMD.finditer(block.replace("\\\n", " "))]
-    for code in re.findall(r"`(python benchmarks/[^`]*)`", fenced.sub("", readme)):
-        found += [("README inline", m.group(1), m.group(2)) for m in CMD.finditer(" ".join(code.split()))]
     out = []
-    for where, script, args in found:
+    for where, script, args in _find(CMD, "python benchmarks/"):
         if "..." in args or "[" in args:
             continue
         out.append((where, script, shlex.split(args.replace("$(BIN)/", ""))))
@@ -87,18 +94,9 @@ def documented_entry_points() -> list[tuple[str, str, list[str]]]:
     make/shell variables are left out, a multirun's sweeps are expanded one value at a time."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    found = []
-    make = (PROJECT_ROOT / "Makefile").read_text().replace("\\\n", " ")
-    found += [("Makefile", m.group(1), m.group(2)) for m in ENTRY.finditer(make)]
-    readme = (PROJECT_ROOT / "README.md").read_text()
-    fenced = re.compile(r"^```[a-z]*\n(.*?)^```", re.S | re.M)
-    for block in fenced.findall(readme):
-        found += [("README block", m.group(1), m.group(2)) for m in ENTRY.finditer(block.replace("\\\n", " "))]
-    for code in re.findall(r"`(python -m lensexp[^`]*)`", fenced.sub("", readme)):
-        found += [("README inline", m.group(1), m.group(2)) for m in ENTRY.finditer(" ".join(code.split()))]
     parser = OverridesParser.create()
     out = []
-    for where, name, args in found:
+    for where, name, args in _find(ENTRY, "python -m lensexp"):
         if not (PROJECT_ROOT / "conf" / f"{name}.yaml").is_file() or re.search(r"\.\.\.|\$|\[--|<|[A-Z]{3,}=", args):
             continue
         argv = [a for a in shlex.split(args) if a not in ("-m", "--multirun")]

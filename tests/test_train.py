@@ -371,6 +371,37 @@ def test_time_budget_revises_a_plan_made_while_the_machine_was_busy(tmp_path):
     assert abs(ck["lr_schedulers"][0]["_last_lr"][0] - 0.01 * lr) < 1e-9 * lr
 
 
+@pytest.mark.parametrize(("fits", "planned"), [(22.5, 20), (23.2, 24), (17.0, 16)])
+def test_a_time_budget_revision_plans_at_most_one_epoch_past_what_fits(fits, planned):
+    """Revisions come late, when an overrun cannot be made up: the count goes to a multiple of
+    the validation interval no more than one epoch past what fits (the nearest multiple, 24 for
+    22.5 epochs, overran a 720-s budget by 66 s)."""
+    from types import SimpleNamespace
+
+    from lensexp.callbacks import TimeBudget
+    from lensexp.module import LRPlan
+
+    budget, done, rate, steps_epoch = 100.0, 8, 2.0, 10  # 2 steps/s since the last validation
+    elapsed = budget - (fits - done) * steps_epoch / rate
+    tb = TimeBudget(budget)
+    tb.plan = {"epochs": 20, "warm": 10, "total": 200, "cap": None}
+    now = time.perf_counter()
+    tb._t0, tb._step0, tb._last = now - elapsed, 0, (now - 10.0, done * steps_epoch - 20)
+    trainer = SimpleNamespace(
+        num_training_batches=steps_epoch,
+        current_epoch=done - 1,
+        global_step=done * steps_epoch,
+        check_val_every_n_epoch=4,
+        strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj),
+        fit_loop=SimpleNamespace(max_epochs=20),
+        is_global_zero=True,
+    )
+    module = SimpleNamespace(lr_plan=LRPlan(warm=10, total=200))
+    tb._fix(trainer, module, revise=True)
+    assert tb.plan["epochs"] == trainer.fit_loop.max_epochs == planned
+    assert module.lr_plan.total == 10 * planned
+
+
 class SlowFirstHalf(SlowStart):
     """Busy cores for the first 7 epochs: past half of a 16-s budget on any machine."""
 
