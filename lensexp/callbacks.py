@@ -107,8 +107,8 @@ class TimeBudget(pl.Callback):
         done = int(trainer.current_epoch) + 1
         now, step = time.perf_counter(), int(trainer.global_step)
         elapsed = now - self._t0
-        since = self._last if revise else (self._t0, self._step0)  # a revision: the speed since the last validation
-        rate = max(step - since[1], 1) / max(now - since[0], 1e-9)
+        t_last, step_last = self._last  # the previous validation's; the start's for the first plan
+        rate = max(step - step_last, 1) / max(now - t_last, 1e-9)
         every = int(trainer.check_val_every_n_epoch or 1)
         fit = (self.budget - elapsed) * rate / steps_epoch + done  # epochs that fit in the budget
         # the last epoch validates: the nearest multiple of `every`; a revision, late in the run, goes

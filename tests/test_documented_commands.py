@@ -1,8 +1,9 @@
-"""Every benchmark command the Makefile and the README give parses with its script's options.
+"""Every command the Makefile and the README give still runs as written, and the README's links hold.
 
-A renamed or removed option otherwise surfaces only when a user runs ``make bench`` (which passed
-a ``--compile`` that ``shard_throughput.py`` never had) or copies a command from the README.
-Only the argument parsing runs here: ``parse_args`` is stopped right after it succeeds.
+Benchmark commands parse with their script's options (``parse_args`` is stopped right after it
+succeeds); ``python -m lensexp.<tool>`` commands compose with Hydra. A renamed or removed option
+otherwise surfaces only when a user runs ``make bench`` (which passed a ``--compile`` that
+``shard_throughput.py`` never had) or copies a command from the README.
 """
 
 from __future__ import annotations
@@ -142,9 +143,9 @@ def _github_slug(heading: str) -> str:
 
 def test_the_readme_links_point_at_its_headings():
     readme = (PROJECT_ROOT / "README.md").read_text()
-    body = re.sub(r"^```.*?^```", "", readme, flags=re.S | re.M)
+    body = FENCED.sub("", readme)
     anchors = {_github_slug(h) for h in re.findall(r"^#{1,6} (.+)$", body, re.M)}
     links = set(re.findall(r"\]\(#([^)]+)\)", body))
     assert links and not links - anchors, sorted(links - anchors)
-    files = {f for f in re.findall(r"\]\(([^)#:]+)\)", body)}
+    files = set(re.findall(r"\]\(([^)#:]+)\)", body))
     assert not [f for f in files if not (PROJECT_ROOT / f).exists()]
