@@ -114,7 +114,9 @@ class TimeBudget(pl.Callback):
         # the last epoch validates: the nearest multiple of `every`; a revision, late in the run, goes
         # at most one epoch past what fits (measured: nearest rounding at 527 of 720 s overran by 66 s)
         whole = (fit + 1) // every if revise else round(fit / every)
-        epochs = max(done + 1, int(whole) * every)
+        # at least one more epoch, and the last one validates: the next multiple of `every` (a plan of
+        # done + 1 = 17 epochs at every 2 ended without its last validation when the budget ran out)
+        epochs = max((done // every + 1) * every, int(whole) * every)
         old = self.plan
         if revise:  # trainer.max_epochs is the plan's count by now: the cap is the one the plan kept
             cap = old.get("cap")

@@ -371,11 +371,12 @@ def test_time_budget_revises_a_plan_made_while_the_machine_was_busy(tmp_path):
     assert abs(ck["lr_schedulers"][0]["_last_lr"][0] - 0.01 * lr) < 1e-9 * lr
 
 
-@pytest.mark.parametrize(("fits", "planned"), [(22.5, 20), (23.2, 24), (17.0, 16)])
+@pytest.mark.parametrize(("fits", "planned"), [(22.5, 20), (23.2, 24), (17.0, 16), (8.3, 12), (5.0, 12)])
 def test_a_time_budget_revision_plans_at_most_one_epoch_past_what_fits(fits, planned):
     """Revisions come late, when an overrun cannot be made up: the count goes to a multiple of
     the validation interval no more than one epoch past what fits (the nearest multiple, 24 for
-    22.5 epochs, overran a 720-s budget by 66 s)."""
+    22.5 epochs, overran a 720-s budget by 66 s). With the budget spent after epoch 8 it is the
+    next multiple, 12, never 9: the last epoch must validate (CI: a plan of 17 at every 2)."""
     from types import SimpleNamespace
 
     from lensexp.callbacks import TimeBudget
