@@ -76,3 +76,12 @@ def test_psf_routes_agree_and_name_the_fastest(tmp_path):
     from lensexp.sim.psf import DIRECT_MAX
 
     assert row["lensexp_route"] == ("direct" if 11 <= DIRECT_MAX else "fft") and row["lensexp_over_fastest"] >= 1.0
+
+
+def test_shard_reading_compares_the_two_readers_on_the_same_samples(tmp_path):
+    out = tmp_path / "reading.json"
+    cmd = [sys.executable, str(PROJECT_ROOT / "benchmarks" / "shard_reading.py"), "--n", "256", "--repeats", "1"]
+    subprocess.run([*cmd, "--json", str(out)], check=True, cwd=tmp_path, timeout=600)
+    res = json.loads(out.read_text())
+    assert set(res["ms_per_batch"]) == {"webdataset (tarfile)", "lensexp.shard_reader"}
+    assert all(len(v) == 1 and v[0] > 0 for v in res["ms_per_batch"].values()) and res["ratio"] > 0
