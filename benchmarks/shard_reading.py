@@ -32,7 +32,8 @@ def reference_stream(urls, shuffle: int, n: int, seed: int):
 
     shards = wds.ResampledShards(urls, seed=seed, deterministic=True)
     shards.epoch = -1
-    return wds.DataPipeline(shards, wds.tarfile_to_samples(), wds.shuffle(shuffle, seed=seed), wds.map(decode_sample)).with_epoch(n)
+    stages = [shards, wds.tarfile_to_samples(), wds.shuffle(shuffle, seed=seed), wds.map(decode_sample)]
+    return wds.DataPipeline(*stages).with_epoch(n)
 
 
 def ms_per_batch(make, n: int, batch: int) -> float:

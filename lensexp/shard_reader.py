@@ -98,14 +98,17 @@ def tar_members(f, where: str = "shard"):
         if size % BLOCK:
             _read_exact(f, BLOCK - size % BLOCK, f"{where}: member padding")
         if kind in (b"x", b"g"):  # pax records for the next member / for all that follow
-            (pax if kind == b"x" else pax_global).update(_pax(data))
+            try:
+                (pax if kind == b"x" else pax_global).update(_pax(data))
+            except ValueError:
+                raise ShardReadError(f"{where}: malformed pax header") from None
             continue
         if kind in (b"L", b"K"):  # GNU long name / link name of the next member
             if kind == b"L":
                 long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             continue
         name = h[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-        if h[257:262] == b"ustar":
+        if h[257:263] == b"ustar\0":  # POSIX: a prefix field (GNU's "ustar  " keeps times there)
             prefix = h[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             name = f"{prefix}/{name}" if prefix else name
         attrs = {**pax_global, **pax}

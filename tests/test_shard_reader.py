@@ -131,3 +131,28 @@ def test_training_stream_gives_webdataset_s_samples_in_the_same_order(tmp_path):
     b = list(shard_dataset(val))
     assert [x["__key__"] for x in a] == [y["__key__"] for y in b] and len(b) == 20
     assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
+
+
+def test_gnu_headers_keep_times_where_posix_keeps_the_prefix():
+    """GNU tar's magic ("ustar  ") keeps access/change times in the bytes POSIX uses for the name
+    prefix: they must not become part of the name; a malformed pax record is one clear error."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        ti = tarfile.TarInfo("k.image.npy")
+        ti.size = 3
+        tf.addfile(ti, io.BytesIO(b"abc"))
+    raw = bytearray(buf.getvalue())
+    raw[345:357] = b"%011o\0" % 1_700_000_000  # GNU atime
+    raw[148:156] = b"%06o\0 " % (256 + sum(raw[:148]) + sum(raw[156:512]))
+    assert [m["fname"] for m in tar_members(io.BytesIO(bytes(raw)))] == ["k.image.npy"]
+    pax = io.BytesIO()
+    with tarfile.open(fileobj=pax, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        ti = tarfile.TarInfo("\u00e9.bin")
+        ti.size = 1
+        tf.addfile(ti, io.BytesIO(b"x"))
+    bad = bytearray(pax.getvalue())
+    i = bad.index(b" path=")
+    bad[i - 2 : i] = b"zz"  # the record's length is no number
+    bad[148:156] = b"%06o\0 " % (256 + sum(bad[:148]) + sum(bad[156:512]))
+    with pytest.raises(ShardReadError, match="malformed pax"):
+        list(tar_members(io.BytesIO(bytes(bad))))
