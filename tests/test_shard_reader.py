@@ -133,26 +133,25 @@ def test_training_stream_gives_webdataset_s_samples_in_the_same_order(tmp_path):
     assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
 
 
+def _one_member(fmt: int, name: str, data: bytes) -> bytearray:
+    """A tar archive in ``fmt`` holding one file, as tarfile writes it."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        ti = tarfile.TarInfo(name)
+        ti.size = len(data)
+        tf.addfile(ti, io.BytesIO(data))
+    return bytearray(buf.getvalue())
+
+
 def test_gnu_headers_keep_times_where_posix_keeps_the_prefix():
     """GNU tar's magic ("ustar  ") keeps access/change times in the bytes POSIX uses for the name
     prefix: they must not become part of the name; a malformed pax record is one clear error."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
-        ti = tarfile.TarInfo("k.image.npy")
-        ti.size = 3
-        tf.addfile(ti, io.BytesIO(b"abc"))
-    raw = bytearray(buf.getvalue())
+    raw = _one_member(tarfile.GNU_FORMAT, "k.image.npy", b"abc")
     raw[345:357] = b"%011o\0" % 1_700_000_000  # GNU atime
     raw[148:156] = b"%06o\0 " % (256 + sum(raw[:148]) + sum(raw[156:512]))
     assert [m["fname"] for m in tar_members(io.BytesIO(bytes(raw)))] == ["k.image.npy"]
-    pax = io.BytesIO()
-    with tarfile.open(fileobj=pax, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        ti = tarfile.TarInfo("\u00e9.bin")
-        ti.size = 1
-        tf.addfile(ti, io.BytesIO(b"x"))
-    bad = bytearray(pax.getvalue())
+    bad = _one_member(tarfile.PAX_FORMAT, "\u00e9.bin", b"x")  # a pax record for the name
     i = bad.index(b" path=")
     bad[i - 2 : i] = b"zz"  # the record's length is no number
-    bad[148:156] = b"%06o\0 " % (256 + sum(bad[:148]) + sum(bad[156:512]))
     with pytest.raises(ShardReadError, match="malformed pax"):
         list(tar_members(io.BytesIO(bytes(bad))))
