@@ -111,11 +111,10 @@ class TimeBudget(pl.Callback):
         rate = max(step - step_last, 1) / max(now - t_last, 1e-9)
         every = int(trainer.check_val_every_n_epoch or 1)
         fit = (self.budget - elapsed) * rate / steps_epoch + done  # epochs that fit in the budget
-        # the last epoch validates: the nearest multiple of `every`; a revision, late in the run, goes
-        # at most one epoch past what fits (measured: nearest rounding at 527 of 720 s overran by 66 s)
+        # the last epoch validates: a multiple of `every`, at least the next one (done + 1 = 17 at every 2
+        # ended unvalidated); the first plan takes the nearest, a revision (late, when an overrun cannot be
+        # made up) at most one epoch past what fits (the nearest at 527 of 720 s overran by 66 s)
         whole = (fit + 1) // every if revise else round(fit / every)
-        # at least one more epoch, and the last one validates: the next multiple of `every` (a plan of
-        # done + 1 = 17 epochs at every 2 ended without its last validation when the budget ran out)
         epochs = max((done // every + 1) * every, int(whole) * every)
         old = self.plan
         if revise:  # trainer.max_epochs is the plan's count by now: the cap is the one the plan kept
