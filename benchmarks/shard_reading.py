@@ -36,7 +36,7 @@ def reference_stream(urls, shuffle: int, n: int, seed: int):
     return wds.DataPipeline(*stages).with_epoch(n)
 
 
-def ms_per_batch(make, n: int, batch: int) -> float:
+def ms_per_batch(make, batch: int) -> float:
     t0 = time.perf_counter()
     count = sum(1 for _ in make())
     return (time.perf_counter() - t0) / count * batch * 1e3
@@ -72,10 +72,10 @@ def main() -> None:
     runs = {"webdataset (tarfile)": [], "lensexp.shard_reader": []}
     for _ in range(args.repeats):
         runs["webdataset (tarfile)"].append(
-            ms_per_batch(lambda: reference_stream(urls, args.shuffle, args.n, 0), args.n, args.batch)
+            ms_per_batch(lambda: reference_stream(urls, args.shuffle, args.n, 0), args.batch)
         )
         runs["lensexp.shard_reader"].append(
-            ms_per_batch(lambda: shard_dataset(urls, args.shuffle, True, args.n, 0), args.n, args.batch)
+            ms_per_batch(lambda: shard_dataset(urls, args.shuffle, True, args.n, 0), args.batch)
         )
     best = {k: min(v) for k, v in runs.items()}
     ratio = best["webdataset (tarfile)"] / best["lensexp.shard_reader"]
@@ -83,7 +83,7 @@ def main() -> None:
         print(f"{k:24s} {v:6.2f} ms per batch of {args.batch} (runs: {', '.join(f'{x:.2f}' for x in runs[k])})")
     print(f"ratio {ratio:.2f}x (same samples in the same order: {same})")
     res = {"machine": machine_info(), "root": str(args.root), "n": args.n, "batch": args.batch, "ms_per_batch": runs}
-    res["ratio"] = ratio
+    res |= {"ratio": ratio, "same_samples": same}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
