@@ -11,7 +11,7 @@ by ``tarfile``, GNU tar or :class:`lensexp.shards.TarShardWriter` alike), yieldi
 files as webdataset's ``tar_file_iterator`` does; :func:`tar_expander` is webdataset's
 ``tar_file_expander`` on top of it, for a :class:`webdataset.DataPipeline`. :func:`npy_array`
 decodes ``.npy`` bytes as :func:`numpy.load` does, its header parsed once per distinct header.
-A damaged shard raises :class:`ShardReadError` naming the shard and the member.
+A damaged shard raises :class:`ShardReadError` naming the shard.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import struct
 
 import numpy as np
 
-BLOCK = 512
+from lensexp.shards import _ZEROS, BLOCK  # the format's block and an all-zero one (end of archive)
+
 _SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's default: keys like __index__ are skipped
 _REGULAR = (b"0", b"\0", b"7")  # what tarfile's TarInfo.isreg() accepts
 _NPY_MAGIC = b"\x93NUMPY"
@@ -86,7 +87,7 @@ def tar_members(f, where: str = "shard"):
         if not h and first:
             raise ShardReadError(f"{where}: empty file, not a tar archive")
         first = False
-        if not h or h == bytes(BLOCK):  # end-of-archive blocks (or a stream cut at a member boundary, as tarfile)
+        if not h or h == _ZEROS:  # end-of-archive blocks (or a stream cut at a member boundary, as tarfile)
             return
         if len(h) != BLOCK:
             raise ShardReadError(f"{where}: unexpected end of data in a tar header ({len(h)} of {BLOCK} bytes)")
@@ -111,10 +112,12 @@ def tar_members(f, where: str = "shard"):
         if h[257:263] == b"ustar\0":  # POSIX: a prefix field (GNU's "ustar  " keeps times there)
             prefix = h[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             name = f"{prefix}/{name}" if prefix else name
-        attrs = {**pax_global, **pax}
-        name = long_name or attrs.get("path", name)
-        if "size" in attrs and int(attrs["size"]) != size:
-            raise ShardReadError(f"{where}: pax sizes beyond the header's are not supported ({name})")
+        if pax or pax_global:  # rare: no dict is built per member of the project's own shards
+            attrs = {**pax_global, **pax}
+            name = attrs.get("path", name)
+            if "size" in attrs and int(attrs["size"]) != size:
+                raise ShardReadError(f"{where}: pax sizes beyond the header's are not supported ({name})")
+        name = long_name or name
         long_name, pax = None, {}
         if kind not in _REGULAR or _SKIP_META.match(name):
             continue
