@@ -11,8 +11,10 @@ sizes; data loading is excluded (see ``shard_throughput.py`` for the data side).
 
 ``--compare`` measures, side by side in one run and alternating twice, float32 with torch's
 ``F.dropout`` (the CPU baseline before 2026-12-05 evening), float32 with lensexp's CPU dropout
-(:func:`lensexp.models._bits_dropout`) and bf16 autocast with it, and prints each one's ratio to
-the baseline.
+(:func:`lensexp.models._cpu_dropout`), bf16 autocast with the 16-bit masks of
+:func:`lensexp.models._bits_dropout` at every rate (the CPU dropout before 2026-12-08) and bf16
+with the CPU dropout, and prints each one's ratio to the baseline; ``--dropout 0.02`` is the
+CPU experiments' rate.
 """
 
 from __future__ import annotations
@@ -30,30 +32,38 @@ from lensexp.build import build_loss, build_net
 SIZES = {"tiny": (64, 1), "hst": (192, 2)}
 
 
-VARIANTS = {  # name: (bf16 autocast, torch's F.dropout instead of lensexp's CPU dropout)
-    "float32, F.dropout": (False, True),
-    "float32": (False, False),
-    "bf16": (True, False),
+VARIANTS = {  # name: (bf16 autocast, dropout route: torch's F.dropout | 16-bit masks | lensexp's CPU dropout)
+    "float32, F.dropout": (False, "torch"),
+    "float32": (False, "cpu"),
+    "bf16, 16-bit masks": (True, "bits"),
+    "bf16": (True, "cpu"),
 }
 
 
 @contextlib.contextmanager
-def torch_dropout(on: bool):
-    """Route :class:`lensexp.models.MCDropout` through ``F.dropout`` while ``on`` (the baseline)."""
+def dropout_route(route: str):
+    """Route the CPU dropout of :class:`lensexp.models.MCDropout` through ``F.dropout``
+    (``torch``, the baseline), the 16-bit masks of :func:`lensexp.models._bits_dropout` at every
+    rate (``bits``, the CPU dropout before 2026-12-08) or leave it (``cpu``), then restore it."""
     from lensexp import models
 
-    fast = models._bits_dropout
-    if on:
-        models._bits_dropout = lambda x, p: F.dropout(x, p, training=True)
+    chosen = models._cpu_dropout
+    if route == "torch":
+        models._cpu_dropout = lambda x, p: F.dropout(x, p, training=True)
+    elif route == "bits":
+        models._cpu_dropout = models._bits_dropout
     try:
         yield
     finally:
-        models._bits_dropout = fast
+        models._cpu_dropout = chosen
 
 
-def step_rate(model_name: str, size: str, batch: int, steps: int, device: str, amp: bool) -> float:
+def step_rate(
+    model_name: str, size: str, batch: int, steps: int, device: str, amp: bool, dropout: float | None = None
+) -> float:
     npix, bands = SIZES[size]
-    cfg = compose_config("train", [f"model={model_name}", f"data={size}"])
+    extra = [] if dropout is None else [f"model.dropout={dropout}"]
+    cfg = compose_config("train", [f"model={model_name}", f"data={size}", *extra])
     loss = build_loss("gaussian_nll")
     net = build_net(cfg.model, bands, loss.n_outputs(8)).to(device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
@@ -84,6 +94,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", action="store_true")
+    ap.add_argument("--dropout", type=float, default=None, help="dropout rate (default: the model's; quickstart 0.02)")
     ap.add_argument("--compare", action="store_true", help="F.dropout / CPU dropout / bf16, side by side")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -92,7 +103,7 @@ def main(argv=None):
     rows = []
     for size in args.sizes:
         for m in args.models:
-            rate = step_rate(m, size, args.batch, args.steps, args.device, args.amp)
+            rate = step_rate(m, size, args.batch, args.steps, args.device, args.amp, args.dropout)
             report(
                 rows,
                 {
@@ -118,16 +129,20 @@ def compare(args) -> list[dict]:
         for m in args.models:
             best = dict.fromkeys(VARIANTS, 0.0)
             for _ in range(2):
-                for name, (amp, baseline) in VARIANTS.items():
-                    with torch_dropout(baseline):
-                        best[name] = max(best[name], step_rate(m, size, args.batch, args.steps, args.device, amp))
+                for name, (amp, route) in VARIANTS.items():
+                    with dropout_route(route):
+                        rate = step_rate(m, size, args.batch, args.steps, args.device, amp, args.dropout)
+                    best[name] = max(best[name], rate)
             base = best[next(iter(VARIANTS))]
+            p = args.dropout
+            if p is None:
+                p = float(compose_config("train", [f"model={m}"]).model.dropout)
             for name, rate in best.items():
                 report(
                     rows,
-                    dict(model=m, size=size, variant=name, img_s=rate, ratio=rate / base, batch=args.batch),
-                    f"{size:5s} {m:12s} {name:20s} {rate:8.1f} img/s  {rate / base:4.2f}x  (batch {args.batch}, "
-                    f"{args.device}, {torch.get_num_threads()} threads)",
+                    dict(model=m, size=size, variant=name, img_s=rate, ratio=rate / base, batch=args.batch, dropout=p),
+                    f"{size:5s} {m:12s} {name:20s} {rate:8.1f} img/s  {rate / base:4.2f}x  (dropout {p}, "
+                    f"batch {args.batch}, {args.device}, {torch.get_num_threads()} threads)",
                 )
     save(rows, args.json)
     return rows

@@ -167,20 +167,23 @@ def test_losses_are_float32_under_bf16_mixed_precision():
     torch.testing.assert_close(loss, GaussianNLL()(out.bfloat16().float(), y))
 
 
-def test_cpu_dropout_rate_scale_gradient_and_seed():
-    """The CPU dropout (16-bit uniforms from torch's generator): drop rate p to binomial
-    precision, kept elements scaled by 1/(1-p) (unbiased mean), the gradient is the same mask
-    times the scale, channels-last inputs keep their layout, and the masks repeat by seed."""
-    from lensexp.models import MCDropout
+def test_cpu_dropout_16bit_masks_rate_scale_gradient_and_seed():
+    """The CPU dropout above SPARSE_MAX (16-bit uniforms from torch's generator): drop rate p to
+    binomial precision, kept elements scaled by 1/(1-k/65536) (unbiased mean), the gradient is
+    the same mask times the scale, channels-last inputs keep their layout, and the masks repeat
+    by seed."""
+    from lensexp.models import SPARSE_MAX, MCDropout
 
-    drop = MCDropout(0.1).train()
+    p = 0.25
+    assert p > SPARSE_MAX
+    drop = MCDropout(p).train()
     x = torch.ones(32, 16, 32, 32, requires_grad=True)
     torch.manual_seed(3)
     y = drop(x)
     dropped = (y == 0).float().mean().item()
-    assert abs(dropped - 0.1) < 4 * (0.1 * 0.9 / y.numel()) ** 0.5
+    assert abs(dropped - p) < 4 * (p * (1 - p) / y.numel()) ** 0.5
     kept = y[y != 0]
-    torch.testing.assert_close(kept, torch.full_like(kept, 65536 / (65536 - round(0.1 * 65536))))
+    torch.testing.assert_close(kept, torch.full_like(kept, 65536 / (65536 - round(p * 65536))))
     assert abs(y.mean().item() - 1.0) < 0.005
     y.sum().backward()
     torch.testing.assert_close(x.grad, y.detach())  # d(sum y)/dx = mask * scale = y for x = 1
@@ -190,19 +193,83 @@ def test_cpu_dropout_rate_scale_gradient_and_seed():
     yc = drop(xc)
     assert yc.is_contiguous(memory_format=torch.channels_last)
     ratio = yc[yc != 0] / xc[yc != 0]
-    torch.testing.assert_close(ratio, torch.full_like(ratio, 65536 / (65536 - 6554)))
+    torch.testing.assert_close(ratio, torch.full_like(ratio, 65536 / (65536 - 16384)))
     # the lanes of each 64-bit draw are independent uniforms: each drops at rate p
-    z = MCDropout(0.25).train()(torch.ones(400_000))
+    z = drop(torch.ones(400_000))
     lanes = (z == 0).float().view(-1, 4).mean(0)
-    assert (lanes - 0.25).abs().max() < 4 * (0.25 * 0.75 / 100_000) ** 0.5
+    assert (lanes - p).abs().max() < 4 * (p * (1 - p) / 100_000) ** 0.5
     assert torch.equal(MCDropout(0.1).eval()(xc), xc)  # off in eval mode unless mc
     assert torch.isfinite(MCDropout(0.999999).train()(xc)).all()  # rounds to 65535 of 65536 codes, not all
 
 
+@pytest.mark.parametrize("p", [0.02, 0.1])
+def test_sparse_cpu_dropout_is_bernoulli_unbiased_and_repeats_by_seed(p):
+    """At rates up to SPARSE_MAX the CPU dropout draws the dropped positions: the rate is p to
+    binomial precision, whether an element drops does not depend on its neighbour (lag-1 and
+    lag-2 drop rates p) nor on its place (each quarter of the tensor at rate p), kept elements
+    are scaled by exactly 1/(1-p) and the gradient is the same mask times that scale."""
+    from lensexp.models import SPARSE_MAX, MCDropout
+
+    assert p <= SPARSE_MAX
+    n = 2_000_000
+    tol = lambda m: 5 * (p * (1 - p) / m) ** 0.5  # noqa: E731
+    torch.manual_seed(11)
+    x = torch.ones(n, requires_grad=True)
+    y = MCDropout(p).train()(x)
+    d = y == 0
+    assert abs(d.float().mean().item() - p) < tol(n)
+    for lag in (1, 2):  # P(drop at i + lag | drop at i) = p: no clustering, no spacing
+        both = (d[:-lag] & d[lag:]).sum().item() / d[:-lag].sum().item()
+        assert abs(both - p) < tol(d.sum().item())
+    quarters = d.view(4, -1).float().mean(1)
+    assert (quarters - p).abs().max() < tol(n // 4)
+    kept = y[~d]
+    assert torch.equal(kept, torch.full_like(kept, 1 / (1 - p)))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())
+    torch.manual_seed(11)
+    assert torch.equal(MCDropout(p).train()(x.detach()), y.detach())  # same seed, same mask
+
+
+def test_sparse_cpu_dropout_keeps_the_layout_and_masks_the_gradient_where_it_dropped():
+    """A channels-last input stays channels-last; forward and backward zero the same logical
+    elements whatever layout the incoming gradient has; bfloat16 works; an empty tensor too."""
+    from lensexp.models import MCDropout
+
+    drop = MCDropout(0.1).train()
+    torch.manual_seed(5)
+    x = (torch.rand(4, 8, 10, 10) + 0.5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = drop(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    g = torch.rand(4, 8, 10, 10) + 0.5  # NCHW gradient into a channels-last output
+    y.backward(g)
+    assert torch.equal(x.grad == 0, y == 0)
+    torch.testing.assert_close(x.grad[y != 0], g[y != 0] / 0.9)
+    torch.testing.assert_close(y[y != 0], x.detach()[y != 0] / 0.9)
+    yb = drop(torch.ones(64, 16, 8, 8, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last))
+    assert yb.dtype == torch.bfloat16 and 0 < (yb == 0).float().mean().item() < 0.2
+    assert drop(torch.ones(0, 3)).shape == (0, 3)
+
+
+def test_drop_positions_draws_more_gaps_when_the_first_draw_falls_short(monkeypatch):
+    """The rare call whose first gaps end before the tensor does draws more until they cover it:
+    forced here by a first draw of one gap, the positions are still sorted, distinct, inside
+    the tensor and at rate p."""
+    from lensexp import models
+
+    real = models._gaps_to_draw
+    monkeypatch.setattr(models, "_gaps_to_draw", lambda mean, more: real(mean, more) if more else 1)
+    torch.manual_seed(2)
+    pos = models.drop_positions(200_000, 0.05)
+    assert bool((pos[1:] > pos[:-1]).all()) and int(pos[0]) >= 0 and int(pos[-1]) < 200_000
+    assert abs(len(pos) / 200_000 - 0.05) < 5 * (0.05 * 0.95 / 200_000) ** 0.5
+
+
 def test_train_throughput_compare_switches_the_dropout_and_restores_it():
     """``benchmarks/train_throughput.py --compare``: the baseline really runs ``F.dropout``
-    (scale exactly 1/(1-p) in float32, not 65536/(65536-k)), the CPU dropout is back afterwards,
-    and each variant is reported with its ratio to the baseline."""
+    (scale exactly 1/(1-p) in float32), the ``bits`` route the 16-bit masks (scale
+    65536/(65536-k)), the CPU dropout is back afterwards, and each variant is reported with its
+    ratio to the baseline."""
     import sys
 
     from lensexp import models
@@ -211,15 +278,18 @@ def test_train_throughput_compare_switches_the_dropout_and_restores_it():
     sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
     import train_throughput as tt
 
-    fast = models._bits_dropout
+    chosen = models._cpu_dropout
     x = torch.ones(20_000)
-    with tt.torch_dropout(True):
+    with tt.dropout_route("torch"):
         kept = models.MCDropout(0.1).train()(x)
         kept = kept[kept != 0]
         assert torch.equal(kept, torch.full_like(kept, 1 / 0.9))
-    assert models._bits_dropout is fast
-    kept = models.MCDropout(0.1).train()(x)
-    assert not torch.equal(kept[kept != 0], torch.full_like(kept[kept != 0], 1 / 0.9))
-    rows = tt.main(["--compare", "--models", "tiny", "--sizes", "tiny", "--batch", "4", "--steps", "1"])
+    with tt.dropout_route("bits"):
+        kept = models.MCDropout(0.02).train()(x)
+        kept = kept[kept != 0]
+        assert torch.equal(kept, torch.full_like(kept, 65536 / (65536 - round(0.02 * 65536))))
+    assert models._cpu_dropout is chosen
+    args = ["--compare", "--models", "tiny", "--sizes", "tiny", "--batch", "4", "--steps", "1", "--dropout", "0.02"]
+    rows = tt.main(args)
     assert [r["variant"] for r in rows] == list(tt.VARIANTS) and rows[0]["ratio"] == 1.0
-    assert all(r["img_s"] > 0 for r in rows)
+    assert all(r["img_s"] > 0 and r["dropout"] == 0.02 for r in rows)
