@@ -95,7 +95,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", action="store_true")
     ap.add_argument("--dropout", type=float, default=None, help="dropout rate (default: the model's; quickstart 0.02)")
-    ap.add_argument("--compare", action="store_true", help="F.dropout / CPU dropout / bf16, side by side")
+    ap.add_argument("--compare", action="store_true", help="F.dropout / 16-bit masks / CPU dropout, side by side")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.compare:
@@ -113,6 +113,7 @@ def main(argv=None):
                     "batch": args.batch,
                     "device": args.device,
                     "amp": args.amp,
+                    "dropout": args.dropout,
                     "threads": torch.get_num_threads(),
                 },
                 f"{size:5s} {m:16s} {rate:9.1f} img/s  (train step, batch {args.batch}, {args.device}, "
