@@ -23,20 +23,31 @@ DROPOUT_WHERE = ("all", "head", "none")
 PSF_INPUT = ("none", "head", "channels", "film")  # model.psf_input: where the network is told the PSF
 
 
-class _MaskScale(torch.autograd.Function):
-    """``x * keep * scale`` with the same product as its gradient: one autograd node saving only
-    the boolean mask, as ``F.dropout``'s own."""
+class _SelfAdjoint(torch.autograd.Function):
+    """``op(x, mask, *args)`` for an element-wise linear ``op`` that is its own adjoint (a dropout's
+    mask and scale), with ``op(grad, mask, *args)`` as its gradient: one autograd node saving only
+    ``mask``, as ``F.dropout``'s own."""
 
     @staticmethod
-    def forward(ctx, x, keep, scale: float):
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return (x * keep).mul_(scale)
+    def forward(ctx, x, op, mask, *args):
+        ctx.save_for_backward(mask)
+        ctx.op, ctx.args = op, args
+        return op(x, mask, *args)
 
     @staticmethod
     def backward(ctx, grad):
-        (keep,) = ctx.saved_tensors
-        return (grad * keep).mul_(ctx.scale), None, None
+        (mask,) = ctx.saved_tensors
+        return ctx.op(grad, mask, *ctx.args), None, None, *(None,) * len(ctx.args)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` is laid out channels-last (NHWC) and not also plain contiguous."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _keep_times(t: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """``t * keep * scale`` for a boolean mask ``keep``."""
+    return (t * keep).mul_(scale)
 
 
 def _bits_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -51,12 +62,12 @@ def _bits_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     n = x.numel()
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
     keep = words.view(torch.int16)[:n] >= k - 32768  # int16 codes are uniform on [-32768, 32767]
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if _channels_last(x):
         b, c, h, w = x.shape
         keep = keep.view(b, h, w, c).permute(0, 3, 1, 2)
     else:
         keep = keep.view(x.shape)
-    return _MaskScale.apply(x, keep, 65536.0 / (65536 - k))
+    return _SelfAdjoint.apply(x, _keep_times, keep, 65536.0 / (65536 - k))
 
 
 # The CPU dropout draws the dropped positions (:func:`_sparse_dropout`) up to this rate and a
@@ -67,25 +78,9 @@ def _bits_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 SPARSE_MAX = 0.2
 
 
-class _ZeroAt(torch.autograd.Function):
-    """``x * scale`` with the elements at ``pos`` (flat indices in the memory order of layout
-    ``fmt``) zeroed; the gradient is the same. Saves only the positions."""
-
-    @staticmethod
-    def forward(ctx, x, pos, scale: float, fmt):
-        ctx.save_for_backward(pos)
-        ctx.scale, ctx.fmt = scale, fmt
-        return _zero_at(x * scale, pos, fmt)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (pos,) = ctx.saved_tensors
-        return _zero_at(grad * ctx.scale, pos, ctx.fmt), None, None, None
-
-
-def _zero_at(t: torch.Tensor, pos: torch.Tensor, fmt) -> torch.Tensor:
-    """``t`` laid out as ``fmt`` with the elements at memory-order indices ``pos`` set to 0."""
-    t = t.contiguous(memory_format=fmt)  # no copy when t is already so laid out
+def _zero_at(t: torch.Tensor, pos: torch.Tensor, scale: float, fmt) -> torch.Tensor:
+    """``t * scale`` laid out as ``fmt`` with the elements at memory-order indices ``pos`` set to 0."""
+    t = (t * scale).contiguous(memory_format=fmt)  # no copy when t * scale is already so laid out
     (t.permute(0, 2, 3, 1) if fmt is torch.channels_last else t).reshape(-1).index_fill_(0, pos, 0)
     return t
 
@@ -124,10 +119,8 @@ def _sparse_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     numbers. At p = 0.02 (the quickstart) dropout before the 17 weight layers of the quickstart
     network adds ~1 instead of ~17 ms to a training step of ~60 ms (2-core AMD EPYC).
     Deterministic by torch's seed; channels-last inputs keep their layout."""
-    fmt = torch.contiguous_format
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        fmt = torch.channels_last
-    return _ZeroAt.apply(x, drop_positions(x.numel(), p), 1.0 / (1.0 - p), fmt)
+    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    return _SelfAdjoint.apply(x, _zero_at, drop_positions(x.numel(), p), 1.0 / (1.0 - p), fmt)
 
 
 def _cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
